@@ -1,0 +1,129 @@
+//! `luna-host`: runs a Luna script without LÖVE (dedicated servers, tools).
+//!
+//! The script runs once with `luna`/`lunac` preloaded; then the runtime ticks. I/O and timers
+//! are handled as soon as they are ready (the host sleeps in the poll, it never spins), and a
+//! global `update(dt)` is called at a fixed rate. The host exits when nothing is pending and the
+//! script either called `luna.close()` or defines no `update`; on SIGINT/SIGTERM it calls a
+//! global `quit()` if there is one, closes everything and exits 0.
+
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mlua::{Function, Lua, MultiValue, Value};
+
+const USAGE: &str = "usage: luna-host [--hz N] script.lua [args...]
+  --hz N   rate of the global update(dt) calls (default 60)";
+
+/// Longest sleep in the poll, so a signal is noticed promptly even if it did not interrupt it.
+const MAX_WAIT: Duration = Duration::from_millis(250);
+
+struct Options {
+    hz: f64,
+    script: String,
+    args: Vec<String>,
+}
+
+fn parse_args() -> Result<Options, String> {
+    let mut args = std::env::args().skip(1);
+    let mut hz = 60.0;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => return Err(USAGE.into()),
+            "--version" => return Err(format!("luna-host {}", env!("CARGO_PKG_VERSION"))),
+            "--hz" => {
+                let value = args.next().ok_or("--hz needs a value")?;
+                hz = value.parse().map_err(|_| format!("--hz: '{value}' is not a number"))?;
+                if !(hz > 0.0 && hz <= 10_000.0) {
+                    return Err(format!("--hz must be in (0, 10000], got {value}"));
+                }
+            }
+            _ if arg.starts_with('-') => return Err(format!("unknown option '{arg}'\n{USAGE}")),
+            _ => return Ok(Options { hz, script: arg, args: args.collect() }),
+        }
+    }
+    Err(USAGE.into())
+}
+
+fn global_function(lua: &Lua, name: &str) -> mlua::Result<Option<Function>> {
+    match lua.globals().get::<Value>(name)? {
+        Value::Function(f) => Ok(Some(f)),
+        _ => Ok(None),
+    }
+}
+
+fn run(options: Options) -> mlua::Result<()> {
+    // SAFETY: the full standard library (debug, ffi) is what a script expects of a Lua host.
+    let lua = unsafe { Lua::unsafe_new() };
+    luna::bind::preload(&lua)?;
+    let arg = lua.create_table()?;
+    arg.set(0, options.script.as_str())?;
+    for (i, a) in options.args.iter().enumerate() {
+        arg.set(i + 1, a.as_str())?;
+    }
+    lua.globals().set("arg", arg)?;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, stop.clone()).map_err(mlua::Error::external)?;
+    }
+
+    let script_args: MultiValue =
+        options.args.iter().map(|a| lua.create_string(a).map(Value::String)).collect::<mlua::Result<_>>()?;
+    lua.load(std::path::Path::new(&options.script)).call::<()>(script_args)?;
+
+    let frame = Duration::from_secs_f64(1.0 / options.hz);
+    let mut next_frame = Instant::now() + frame;
+    let mut last_update = Instant::now();
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            if let Some(quit) = global_function(&lua, "quit")? {
+                quit.call::<()>(())?;
+            }
+            luna::bind::close(&lua)?;
+            return Ok(());
+        }
+        let update = global_function(&lua, "update")?;
+        let pending = luna::bind::pending(&lua)?;
+        if !pending && (update.is_none() || luna::bind::close_requested(&lua)?) {
+            return Ok(());
+        }
+        let now = Instant::now();
+        let mut wake = now + MAX_WAIT;
+        if update.is_some() {
+            wake = wake.min(next_frame);
+        }
+        if let Some(at) = luna::bind::next_wakeup(&lua)? {
+            wake = wake.min(at);
+        }
+        luna::bind::tick(&lua, Some(wake.saturating_duration_since(now)))?;
+        let now = Instant::now();
+        if let Some(update) = update.filter(|_| now >= next_frame) {
+            update.call::<()>((now - last_update).as_secs_f64())?;
+            last_update = now;
+            next_frame += frame;
+            if next_frame <= now {
+                // Fell behind (a slow frame): keep the rate, do not burst.
+                next_frame = now + frame;
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let options = match parse_args() {
+        Ok(options) => options,
+        Err(text) => {
+            eprintln!("{text}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(options) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("luna-host: {}", luna::bind::error_text(&e));
+            ExitCode::FAILURE
+        }
+    }
+}

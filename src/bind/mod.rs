@@ -1,0 +1,222 @@
+//! The only code that knows Lua: the `luna` / `lunac` module tables, userdata handles and the
+//! scheduler. All state lives in one [`Runtime`] per Lua state (mlua app data), so it dies with
+//! the state at `lua_close` (LÖVE's restart included).
+
+mod error;
+mod sched;
+mod time;
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use mlua::{Function, Lua, Result, Table, Thread, Value};
+
+use crate::driver::{Driver, Lookup, Ready};
+use error::bad_arg;
+pub use error::message as error_text;
+use sched::Sched;
+
+/// Per-Lua-state runtime. Never borrow a field across a call into Lua.
+pub(crate) struct Runtime {
+    driver: RefCell<Driver>,
+    sched: RefCell<Sched>,
+    /// Zero of the `luna.now()` clock.
+    epoch: Instant,
+}
+
+impl Runtime {
+    /// Seconds since the runtime started, on the monotonic clock.
+    fn clock(&self, at: Instant) -> f64 {
+        at.saturating_duration_since(self.epoch).as_secs_f64()
+    }
+}
+
+/// The runtime of this Lua state, created on first use.
+pub(crate) fn runtime(lua: &Lua) -> Result<Rc<Runtime>> {
+    if let Some(rt) = lua.app_data_ref::<Rc<Runtime>>() {
+        return Ok(rt.clone());
+    }
+    let rt = Rc::new(Runtime {
+        driver: RefCell::new(Driver::new()?),
+        sched: RefCell::new(Sched::default()),
+        epoch: Instant::now(),
+    });
+    lua.set_app_data(rt.clone());
+    Ok(rt)
+}
+
+/// One tick: wait up to `timeout` for I/O (`Some(ZERO)` in `update`), then resume whatever became
+/// ready and run due timers. Work is proportional to ready events and due timers.
+pub fn tick(lua: &Lua, timeout: Option<Duration>) -> Result<()> {
+    let rt = runtime(lua)?;
+    let mut ready = Vec::new();
+    rt.driver.borrow_mut().poll(timeout, Instant::now(), &mut ready)?;
+    let now = Instant::now();
+    {
+        let mut sched = rt.sched.borrow_mut();
+        for event in ready {
+            match event {
+                Ready::Resolved(host) => {
+                    let waiters = sched.dns_waiters.remove(&host).unwrap_or_default();
+                    sched.jobs.extend(waiters);
+                }
+                Ready::Readable(_) => {}
+            }
+        }
+        let yielded = std::mem::take(&mut sched.next_frame);
+        sched.jobs.extend(yielded);
+    }
+    time::fire_timers(lua, &rt, now)?;
+    sched::run_jobs(lua, &rt)
+}
+
+/// When the standalone host must tick next: `None` if only I/O can wake anything.
+pub fn next_wakeup(lua: &Lua) -> Result<Option<Instant>> {
+    let rt = runtime(lua)?;
+    let mut sched = rt.sched.borrow_mut();
+    if !sched.jobs.is_empty() || !sched.next_frame.is_empty() {
+        return Ok(Some(Instant::now()));
+    }
+    Ok(sched.timers.next_deadline())
+}
+
+/// True while timers, waiting coroutines or open sockets can still call back into Lua.
+pub fn pending(lua: &Lua) -> Result<bool> {
+    let rt = runtime(lua)?;
+    let busy = rt.sched.borrow().pending() || rt.driver.borrow().pending() > 0;
+    Ok(busy)
+}
+
+/// True once the script called `luna.close()` / `lunac.close()`.
+pub fn close_requested(lua: &Lua) -> Result<bool> {
+    Ok(runtime(lua)?.sched.borrow().close_requested)
+}
+
+/// `luna.close()` / `lunac.close()`.
+pub fn close(lua: &Lua) -> Result<()> {
+    runtime(lua)?.sched.borrow_mut().close_requested = true;
+    Ok(())
+}
+
+/// `core.resolve(host, co)`: the addresses, `nil, err`, or `PARK` after parking `co`.
+fn resolve(lua: &Lua, (host, thread): (String, Thread)) -> Result<(Value, Option<String>)> {
+    let rt = runtime(lua)?;
+    let lookup = rt.driver.borrow_mut().lookup(&host, Instant::now());
+    match lookup {
+        Lookup::Done(ips) => {
+            let list = lua.create_sequence_from(ips.iter().map(|ip| ip.to_string()))?;
+            Ok((Value::Table(list), None))
+        }
+        Lookup::Failed(err) => Ok((Value::Nil, Some(format!("luna.resolve: {err}")))),
+        Lookup::Pending => {
+            let key = lua.create_registry_value(thread)?;
+            rt.sched.borrow_mut().dns_waiters.entry(host).or_default().push(key);
+            Ok((Value::LightUserData(sched::park_value()), None))
+        }
+    }
+}
+
+/// The functions both modules share; `name` prefixes error messages.
+fn fill_common(lua: &Lua, module: &Table, name: &'static str) -> Result<()> {
+    let update_call = if name == "luna" { "luna.update(dt)" } else { "lunac.update(dt)" };
+    module.set(
+        "update",
+        lua.create_function(move |lua, dt: Value| {
+            if !matches!(dt, Value::Nil | Value::Number(_) | Value::Integer(_)) {
+                return Err(bad_arg(update_call, "dt", "a number or nil", &dt));
+            }
+            tick(lua, Some(Duration::ZERO))
+        })?,
+    )?;
+    module.set("close", lua.create_function(|lua, ()| close(lua))?)?;
+    module.set("spawn", lua.create_function(time::spawn)?)?;
+    module.set("set_timeout", lua.create_function(time::set_timeout)?)?;
+    module.set("set_interval", lua.create_function(time::set_interval)?)?;
+    module.set("now", lua.create_function(|lua, ()| Ok(runtime(lua)?.clock(Instant::now())))?)?;
+    module.set(
+        "set_error_handler",
+        lua.create_function(|lua, handler: Value| {
+            let key = match handler {
+                Value::Nil => None,
+                Value::Function(f) => Some(lua.create_registry_value(f)?),
+                other => {
+                    return Err(bad_arg("luna.set_error_handler(fn)", "fn", "a function or nil", &other))
+                }
+            };
+            runtime(lua)?.sched.borrow_mut().error_handler = key;
+            Ok(())
+        })?,
+    )?;
+    for pair in lua_half(lua)?.pairs::<Value, Value>() {
+        let (key, value) = pair?;
+        module.set(key, value)?;
+    }
+    Ok(())
+}
+
+/// The table `lua/luna.lua` returns, built once per state.
+fn lua_half(lua: &Lua) -> Result<Table> {
+    const KEY: &str = "luna.lua_half";
+    if let Value::Table(t) = lua.named_registry_value::<Value>(KEY)? {
+        return Ok(t);
+    }
+    let core = lua.create_table()?;
+    core.set("PARK", Value::LightUserData(sched::park_value()))?;
+    core.set("now", lua.create_function(|lua, ()| Ok(runtime(lua)?.clock(Instant::now())))?)?;
+    core.set("sleep", lua.create_function(time::sleep)?)?;
+    core.set("resolve", lua.create_function(resolve)?)?;
+    let half: Table = lua.load(include_str!("../../lua/luna.lua")).set_name("=luna.lua").call(core)?;
+    lua.set_named_registry_value(KEY, &half)?;
+    Ok(half)
+}
+
+/// Builds (once per state) the module `name`, and makes the other module requirable from it so
+/// a game that ships one file still gets both.
+fn open_module(lua: &Lua, name: &'static str) -> Result<Table> {
+    let key = format!("luna.module.{name}");
+    if let Value::Table(t) = lua.named_registry_value::<Value>(&key)? {
+        return Ok(t);
+    }
+    runtime(lua)?;
+    let module = lua.create_table()?;
+    fill_common(lua, &module, name)?;
+    module.set("_VERSION", concat!("luna ", env!("CARGO_PKG_VERSION")))?;
+    lua.set_named_registry_value(&key, &module)?;
+    preload(lua)?;
+    Ok(module)
+}
+
+pub fn open_luna(lua: &Lua) -> Result<Table> {
+    open_module(lua, "luna")
+}
+
+pub fn open_lunac(lua: &Lua) -> Result<Table> {
+    open_module(lua, "lunac")
+}
+
+/// Registers `luna` and `lunac` in `package.preload` (where not already loadable).
+pub fn preload(lua: &Lua) -> Result<()> {
+    let Value::Table(package) = lua.globals().get::<Value>("package")? else { return Ok(()) };
+    let preload: Table = package.get("preload")?;
+    let loaded: Table = package.get("loaded")?;
+    for (name, open) in [("luna", open_luna as fn(&Lua) -> Result<Table>), ("lunac", open_lunac)] {
+        if loaded.get::<Value>(name)?.is_nil() && preload.get::<Value>(name)?.is_nil() {
+            let loader: Function = lua.create_function(move |lua, _: mlua::MultiValue| open(lua))?;
+            preload.set(name, loader)?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(feature = "module")]
+#[mlua::lua_module(name = "luna")]
+fn luna_module(lua: &Lua) -> Result<Table> {
+    open_luna(lua)
+}
+
+#[cfg(feature = "module")]
+#[mlua::lua_module(name = "lunac")]
+fn lunac_module(lua: &Lua) -> Result<Table> {
+    open_lunac(lua)
+}

@@ -1,0 +1,108 @@
+//! The scheduler: library-owned coroutines, the wake list, and the error policy.
+//!
+//! A coroutine waiting for something yields the `PARK` sentinel after registering itself with a
+//! primitive (timer, lookup, socket). Any other yield means "resume me next update". Borrows of
+//! the runtime are never held while Lua code runs: Lua calls back into us.
+
+use std::collections::{HashMap, VecDeque};
+use std::ffi::c_void;
+use std::time::Duration;
+
+use mlua::{
+    Function, IntoLuaMulti, LightUserData, Lua, MultiValue, RegistryKey, Result, Thread, ThreadStatus, Value,
+};
+
+use super::error::message;
+use super::Runtime;
+use crate::driver::TimerQueue;
+
+/// What a due timer does.
+pub(crate) enum TimerAction {
+    /// Resume a coroutine parked in `luna.sleep`.
+    Wake(RegistryKey),
+    /// Run a callback in a new coroutine (`set_timeout`, or `set_interval` with `every`).
+    Call { func: RegistryKey, every: Option<Duration> },
+}
+
+#[derive(Default)]
+pub(crate) struct Sched {
+    pub timers: TimerQueue<TimerAction>,
+    /// Parked coroutines that are ready, resumed by the current or next update.
+    pub jobs: VecDeque<RegistryKey>,
+    /// Coroutines that yielded without parking: resumed by the next update.
+    pub next_frame: Vec<RegistryKey>,
+    /// Coroutines waiting for a host name, by host.
+    pub dns_waiters: HashMap<String, Vec<RegistryKey>>,
+    /// `luna.set_error_handler`: receives errors of library-owned coroutines instead of `update`.
+    pub error_handler: Option<RegistryKey>,
+    /// `luna.close()` was called (the standalone host exits once nothing is pending).
+    pub close_requested: bool,
+}
+
+impl Sched {
+    /// Anything that can still resume a coroutine or call back into Lua.
+    pub fn pending(&self) -> bool {
+        !(self.timers.is_empty()
+            && self.jobs.is_empty()
+            && self.next_frame.is_empty()
+            && self.dns_waiters.is_empty())
+    }
+}
+
+static PARK_SENTINEL: u8 = 0;
+
+/// The value a parked coroutine yields.
+pub(crate) fn park_value() -> LightUserData {
+    LightUserData(&PARK_SENTINEL as *const u8 as *mut c_void)
+}
+
+fn is_park(values: &MultiValue) -> bool {
+    matches!(values.front(), Some(Value::LightUserData(ud)) if ud.0 == park_value().0)
+}
+
+/// Resumes `thread` if it can be resumed. A yield without `PARK` schedules it for the next
+/// update; an error goes to the error policy.
+pub(crate) fn resume(lua: &Lua, rt: &Runtime, thread: &Thread, args: impl IntoLuaMulti) -> Result<()> {
+    // Parked coroutines can die or be resumed by someone else meanwhile.
+    if thread.status() != ThreadStatus::Resumable {
+        return Ok(());
+    }
+    match thread.resume::<MultiValue>(args) {
+        Ok(values) => {
+            if thread.status() == ThreadStatus::Resumable && !is_park(&values) {
+                let key = lua.create_registry_value(thread)?;
+                rt.sched.borrow_mut().next_frame.push(key);
+            }
+            Ok(())
+        }
+        Err(e) => report(lua, rt, &e),
+    }
+}
+
+/// The error policy for library-owned coroutines: the error handler if one is set, otherwise
+/// the error raises out of the call that resumed the coroutine (`update`, `spawn`).
+pub(crate) fn report(lua: &Lua, rt: &Runtime, e: &mlua::Error) -> Result<()> {
+    let text = message(e);
+    let handler = match &rt.sched.borrow().error_handler {
+        Some(key) => Some(lua.registry_value::<Function>(key)?),
+        None => None,
+    };
+    match handler {
+        Some(handler) => handler.call::<()>(text),
+        None => Err(mlua::Error::external(text)),
+    }
+}
+
+/// Resumes every coroutine that was ready when called. Ones made ready meanwhile wait for the
+/// next update, so a coroutine that keeps waking itself cannot stall a frame. On error the
+/// remaining jobs stay queued.
+pub(crate) fn run_jobs(lua: &Lua, rt: &Runtime) -> Result<()> {
+    let count = rt.sched.borrow().jobs.len();
+    for _ in 0..count {
+        let Some(key) = rt.sched.borrow_mut().jobs.pop_front() else { break };
+        let thread: Thread = lua.registry_value(&key)?;
+        lua.remove_registry_value(key)?;
+        resume(lua, rt, &thread, ())?;
+    }
+    Ok(())
+}

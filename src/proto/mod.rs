@@ -1,0 +1,1 @@
+//! Protocol state machines: no sockets, no clock, no Lua, no randomness source.

@@ -1,0 +1,66 @@
+-- LÖVE 11.4 headless host test. First run: smoke-test the module, count open file descriptors,
+-- restart the game (love.event.quit("restart") closes the Lua state). Second run: the runtime of
+-- the first state must be gone (same descriptor count), then the full suites run.
+local marker = assert(os.getenv("LUNA_LOVE_MARKER"), "set LUNA_LOVE_MARKER")
+local suites = os.getenv("LUNA_SUITES") or "runtime_suite"
+local ffi = require("ffi")
+ffi.cdef("int getpid(void);")
+
+local function open_fds()
+  local p = io.popen("ls /proc/" .. ffi.C.getpid() .. "/fd")
+  local n = 0
+  for _ in p:lines() do n = n + 1 end
+  p:close()
+  return n
+end
+
+local luna = require("luna")
+local lunac = require("lunac")
+local f = io.open(marker, "r")
+local first_run = f == nil
+local fds_before = f and tonumber(f:read("*a"))
+if f then f:close() end
+
+local T
+local frames, smoke = 0, {}
+
+function love.load()
+  if first_run then
+    luna.spawn(function()
+      luna.sleep(0.05)
+      smoke.slept = true
+    end)
+    luna.set_timeout(0.02, function() smoke.timer = true end)
+    luna.set_interval(0.01, function() smoke.ticks = (smoke.ticks or 0) + 1 end)
+  else
+    T = require("harness").new(luna)
+    for name in suites:gmatch("[^,]+") do
+      require(name)(T, luna, lunac)
+    end
+    T.run()
+  end
+end
+
+function love.update(dt)
+  luna.update(dt)
+  frames = frames + 1
+  if first_run then
+    if smoke.slept and smoke.timer and (smoke.ticks or 0) >= 3 then
+      local out = assert(io.open(marker, "w"))
+      out:write(tostring(open_fds()))
+      out:close()
+      print(("first run ok after %d frames: spawn, sleep, timers; restarting"):format(frames))
+      love.event.quit("restart")
+    end
+  elseif T.finished then
+    local fds = open_fds()
+    local ok = T.failed == 0 and T.passed > 0
+    if fds > fds_before then
+      print(("not ok - the first state's runtime leaked: %d descriptors open, %d before restart"):format(fds, fds_before))
+      ok = false
+    else
+      print(("ok - restart closed the first runtime (%d descriptors, %d before)"):format(fds, fds_before))
+    end
+    love.event.quit(ok and 0 or 1)
+  end
+end
