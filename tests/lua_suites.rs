@@ -1,6 +1,7 @@
 //! Runs the Lua test suites (tests/lua/*_suite.lua) in the vendored Lua this build links
 //! (LuaJIT by default, Lua 5.4 with `--no-default-features --features lua54,vendored`), over
 //! real sockets, driving the runtime the way a host does.
+#![cfg(feature = "lua")]
 
 use std::time::{Duration, Instant};
 

@@ -63,6 +63,8 @@ fn run(options: Options) -> mlua::Result<()> {
         arg.set(i + 1, a.as_str())?;
     }
     lua.globals().set("arg", arg)?;
+    // Logs of a dedicated server usually go to a pipe (systemd, docker): flush them per line.
+    lua.load("io.stdout:setvbuf('line')").exec()?;
 
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -71,7 +73,9 @@ fn run(options: Options) -> mlua::Result<()> {
 
     let script_args: MultiValue =
         options.args.iter().map(|a| lua.create_string(a).map(Value::String)).collect::<mlua::Result<_>>()?;
-    lua.load(std::path::Path::new(&options.script)).call::<()>(script_args)?;
+    let source = std::fs::read(&options.script)
+        .map_err(|e| mlua::Error::external(format!("cannot read {}: {e}", options.script)))?;
+    lua.load(source).set_name(format!("@{}", options.script)).call::<()>(script_args)?;
 
     let frame = Duration::from_secs_f64(1.0 / options.hz);
     let mut next_frame = Instant::now() + frame;

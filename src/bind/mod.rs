@@ -81,6 +81,11 @@ pub fn next_wakeup(lua: &Lua) -> Result<Option<Instant>> {
     Ok(sched.timers.next_deadline())
 }
 
+/// Runs `f` on this state's driver (embedding hosts and benchmarks open entries this way).
+pub fn with_driver<R>(lua: &Lua, f: impl FnOnce(&mut Driver) -> R) -> Result<R> {
+    Ok(f(&mut runtime(lua)?.driver.borrow_mut()))
+}
+
 /// True while timers, waiting coroutines or open sockets can still call back into Lua.
 pub fn pending(lua: &Lua) -> Result<bool> {
     let rt = runtime(lua)?;

@@ -1,1 +1,3 @@
 //! Protocol state machines: no sockets, no clock, no Lua, no randomness source.
+
+pub mod ws;

@@ -1,0 +1,499 @@
+//! A WebSocket connection (after the upgrade) over an in-memory [`Pipe`], sans-IO.
+//!
+//! The driver feeds received bytes with [`WsConn::handle_bytes`], drains
+//! [`WsConn::poll_event`] until `None`, and writes [`WsConn::outgoing`] to the transport
+//! (then [`WsConn::consume_outgoing`]). Pongs, close replies and failure close frames
+//! (1002/1007/1009) are produced automatically and appear in the outgoing bytes.
+//!
+//! Framing, masking rules, UTF-8 validation, fragment reassembly with interleaved control
+//! frames and close-code validation are tungstenite's (`WebSocket::from_raw_socket` over the
+//! pipe), configured for many connections: a 4 KiB read buffer, bounded frame and message
+//! sizes, no write batching (frames go straight to the pipe, so pre-encoded frames keep their
+//! order), and unmasked client frames refused.
+
+use super::pipe::Pipe;
+use super::Error;
+use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
+use tungstenite::protocol::frame::coding::{Data, OpCode};
+use tungstenite::protocol::frame::{CloseFrame, Frame, FrameHeader};
+use tungstenite::protocol::{Role as WsRole, WebSocket, WebSocketConfig};
+use tungstenite::{Bytes, Message};
+
+/// Which end of the connection we are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// We accepted the connection: our frames are unmasked, the peer's must be masked.
+    Server,
+    /// We connected: our frames are masked, the peer's must not be.
+    Client,
+}
+
+/// Message opcodes (the only ones a message can have).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opcode {
+    /// UTF-8 text (opcode 1).
+    Text,
+    /// Binary data (opcode 2).
+    Binary,
+}
+
+impl Opcode {
+    /// The wire value (1 or 2).
+    pub fn as_u8(self) -> u8 {
+        match self {
+            Opcode::Text => 1,
+            Opcode::Binary => 2,
+        }
+    }
+
+    /// From the wire value; only 1 and 2 are message opcodes.
+    pub fn from_u8(op: u8) -> Result<Opcode, Error> {
+        match op {
+            1 => Ok(Opcode::Text),
+            2 => Ok(Opcode::Binary),
+            other => Err(Error::InvalidOpcode(other)),
+        }
+    }
+
+    fn data(self) -> OpCode {
+        OpCode::Data(match self {
+            Opcode::Text => Data::Text,
+            Opcode::Binary => Data::Binary,
+        })
+    }
+}
+
+/// What a connection reports to its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WsEvent {
+    /// A complete (reassembled, for text UTF-8 checked) message.
+    Message {
+        /// Text or binary.
+        opcode: Opcode,
+        /// The payload.
+        data: Bytes,
+    },
+    /// The connection is over; no further events follow. Flush the outgoing bytes, then
+    /// close the transport.
+    Closed {
+        /// Close code: the peer's (1005 if its close frame had none), 1006 when the transport
+        /// ended without a closing handshake, or the code we failed the connection with
+        /// (1002 protocol error, 1007 invalid UTF-8, 1009 too big).
+        code: u16,
+        /// Close reason from the peer, or a description of the failure.
+        reason: String,
+        /// `true` when a close frame was received (closing handshake), `false` otherwise.
+        clean: bool,
+    },
+}
+
+/// Per-connection limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WsConfig {
+    /// tungstenite's read buffer (allocated eagerly; the bulk of an idle connection's heap).
+    pub read_buffer_size: usize,
+    /// Largest accepted message (after reassembly); larger → close 1009.
+    pub max_message_size: usize,
+    /// Largest accepted frame payload; larger → close 1009.
+    pub max_frame_size: usize,
+    /// Bound on queued outgoing bytes: `send` refuses with [`Error::Backpressure`] when a
+    /// message would take the queue past it (a message is always accepted into an empty
+    /// queue). Input processing pauses while the queue is over twice this bound.
+    pub max_outgoing_buffer: usize,
+    /// Bound on received-but-unprocessed bytes; [`WsConn::wants_input`] turns false above it.
+    pub max_incoming_buffer: usize,
+}
+
+impl Default for WsConfig {
+    fn default() -> Self {
+        Self {
+            read_buffer_size: 4096,
+            max_message_size: 16 << 20,
+            max_frame_size: 1 << 20,
+            max_outgoing_buffer: 1 << 20,
+            max_incoming_buffer: 64 << 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Open,
+    /// We sent a close frame and wait for the peer's.
+    Closing,
+    Closed,
+}
+
+/// Largest frame header (2 + 8 length bytes + 4 mask bytes).
+const MAX_HEADER: usize = 14;
+
+/// Close codes an endpoint may put on the wire (RFC 6455 §7.4).
+pub fn is_sendable_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+}
+
+/// Encode one unmasked, final frame (what a server sends) into `out`.
+pub fn encode_frame_into(opcode: Opcode, data: &[u8], out: &mut Vec<u8>) {
+    let header = FrameHeader { opcode: opcode.data(), ..FrameHeader::default() };
+    out.reserve(data.len() + 10);
+    // Writing into a Vec cannot fail.
+    let _ = header.format(data.len() as u64, out);
+    out.extend_from_slice(data);
+}
+
+/// Encode one unmasked, final frame once, for [`WsConn::send_encoded`] on many server
+/// connections (broadcast). Text must be UTF-8.
+pub fn encode_frame(opcode: Opcode, data: &[u8]) -> Result<Vec<u8>, Error> {
+    if opcode == Opcode::Text && std::str::from_utf8(data).is_err() {
+        return Err(Error::InvalidUtf8);
+    }
+    let mut out = Vec::with_capacity(data.len() + 10);
+    encode_frame_into(opcode, data, &mut out);
+    Ok(out)
+}
+
+fn truncate_utf8(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// A WebSocket connection. See the module documentation.
+#[derive(Debug)]
+pub struct WsConn {
+    ws: WebSocket<Pipe>,
+    role: Role,
+    config: WsConfig,
+    state: State,
+    pending: Option<WsEvent>,
+    activity: bool,
+    /// `total_received` when the reader's buffers were last (re)created.
+    fresh_at: u64,
+}
+
+impl WsConn {
+    /// A connection whose upgrade just completed; `leftover` are the bytes received after the
+    /// upgrade head (they belong to the WebSocket stream).
+    pub fn new(role: Role, config: WsConfig, leftover: &[u8]) -> Self {
+        let mut pipe = Pipe::new();
+        if !leftover.is_empty() {
+            pipe.push_incoming(leftover);
+        }
+        WsConn {
+            ws: Self::make_ws(role, &config, pipe),
+            role,
+            config,
+            state: State::Open,
+            pending: None,
+            activity: !leftover.is_empty(),
+            fresh_at: 0,
+        }
+    }
+
+    fn make_ws(role: Role, config: &WsConfig, pipe: Pipe) -> WebSocket<Pipe> {
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(config.read_buffer_size.max(256))
+            .write_buffer_size(0)
+            .max_write_buffer_size(usize::MAX)
+            .max_message_size(Some(config.max_message_size))
+            .max_frame_size(Some(config.max_frame_size))
+            .accept_unmasked_frames(false);
+        let ws_role = match role {
+            Role::Server => WsRole::Server,
+            Role::Client => WsRole::Client,
+        };
+        WebSocket::from_raw_socket(pipe, ws_role, Some(ws_config))
+    }
+
+    /// tungstenite's read buffer grows to the largest frame (it reserves the whole payload)
+    /// and never shrinks. When the stream is quiet — the reader just reported `WouldBlock`,
+    /// every byte it got formed complete frames of complete messages, nothing is pending to
+    /// send and the connection is open — its state equals a fresh one's, so after enough
+    /// input to have possibly grown the buffer we swap in a fresh reader with a small buffer.
+    fn maybe_refresh_reader(&mut self) {
+        let received = self.ws.get_ref().total_received();
+        if received.wrapping_sub(self.fresh_at) < self.config.read_buffer_size as u64
+            || self.state != State::Open
+            || !self.ws.can_write()
+            || !self.ws.get_ref().at_quiet_boundary()
+        {
+            return;
+        }
+        let mut fresh = Self::make_ws(self.role, &self.config, Pipe::new());
+        std::mem::swap(fresh.get_mut(), self.ws.get_mut());
+        self.ws = fresh;
+        self.fresh_at = received;
+    }
+
+    /// Our role.
+    pub fn role(&self) -> Role {
+        self.role
+    }
+
+    /// The limits in force.
+    pub fn config(&self) -> &WsConfig {
+        &self.config
+    }
+
+    /// Feed bytes received from the transport (ignored once closed).
+    pub fn handle_bytes(&mut self, data: &[u8]) {
+        if self.state == State::Closed || data.is_empty() {
+            return;
+        }
+        self.activity = true;
+        self.ws.get_mut().push_incoming(data);
+    }
+
+    /// The transport reached end of stream (after the buffered bytes are processed, an
+    /// unclosed connection reports `Closed { code: 1006, clean: false }`).
+    pub fn handle_eof(&mut self) {
+        self.ws.get_mut().set_eof();
+    }
+
+    /// Whether the driver should read more from the transport: not closed and fewer than
+    /// `max_incoming_buffer` unprocessed bytes buffered.
+    pub fn wants_input(&self) -> bool {
+        self.state != State::Closed && self.ws.get_ref().incoming_len() < self.config.max_incoming_buffer
+    }
+
+    /// `true` if bytes were received since the last call (for keep-alive: the driver owns
+    /// the clock and decides when to ping and when the peer is dead).
+    pub fn take_activity(&mut self) -> bool {
+        std::mem::take(&mut self.activity)
+    }
+
+    /// Total bytes received over this connection's lifetime.
+    pub fn total_received(&self) -> u64 {
+        self.ws.get_ref().total_received()
+    }
+
+    /// Process buffered input and return the next event, or `None` when more input is needed
+    /// (or the connection is closed and its `Closed` event was already returned).
+    pub fn poll_event(&mut self) -> Option<WsEvent> {
+        if let Some(ev) = self.pending.take() {
+            return Some(ev);
+        }
+        if self.state == State::Closed {
+            return None;
+        }
+        loop {
+            if self.ws.get_ref().outgoing_len() > self.config.max_outgoing_buffer.saturating_mul(2) {
+                // The peer is not reading what we (or our pongs) send: stop consuming input
+                // until the driver has flushed.
+                return None;
+            }
+            match self.ws.read() {
+                Ok(Message::Text(t)) => {
+                    return Some(WsEvent::Message { opcode: Opcode::Text, data: t.into() })
+                }
+                Ok(Message::Binary(b)) => return Some(WsEvent::Message { opcode: Opcode::Binary, data: b }),
+                Ok(Message::Ping(_)) | Ok(Message::Pong(_)) | Ok(Message::Frame(_)) => continue,
+                Ok(Message::Close(frame)) => {
+                    // Push the close reply (if any) into the pipe now.
+                    let _ = self.ws.flush();
+                    self.state = State::Closed;
+                    let (code, reason) = match frame {
+                        Some(f) if is_sendable_close_code(u16::from(f.code)) => {
+                            (u16::from(f.code), f.reason.as_str().to_string())
+                        }
+                        // tungstenite answers invalid codes with 1002 while open; in reply
+                        // to our close it passes them through, so report them the same way.
+                        Some(f) => (1002, format!("peer sent invalid close code {}", f.code)),
+                        None => (1005, String::new()),
+                    };
+                    return Some(WsEvent::Closed { code, reason, clean: true });
+                }
+                Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.maybe_refresh_reader();
+                    return None;
+                }
+                Err(e) => return Some(self.fail(e)),
+            }
+        }
+    }
+
+    /// Turn a tungstenite error into the final event, sending a close frame when the peer
+    /// is still there.
+    fn fail(&mut self, e: WsError) -> WsEvent {
+        let was_open = self.state == State::Open;
+        let (code, wire_reason) = match &e {
+            WsError::Capacity(CapacityError::MessageTooLong { .. }) => (1009, "message too big"),
+            WsError::Capacity(_) => (1009, "too big"),
+            WsError::Utf8(_) => (1007, "invalid UTF-8"),
+            WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake)
+            | WsError::ConnectionClosed
+            | WsError::AlreadyClosed
+            | WsError::Io(_) => (1006, ""),
+            WsError::Protocol(_) => (1002, "protocol error"),
+            _ => (1011, "internal error"),
+        };
+        if code != 1006 && was_open {
+            let frame = CloseFrame { code: code.into(), reason: wire_reason.into() };
+            let _ = self.ws.close(Some(frame));
+        }
+        self.state = State::Closed;
+        let reason = match code {
+            1006 => "connection closed without a close frame".to_string(),
+            _ => e.to_string(),
+        };
+        WsEvent::Closed { code, reason, clean: false }
+    }
+
+    fn check_open(&self) -> Result<(), Error> {
+        if self.state != State::Open || !self.ws.can_write() {
+            return Err(Error::Closed);
+        }
+        Ok(())
+    }
+
+    fn check_room(&self, len: usize) -> Result<(), Error> {
+        let queued = self.ws.get_ref().outgoing_len();
+        let limit = self.config.max_outgoing_buffer;
+        if queued > 0 && queued.saturating_add(len) > limit {
+            return Err(Error::Backpressure { queued, limit });
+        }
+        Ok(())
+    }
+
+    /// Queue one message. Fails without queuing anything when the connection is closing
+    /// ([`Error::Closed`]), text is not UTF-8 ([`Error::InvalidUtf8`]) or the outgoing queue
+    /// is full ([`Error::Backpressure`]).
+    pub fn send(&mut self, opcode: Opcode, data: &[u8]) -> Result<(), Error> {
+        self.check_open()?;
+        if opcode == Opcode::Text && std::str::from_utf8(data).is_err() {
+            return Err(Error::InvalidUtf8);
+        }
+        self.check_room(data.len() + 14)?;
+        match self.role {
+            Role::Server => {
+                // Our frames are unmasked: encode straight into the pipe (one copy). The
+                // tungstenite write buffer is always empty here (write_buffer_size 0), so
+                // frame order is preserved.
+                let header = FrameHeader { opcode: opcode.data(), ..FrameHeader::default() };
+                let mut buf = [0u8; MAX_HEADER];
+                let mut w = &mut buf[..];
+                let _ = header.format(data.len() as u64, &mut w);
+                let hdr_len = MAX_HEADER - w.len();
+                let hdr = &buf[..hdr_len];
+                let pipe = self.ws.get_mut();
+                pipe.push_outgoing(hdr);
+                pipe.push_outgoing(data);
+                Ok(())
+            }
+            Role::Client => {
+                let frame = Frame::message(Bytes::copy_from_slice(data), opcode.data(), true);
+                self.write_message(Message::Frame(frame))
+            }
+        }
+    }
+
+    fn write_message(&mut self, msg: Message) -> Result<(), Error> {
+        match self.ws.write(msg).and_then(|_| self.ws.flush()) {
+            Ok(()) => Ok(()),
+            Err(_) => {
+                // Only reachable if tungstenite considers the connection finished.
+                Err(Error::Closed)
+            }
+        }
+    }
+
+    /// Queue a frame produced by [`encode_frame`] (server connections only; the same bytes
+    /// can go to many connections). Same checks as [`send`](Self::send) except UTF-8.
+    pub fn send_encoded(&mut self, frame: &[u8]) -> Result<(), Error> {
+        if self.role != Role::Server {
+            return Err(Error::WrongRole("pre-encoded frames are unmasked and may only be sent by a server"));
+        }
+        self.check_open()?;
+        self.check_room(frame.len())?;
+        self.ws.get_mut().push_outgoing(frame);
+        Ok(())
+    }
+
+    /// Queue a ping (payload at most 125 bytes), e.g. for keep-alive. The peer's pong counts
+    /// as activity (see [`take_activity`](Self::take_activity)).
+    pub fn ping(&mut self, payload: &[u8]) -> Result<(), Error> {
+        if payload.len() > 125 {
+            return Err(Error::ControlFrameTooLong(payload.len()));
+        }
+        self.check_open()?;
+        self.write_message(Message::Ping(Bytes::copy_from_slice(payload)))
+    }
+
+    /// Start the closing handshake with `code` (1000–1003, 1007–1014, 3000–4999) and `reason`
+    /// (cut to 123 bytes at a character boundary). Messages that arrive before the peer's
+    /// close frame are still delivered; the peer's reply ends in `Closed { clean: true }`.
+    /// Does nothing if already closing or closed.
+    pub fn close(&mut self, code: u16, reason: &str) -> Result<(), Error> {
+        if !is_sendable_close_code(code) {
+            return Err(Error::InvalidCloseCode(code));
+        }
+        if self.state != State::Open {
+            return Ok(());
+        }
+        let reason = truncate_utf8(reason, 123);
+        let frame = CloseFrame { code: code.into(), reason: reason.into() };
+        let _ = self.ws.close(Some(frame));
+        self.state = State::Closing;
+        Ok(())
+    }
+
+    /// Give up on the connection now (e.g. the close handshake timed out, the transport
+    /// failed): the next [`poll_event`](Self::poll_event) returns `Closed { code: 1006,
+    /// reason, clean: false }` unless the connection was already closed.
+    pub fn abort(&mut self, reason: &str) {
+        if self.state != State::Closed {
+            self.state = State::Closed;
+            self.pending = Some(WsEvent::Closed { code: 1006, reason: reason.to_string(), clean: false });
+        }
+    }
+
+    /// `true` once the connection is over (its `Closed` event is returned or pending).
+    pub fn is_closed(&self) -> bool {
+        self.state == State::Closed
+    }
+
+    /// `true` after [`close`](Self::close) until the peer answers.
+    pub fn is_closing(&self) -> bool {
+        self.state == State::Closing
+    }
+
+    /// `true` while messages can be sent.
+    pub fn can_send(&self) -> bool {
+        self.check_open().is_ok()
+    }
+
+    /// Bytes waiting to be written to the transport.
+    pub fn outgoing(&self) -> &[u8] {
+        self.ws.get_ref().outgoing()
+    }
+
+    /// Number of bytes waiting to be written.
+    pub fn outgoing_len(&self) -> usize {
+        self.ws.get_ref().outgoing_len()
+    }
+
+    /// Whether bytes are waiting to be written.
+    pub fn wants_write(&self) -> bool {
+        self.outgoing_len() > 0
+    }
+
+    /// Mark `n` bytes of [`outgoing`](Self::outgoing) as written.
+    pub fn consume_outgoing(&mut self, n: usize) {
+        self.ws.get_mut().consume_outgoing(n);
+    }
+
+    /// Move all waiting outgoing bytes to the end of `out`.
+    pub fn take_outgoing(&mut self, out: &mut Vec<u8>) {
+        self.ws.get_mut().take_outgoing(out);
+    }
+
+    /// Received bytes not yet processed.
+    pub fn incoming_len(&self) -> usize {
+        self.ws.get_ref().incoming_len()
+    }
+}

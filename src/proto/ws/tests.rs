@@ -1,0 +1,897 @@
+//! In-memory server ↔ client tests of the whole `proto::ws` stack.
+
+use super::conn::is_sendable_close_code;
+use super::*;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+// ---------------------------------------------------------------------------------------------
+// Helpers.
+
+const KEY: [u8; 16] = *b"0123456789abcdef";
+
+fn request(extra: &str) -> Vec<u8> {
+    format!(
+        "GET /chat?room=1 HTTP/1.1\r\nHost: localhost:9000\r\nUpgrade: websocket\r\n\
+         Connection: keep-alive, Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+         Sec-WebSocket-Version: 13\r\n{extra}\r\n"
+    )
+    .into_bytes()
+}
+
+fn handlers<'a>(names: &'a [&'a str]) -> impl Fn(&str) -> bool + 'a {
+    move |p| names.contains(&p)
+}
+
+fn server_accept(req: &[u8], names: &[&str]) -> Result<Box<AcceptedUpgrade>, Rejection> {
+    let mut hs = ServerHandshake::default();
+    match hs.handle_bytes(req, handlers(names)) {
+        ServerUpgrade::Accept(a) => Ok(a),
+        ServerUpgrade::Reject(r) => Err(r),
+        ServerUpgrade::Incomplete => panic!("incomplete"),
+    }
+}
+
+fn reject(req: &[u8]) -> Rejection {
+    server_accept(req, &["default"]).expect_err("should be rejected")
+}
+
+/// Connect a client and a server through the handshakes, feeding `step` bytes at a time.
+fn pair_with(step: usize, config: WsConfig, protocols: &[&str], names: &[&str]) -> (WsConn, WsConn) {
+    let url = WsUrl::parse("ws://localhost:9000/chat?room=1").unwrap();
+    let (mut ch, req) = ClientHandshake::new(&url, protocols, KEY).unwrap();
+    let mut sh = ServerHandshake::default();
+    let mut accepted = None;
+    for piece in req.chunks(step) {
+        match sh.handle_bytes(piece, handlers(names)) {
+            ServerUpgrade::Incomplete => {}
+            ServerUpgrade::Accept(a) => accepted = Some(a),
+            ServerUpgrade::Reject(r) => panic!("rejected: {}", r.reason),
+        }
+    }
+    let a = accepted.expect("accepted");
+    assert_eq!(a.path, "/chat");
+    assert_eq!(a.query.as_deref(), Some("room=1"));
+    assert_eq!(a.header("HOST"), Some("localhost:9000"));
+    let server = WsConn::new(Role::Server, config, &a.leftover);
+    let mut up = None;
+    for piece in a.response.chunks(step) {
+        if let Some(u) = ch.handle_bytes(piece).unwrap() {
+            up = Some(u);
+        }
+    }
+    let up = up.expect("client upgraded");
+    assert_eq!(up.protocol, a.protocol);
+    let client = WsConn::new(Role::Client, config, &up.leftover);
+    (server, client)
+}
+
+fn pair() -> (WsConn, WsConn) {
+    pair_with(usize::MAX, WsConfig::default(), &[], &["default"])
+}
+
+/// Move bytes `from` → `to`, `step` bytes at a time, collecting `to`'s events.
+fn transfer(from: &mut WsConn, to: &mut WsConn, step: usize) -> Vec<WsEvent> {
+    let mut bytes = Vec::new();
+    from.take_outgoing(&mut bytes);
+    let mut events = Vec::new();
+    for piece in bytes.chunks(step.max(1)) {
+        to.handle_bytes(piece);
+        while let Some(e) = to.poll_event() {
+            events.push(e);
+        }
+    }
+    events
+}
+
+fn feed(conn: &mut WsConn, bytes: &[u8]) -> Vec<WsEvent> {
+    conn.handle_bytes(bytes);
+    let mut events = Vec::new();
+    while let Some(e) = conn.poll_event() {
+        events.push(e);
+    }
+    events
+}
+
+/// A raw frame; `mask` set → masked as a client must.
+fn raw(fin: bool, opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut v = vec![(if fin { 0x80 } else { 0 }) | opcode];
+    let m = if mask.is_some() { 0x80 } else { 0 };
+    match payload.len() {
+        n if n < 126 => v.push(m | n as u8),
+        n if n < 65536 => {
+            v.push(m | 126);
+            v.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            v.push(m | 127);
+            v.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    match mask {
+        Some(k) => {
+            v.extend_from_slice(&k);
+            v.extend(payload.iter().enumerate().map(|(i, b)| b ^ k[i % 4]));
+        }
+        None => v.extend_from_slice(payload),
+    }
+    v
+}
+
+const M: Option<[u8; 4]> = Some([1, 2, 3, 4]);
+
+fn msg(opcode: Opcode, data: &[u8]) -> WsEvent {
+    WsEvent::Message { opcode, data: tungstenite::Bytes::copy_from_slice(data) }
+}
+
+fn closed_code(events: &[WsEvent]) -> Option<(u16, bool)> {
+    events.iter().find_map(|e| match e {
+        WsEvent::Closed { code, clean, .. } => Some((*code, *clean)),
+        _ => None,
+    })
+}
+
+/// Parse the first frame of `bytes` (unmasked): (opcode, payload).
+fn first_frame(bytes: &[u8]) -> (u8, Vec<u8>) {
+    let op = bytes[0] & 0x0f;
+    let len = (bytes[1] & 0x7f) as usize;
+    assert!(len < 126);
+    (op, bytes[2..2 + len].to_vec())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages.
+
+#[test]
+fn text_and_binary_both_ways_one_byte_at_a_time() {
+    let (mut s, mut c) = pair_with(1, WsConfig::default(), &[], &["default"]);
+    c.send(Opcode::Text, "héllo".as_bytes()).unwrap();
+    c.send(Opcode::Binary, &[0, 255, 1]).unwrap();
+    let big = vec![7u8; 70_000];
+    c.send(Opcode::Binary, &big).unwrap();
+    let ev = transfer(&mut c, &mut s, 1);
+    assert_eq!(
+        ev,
+        vec![
+            msg(Opcode::Text, "héllo".as_bytes()),
+            msg(Opcode::Binary, &[0, 255, 1]),
+            msg(Opcode::Binary, &big)
+        ]
+    );
+
+    s.send(Opcode::Text, b"").unwrap();
+    s.send(Opcode::Binary, &big[..300]).unwrap();
+    let ev = transfer(&mut s, &mut c, 1);
+    assert_eq!(ev, vec![msg(Opcode::Text, b""), msg(Opcode::Binary, &big[..300])]);
+    assert!(s.take_activity());
+    assert!(!s.take_activity());
+}
+
+#[test]
+fn fragmented_message_with_interleaved_ping() {
+    let (mut s, _c) = pair();
+    let mut bytes = raw(false, 1, b"ab", M);
+    bytes.extend(raw(true, 9, b"PI", M));
+    bytes.extend(raw(false, 0, b"cd", M));
+    bytes.extend(raw(true, 10, b"unsolicited pong", M));
+    bytes.extend(raw(true, 0, b"ef", M));
+    let mut events = Vec::new();
+    for b in &bytes {
+        // one byte at a time
+        events.extend(feed(&mut s, &[*b]));
+    }
+    assert_eq!(events, vec![msg(Opcode::Text, b"abcdef")]);
+    assert_eq!(first_frame(s.outgoing()), (10, b"PI".to_vec()), "pong sent");
+}
+
+#[test]
+fn fragmented_binary_reassembled() {
+    let (mut s, _c) = pair();
+    let mut bytes = raw(false, 2, &[1, 2], M);
+    bytes.extend(raw(false, 0, &[3], M));
+    bytes.extend(raw(true, 0, &[], M));
+    assert_eq!(feed(&mut s, &bytes), vec![msg(Opcode::Binary, &[1, 2, 3])]);
+}
+
+#[test]
+fn long_mixed_stream_in_random_chunks() {
+    // Exercises the reader refresh at quiet points (after bursts that may have grown its
+    // buffer) with every kind of frame sequence split at arbitrary places.
+    let mut seed = 0x9e37_79b9u32;
+    let mut rnd = move |n: u32| {
+        seed ^= seed << 13;
+        seed ^= seed >> 17;
+        seed ^= seed << 5;
+        seed % n
+    };
+    let (mut s, _c) = pair();
+    let mut stream = Vec::new();
+    let mut expect = Vec::new();
+    for i in 0..300u32 {
+        let len = match rnd(4) {
+            0 => rnd(10) as usize,
+            1 => rnd(200) as usize,
+            2 => 4000 + rnd(3000) as usize,
+            _ => 20_000 + rnd(50_000) as usize,
+        };
+        let payload: Vec<u8> = (0..len).map(|j| b'a' + ((i as usize + j) % 26) as u8).collect();
+        let op = if rnd(2) == 0 { Opcode::Text } else { Opcode::Binary };
+        if rnd(3) == 0 && len > 2 {
+            // Fragmented in three pieces with a ping in between.
+            let (a, rest) = payload.split_at(len / 3);
+            let (b, c) = rest.split_at(rest.len() / 2);
+            stream.extend(raw(false, op.as_u8(), a, M));
+            stream.extend(raw(true, 9, b"p", M));
+            stream.extend(raw(false, 0, b, M));
+            stream.extend(raw(true, 0, c, M));
+        } else {
+            stream.extend(raw(true, op.as_u8(), &payload, M));
+        }
+        expect.push(msg(op, &payload));
+    }
+    let mut got = Vec::new();
+    let mut pos = 0;
+    while pos < stream.len() {
+        let n = match rnd(3) {
+            0 => 1 + rnd(16) as usize,
+            1 => 1 + rnd(5000) as usize,
+            _ => 1 + rnd(100_000) as usize,
+        }
+        .min(stream.len() - pos);
+        got.extend(feed(&mut s, &stream[pos..pos + n]));
+        pos += n;
+        let k = s.outgoing_len();
+        s.consume_outgoing(k);
+    }
+    assert_eq!(got.len(), expect.len());
+    assert!(got == expect, "stream corrupted");
+}
+
+#[test]
+fn ping_api_and_automatic_pong() {
+    let (mut s, mut c) = pair();
+    s.ping(b"keepalive").unwrap();
+    assert!(transfer(&mut s, &mut c, 3).is_empty());
+    // The client answered automatically.
+    assert!(c.wants_write());
+    c.take_activity();
+    assert!(transfer(&mut c, &mut s, 1).is_empty());
+    assert!(s.take_activity());
+    assert!(matches!(s.ping(&[0; 126]), Err(Error::ControlFrameTooLong(126))));
+}
+
+#[test]
+fn broadcast_pre_encoded_frame_keeps_order() {
+    let (mut s1, mut c1) = pair();
+    let (mut s2, mut c2) = pair();
+    let frame = encode_frame(Opcode::Text, b"to everyone").unwrap();
+    for s in [&mut s1, &mut s2] {
+        s.send(Opcode::Text, b"1").unwrap();
+        s.send_encoded(&frame).unwrap();
+        s.send(Opcode::Binary, b"3").unwrap();
+    }
+    // A ping from the client in between: its pong must not corrupt the stream.
+    c1.ping(b"p").unwrap();
+    transfer(&mut c1, &mut s1, 1);
+    s1.send_encoded(&frame).unwrap();
+    let expect = vec![msg(Opcode::Text, b"1"), msg(Opcode::Text, b"to everyone"), msg(Opcode::Binary, b"3")];
+    let mut e1 = expect.clone();
+    e1.push(msg(Opcode::Text, b"to everyone"));
+    assert_eq!(transfer(&mut s1, &mut c1, 2), e1);
+    assert_eq!(transfer(&mut s2, &mut c2, 5), expect);
+    assert!(matches!(c1.send_encoded(&frame), Err(Error::WrongRole(_))));
+    assert_eq!(encode_frame(Opcode::Text, &[0xff]), Err(Error::InvalidUtf8));
+}
+
+#[test]
+fn send_validation() {
+    let (mut s, _c) = pair();
+    assert_eq!(s.send(Opcode::Text, &[0xc3, 0x28]), Err(Error::InvalidUtf8));
+    assert_eq!(Opcode::from_u8(9), Err(Error::InvalidOpcode(9)));
+    assert_eq!(Opcode::from_u8(1).unwrap().as_u8(), 1);
+    for code in [0, 999, 1004, 1005, 1006, 1015, 2000, 5000] {
+        assert!(!is_sendable_close_code(code));
+        assert_eq!(s.close(code, ""), Err(Error::InvalidCloseCode(code)));
+    }
+    s.close(1000, "").unwrap();
+    assert_eq!(s.send(Opcode::Text, b"x"), Err(Error::Closed));
+    assert_eq!(s.ping(b""), Err(Error::Closed));
+    assert!(s.is_closing() && !s.can_send());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Closing.
+
+#[test]
+fn close_initiated_by_client() {
+    let (mut s, mut c) = pair();
+    c.close(4001, "bye").unwrap();
+    assert!(c.is_closing());
+    let ev = transfer(&mut c, &mut s, 1);
+    assert_eq!(ev, vec![WsEvent::Closed { code: 4001, reason: "bye".into(), clean: true }]);
+    assert!(s.is_closed());
+    // The server's close reply echoes the code.
+    assert_eq!(first_frame(s.outgoing()), (8, vec![0x0f, 0xa1, b'b', b'y', b'e']));
+    let ev = transfer(&mut s, &mut c, 1);
+    assert_eq!(ev, vec![WsEvent::Closed { code: 4001, reason: "bye".into(), clean: true }]);
+    assert!(c.is_closed());
+    assert_eq!(s.poll_event(), None);
+}
+
+#[test]
+fn close_initiated_by_server_messages_before_reply_still_delivered() {
+    let (mut s, mut c) = pair();
+    c.send(Opcode::Text, b"in flight").unwrap();
+    s.close(1001, &"é".repeat(100)).unwrap(); // 200 bytes, cut to 123 on a char boundary
+    let ev = transfer(&mut s, &mut c, 7);
+    match &ev[..] {
+        [WsEvent::Closed { code: 1001, reason, clean: true }] => assert_eq!(reason.len(), 122),
+        other => panic!("{other:?}"),
+    }
+    let ev = transfer(&mut c, &mut s, 7);
+    assert_eq!(ev[0], msg(Opcode::Text, b"in flight"));
+    assert!(matches!(ev[1], WsEvent::Closed { code: 1001, clean: true, .. }));
+}
+
+#[test]
+fn close_without_code_reports_1005() {
+    let (mut s, _c) = pair();
+    let ev = feed(&mut s, &raw(true, 8, b"", M));
+    assert_eq!(ev, vec![WsEvent::Closed { code: 1005, reason: String::new(), clean: true }]);
+    assert_eq!(first_frame(s.outgoing()), (8, vec![]));
+}
+
+#[test]
+fn invalid_close_codes_from_peer() {
+    for payload in [&[0x03, 0xed][..], &[0x03, 0xe7], &[0x13, 0x88]] {
+        // 1005 (not sendable), 999, 5000
+        let (mut s, _c) = pair();
+        let ev = feed(&mut s, &raw(true, 8, payload, M));
+        assert_eq!(closed_code(&ev), Some((1002, true)), "{payload:?}");
+        assert_eq!(first_frame(s.outgoing()).1[..2], [0x03, 0xea]);
+    }
+    // In reply to our close.
+    let (mut s, _c) = pair();
+    s.close(1000, "").unwrap();
+    let ev = feed(&mut s, &raw(true, 8, &[0x03, 0xb4], M));
+    assert_eq!(closed_code(&ev), Some((1002, true)));
+    // A one-byte close payload is a protocol error.
+    let (mut s, _c) = pair();
+    assert_eq!(closed_code(&feed(&mut s, &raw(true, 8, &[3], M))), Some((1002, false)));
+    // Invalid UTF-8 in the reason.
+    let (mut s, _c) = pair();
+    assert_eq!(closed_code(&feed(&mut s, &raw(true, 8, &[3, 232, 0xff], M))), Some((1007, false)));
+}
+
+#[test]
+fn eof_without_close_is_1006_and_abort() {
+    let (mut s, _c) = pair();
+    s.handle_bytes(&raw(true, 1, b"half", M)[..3]);
+    s.handle_eof();
+    assert_eq!(closed_code(&[s.poll_event().unwrap()]), Some((1006, false)));
+    assert_eq!(s.poll_event(), None);
+    assert!(!s.wants_write(), "nothing sent to a gone peer");
+
+    let (mut s, _c) = pair();
+    s.close(1000, "").unwrap();
+    s.abort("close handshake timed out");
+    assert_eq!(
+        s.poll_event(),
+        Some(WsEvent::Closed { code: 1006, reason: "close handshake timed out".into(), clean: false })
+    );
+    assert!(s.is_closed() && !s.wants_input());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile input.
+
+#[test]
+fn unmasked_client_frame_rejected_with_1002() {
+    let (mut s, _c) = pair();
+    let ev = feed(&mut s, &raw(true, 1, b"hi", None));
+    assert_eq!(closed_code(&ev), Some((1002, false)));
+    assert_eq!(first_frame(s.outgoing()).0, 8);
+    assert_eq!(first_frame(s.outgoing()).1[..2], 1002u16.to_be_bytes());
+    // Nothing more after the failure.
+    assert!(feed(&mut s, &raw(true, 1, b"hi", M)).is_empty());
+}
+
+#[test]
+fn masked_server_frame_rejected_by_client() {
+    let (_s, mut c) = pair();
+    assert_eq!(closed_code(&feed(&mut c, &raw(true, 1, b"hi", M))), Some((1002, false)));
+}
+
+#[test]
+fn protocol_violations_are_1002() {
+    let cases: Vec<Vec<u8>> = vec![
+        raw(true, 0, b"x", M),      // continuation without start
+        raw(true, 3, b"x", M),      // reserved opcode
+        raw(false, 9, b"x", M),     // fragmented control frame
+        raw(true, 9, &[0; 126], M), // control frame too big
+        {
+            let mut v = raw(true, 1, b"x", M);
+            v[0] |= 0x40; // RSV1 without extension
+            v
+        },
+        {
+            let mut v = raw(false, 1, b"a", M);
+            v.extend(raw(true, 2, b"b", M)); // new data frame inside a fragmented message
+            v
+        },
+    ];
+    for bytes in cases {
+        let (mut s, _c) = pair();
+        assert_eq!(closed_code(&feed(&mut s, &bytes)), Some((1002, false)), "{bytes:?}");
+    }
+}
+
+#[test]
+fn oversize_frame_and_message_are_1009() {
+    let config = WsConfig { max_frame_size: 100, max_message_size: 250, ..WsConfig::default() };
+    let (mut s, _c) = pair_with(usize::MAX, config, &[], &["default"]);
+    // Only the header of a huge frame is needed to refuse it.
+    let hdr = &raw(true, 2, &[0; 101], M)[..8];
+    let ev = feed(&mut s, hdr);
+    assert_eq!(closed_code(&ev), Some((1009, false)));
+    assert_eq!(first_frame(s.outgoing()).1[..2], 1009u16.to_be_bytes());
+
+    let (mut s, _c) = pair_with(usize::MAX, config, &[], &["default"]);
+    let mut bytes = Vec::new();
+    bytes.extend(raw(false, 2, &[0; 100], M));
+    bytes.extend(raw(false, 0, &[0; 100], M));
+    bytes.extend(raw(true, 0, &[0; 100], M));
+    assert_eq!(closed_code(&feed(&mut s, &bytes)), Some((1009, false)));
+
+    // A declared 2^63 length must not allocate or panic.
+    let (mut s, _c) = pair();
+    let mut v = vec![0x82, 0xff];
+    v.extend_from_slice(&(1u64 << 62).to_be_bytes());
+    v.extend_from_slice(&[1, 2, 3, 4]);
+    assert_eq!(closed_code(&feed(&mut s, &v)), Some((1009, false)));
+}
+
+#[test]
+fn invalid_utf8_text_is_1007() {
+    let (mut s, _c) = pair();
+    assert_eq!(closed_code(&feed(&mut s, &raw(true, 1, &[0x68, 0xff], M))), Some((1007, false)));
+    assert_eq!(first_frame(s.outgoing()).1[..2], 1007u16.to_be_bytes());
+    // Split inside a code point is fine; an invalid continuation fails.
+    let (mut s, _c) = pair();
+    let mut bytes = raw(false, 1, &[0xc3], M);
+    bytes.extend(raw(true, 0, &[0xa9], M));
+    assert_eq!(feed(&mut s, &bytes), vec![msg(Opcode::Text, "é".as_bytes())]);
+    let mut bytes = raw(false, 1, &[0xc3], M);
+    bytes.extend(raw(true, 0, &[0x28], M));
+    assert_eq!(closed_code(&feed(&mut s, &bytes)), Some((1007, false)));
+}
+
+#[test]
+fn backpressure_bound() {
+    let config = WsConfig { max_outgoing_buffer: 10_000, ..WsConfig::default() };
+    let (mut s, mut c) = pair_with(usize::MAX, config, &[], &["default"]);
+    let chunk = [1u8; 1000];
+    let mut sent = 0;
+    let err = loop {
+        match s.send(Opcode::Binary, &chunk) {
+            Ok(()) => sent += 1,
+            Err(e) => break e,
+        }
+        assert!(sent < 100, "never pushed back");
+    };
+    assert!(matches!(err, Error::Backpressure { limit: 10_000, .. }), "{err}");
+    assert!(s.outgoing_len() <= 10_000);
+    assert_eq!(sent, 9);
+    // A single large message is accepted into an empty queue.
+    let n = s.outgoing_len();
+    s.consume_outgoing(n);
+    s.send(Opcode::Binary, &[0u8; 50_000]).unwrap();
+    assert!(s.send(Opcode::Binary, b"x").is_err());
+    // The same for clients.
+    for _ in 0..9 {
+        c.send(Opcode::Binary, &chunk).unwrap();
+    }
+    assert!(matches!(c.send(Opcode::Binary, &chunk), Err(Error::Backpressure { .. })));
+}
+
+#[test]
+fn ping_flood_without_reading_pauses_input() {
+    let config = WsConfig { max_outgoing_buffer: 1000, ..WsConfig::default() };
+    let (mut s, _c) = pair_with(usize::MAX, config, &[], &["default"]);
+    let mut flood = Vec::new();
+    for _ in 0..1000 {
+        flood.extend(raw(true, 9, &[0; 100], M));
+    }
+    s.handle_bytes(&flood);
+    assert_eq!(s.poll_event(), None);
+    assert!(s.outgoing_len() <= 2000 + 200, "{}", s.outgoing_len());
+    assert!(s.incoming_len() > 0);
+    // Once the driver flushes, processing resumes.
+    while s.incoming_len() > 0 {
+        let n = s.outgoing_len();
+        s.consume_outgoing(n);
+        assert_eq!(s.poll_event(), None);
+    }
+    assert!(!s.is_closed());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upgrade: server side.
+
+#[test]
+fn upgrade_rejections() {
+    let ok = String::from_utf8(request("")).unwrap();
+    let cases: Vec<(String, u16, &str)> = vec![
+        (ok.replacen("GET", "POST", 1), 405, "method"),
+        (ok.replacen("HTTP/1.1", "HTTP/1.0", 1), 400, "HTTP/1.1"),
+        (ok.replace("Host: localhost:9000\r\n", ""), 400, "Host"),
+        (ok.replace("Upgrade: websocket\r\n", ""), 400, "Upgrade"),
+        (ok.replace("Upgrade: websocket", "Upgrade: h2c"), 400, "Upgrade"),
+        (ok.replace("keep-alive, Upgrade", "keep-alive"), 400, "Connection"),
+        (ok.replace("Version: 13", "Version: 8"), 426, "Version"),
+        (ok.replace("Sec-WebSocket-Version: 13\r\n", ""), 426, "Version"),
+        (ok.replace("Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n", ""), 400, "missing Sec-WebSocket-Key"),
+        (ok.replace("dGhlIHNhbXBsZSBub25jZQ==", "dGhlIHNhbXBsZQ=="), 400, "invalid Sec-WebSocket-Key"),
+        (
+            ok.replace("dGhlIHNhbXBsZSBub25jZQ==", "not base64 at all!!!!!!!"),
+            400,
+            "invalid Sec-WebSocket-Key",
+        ),
+        (
+            ok.replace(
+                "Sec-WebSocket-Version",
+                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version",
+            ),
+            400,
+            "more than one",
+        ),
+        (ok.replacen("/chat?room=1", "chat", 1), 400, "target"),
+        ("GARBAGE\x01\r\n\r\n".to_string(), 400, "malformed"),
+        ("GET / HTTP/1.1\r\nBad Header\r\n\r\n".to_string(), 400, "malformed"),
+    ];
+    for (req, status, needle) in cases {
+        let r = reject(req.as_bytes());
+        assert_eq!(r.status, status, "{req:?}: {}", r.reason);
+        assert!(r.reason.contains(needle), "{:?} lacks {needle:?}", r.reason);
+        let resp = String::from_utf8(r.response).unwrap();
+        assert!(resp.starts_with(&format!("HTTP/1.1 {status} ")), "{resp}");
+        assert!(resp.contains("Connection: close\r\n"));
+        if status == 426 {
+            assert!(resp.contains("Sec-WebSocket-Version: 13\r\n"));
+        }
+    }
+    // Too many headers.
+    let many: String = (0..70).map(|i| format!("X-{i}: y\r\n")).collect();
+    assert_eq!(reject(&request(&many)).status, 431);
+    // Too large.
+    let big = format!("X-Big: {}\r\n", "a".repeat(9000));
+    assert_eq!(reject(&request(&big)).status, 431);
+}
+
+#[test]
+fn slow_partial_upgrade_stays_bounded() {
+    let mut hs = ServerHandshake::default();
+    let header = b"GET / HTTP/1.1\r\nX-Slow: ";
+    let mut fed = 0;
+    let mut result = None;
+    for &b in header.iter().chain(std::iter::repeat(&b'a')) {
+        fed += 1;
+        match hs.handle_bytes(&[b], |_| true) {
+            ServerUpgrade::Incomplete => assert!(hs.buffered() <= DEFAULT_MAX),
+            other => {
+                result = Some(other);
+                break;
+            }
+        }
+        assert!(fed < 100_000);
+    }
+    match result {
+        Some(ServerUpgrade::Reject(r)) => assert_eq!(r.status, 431),
+        other => panic!("{other:?}"),
+    }
+    assert!(fed <= DEFAULT_MAX + 1);
+    assert!(hs.is_finished());
+    assert_eq!(hs.buffered(), 0);
+    assert!(matches!(hs.handle_bytes(b"\r\n\r\n", |_| true), ServerUpgrade::Incomplete));
+}
+
+const DEFAULT_MAX: usize = upgrade::DEFAULT_MAX_HEAD_BYTES;
+
+#[test]
+fn protocol_selection_rules() {
+    let offer = |list: &str, names: &[&str]| {
+        let extra =
+            if list.is_empty() { String::new() } else { format!("Sec-WebSocket-Protocol: {list}\r\n") };
+        server_accept(&request(&extra), names)
+            .map(|a| (a.protocol.clone(), a.handler.clone(), String::from_utf8(a.response.clone()).unwrap()))
+    };
+    // First offered name that is a handler wins and is echoed.
+    let (p, h, resp) = offer("foo, chat, echo", &["echo", "chat", "default"]).unwrap();
+    assert_eq!((p.as_deref(), h.as_str()), (Some("chat"), "chat"));
+    assert!(resp.contains("Sec-WebSocket-Protocol: chat\r\n"));
+    // An explicit "default" is echoed.
+    let (p, h, _) = offer("default", &["default"]).unwrap();
+    assert_eq!((p.as_deref(), h.as_str()), (Some("default"), "default"));
+    // No match → default handler, no protocol header.
+    let (p, h, resp) = offer("foo,bar", &["chat", "default"]).unwrap();
+    assert_eq!((p, h.as_str()), (None, "default"));
+    assert!(!resp.contains("Sec-WebSocket-Protocol"));
+    // Absent header → default.
+    assert_eq!(offer("", &["default"]).unwrap().1, "default");
+    // Several header lines form one list.
+    let req = request("Sec-WebSocket-Protocol: a\r\nSec-WebSocket-Protocol: b, chat\r\n");
+    assert_eq!(server_accept(&req, &["chat"]).unwrap().handler, "chat");
+    // No match and no default → refused.
+    let r = offer("foo", &["chat"]).unwrap_err();
+    assert_eq!(r.status, 400);
+    assert!(r.reason.contains("foo"));
+    assert_eq!(offer("", &["chat"]).unwrap_err().status, 400);
+}
+
+#[test]
+fn upgrade_details_and_leftover() {
+    let mut req = request("");
+    req.extend_from_slice(&raw(true, 1, b"early", M));
+    let a = server_accept(&req, &["default"]).unwrap();
+    assert_eq!(a.leftover, raw(true, 1, b"early", M));
+    let resp = String::from_utf8(a.response.clone()).unwrap();
+    assert!(resp.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
+    assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
+    assert!(resp.ends_with("\r\n\r\n"));
+    let mut s = WsConn::new(Role::Server, WsConfig::default(), &a.leftover);
+    assert_eq!(s.poll_event(), Some(msg(Opcode::Text, b"early")));
+    // Case-insensitive header names and values; absolute-form target; bare LF line ends.
+    let lf = "GET ws://h/p?q HTTP/1.1\nhost: h\nUPGRADE: WebSocket\nconnection: UPGRADE\n\
+              sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==\nsec-websocket-version: 13\n\n";
+    let a = server_accept(lf.as_bytes(), &["default"]).unwrap();
+    assert_eq!((a.path.as_str(), a.query.as_deref()), ("/p", Some("q")));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upgrade: client side.
+
+fn client_for(protocols: &[&str]) -> (ClientHandshake, Vec<u8>) {
+    let url = WsUrl::parse("ws://[::1]:9000/x").unwrap();
+    ClientHandshake::new(&url, protocols, KEY).unwrap()
+}
+
+fn response_for(req: &[u8], names: &[&str]) -> Vec<u8> {
+    server_accept(req, names).unwrap().response
+}
+
+#[test]
+fn client_request_shape() {
+    let (_, req) = client_for(&["chat", "echo"]);
+    let req = String::from_utf8(req).unwrap();
+    assert!(req.starts_with("GET /x HTTP/1.1\r\nHost: [::1]:9000\r\n"), "{req}");
+    assert!(req.contains("Sec-WebSocket-Key: MDEyMzQ1Njc4OWFiY2RlZg==\r\n"));
+    assert!(req.contains("Sec-WebSocket-Protocol: chat, echo\r\n"));
+    assert!(req.contains("Sec-WebSocket-Version: 13\r\n"));
+    let url = WsUrl::parse("ws://h/").unwrap();
+    assert!(ClientHandshake::new(&url, &["bad name"], KEY).is_err());
+    assert!(ClientHandshake::new(&url, &[""], KEY).is_err());
+}
+
+#[test]
+fn client_response_validation() {
+    let (mut ch, req) = client_for(&["chat"]);
+    let mut resp = response_for(&req, &["chat"]);
+    resp.extend_from_slice(&[0x81, 0x02, b'h', b'i']);
+    let mut up = None;
+    for b in &resp {
+        if let Some(u) = ch.handle_bytes(&[*b]).unwrap() {
+            up = Some(u);
+        }
+    }
+    // The leftover starts right after the head (only the byte that completed it is fed).
+    let up = up.unwrap();
+    assert_eq!(up.protocol.as_deref(), Some("chat"));
+    assert!(up.leftover.is_empty());
+    // In one chunk, the frame is leftover.
+    let (mut ch, req) = client_for(&["chat"]);
+    let up = ch.handle_bytes(&resp).unwrap().unwrap();
+    assert_eq!(up.leftover, [0x81, 0x02, b'h', b'i']);
+
+    let good = String::from_utf8(response_for(&client_for(&["chat"]).1, &["chat"])).unwrap();
+    let _ = req;
+    let bad: Vec<(String, &str)> = vec![
+        ("HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n".into(), "HTTP 403 Forbidden"),
+        (good.replace("Sec-WebSocket-Accept: ", "Sec-WebSocket-Accept: x"), "Accept"),
+        (good.replace("Upgrade: websocket\r\n", ""), "Upgrade"),
+        (good.replace("Connection: Upgrade\r\n", ""), "Connection"),
+        (good.replace("Protocol: chat", "Protocol: other"), "did not offer"),
+        (good.replace("\r\n\r\n", "\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"), "extension"),
+        ("HTTP/1.1 101 OK\r\n\x01\r\n\r\n".into(), "malformed"),
+    ];
+    for (resp, needle) in bad {
+        let (mut ch, _) = client_for(&["chat"]);
+        match ch.handle_bytes(resp.as_bytes()) {
+            Err(Error::Handshake(m)) => assert!(m.contains(needle), "{m:?} lacks {needle:?}"),
+            other => panic!("{resp:?}: {other:?}"),
+        }
+    }
+    // Oversized response head.
+    let (mut ch, _) = client_for(&[]);
+    let mut n = 0;
+    let err = loop {
+        match ch.handle_bytes(&[b'a'; 100]) {
+            Ok(None) => n += 1,
+            Ok(Some(_)) => panic!(),
+            Err(e) => break e,
+        }
+        assert!(n < 200);
+    };
+    assert!(err.to_string().contains("too large"));
+}
+
+// ---------------------------------------------------------------------------------------------
+// TLS.
+
+fn data(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
+}
+
+fn server_config() -> Arc<rustls::ServerConfig> {
+    TlsServerConfig::from_pem_files(data("server.pem"), data("server.key")).unwrap()
+}
+
+/// Run the TLS handshake between two pumps, `step` ciphertext bytes at a time.
+/// Returns the first error.
+fn tls_pump(a: &mut Tls, b: &mut Tls, step: usize) -> Result<(), Error> {
+    for _ in 0..100 {
+        let mut ab = Vec::new();
+        a.take_ciphertext(&mut ab);
+        let mut ba = Vec::new();
+        b.take_ciphertext(&mut ba);
+        if ab.is_empty() && ba.is_empty() {
+            return Ok(());
+        }
+        for p in ab.chunks(step) {
+            b.handle_ciphertext(p)?;
+        }
+        for p in ba.chunks(step) {
+            a.handle_ciphertext(p)?;
+        }
+    }
+    panic!("TLS pump did not settle");
+}
+
+#[test]
+fn wss_end_to_end_with_test_ca_one_byte_at_a_time() {
+    let client_cfg = tls::client_config(Some(&data("ca.pem")), true).unwrap();
+    for host in ["localhost", "127.0.0.1", "::1", "[::1]"] {
+        let mut ct = Tls::client(client_cfg.clone(), host).unwrap();
+        let mut st = Tls::server(server_config()).unwrap();
+        // The client can queue its upgrade request before the handshake completes.
+        let url = WsUrl::parse("wss://localhost:9443/secure").unwrap();
+        let (mut ch, req) = ClientHandshake::new(&url, &["chat"], KEY).unwrap();
+        ct.write_plaintext(&req).unwrap();
+        tls_pump(&mut ct, &mut st, 1).unwrap();
+        assert!(ct.is_handshake_complete() && st.is_handshake_complete());
+        assert_eq!(st.sni_hostname(), (host == "localhost").then_some("localhost"));
+        assert!(st.protocol_version().unwrap().contains("TLS"));
+        assert!(ct.cipher_suite().is_some());
+
+        let mut plain = Vec::new();
+        st.read_plaintext(&mut plain);
+        let a = server_accept(&plain, &["chat"]).unwrap();
+        assert_eq!(a.path, "/secure");
+        st.write_plaintext(&a.response).unwrap();
+        let mut server = WsConn::new(Role::Server, WsConfig::default(), &a.leftover);
+        server.send(Opcode::Text, b"welcome").unwrap();
+        let mut out = Vec::new();
+        server.take_outgoing(&mut out);
+        st.write_plaintext(&out).unwrap();
+        tls_pump(&mut ct, &mut st, 1).unwrap();
+
+        let mut plain = Vec::new();
+        ct.read_plaintext(&mut plain);
+        let up = ch.handle_bytes(&plain).unwrap().unwrap();
+        assert_eq!(up.protocol.as_deref(), Some("chat"));
+        let mut client = WsConn::new(Role::Client, WsConfig::default(), &up.leftover);
+        assert_eq!(client.poll_event(), Some(msg(Opcode::Text, b"welcome")));
+
+        // A large message written before any ciphertext is taken.
+        let big = vec![5u8; 200_000];
+        server.send(Opcode::Binary, &big).unwrap();
+        let mut out = Vec::new();
+        server.take_outgoing(&mut out);
+        st.write_plaintext(&out).unwrap();
+        tls_pump(&mut ct, &mut st, 7000).unwrap();
+        let mut plain = Vec::new();
+        ct.read_plaintext(&mut plain);
+        assert_eq!(feed(&mut client, &plain), vec![msg(Opcode::Binary, &big)]);
+
+        // Close over TLS, then close_notify.
+        client.close(1000, "done").unwrap();
+        let mut out = Vec::new();
+        client.take_outgoing(&mut out);
+        ct.write_plaintext(&out).unwrap();
+        ct.send_close_notify();
+        tls_pump(&mut ct, &mut st, 3).unwrap();
+        let mut plain = Vec::new();
+        st.read_plaintext(&mut plain);
+        assert_eq!(
+            feed(&mut server, &plain),
+            vec![WsEvent::Closed { code: 1000, reason: "done".into(), clean: true }]
+        );
+        assert!(st.peer_closed());
+    }
+}
+
+#[test]
+fn tls_unknown_issuer_is_readable() {
+    let client_cfg = tls::client_config(None, true).unwrap();
+    let mut ct = Tls::client(client_cfg, "localhost").unwrap();
+    let mut st = Tls::server(server_config()).unwrap();
+    let err = tls_pump(&mut ct, &mut st, 16).unwrap_err();
+    assert_eq!(err, Error::Tls("certificate verify failed: UnknownIssuer".into()));
+    assert_eq!(ct.error(), Some(&err));
+    // The client's alert reaches the server as a readable error too.
+    let mut alert = Vec::new();
+    ct.take_ciphertext(&mut alert);
+    let server_err = st.handle_ciphertext(&alert).unwrap_err();
+    assert!(server_err.to_string().contains("alert"), "{server_err}");
+    assert!(ct.write_plaintext(b"x").is_err());
+}
+
+#[test]
+fn tls_wrong_name_and_insecure_opt_out() {
+    let cfg = tls::client_config_only_ca(&data("ca.pem")).unwrap();
+    let mut ct = Tls::client(cfg, "example.com").unwrap();
+    let mut st = Tls::server(server_config()).unwrap();
+    let err = tls_pump(&mut ct, &mut st, 100).unwrap_err().to_string();
+    assert!(err.contains("certificate verify failed") && err.contains("example.com"), "{err}");
+
+    let insecure = tls::client_config(None, false).unwrap();
+    let mut ct = Tls::client(insecure, "example.com").unwrap();
+    let mut st = Tls::server(server_config()).unwrap();
+    tls_pump(&mut ct, &mut st, 100).unwrap();
+    assert!(ct.is_handshake_complete());
+    assert!(Tls::client(tls::client_config(None, false).unwrap(), "bad host!").is_err());
+}
+
+#[test]
+fn tls_config_errors_are_clear() {
+    let err = |c: &str, k: &str| TlsServerConfig::from_pem_files(data(c), data(k)).unwrap_err().to_string();
+    let e = err("missing.pem", "server.key");
+    assert!(e.contains("cannot read certificate file") && e.contains("missing.pem"), "{e}");
+    let e = err("server.pem", "missing.key");
+    assert!(e.contains("cannot read private key file"), "{e}");
+    let e = err("server.key", "server.key");
+    assert!(e.contains("no certificate found"), "{e}");
+    let e = err("server.pem", "server.pem");
+    assert!(e.contains("no private key found"), "{e}");
+    let e = err("server.pem", "other.key");
+    assert!(e.contains("does not match the certificate"), "{e}");
+    // Encrypted and unsupported keys.
+    let cert = std::fs::read(data("server.pem")).unwrap();
+    let enc = b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n";
+    let e = TlsServerConfig::from_pem(&cert, enc, "c".as_ref(), "k".as_ref()).unwrap_err().to_string();
+    assert!(e.contains("encrypted"), "{e}");
+    let junk = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
+    let e = TlsServerConfig::from_pem(&cert, junk, "c".as_ref(), "k".as_ref()).unwrap_err().to_string();
+    assert!(e.contains("unsupported private key"), "{e}");
+    let e = tls::client_config(Some(&data("nope.pem")), true).unwrap_err().to_string();
+    assert!(e.contains("cannot read CA certificate file"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fuzz entry points smoke test.
+
+#[test]
+fn fuzz_entry_points_accept_junk() {
+    let mut seed = 0x1234_5678u32;
+    for len in 0..300 {
+        let v: Vec<u8> = (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 17;
+                seed ^= seed << 5;
+                seed as u8
+            })
+            .collect();
+        fuzzing::upgrade(&v);
+        fuzzing::connection(&v);
+    }
+}

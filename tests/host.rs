@@ -1,0 +1,146 @@
+//! The standalone host (`luna-host`) as a user runs it: examples, exit rules, signals, errors.
+#![cfg(feature = "vendored")]
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn host() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_luna-host"));
+    cmd.current_dir(env!("CARGO_MANIFEST_DIR"));
+    cmd
+}
+
+fn script(body: &str) -> tempfile_path::Path {
+    tempfile_path::write(body)
+}
+
+/// A minimal temp-file helper (no extra dependency).
+mod tempfile_path {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    pub struct Path(pub std::path::PathBuf);
+    impl Drop for Path {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    pub fn write(body: &str) -> Path {
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("luna-host-test-{}-{}.lua", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let path = std::env::temp_dir().join(name);
+        std::fs::write(&path, body).unwrap();
+        Path(path)
+    }
+}
+
+fn run(cmd: &mut Command) -> (Output, Duration) {
+    let start = Instant::now();
+    let out = cmd.output().unwrap();
+    (out, start.elapsed())
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn timers_example_runs_and_exits_on_close() {
+    let (out, took) = run(host().arg("examples/timers.lua"));
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for line in ["[worker] step 3", "heartbeat 4", "localhost resolves to 127.0.0.1", "closing"] {
+        assert!(text.contains(line), "missing '{line}' in:\n{text}");
+    }
+    assert!(!text.contains("never prints"), "a cancelled timer fired:\n{text}");
+    assert!(!text.contains("heartbeat 5"), "interval kept running after cancel:\n{text}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+#[test]
+fn update_runs_at_the_requested_rate_without_spinning() {
+    let s = script(
+        "local luna = require('luna')
+         local frames, total = 0, 0
+         function update(dt) frames = frames + 1; total = total + dt end
+         luna.set_timeout(1, function()
+           print(('frames=%d total=%.3f'):format(frames, total)); luna.close()
+         end)",
+    );
+    let (out, _) = run(host().args(["--hz", "100"]).arg(&s.0));
+    let text = stdout(&out);
+    let frames: u32 =
+        text.split("frames=").nth(1).and_then(|t| t.split(' ').next()).unwrap().parse().unwrap();
+    assert!((80..=102).contains(&frames), "expected ~100 frames in 1 s at 100 Hz: {text}");
+    // CPU time of an idle host over ~1 s: a spinning loop would use about a second.
+    let s2 = script("local luna = require('luna'); function update() end; luna.set_timeout(1, luna.close)");
+    let child = host().arg(&s2.0).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", child.id())).unwrap();
+    let fields: Vec<&str> = stat.rsplit(')').next().unwrap().split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    assert!(child.wait_with_output().unwrap().status.success());
+    assert!(ticks < 20, "idle host used {ticks} clock ticks (1/100 s) of CPU in 0.8 s");
+}
+
+#[test]
+fn exits_when_nothing_is_pending_and_no_update_is_defined() {
+    let s = script("print('hello from ' .. arg[0]:match('[^/]*$') .. ' ' .. tostring(...))");
+    let (out, took) = run(host().arg(&s.0).arg("first-arg"));
+    assert!(out.status.success());
+    assert!(stdout(&out).starts_with("hello from luna-host-test-"), "{}", stdout(&out));
+    assert!(stdout(&out).contains("first-arg"));
+    assert!(took < Duration::from_secs(2));
+}
+
+#[test]
+fn os_exit_code_is_kept() {
+    let s = script("require('luna').set_timeout(0.05, function() os.exit(3) end)");
+    let (out, _) = run(host().arg(&s.0));
+    assert_eq!(out.status.code(), Some(3));
+}
+
+#[test]
+fn script_errors_exit_nonzero_with_the_message() {
+    let s = script("local luna = require('luna')\nluna.set_timeout(0.01, function() error('kaboom') end)");
+    let (out, _) = run(host().arg(&s.0));
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("kaboom") && err.contains(":2:"), "{err}");
+
+    let (out, _) = run(host().arg("/nonexistent/script.lua"));
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/script.lua"));
+
+    let (out, _) = run(host().args(["--hz", "0", "x.lua"]));
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--hz"));
+}
+
+#[test]
+fn sigterm_and_sigint_shut_down_cleanly_calling_quit() {
+    for signal in ["TERM", "INT"] {
+        let s = script(
+            "local luna = require('luna')
+             function update() end
+             luna.set_interval(0.01, function() end)
+             function quit() print('quit called') end
+             print('ready')",
+        );
+        let mut child = host().arg(&s.0).stdout(Stdio::piped()).spawn().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let mut first = [0u8; 6];
+        std::io::Read::read_exact(&mut stdout, &mut first).unwrap();
+        assert_eq!(&first, b"ready\n");
+        let status =
+            Command::new("kill").arg(format!("-{signal}")).arg(child.id().to_string()).status().unwrap();
+        assert!(status.success());
+        let start = Instant::now();
+        let code = child.wait().unwrap();
+        let mut rest = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+        assert!(code.success(), "SIG{signal}: {code:?}");
+        assert_eq!(rest, "quit called\n", "SIG{signal}");
+        assert!(start.elapsed() < Duration::from_secs(2));
+        let _ = std::io::stderr().flush();
+    }
+}
