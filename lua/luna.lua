@@ -43,4 +43,18 @@ function api.resolve(host)
   end
 end
 
-return api
+-- Internal wrappers, installed as methods by the Rust side.
+local internal = {}
+
+function internal.ws_receive(ws)
+  local co = need_coroutine("ws:receive()")
+  while true do
+    local message, opcode, clean, code, reason = core.ws_receive(ws, co)
+    if message ~= PARK then
+      return message, opcode, clean, code, reason
+    end
+    yield(PARK)
+  end
+end
+
+return api, internal

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
-# Every check, in order of cost. Assumes the tools .ci/run installs.
+# Every check, in order of cost. Assumes the tools .ci/run installs. Ends with one line
+# "summary: N passed, M failed" counting Rust tests and Lua tests together.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TERM_COLOR=never
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 
 echo "== format and lints"
 cargo fmt --all -- --check
@@ -10,10 +13,17 @@ cargo clippy --quiet --all-targets -- -D warnings
 cargo clippy --quiet --no-default-features --lib --tests -- -D warnings
 
 echo "== Rust tests + Lua suites in vendored LuaJIT"
-cargo test --quiet
+cargo test --quiet 2>&1 | tee -a "$log"
 
 echo "== Lua suites and host in vendored Lua 5.4"
-cargo test --quiet --no-default-features --features lua54,vendored --test lua_suites --test host
+cargo test --quiet --no-default-features --features lua54,vendored --test lua_suites --test host 2>&1 | tee -a "$log"
 
 echo "== real hosts: Debian luajit, lua5.1, LÖVE 11.4 headless"
-tests/hosts/run.sh
+tests/hosts/run.sh 2>&1 | tee -a "$log"
+
+echo "== independent peers: Python websockets against luna-host, and our client against it"
+cargo build --quiet --release
+LUNA_HOST="${CARGO_TARGET_DIR:-target}/release/luna-host" python3 tests/peers/ws_peers.py 2>&1 | tee -a "$log"
+
+awk '/^test result: ok\./ { p += $4 } /^[0-9]+ passed, [0-9]+ failed$/ { p += $1; f += $3 }
+     END { printf "summary: %d passed, %d failed\n", p, f; exit (f > 0) }' "$log"

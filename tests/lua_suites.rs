@@ -39,3 +39,8 @@ fn run_suite(suite: &str) {
 fn runtime_suite() {
     run_suite("runtime_suite");
 }
+
+#[test]
+fn ws_suite() {
+    run_suite("ws_suite");
+}

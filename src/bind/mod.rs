@@ -3,8 +3,11 @@
 //! the state at `lua_close` (LÖVE's restart included).
 
 mod error;
+mod options;
+mod policy;
 mod sched;
 mod time;
+mod ws;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -12,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use mlua::{Function, Lua, Result, Table, Thread, Value};
 
-use crate::driver::{Driver, Lookup, Ready};
+use crate::driver::{Driver, Entry, Key, Lookup, Ready};
 use error::bad_arg;
 pub use error::message as error_text;
 use sched::Sched;
@@ -21,6 +24,9 @@ use sched::Sched;
 pub(crate) struct Runtime {
     driver: RefCell<Driver>,
     sched: RefCell<Sched>,
+    ws: RefCell<ws::WsState>,
+    /// Entries that became ready and are not serviced yet (kept if a callback raises).
+    service: RefCell<std::collections::VecDeque<Key>>,
     /// Zero of the `luna.now()` clock.
     epoch: Instant,
 }
@@ -40,6 +46,8 @@ pub(crate) fn runtime(lua: &Lua) -> Result<Rc<Runtime>> {
     let rt = Rc::new(Runtime {
         driver: RefCell::new(Driver::new()?),
         sched: RefCell::new(Sched::default()),
+        ws: RefCell::new(ws::WsState::default()),
+        service: RefCell::new(Default::default()),
         epoch: Instant::now(),
     });
     lua.set_app_data(rt.clone());
@@ -53,32 +61,56 @@ pub fn tick(lua: &Lua, timeout: Option<Duration>) -> Result<()> {
     let mut ready = Vec::new();
     rt.driver.borrow_mut().poll(timeout, Instant::now(), &mut ready)?;
     let now = Instant::now();
+    let mut resolved = Vec::new();
     {
         let mut sched = rt.sched.borrow_mut();
+        let mut service = rt.service.borrow_mut();
         for event in ready {
             match event {
                 Ready::Resolved(host) => {
                     let waiters = sched.dns_waiters.remove(&host).unwrap_or_default();
                     sched.jobs.extend(waiters);
+                    resolved.push(host);
                 }
-                Ready::Readable(_) => {}
+                Ready::Io(key) | Ready::Due(key) => service.push_back(key),
             }
         }
         let yielded = std::mem::take(&mut sched.next_frame);
         sched.jobs.extend(yielded);
     }
+    for host in resolved {
+        ws::resolved(lua, &rt, &host, now)?;
+    }
+    ws::dispatch_deferred(lua, &rt)?;
+    loop {
+        let Some(key) = rt.service.borrow_mut().pop_front() else { break };
+        service(lua, &rt, key, now)?;
+    }
     time::fire_timers(lua, &rt, now)?;
     sched::run_jobs(lua, &rt)
+}
+
+/// Hands a ready entry to the module that owns its kind.
+fn service(lua: &Lua, rt: &Runtime, key: Key, now: Instant) -> Result<()> {
+    let is_ws = matches!(rt.driver.borrow().entry(key), Some(Entry::WsListener(_) | Entry::Ws(_)));
+    if is_ws {
+        return ws::service(lua, rt, key, now);
+    }
+    Ok(())
 }
 
 /// When the standalone host must tick next: `None` if only I/O can wake anything.
 pub fn next_wakeup(lua: &Lua) -> Result<Option<Instant>> {
     let rt = runtime(lua)?;
     let mut sched = rt.sched.borrow_mut();
-    if !sched.jobs.is_empty() || !sched.next_frame.is_empty() {
+    if !sched.jobs.is_empty() || !sched.next_frame.is_empty() || !rt.service.borrow().is_empty() {
         return Ok(Some(Instant::now()));
     }
-    Ok(sched.timers.next_deadline())
+    let driver = rt.driver.borrow_mut().next_deadline();
+    Ok(match (sched.timers.next_deadline(), driver) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    })
 }
 
 /// Runs `f` on this state's driver (embedding hosts and benchmarks open entries this way).
@@ -98,10 +130,23 @@ pub fn close_requested(lua: &Lua) -> Result<bool> {
     Ok(runtime(lua)?.sched.borrow().close_requested)
 }
 
-/// `luna.close()` / `lunac.close()`.
+/// `luna.close()` and `lunac.close()` together (the standalone host's shutdown).
 pub fn close(lua: &Lua) -> Result<()> {
-    runtime(lua)?.sched.borrow_mut().close_requested = true;
-    Ok(())
+    close_side(lua, Side::Server)?;
+    close_side(lua, Side::Client)
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Server,
+    Client,
+}
+
+/// `luna.close()` (server apps) or `lunac.close()` (client apps).
+fn close_side(lua: &Lua, side: Side) -> Result<()> {
+    let rt = runtime(lua)?;
+    rt.sched.borrow_mut().close_requested = true;
+    ws::close_all(lua, &rt, side)
 }
 
 /// `core.resolve(host, co)`: the addresses, `nil, err`, or `PARK` after parking `co`.
@@ -134,7 +179,9 @@ fn fill_common(lua: &Lua, module: &Table, name: &'static str) -> Result<()> {
             tick(lua, Some(Duration::ZERO))
         })?,
     )?;
-    module.set("close", lua.create_function(|lua, ()| close(lua))?)?;
+    let side = if name == "luna" { Side::Server } else { Side::Client };
+    module.set("close", lua.create_function(move |lua, ()| close_side(lua, side))?)?;
+    ws::register(lua, module, side)?;
     module.set("spawn", lua.create_function(time::spawn)?)?;
     module.set("set_timeout", lua.create_function(time::set_timeout)?)?;
     module.set("set_interval", lua.create_function(time::set_interval)?)?;
@@ -171,8 +218,11 @@ fn lua_half(lua: &Lua) -> Result<Table> {
     core.set("now", lua.create_function(|lua, ()| Ok(runtime(lua)?.clock(Instant::now())))?)?;
     core.set("sleep", lua.create_function(time::sleep)?)?;
     core.set("resolve", lua.create_function(resolve)?)?;
-    let half: Table = lua.load(include_str!("../../lua/luna.lua")).set_name("=luna.lua").call(core)?;
+    ws::core(lua, &core)?;
+    let (half, internal): (Table, Table) =
+        lua.load(include_str!("../../lua/luna.lua")).set_name("=luna.lua").call(core)?;
     lua.set_named_registry_value(KEY, &half)?;
+    lua.set_named_registry_value("luna.ws.receive", internal.get::<Function>("ws_receive")?)?;
     Ok(half)
 }
 

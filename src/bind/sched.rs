@@ -14,7 +14,7 @@ use mlua::{
 
 use super::error::message;
 use super::Runtime;
-use crate::driver::TimerQueue;
+use crate::driver::{Key, TimerQueue};
 
 /// What a due timer does.
 pub(crate) enum TimerAction {
@@ -24,8 +24,15 @@ pub(crate) enum TimerAction {
     Call { func: RegistryKey, every: Option<Duration> },
 }
 
+/// Runs when a library-owned coroutine finishes (`Ok` with its return values) or fails; an
+/// app uses it to send a handler's result or to apply its own error policy.
+pub(crate) type Hook = Box<dyn FnOnce(&Lua, &Runtime, Result<MultiValue>) -> Result<()>>;
+
 #[derive(Default)]
 pub(crate) struct Sched {
+    /// Hooks of running owned coroutines, by thread pointer (the key keeps the thread alive, so
+    /// the pointer cannot be reused meanwhile).
+    hooks: HashMap<usize, (RegistryKey, Hook)>,
     pub timers: TimerQueue<TimerAction>,
     /// Parked coroutines that are ready, resumed by the current or next update.
     pub jobs: VecDeque<RegistryKey>,
@@ -33,6 +40,8 @@ pub(crate) struct Sched {
     pub next_frame: Vec<RegistryKey>,
     /// Coroutines waiting for a host name, by host.
     pub dns_waiters: HashMap<String, Vec<RegistryKey>>,
+    /// Coroutines waiting for a driver entry (a socket) to have something for them.
+    pub waiters: HashMap<Key, Vec<RegistryKey>>,
     /// `luna.set_error_handler`: receives errors of library-owned coroutines instead of `update`.
     pub error_handler: Option<RegistryKey>,
     /// `luna.close()` was called (the standalone host exits once nothing is pending).
@@ -46,6 +55,18 @@ impl Sched {
             && self.jobs.is_empty()
             && self.next_frame.is_empty()
             && self.dns_waiters.is_empty())
+    }
+
+    /// Parks a coroutine until `wake(key)`.
+    pub fn park_on(&mut self, key: Key, thread: RegistryKey) {
+        self.waiters.entry(key).or_default().push(thread);
+    }
+
+    /// Makes every coroutine parked on `key` ready.
+    pub fn wake(&mut self, key: Key) {
+        if let Some(waiters) = self.waiters.remove(&key) {
+            self.jobs.extend(waiters);
+        }
     }
 }
 
@@ -67,16 +88,40 @@ pub(crate) fn resume(lua: &Lua, rt: &Runtime, thread: &Thread, args: impl IntoLu
     if thread.status() != ThreadStatus::Resumable {
         return Ok(());
     }
-    match thread.resume::<MultiValue>(args) {
-        Ok(values) => {
-            if thread.status() == ThreadStatus::Resumable && !is_park(&values) {
+    let result = thread.resume::<MultiValue>(args);
+    if let Ok(values) = &result {
+        if thread.status() == ThreadStatus::Resumable {
+            if !is_park(values) {
                 let key = lua.create_registry_value(thread)?;
                 rt.sched.borrow_mut().next_frame.push(key);
             }
-            Ok(())
+            return Ok(());
         }
-        Err(e) => report(lua, rt, &e),
     }
+    let hook = rt.sched.borrow_mut().hooks.remove(&(thread.to_pointer() as usize));
+    match (hook, result) {
+        (Some((key, hook)), result) => {
+            lua.remove_registry_value(key)?;
+            hook(lua, rt, result)
+        }
+        (None, Ok(_)) => Ok(()),
+        (None, Err(e)) => report(lua, rt, &e),
+    }
+}
+
+/// Runs `func(args)` in a new coroutine whose end (result or error) goes to `hook`.
+pub(crate) fn spawn_owned(
+    lua: &Lua,
+    rt: &Runtime,
+    func: Function,
+    args: impl IntoLuaMulti,
+    hook: Hook,
+) -> Result<Thread> {
+    let thread = lua.create_thread(func)?;
+    let key = lua.create_registry_value(&thread)?;
+    rt.sched.borrow_mut().hooks.insert(thread.to_pointer() as usize, (key, hook));
+    resume(lua, rt, &thread, args)?;
+    Ok(thread)
 }
 
 /// The error policy for library-owned coroutines: the error handler if one is set, otherwise

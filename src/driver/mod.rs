@@ -7,12 +7,13 @@ mod dns;
 mod error;
 mod slots;
 mod timers;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::net::UdpSocket;
+use mio::net::{TcpListener, UdpSocket};
 use mio::{Events, Interest, Poll, Token, Waker};
 
 pub use dns::{parse_ip, Lookup};
@@ -28,14 +29,20 @@ const WAKER: Token = Token(usize::MAX);
 pub enum Ready {
     /// A background lookup of this host finished; [`Driver::lookup`] now answers from cache.
     Resolved(String),
-    /// An entry's socket is readable (or hung up).
-    Readable(Key),
+    /// An entry's socket is ready (readable, writable or hung up).
+    Io(Key),
+    /// An entry's deadline passed.
+    Due(Key),
 }
 
 /// An open I/O resource.
 pub enum Entry {
     /// A bound UDP socket.
     Udp(UdpSocket),
+    /// A WebSocket server's listening socket.
+    WsListener(ws::Listener),
+    /// A WebSocket connection (either side).
+    Ws(Box<ws::Stream>),
 }
 
 pub struct Driver {
@@ -44,6 +51,10 @@ pub struct Driver {
     dns: dns::Dns,
     entries: Slots<Entry>,
     resolved: Vec<String>,
+    /// Entries that asked to be serviced at a time (timeouts, keep-alive, retransmission).
+    deadlines: TimerQueue<Key>,
+    /// Each entry's armed deadline: (timer id, when).
+    armed: std::collections::HashMap<Key, (u64, Instant)>,
 }
 
 impl Driver {
@@ -56,6 +67,8 @@ impl Driver {
             dns: dns::Dns::new(waker),
             entries: Slots::default(),
             resolved: Vec::new(),
+            deadlines: TimerQueue::default(),
+            armed: Default::default(),
         })
     }
 
@@ -73,11 +86,132 @@ impl Driver {
             } else {
                 let key = Key::from_token(event.token());
                 if self.entries.get(key).is_some() {
-                    ready.push(Ready::Readable(key));
+                    ready.push(Ready::Io(key));
                 }
             }
         }
+        let now = Instant::now();
+        while let Some((_, _, key)) = self.deadlines.pop_due(now) {
+            self.armed.remove(&key);
+            ready.push(Ready::Due(key));
+        }
         Ok(())
+    }
+
+    /// Arms (or moves, or with `None` disarms) the one deadline of an entry; when it passes,
+    /// `poll` reports `Ready::Due(key)`.
+    pub fn set_deadline(&mut self, key: Key, at: Option<Instant>) {
+        if self.armed.get(&key).map(|&(_, when)| when) == at {
+            return;
+        }
+        if let Some((id, _)) = self.armed.remove(&key) {
+            self.deadlines.cancel(id);
+        }
+        if let Some(at) = at {
+            self.armed.insert(key, (self.deadlines.insert(at, key), at));
+        }
+    }
+
+    /// The earliest entry deadline (the host sleeps at most until then).
+    pub fn next_deadline(&mut self) -> Option<Instant> {
+        self.deadlines.next_deadline()
+    }
+
+    pub fn entry(&self, key: Key) -> Option<&Entry> {
+        self.entries.get(key)
+    }
+
+    pub fn entry_mut(&mut self, key: Key) -> Option<&mut Entry> {
+        self.entries.get_mut(key)
+    }
+
+    /// Listens for WebSocket connections (TCP, with TLS when `tls` is set).
+    pub fn ws_listen(
+        &mut self,
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        handlers: Vec<String>,
+        settings: ws::Settings,
+    ) -> Result<Key> {
+        let socket = TcpListener::bind(addr)?;
+        let key = self.entries.insert(Entry::WsListener(ws::Listener::new(socket, tls, handlers, settings)));
+        let Some(Entry::WsListener(listener)) = self.entries.get_mut(key) else { unreachable!() };
+        if let Err(e) = self.poll.registry().register(&mut listener.socket, key.token(), Interest::READABLE) {
+            self.entries.remove(key);
+            return Err(e.into());
+        }
+        Ok(key)
+    }
+
+    /// Starts a client WebSocket stream owned by `owner` (the caller's handle for the app).
+    pub fn ws_connect(&mut self, stream: ws::Stream, now: Instant) -> Result<Key> {
+        let key = self.entries.insert(Entry::Ws(Box::new(stream)));
+        let Some(Entry::Ws(stream)) = self.entries.get_mut(key) else { unreachable!() };
+        stream.register(self.poll.registry(), key.token())?;
+        self.ws_reschedule(key, now);
+        Ok(key)
+    }
+
+    /// Services a WebSocket listener (accepting every pending connection) or stream.
+    pub fn ws_service(&mut self, key: Key, now: Instant, io: &mut Vec<ws::WsIo>) {
+        let mut accepted = Vec::new();
+        match self.entries.get_mut(key) {
+            Some(Entry::WsListener(listener)) => loop {
+                match listener.socket.accept() {
+                    Ok((socket, peer)) => match ws::Stream::accepted(listener, socket, peer, now) {
+                        Ok(stream) => accepted.push(stream),
+                        Err(_) => continue,
+                    },
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                    // Out of descriptors or the like: try again on the next readiness event.
+                    Err(_) => break,
+                }
+            },
+            Some(Entry::Ws(stream)) => {
+                stream.service(key, self.poll.registry(), now, io);
+                if stream.should_resume_reading() {
+                    stream.service(key, self.poll.registry(), now, io);
+                }
+                self.ws_reschedule(key, now);
+            }
+            _ => {}
+        }
+        for mut stream in accepted {
+            stream.owner = Some(key);
+            let conn = self.entries.insert(Entry::Ws(Box::new(stream)));
+            let Some(Entry::Ws(stream)) = self.entries.get_mut(conn) else { unreachable!() };
+            if stream.register(self.poll.registry(), conn.token()).is_err() {
+                self.entries.remove(conn);
+                continue;
+            }
+            self.ws_service(conn, now, io);
+        }
+    }
+
+    /// Re-arms a stream's deadline after its state changed; forgets a server stream that closed
+    /// before its upgrade completed (nobody above knows about it).
+    fn ws_reschedule(&mut self, key: Key, _now: Instant) {
+        let Some(Entry::Ws(stream)) = self.entries.get_mut(key) else { return };
+        if stream.is_orphan() {
+            self.close(key);
+            return;
+        }
+        let at = stream.deadline();
+        self.set_deadline(key, at);
+    }
+
+    /// Mutable access to a WebSocket stream; call [`Driver::ws_flush`] after changing it.
+    pub fn ws_stream(&mut self, key: Key) -> Result<&mut ws::Stream> {
+        match self.entries.get_mut(key) {
+            Some(Entry::Ws(stream)) => Ok(stream),
+            _ => Err(Error::StaleHandle),
+        }
+    }
+
+    /// Writes what a stream has queued and re-arms its deadline (after send/close/receive).
+    pub fn ws_flush(&mut self, key: Key, now: Instant, io: &mut Vec<ws::WsIo>) {
+        self.ws_service(key, now, io);
     }
 
     /// Resolves `host` without blocking (IP literals answer at once).
@@ -100,19 +234,25 @@ impl Driver {
     pub fn udp(&self, key: Key) -> Result<&UdpSocket> {
         match self.entries.get(key) {
             Some(Entry::Udp(socket)) => Ok(socket),
-            None => Err(Error::StaleHandle),
+            _ => Err(Error::StaleHandle),
         }
     }
 
-    /// Closes an entry; returns false for a stale key.
+    /// Closes an entry at once (no goodbye to the peer); returns false for a stale key.
     pub fn close(&mut self, key: Key) -> bool {
+        self.set_deadline(key, None);
+        let registry = self.poll.registry();
         match self.entries.remove(key) {
             Some(Entry::Udp(mut socket)) => {
-                let _ = self.poll.registry().deregister(&mut socket);
-                true
+                let _ = registry.deregister(&mut socket);
             }
-            None => false,
+            Some(Entry::WsListener(mut listener)) => {
+                let _ = registry.deregister(&mut listener.socket);
+            }
+            Some(Entry::Ws(mut stream)) => stream.deregister(registry),
+            None => return false,
         }
+        true
     }
 
     /// Open entries plus lookups still running.
@@ -138,7 +278,7 @@ mod tests {
         while ready.is_empty() && Instant::now() < deadline {
             driver.poll(Some(Duration::from_millis(50)), Instant::now(), &mut ready).unwrap();
         }
-        assert_eq!(ready, vec![Ready::Readable(key)]);
+        assert_eq!(ready, vec![Ready::Io(key)]);
         let mut buf = [0u8; 16];
         assert_eq!(driver.udp(key).unwrap().recv_from(&mut buf).unwrap().0, 2);
         assert!(driver.close(key));

@@ -1,3 +1,4 @@
 //! Protocol state machines: no sockets, no clock, no Lua, no randomness source.
 
+pub mod rpc;
 pub mod ws;

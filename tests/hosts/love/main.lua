@@ -2,7 +2,7 @@
 -- restart the game (love.event.quit("restart") closes the Lua state). Second run: the runtime of
 -- the first state must be gone (same descriptor count), then the full suites run.
 local marker = assert(os.getenv("LUNA_LOVE_MARKER"), "set LUNA_LOVE_MARKER")
-local suites = os.getenv("LUNA_SUITES") or "runtime_suite"
+local suites = os.getenv("LUNA_SUITES") or "runtime_suite,ws_suite"
 local ffi = require("ffi")
 ffi.cdef("int getpid(void);")
 

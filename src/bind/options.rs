@@ -1,0 +1,108 @@
+//! Config tables: unknown keys and wrong types raise errors naming the call and the key.
+
+use mlua::{Function, Table, Value};
+
+use super::error::{bad_arg, lua_type, misuse};
+
+pub(crate) struct Options {
+    call: &'static str,
+    table: Table,
+}
+
+impl Options {
+    /// Checks that `value` is a table whose keys are all in `known`.
+    pub fn new(call: &'static str, value: Value, known: &[&str]) -> mlua::Result<Options> {
+        let Value::Table(table) = value else { return Err(bad_arg(call, "config", "a table", &value)) };
+        for pair in table.pairs::<Value, Value>() {
+            let (key, _) = pair?;
+            let name = match &key {
+                Value::String(s) => s.to_string_lossy(),
+                other => {
+                    return Err(misuse(call, format!("config keys must be strings, got {}", lua_type(other))))
+                }
+            };
+            if !known.contains(&name.as_str()) {
+                return Err(misuse(call, format!("unknown option '{name}' (known: {})", known.join(", "))));
+            }
+        }
+        Ok(Options { call, table })
+    }
+
+    fn get(&self, key: &str) -> mlua::Result<Value> {
+        self.table.raw_get(key)
+    }
+
+    fn wrong(&self, key: &str, expected: &str, got: &Value) -> mlua::Error {
+        misuse(self.call, format!("'{key}' must be {expected}, got {}", lua_type(got)))
+    }
+
+    pub fn string(&self, key: &str) -> mlua::Result<Option<String>> {
+        match self.get(key)? {
+            Value::Nil => Ok(None),
+            Value::String(s) => Ok(Some(s.to_str()?.to_owned())),
+            other => Err(self.wrong(key, "a string", &other)),
+        }
+    }
+
+    pub fn number(&self, key: &str) -> mlua::Result<Option<f64>> {
+        match self.get(key)? {
+            Value::Nil => Ok(None),
+            Value::Integer(i) => Ok(Some(i as f64)),
+            Value::Number(n) => Ok(Some(n)),
+            other => Err(self.wrong(key, "a number", &other)),
+        }
+    }
+
+    pub fn boolean(&self, key: &str) -> mlua::Result<Option<bool>> {
+        match self.get(key)? {
+            Value::Nil => Ok(None),
+            Value::Boolean(b) => Ok(Some(b)),
+            other => Err(self.wrong(key, "a boolean", &other)),
+        }
+    }
+
+    pub fn function(&self, key: &str) -> mlua::Result<Option<Function>> {
+        match self.get(key)? {
+            Value::Nil => Ok(None),
+            Value::Function(f) => Ok(Some(f)),
+            other => Err(self.wrong(key, "a function", &other)),
+        }
+    }
+
+    pub fn table(&self, key: &str) -> mlua::Result<Option<Table>> {
+        match self.get(key)? {
+            Value::Nil => Ok(None),
+            Value::Table(t) => Ok(Some(t)),
+            other => Err(self.wrong(key, "a table", &other)),
+        }
+    }
+
+    /// A TCP/UDP port number (0 = any free port).
+    pub fn port(&self, key: &str) -> mlua::Result<Option<u16>> {
+        match self.number(key)? {
+            None => Ok(None),
+            Some(n) if n.fract() == 0.0 && (0.0..=65535.0).contains(&n) => Ok(Some(n as u16)),
+            Some(n) => Err(misuse(self.call, format!("'{key}' must be a port number 0-65535, got {n}"))),
+        }
+    }
+
+    /// A duration in seconds (> 0).
+    pub fn seconds(&self, key: &str) -> mlua::Result<Option<std::time::Duration>> {
+        match self.number(key)? {
+            None => Ok(None),
+            Some(s) if s.is_finite() && s > 0.0 => Ok(Some(std::time::Duration::from_secs_f64(s))),
+            Some(s) => Err(misuse(self.call, format!("'{key}' must be a number of seconds > 0, got {s}"))),
+        }
+    }
+
+    /// A size in bytes (>= 1).
+    pub fn size(&self, key: &str) -> mlua::Result<Option<usize>> {
+        match self.number(key)? {
+            None => Ok(None),
+            Some(n) if n.fract() == 0.0 && n >= 1.0 => Ok(Some(n as usize)),
+            Some(n) => {
+                Err(misuse(self.call, format!("'{key}' must be a whole number of bytes >= 1, got {n}")))
+            }
+        }
+    }
+}

@@ -1,0 +1,54 @@
+//! An app's error policy: `no_errors` and `error_handler`, as the original Luna defines them.
+
+use mlua::{Function, Lua, RegistryKey, Result, Value};
+
+pub(crate) struct Policy {
+    /// `app 'name'` / `web-app 'name'`: used in messages.
+    pub label: String,
+    pub no_errors: bool,
+    pub handler: Option<RegistryKey>,
+    pub debug: bool,
+}
+
+impl Policy {
+    /// An error in user code: raises (out of `update`) unless `no_errors`, in which case it goes to
+    /// `error_handler` (default: printed).
+    pub fn report(&self, lua: &Lua, msg: &str) -> Result<()> {
+        if !self.no_errors {
+            return Err(mlua::Error::external(format!("Error in {}: {msg}", self.label)));
+        }
+        self.deliver(lua, msg)
+    }
+
+    /// Something a remote peer caused: never raises; goes to `error_handler` when set, else to
+    /// the debug log.
+    pub fn network(&self, lua: &Lua, msg: &str) -> Result<()> {
+        if self.handler.is_some() {
+            return self.deliver(lua, msg);
+        }
+        self.log(lua, msg)
+    }
+
+    /// Prints `[luna] <label>: msg` when the app has `debug` on.
+    pub fn log(&self, lua: &Lua, msg: &str) -> Result<()> {
+        if self.debug {
+            print(lua, &format!("[luna] {}: {msg}", self.label))?;
+        }
+        Ok(())
+    }
+
+    fn deliver(&self, lua: &Lua, msg: &str) -> Result<()> {
+        match &self.handler {
+            Some(key) => lua.registry_value::<Function>(key)?.call::<()>(msg),
+            None => print(lua, &format!("Error in {}: {msg}", self.label)),
+        }
+    }
+}
+
+/// Lua's `print` (LÖVE and tests may redirect it).
+pub(crate) fn print(lua: &Lua, text: &str) -> Result<()> {
+    match lua.globals().get::<Value>("print")? {
+        Value::Function(print) => print.call::<()>(text),
+        _ => Ok(()),
+    }
+}

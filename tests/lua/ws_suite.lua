@@ -1,0 +1,233 @@
+-- WebSocket apps: our server and our client in one process, ws:// and wss://.
+return function(T, luna, lunac)
+  local data = (os.getenv("LUNA_TEST_DATA") or "tests/data") .. "/"
+
+  -- Connects a client and collects its events; returns the app and the event log.
+  local function client(url, extra)
+    local log = { messages = {} }
+    local config = {
+      name = "client " .. tostring(log),
+      url = url,
+      debug = false,
+      on_connect = function(self) log.connected = true end,
+      on_message = function(self, message, opcode)
+        log.messages[#log.messages + 1] = { message, opcode }
+      end,
+      on_close = function(self, code, reason) log.closed = { code = code, reason = reason } end,
+    }
+    for k, v in pairs(extra or {}) do config[k] = v end
+    return lunac.connect_to_web_app(config), log
+  end
+
+  T.test("the documentation's counter server works with our client", function()
+    local inc = {}
+    local app
+    app = luna.new_web_app({
+      name = "counter", host = "127.0.0.1", port = 0, debug = false, no_errors = true,
+      protocols = {
+        default = function(ws)
+          inc[ws] = 0
+          while true do
+            local message, opcode = ws:receive()
+            if not message then
+              ws:close()
+              inc[ws] = nil
+              return
+            end
+            if opcode == app.opcodes.TEXT then
+              if message:match("reset") then inc[ws] = 0 end
+              ws:send(tostring(inc[ws]))
+            end
+          end
+        end,
+      },
+    })
+    T.ok(app.port > 0, "bound an ephemeral port")
+    local c, log = client("ws://127.0.0.1:" .. app.port .. "/")
+    T.wait_until(function() return log.connected end, 2, "connect")
+    for _ = 1, 3 do
+      for ws, n in pairs(inc) do inc[ws] = n + 1 end
+      c:send("hello")
+      luna.sleep(0.02)
+    end
+    T.wait_until(function() return #log.messages == 3 end, 2, "three answers")
+    T.eq(log.messages[3][1], "3", "counter")
+    T.eq(log.messages[3][2], c.opcodes.TEXT, "text opcode")
+    c:send("reset")
+    T.wait_until(function() return #log.messages == 4 end, 2, "reset answer")
+    T.eq(log.messages[4][1], "0", "reset")
+    lunac.disconnect_to_web_app(c)
+    T.wait_until(function() return log.closed end, 2, "closed")
+    T.eq(log.closed.code, 1000, "close code")
+    T.eq(luna.remove_web_app("counter"), true, "removed")
+    T.eq(select(2, luna.remove_web_app("counter")), "App not found", "second removal")
+  end)
+
+  T.test("echo of text and binary, close codes both ways, on_close gets code and reason", function()
+    local server_saw = {}
+    local app = luna.new_web_app({
+      name = "echo", host = "127.0.0.1", port = 0, debug = false,
+      protocols = {
+        default = function(ws)
+          ws.on_close = function(code, reason) server_saw.on_close = { code, reason } end
+          T.eq(ws.raw_socket.peer_ip, "127.0.0.1", "raw_socket peer")
+          T.eq(type(ws.raw_socket.fd), "number", "raw_socket fd")
+          local ip, port = ws:getpeername()
+          T.eq(ip, "127.0.0.1", "getpeername ip")
+          T.ok(port > 0, "getpeername port")
+          while true do
+            local message, opcode, clean, code, reason = ws:receive()
+            if not message then
+              server_saw.receive_end = { clean, code, reason }
+              return
+            end
+            if message == "close me" then
+              ws:close(4001, "bye")
+            else
+              ws:send(message, opcode)
+            end
+          end
+        end,
+      },
+    })
+    local c, log = client("ws://127.0.0.1:" .. app.port)
+    T.wait_until(function() return log.connected end, 2, "connect")
+    local binary = "\0\1\2\255"
+    c:send("héllo")
+    c:send(binary, c.opcodes.BINARY)
+    T.wait_until(function() return #log.messages == 2 end, 2, "echoes")
+    T.eq(log.messages[1][1], "héllo", "text")
+    T.eq(log.messages[2][1], binary, "binary payload")
+    T.eq(log.messages[2][2], 2, "binary opcode")
+    c:send("close me")
+    T.wait_until(function() return log.closed and server_saw.receive_end end, 2, "server close")
+    T.eq(log.closed.code, 4001, "client on_close code")
+    T.eq(log.closed.reason, "bye", "client on_close reason")
+
+    local c2, log2 = client("ws://127.0.0.1:" .. app.port)
+    T.wait_until(function() return log2.connected end, 2, "second connect")
+    c2:close(4002, "client says bye")
+    T.wait_until(function() return server_saw.on_close and server_saw.on_close[1] == 4002 end, 2, "server on_close")
+    T.eq(server_saw.on_close[2], "client says bye", "server on_close reason")
+    T.eq(server_saw.receive_end[1], true, "clean close")
+    T.eq(server_saw.receive_end[2], 4002, "receive returns the code")
+    luna.remove_web_app(app)
+  end)
+
+  T.test("protocol choice: first offered name that is a handler wins; no default refuses", function()
+    local seen = {}
+    local app = luna.new_web_app({
+      name = "protocols", host = "127.0.0.1", port = 0, debug = false,
+      protocols = {
+        chat = function(ws) seen[#seen + 1] = "chat:" .. tostring(ws.raw_socket.protocol); ws:receive() end,
+        default = function(ws) seen[#seen + 1] = "default:" .. tostring(ws.raw_socket.protocol); ws:receive() end,
+      },
+    })
+    local url = "ws://127.0.0.1:" .. app.port
+    local a, la = client(url, { protocol = { "foo", "chat" } })
+    local b, lb = client(url, { protocol = "nothing-known" })
+    T.wait_until(function() return la.connected and lb.connected and #seen == 2 end, 2, "both connect")
+    table.sort(seen)
+    T.eq(seen[1], "chat:chat", "chat chosen and echoed")
+    T.eq(seen[2], "default:nil", "fallback to default without a protocol header")
+    luna.remove_web_app(app)
+    T.wait_until(function() return la.closed and lb.closed end, 2, "server removal closes clients")
+    T.eq(la.closed.code, 1001, "going away")
+
+    local strict = luna.new_web_app({
+      name = "strict", host = "127.0.0.1", port = 0, debug = false,
+      protocols = { chat = function(ws) ws:receive() end },
+    })
+    local c, lc = client("ws://127.0.0.1:" .. strict.port, { protocol = "other" })
+    T.wait_until(function() return lc.closed end, 2, "refused")
+    T.eq(lc.connected, nil, "never connected")
+    T.eq(lc.closed.code, 1006, "abnormal close")
+    T.ok(lc.closed.reason:find("400", 1, true), "reason names the HTTP status: " .. lc.closed.reason)
+    luna.remove_web_app(strict)
+  end)
+
+  T.test("broadcast reaches every connection of the same protocol", function()
+    local conns = 0
+    local app = luna.new_web_app({
+      name = "broadcast", host = "127.0.0.1", port = 0, debug = false,
+      protocols = {
+        default = function(ws)
+          conns = conns + 1
+          local message = ws:receive()
+          if message == "shout" then
+            T.eq(ws:broadcast("to all"), 3, "three recipients")
+          end
+          ws:receive()
+        end,
+      },
+    })
+    local logs = {}
+    local first
+    for i = 1, 3 do
+      local c, log = client("ws://127.0.0.1:" .. app.port)
+      logs[i] = log
+      first = first or c
+    end
+    T.wait_until(function() return conns == 3 end, 2, "three connections")
+    first:send("shout")
+    T.wait_until(function()
+      return #logs[1].messages == 1 and #logs[2].messages == 1 and #logs[3].messages == 1
+    end, 2, "everyone got it")
+    T.eq(logs[2].messages[1][1], "to all", "payload")
+    luna.remove_web_app(app)
+  end)
+
+  T.test("wss with a test CA; unknown issuer reaches on_close with a readable reason", function()
+    local app = luna.new_web_app({
+      name = "secure", host = "127.0.0.1", port = 0, debug = false,
+      ssl = { cert = data .. "server.pem", key = data .. "server.key" },
+      protocols = {
+        default = function(ws)
+          local message = ws:receive()
+          ws:send("secure " .. tostring(message) .. " " .. tostring(ws.raw_socket.tls.version))
+          ws:receive()
+        end,
+      },
+    })
+    local c, log = client("wss://localhost:" .. app.port .. "/x?y=1", { ssl = { ca = data .. "ca.pem" } })
+    T.wait_until(function() return log.connected end, 3, "tls connect")
+    c:send("hi")
+    T.wait_until(function() return #log.messages == 1 end, 2, "answer")
+    T.ok(log.messages[1][1]:find("^secure hi TLS"), log.messages[1][1])
+
+    local bad, badlog = client("wss://localhost:" .. app.port)
+    T.wait_until(function() return badlog.closed end, 3, "verification failure")
+    T.ok(badlog.closed.reason:find("UnknownIssuer", 1, true), badlog.closed.reason)
+
+    local insecure, ilog = client("wss://127.0.0.1:" .. app.port, { ssl = { verify = false } })
+    T.wait_until(function() return ilog.connected end, 3, "verify = false connects")
+    luna.remove_web_app(app)
+  end)
+
+  T.test("a handler error goes to the app's error policy and closes with 1011", function()
+    local errors = {}
+    local app = luna.new_web_app({
+      name = "faulty", host = "127.0.0.1", port = 0, debug = false, no_errors = true,
+      error_handler = function(err) errors[#errors + 1] = err end,
+      protocols = { default = function(ws) ws:receive(); error("handler broke") end },
+    })
+    local c, log = client("ws://127.0.0.1:" .. app.port)
+    T.wait_until(function() return log.connected end, 2, "connect")
+    c:send("go")
+    T.wait_until(function() return log.closed end, 2, "closed by server")
+    T.eq(log.closed.code, 1011, "internal error code")
+    T.ok(errors[1] and errors[1]:find("handler broke", 1, true), tostring(errors[1]))
+    luna.remove_web_app(app)
+  end)
+
+  T.main("web app misuse errors are clear", function()
+    T.raises({ "luna.new_web_app(config)", "'protocols' must be a table" }, luna.new_web_app,
+      { name = "x", port = 0 })
+    T.raises({ "luna.new_web_app(config)", "unknown option 'protocol'" }, luna.new_web_app,
+      { name = "x", port = 0, protocol = {} })
+    T.raises({ "luna.new_web_app(config)", "ssl:", "nope.pem" }, luna.new_web_app,
+      { name = "x", port = 0, ssl = { cert = "nope.pem", key = "nope.key" }, protocols = { default = print } })
+    T.raises({ "lunac.connect_to_web_app(config)", "'url'" }, lunac.connect_to_web_app, { url = "http://x" })
+    T.raises({ "'port' must be a port number" }, luna.new_web_app, { port = 70000, protocols = {} })
+  end)
+end

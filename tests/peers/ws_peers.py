@@ -1,0 +1,223 @@
+"""WebSocket conformance against independent peers: the Python `websockets` library as client
+of our server (ws and wss) and as server for our client, plus hostile raw-socket input.
+Prints one line per check and a final "N passed, M failed"."""
+
+import asyncio
+import base64
+import os
+import socket
+import ssl
+import struct
+import subprocess
+import sys
+import time
+
+import websockets
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HOST_BIN = os.environ.get("LUNA_HOST", os.path.join(ROOT, "target", "release", "luna-host"))
+DATA = os.path.join(ROOT, "tests", "data")
+results = []
+
+
+def check(name, ok, detail=""):
+    results.append(ok)
+    print(("ok - " if ok else "not ok - ") + name + ("" if ok else f": {detail}"), flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def raw_upgrade(port, extra=b"", key=b"dGhlIHNhbXBsZSBub25jZQ==", version=b"13"):
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    req = (b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+           b"Sec-WebSocket-Key: " + key + b"\r\nSec-WebSocket-Version: " + version + b"\r\n" + extra + b"\r\n")
+    s.sendall(req)
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        head += chunk
+    return s, head
+
+
+def frame(opcode, payload, mask=True, fin=True):
+    b0 = (0x80 if fin else 0) | opcode
+    n = len(payload)
+    if n < 126:
+        hdr = struct.pack("!BB", b0, (0x80 if mask else 0) | n)
+    elif n < 65536:
+        hdr = struct.pack("!BBH", b0, (0x80 if mask else 0) | 126, n)
+    else:
+        hdr = struct.pack("!BBQ", b0, (0x80 if mask else 0) | 127, n)
+    if not mask:
+        return hdr + payload
+    key = os.urandom(4)
+    return hdr + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+
+
+def read_close_code(s):
+    """Reads frames until a close frame; returns its code (None on EOF without one)."""
+    buf = b""
+    s.settimeout(5)
+    while True:
+        while len(buf) < 2:
+            chunk = s.recv(65536)
+            if not chunk:
+                return None
+            buf += chunk
+        op, n = buf[0] & 0x0F, buf[1] & 0x7F
+        off = 2
+        if n == 126:
+            n, off = struct.unpack("!H", buf[2:4])[0], 4
+        elif n == 127:
+            n, off = struct.unpack("!Q", buf[2:10])[0], 10
+        while len(buf) < off + n:
+            chunk = s.recv(65536)
+            if not chunk:
+                return None
+            buf += chunk
+        payload, buf = buf[off:off + n], buf[off + n:]
+        if op == 8:
+            return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+
+
+async def client_checks(port, tls_port):
+    url = f"ws://127.0.0.1:{port}/"
+    async with websockets.connect(url, max_size=None) as ws:
+        await ws.send("hello")
+        check("text echo", await ws.recv() == "hello")
+        await ws.send(b"\x00\x01\xff")
+        check("binary echo", await ws.recv() == b"\x00\x01\xff")
+        await ws.send(["frag", "mented ", "message"])
+        check("fragmented message reassembled", await ws.recv() == "fragmented message")
+        pong = await ws.ping(b"are you there")
+        await asyncio.wait_for(pong, 2)
+        check("automatic pong", True)
+        await ws.send("héllo wörld ✓")
+        check("utf-8 text round trip", await ws.recv() == "héllo wörld ✓")
+        await ws.send("close:4001:bye")
+        try:
+            await asyncio.wait_for(ws.recv(), 2)
+        except websockets.ConnectionClosed:
+            pass
+        check("server close code and reason", (ws.close_code, ws.close_reason) == (4001, "bye"),
+              f"{ws.close_code} {ws.close_reason}")
+    async with websockets.connect(url, subprotocols=["foo", "chat"]) as ws:
+        check("subprotocol: first offered handler wins", ws.subprotocol == "chat", ws.subprotocol)
+        await ws.send("protocol?")
+        check("handler sees the protocol", await ws.recv() == "chat")
+    async with websockets.connect(url, subprotocols=["unknown"]) as ws:
+        check("subprotocol: fallback to default without echo", ws.subprotocol is None, ws.subprotocol)
+    async with websockets.connect(url) as ws:
+        await ws.close(4000, "client done")
+        check("client close handshake completes", ws.close_code == 4000, ws.close_code)
+    ctx = ssl.create_default_context(cafile=os.path.join(DATA, "ca.pem"))
+    async with websockets.connect(f"wss://localhost:{tls_port}/", ssl=ctx) as ws:
+        await ws.send("secure")
+        check("wss echo with the test CA", await ws.recv() == "secure")
+    try:
+        async with websockets.connect(f"wss://localhost:{tls_port}/", ssl=ssl.create_default_context()):
+            check("wss refused without the CA", False, "connected")
+    except ssl.SSLCertVerificationError:
+        check("wss refused without the CA", True)
+
+
+def hostile_checks(port):
+    s, head = raw_upgrade(port, key=b"")
+    check("upgrade without a key is refused with 400", head.startswith(b"HTTP/1.1 400"), head[:40])
+    s.close()
+    s, head = raw_upgrade(port, version=b"8")
+    check("wrong version is refused with 426", head.startswith(b"HTTP/1.1 426"), head[:40])
+    s.close()
+    s = socket.create_connection(("127.0.0.1", port), timeout=5)
+    s.sendall(b"\x16\x03\x01garbage that is not http\r\n\r\n")
+    check("garbage instead of an upgrade gets 400", s.recv(100).startswith(b"HTTP/1.1 400"))
+    s.close()
+    s, head = raw_upgrade(port)
+    s.sendall(frame(1, b"unmasked", mask=False))
+    check("unmasked client frame closes with 1002", read_close_code(s) == 1002)
+    s.close()
+    s, head = raw_upgrade(port)
+    s.sendall(frame(1, b"\xff\xfe invalid"))
+    check("invalid UTF-8 text closes with 1007", read_close_code(s) == 1007)
+    s.close()
+    s, head = raw_upgrade(port)
+    s.sendall(frame(2, b"x" * 70000))
+    check("oversized message closes with 1009", read_close_code(s) == 1009)
+    s.close()
+    s, head = raw_upgrade(port)
+    s.sendall(frame(1, b"ab", fin=False) + frame(9, b"PI") + frame(0, b"cd"))
+    s.settimeout(5)
+    got = s.recv(100)
+    check("ping inside a fragmented message: pong, then the whole message",
+          got.startswith(b"\x8a\x02PI") and b"\x81\x04abcd" in got + s.recv(100), got)
+    s.close()
+
+
+def slowloris_check(port):
+    s = socket.create_connection(("127.0.0.1", port), timeout=15)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+    start = time.time()
+    try:
+        data = s.recv(100)
+    except (ConnectionResetError, socket.timeout):
+        data = b"timeout"
+    took = time.time() - start
+    check("a stalled upgrade is dropped after the upgrade timeout", data == b"" and 8 < took < 14,
+          f"{data!r} after {took:.1f}s")
+
+
+async def our_client_against_python_server():
+    async def handler(ws):
+        async for message in ws:
+            if message == "bye":
+                await ws.close(4002, "server bye")
+                return
+            await ws.send(message)
+
+    port = free_port()
+    async with websockets.serve(handler, "127.0.0.1", port, subprotocols=["chat"], max_size=None):
+        proc = await asyncio.create_subprocess_exec(
+            HOST_BIN, os.path.join(ROOT, "tests", "peers", "ws_client.lua"), f"ws://localhost:{port}/chat?x=1",
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    lines = out.decode(errors="replace").splitlines()
+    check("our client connects to websockets (hostname, path, query, subprotocol list)",
+          lines[:1] == ["connected"], lines)
+    check("our client: text echo", "message 1 opcode 1 hello text" in lines, lines)
+    check("our client: binary echo", any(l.startswith("message 2 opcode 2 ") for l in lines), lines)
+    check("our client: 100 kB message", any(l.startswith("message 3 opcode 1 xxxx") for l in lines))
+    check("our client: on_close gets the server's code and reason", "closed 4002 server bye" in lines, lines)
+    check("our client exits cleanly", proc.returncode == 0, proc.returncode)
+
+
+def main():
+    port, tls_port = free_port(), free_port()
+    server = subprocess.Popen([HOST_BIN, os.path.join(ROOT, "tests", "peers", "ws_server.lua"),
+                               str(port), str(tls_port), DATA], stdout=subprocess.PIPE, text=True)
+    try:
+        check("server starts", server.stdout.readline().strip() == "ready")
+        import threading
+        slow = threading.Thread(target=slowloris_check, args=(port,))
+        slow.start()
+        asyncio.run(client_checks(port, tls_port))
+        hostile_checks(port)
+        slow.join()
+        asyncio.run(client_checks(port, tls_port))
+        check("server survived hostile input", server.poll() is None)
+        asyncio.run(our_client_against_python_server())
+    finally:
+        server.terminate()
+        server.wait(5)
+    failed = results.count(False)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,31 @@
+-- The server the independent-peer tests talk to (run by luna-host).
+-- usage: luna-host ws_server.lua <ws port> <wss port> <test data dir>
+local luna = require("luna")
+local port, tls_port, data = tonumber(arg[1]), tonumber(arg[2]), arg[3]
+
+local function echo(ws)
+  while true do
+    local message, opcode = ws:receive()
+    if not message then return end
+    local code, reason = message:match("^close:(%d+):(.*)$")
+    if code then
+      ws:close(tonumber(code), reason)
+    elseif message == "protocol?" then
+      ws:send(tostring(ws.raw_socket.protocol))
+    else
+      ws:send(message, opcode)
+    end
+  end
+end
+
+local config = {
+  name = "peer test", host = "127.0.0.1", port = port, debug = false,
+  max_message_size = 65536,
+  protocols = { default = echo, chat = echo, echo = echo },
+}
+luna.new_web_app(config)
+config.name, config.port = "peer test tls", tls_port
+config.ssl = { cert = data .. "/server.pem", key = data .. "/server.key" }
+luna.new_web_app(config)
+print("ready")
+function update() end
