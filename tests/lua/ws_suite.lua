@@ -56,6 +56,12 @@ return function(T, luna, lunac)
     c:send("reset")
     T.wait_until(function() return #log.messages == 4 end, 2, "reset answer")
     T.eq(log.messages[4][1], "0", "reset")
+    -- The documentation sends from love.update, outside any handler.
+    for ws, n in pairs(inc) do
+      T.eq(ws:send("tick " .. n), true, "send from outside the handler")
+    end
+    T.wait_until(function() return #log.messages == 5 end, 2, "tick")
+    T.eq(log.messages[5][1], "tick 0", "tick payload")
     lunac.disconnect_to_web_app(c)
     T.wait_until(function() return log.closed end, 2, "closed")
     T.eq(log.closed.code, 1000, "close code")

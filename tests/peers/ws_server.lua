@@ -10,6 +10,21 @@ local function echo(ws)
     local code, reason = message:match("^close:(%d+):(.*)$")
     if code then
       ws:close(tonumber(code), reason)
+    elseif message == "flood" then
+      -- The test client does not read: send must report backpressure, not buffer forever.
+      local chunk, sent = ("x"):rep(65536), 0
+      while true do
+        local ok, err = ws:send(chunk, 2)
+        if not ok then
+          print(("backpressure after %d sends: %s"):format(sent, err))
+          break
+        end
+        sent = sent + 1
+        if sent > 10000 then
+          print("no backpressure after 10000 sends")
+          break
+        end
+      end
     elseif message == "protocol?" then
       ws:send(tostring(ws.raw_socket.protocol))
     else
