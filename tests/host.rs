@@ -144,3 +144,14 @@ fn sigterm_and_sigint_shut_down_cleanly_calling_quit() {
         let _ = std::io::stderr().flush();
     }
 }
+
+#[test]
+fn websocket_example_talks_to_itself_and_exits() {
+    let (out, took) = run(host().arg("examples/ws_echo.lua"));
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    for line in ["client: echo: hello", "client: echo: message 2", "client: closed (1000 App closing)"] {
+        assert!(text.contains(line), "missing '{line}' in:\n{text}");
+    }
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}

@@ -226,6 +226,21 @@ return function(T, luna, lunac)
     luna.remove_web_app(app)
   end)
 
+  T.test("host '*' serves IPv4 and IPv6; clients take IPv6 literals and host names", function()
+    local app = luna.new_web_app({
+      name = "dual", host = "*", port = 0, debug = false,
+      protocols = { default = function(ws) ws:send(ws.raw_socket.peer_ip); ws:receive() end },
+    })
+    local v6, l6 = client("ws://[::1]:" .. app.port .. "/v6")
+    local name, ln = client("ws://localhost:" .. app.port)
+    local v4, l4 = client("ws://127.0.0.1:" .. app.port)
+    T.wait_until(function() return #l6.messages == 1 and #ln.messages == 1 and #l4.messages == 1 end, 3,
+      "three answers")
+    T.eq(l6.messages[1][1], "::1", "IPv6 peer")
+    T.ok(l4.messages[1][1]:find("127.0.0.1", 1, true), "IPv4 peer (maybe v4-mapped): " .. l4.messages[1][1])
+    luna.remove_web_app(app)
+  end)
+
   T.main("web app misuse errors are clear", function()
     T.raises({ "luna.new_web_app(config)", "'protocols' must be a table" }, luna.new_web_app,
       { name = "x", port = 0 })
