@@ -44,3 +44,8 @@ fn runtime_suite() {
 fn ws_suite() {
     run_suite("ws_suite");
 }
+
+#[test]
+fn rpc_suite() {
+    run_suite("rpc_suite");
+}

@@ -5,6 +5,7 @@
 mod error;
 mod options;
 mod policy;
+mod rpc;
 mod sched;
 mod time;
 mod ws;
@@ -25,6 +26,7 @@ pub(crate) struct Runtime {
     driver: RefCell<Driver>,
     sched: RefCell<Sched>,
     ws: RefCell<ws::WsState>,
+    rpc: RefCell<rpc::RpcState>,
     /// Entries that became ready and are not serviced yet (kept if a callback raises).
     service: RefCell<std::collections::VecDeque<Key>>,
     /// Zero of the `luna.now()` clock.
@@ -47,6 +49,7 @@ pub(crate) fn runtime(lua: &Lua) -> Result<Rc<Runtime>> {
         driver: RefCell::new(Driver::new()?),
         sched: RefCell::new(Sched::default()),
         ws: RefCell::new(ws::WsState::default()),
+        rpc: RefCell::new(rpc::RpcState::default()),
         service: RefCell::new(Default::default()),
         epoch: Instant::now(),
     });
@@ -80,6 +83,7 @@ pub fn tick(lua: &Lua, timeout: Option<Duration>) -> Result<()> {
     }
     for host in resolved {
         ws::resolved(lua, &rt, &host, now)?;
+        rpc::resolved(lua, &rt, &host, now)?;
     }
     ws::dispatch_deferred(lua, &rt)?;
     loop {
@@ -95,6 +99,10 @@ fn service(lua: &Lua, rt: &Runtime, key: Key, now: Instant) -> Result<()> {
     let is_ws = matches!(rt.driver.borrow().entry(key), Some(Entry::WsListener(_) | Entry::Ws(_)));
     if is_ws {
         return ws::service(lua, rt, key, now);
+    }
+    let is_rpc = matches!(rt.driver.borrow().entry(key), Some(Entry::RpcServer(_) | Entry::RpcClient(_)));
+    if is_rpc {
+        return rpc::service(lua, rt, key, now);
     }
     Ok(())
 }
@@ -146,6 +154,7 @@ pub(crate) enum Side {
 fn close_side(lua: &Lua, side: Side) -> Result<()> {
     let rt = runtime(lua)?;
     rt.sched.borrow_mut().close_requested = true;
+    rpc::close_all(lua, &rt, side)?;
     ws::close_all(lua, &rt, side)
 }
 
@@ -182,6 +191,7 @@ fn fill_common(lua: &Lua, module: &Table, name: &'static str) -> Result<()> {
     let side = if name == "luna" { Side::Server } else { Side::Client };
     module.set("close", lua.create_function(move |lua, ()| close_side(lua, side))?)?;
     ws::register(lua, module, side)?;
+    rpc::register(lua, module, side)?;
     module.set("spawn", lua.create_function(time::spawn)?)?;
     module.set("set_timeout", lua.create_function(time::set_timeout)?)?;
     module.set("set_interval", lua.create_function(time::set_interval)?)?;

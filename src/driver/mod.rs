@@ -5,6 +5,7 @@
 
 mod dns;
 mod error;
+pub mod rpc;
 mod slots;
 mod timers;
 pub mod ws;
@@ -43,6 +44,10 @@ pub enum Entry {
     WsListener(ws::Listener),
     /// A WebSocket connection (either side).
     Ws(Box<ws::Stream>),
+    /// An RPC app's socket and protocol server.
+    RpcServer(Box<rpc::Endpoint>),
+    /// An RPC client's socket and protocol client.
+    RpcClient(Box<rpc::Endpoint>),
 }
 
 pub struct Driver {
@@ -250,6 +255,9 @@ impl Driver {
                 let _ = registry.deregister(&mut listener.socket);
             }
             Some(Entry::Ws(mut stream)) => stream.deregister(registry),
+            Some(Entry::RpcServer(mut ep) | Entry::RpcClient(mut ep)) => {
+                let _ = registry.deregister(&mut ep.socket);
+            }
             None => return false,
         }
         true

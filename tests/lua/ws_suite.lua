@@ -174,8 +174,10 @@ return function(T, luna, lunac)
       logs[i] = log
       first = first or c
     end
-    T.wait_until(function() return conns == 3 end, 2, "three connections")
-    first:send("shout")
+    T.wait_until(function()
+      return conns == 3 and logs[1].connected and logs[2].connected and logs[3].connected
+    end, 2, "three connections")
+    T.eq(first:send("shout"), true, "sent")
     T.wait_until(function()
       return #logs[1].messages == 1 and #logs[2].messages == 1 and #logs[3].messages == 1
     end, 2, "everyone got it")
