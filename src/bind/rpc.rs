@@ -168,88 +168,73 @@ fn encode_inner(value: &Value, out: &mut Vec<u8>, path: &mut Vec<usize>) -> std:
     Ok(())
 }
 
-struct Reader<'a>(&'a [u8]);
-
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> std::result::Result<&'a [u8], String> {
-        if self.0.len() < n {
-            return Err("truncated MessagePack data".into());
-        }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
-    }
-    fn be(&mut self, n: usize) -> std::result::Result<u64, String> {
-        Ok(self.take(n)?.iter().fold(0u64, |acc, &b| (acc << 8) | u64::from(b)))
-    }
-}
-
 /// Decodes one MessagePack value into Lua (strings and binaries both become Lua strings).
+/// Lengths are checked against the bytes left, so hostile input cannot make us allocate.
 pub(crate) fn decode(lua: &Lua, data: &[u8]) -> Result<Value> {
     if data.is_empty() {
         return Ok(Value::Nil);
     }
-    let mut rd = Reader(data);
-    let v = decode_inner(lua, &mut rd, 0)?;
-    Ok(v)
+    let mut rd = data;
+    decode_inner(lua, &mut rd, 0)
 }
 
-fn decode_inner(lua: &Lua, rd: &mut Reader, depth: usize) -> Result<Value> {
-    let bad = |m: String| mlua::Error::external(format!("cannot decode a message: {m}"));
+fn bad(what: impl std::fmt::Display) -> mlua::Error {
+    mlua::Error::external(format!("cannot decode a message: {what}"))
+}
+
+fn take<'a>(rd: &mut &'a [u8], n: usize) -> Result<&'a [u8]> {
+    if rd.len() < n {
+        return Err(bad("truncated data"));
+    }
+    let (head, rest) = rd.split_at(n);
+    *rd = rest;
+    Ok(head)
+}
+
+fn decode_inner(lua: &Lua, rd: &mut &[u8], depth: usize) -> Result<Value> {
+    use rmp::decode::RmpRead;
+    use rmp::Marker as M;
     if depth > MAX_DEPTH {
         return Err(bad(format!("nested deeper than {MAX_DEPTH} levels")));
     }
-    let tag = rd.take(1).map_err(bad)?[0];
-    let string = |rd: &mut Reader, n: usize| -> Result<Value> {
-        let bytes = rd.take(n).map_err(bad)?;
-        Ok(Value::String(lua.create_string(bytes)?))
-    };
+    let marker = rmp::decode::read_marker(rd).map_err(|_| bad("truncated data"))?;
     let int = |i: i64| Value::Integer(i as _);
-    let be = |rd: &mut Reader, n: usize| rd.be(n).map_err(bad);
-    Ok(match tag {
-        0x00..=0x7f => int(i64::from(tag)),
-        0xe0..=0xff => int(i64::from(tag as i8)),
-        0xc0 => Value::Nil,
-        0xc2 => Value::Boolean(false),
-        0xc3 => Value::Boolean(true),
-        0xcc => int(be(rd, 1)? as i64),
-        0xcd => int(be(rd, 2)? as i64),
-        0xce => int(be(rd, 4)? as i64),
-        0xcf => {
-            let v = be(rd, 8)?;
-            if v > i64::MAX as u64 {
-                Value::Number(v as f64)
-            } else {
-                int(v as i64)
-            }
-        }
-        0xd0 => int(i64::from(be(rd, 1)? as u8 as i8)),
-        0xd1 => int(i64::from(be(rd, 2)? as u16 as i16)),
-        0xd2 => int(i64::from(be(rd, 4)? as u32 as i32)),
-        0xd3 => int(be(rd, 8)? as i64),
-        0xca => Value::Number(f64::from(f32::from_bits(be(rd, 4)? as u32))),
-        0xcb => Value::Number(f64::from_bits(be(rd, 8)?)),
-        0xa0..=0xbf => string(rd, usize::from(tag & 0x1f))?,
-        0xd9 | 0xc4 => {
-            let n = be(rd, 1)? as usize;
-            string(rd, n)?
-        }
-        0xda | 0xc5 => {
-            let n = be(rd, 2)? as usize;
-            string(rd, n)?
-        }
-        0xdb | 0xc6 => {
-            let n = be(rd, 4)? as usize;
-            string(rd, n)?
-        }
-        0x90..=0x9f | 0xdc | 0xdd => {
-            let n = match tag {
-                0xdc => be(rd, 2)? as usize,
-                0xdd => be(rd, 4)? as usize,
-                _ => usize::from(tag & 0x0f),
+    let value = match marker {
+        M::Null => Value::Nil,
+        M::True => Value::Boolean(true),
+        M::False => Value::Boolean(false),
+        M::FixPos(n) => int(n.into()),
+        M::FixNeg(n) => int(n.into()),
+        M::U8 => int(rd.read_data_u8().map_err(bad)?.into()),
+        M::U16 => int(rd.read_data_u16().map_err(bad)?.into()),
+        M::U32 => int(rd.read_data_u32().map_err(bad)?.into()),
+        M::U64 => match rd.read_data_u64().map_err(bad)? {
+            v if v > i64::MAX as u64 => Value::Number(v as f64),
+            v => int(v as i64),
+        },
+        M::I8 => int(rd.read_data_i8().map_err(bad)?.into()),
+        M::I16 => int(rd.read_data_i16().map_err(bad)?.into()),
+        M::I32 => int(rd.read_data_i32().map_err(bad)?.into()),
+        M::I64 => int(rd.read_data_i64().map_err(bad)?),
+        M::F32 => Value::Number(rd.read_data_f32().map_err(bad)?.into()),
+        M::F64 => Value::Number(rd.read_data_f64().map_err(bad)?),
+        M::FixStr(_) | M::Str8 | M::Str16 | M::Str32 | M::Bin8 | M::Bin16 | M::Bin32 => {
+            let n = match marker {
+                M::FixStr(n) => n.into(),
+                M::Str8 | M::Bin8 => rd.read_data_u8().map_err(bad)?.into(),
+                M::Str16 | M::Bin16 => rd.read_data_u16().map_err(bad)?.into(),
+                _ => rd.read_data_u32().map_err(bad)?,
             };
-            if n > rd.0.len() {
-                return Err(bad("array longer than the data".into()));
+            Value::String(lua.create_string(take(rd, n as usize)?)?)
+        }
+        M::FixArray(_) | M::Array16 | M::Array32 => {
+            let n = match marker {
+                M::FixArray(n) => n.into(),
+                M::Array16 => rd.read_data_u16().map_err(bad)?.into(),
+                _ => rd.read_data_u32().map_err(bad)?,
+            } as usize;
+            if n > rd.len() {
+                return Err(bad("array longer than the data"));
             }
             let t = lua.create_table_with_capacity(n, 0)?;
             for i in 1..=n {
@@ -257,27 +242,26 @@ fn decode_inner(lua: &Lua, rd: &mut Reader, depth: usize) -> Result<Value> {
             }
             Value::Table(t)
         }
-        0x80..=0x8f | 0xde | 0xdf => {
-            let n = match tag {
-                0xde => be(rd, 2)? as usize,
-                0xdf => be(rd, 4)? as usize,
-                _ => usize::from(tag & 0x0f),
-            };
-            if n > rd.0.len() / 2 {
-                return Err(bad("map longer than the data".into()));
+        M::FixMap(_) | M::Map16 | M::Map32 => {
+            let n = rmp::decode::marker_to_len(rd, marker).map_err(bad)? as usize;
+            if n > rd.len() / 2 {
+                return Err(bad("map longer than the data"));
             }
             let t = lua.create_table_with_capacity(0, n)?;
             for _ in 0..n {
                 let k = decode_inner(lua, rd, depth + 1)?;
                 let v = decode_inner(lua, rd, depth + 1)?;
-                if !matches!(k, Value::Nil) {
-                    t.raw_set(k, v)?;
+                match k {
+                    Value::Nil => {}
+                    Value::Number(f) if f.is_nan() => return Err(bad("a NaN table key")),
+                    k => t.raw_set(k, v)?,
                 }
             }
             Value::Table(t)
         }
-        other => return Err(bad(format!("unsupported type 0x{other:02x}"))),
-    })
+        other => return Err(bad(format!("unsupported MessagePack type {other:?}"))),
+    };
+    Ok(value)
 }
 
 fn encode_for(call: &str, what: &str, value: &Value) -> Result<Vec<u8>> {
@@ -1607,4 +1591,72 @@ pub(crate) fn register(lua: &Lua, module: &Table, side: Side) -> Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(lua: &Lua, src: &str) -> Value {
+        let value: Value = lua.load(src).eval().unwrap();
+        let mut bytes = Vec::new();
+        encode(&value, &mut bytes).unwrap();
+        decode(lua, &bytes).unwrap()
+    }
+
+    #[test]
+    fn values_round_trip() {
+        let lua = Lua::new();
+        let v = round_trip(&lua, r#"return {1, 2.5, "a\0b", true, {x = {y = -7}}, ("z"):rep(70000)}"#);
+        let t = v.as_table().unwrap();
+        assert_eq!(t.raw_len(), 6);
+        assert_eq!(t.get::<f64>(2).unwrap(), 2.5);
+        assert_eq!(t.get::<mlua::String>(3).unwrap().as_bytes().as_ref(), b"a\0b");
+        assert_eq!(t.get::<Table>(5).unwrap().get::<Table>("x").unwrap().get::<i64>("y").unwrap(), -7);
+        assert_eq!(t.get::<mlua::String>(6).unwrap().as_bytes().len(), 70000);
+    }
+
+    #[test]
+    fn unencodable_values_are_named() {
+        let lua = Lua::new();
+        let f: Value = lua.load("return {f = print}").eval().unwrap();
+        assert!(encode(&f, &mut Vec::new()).unwrap_err().contains("function"));
+        let cyclic: Value = lua.load("local t = {}; t.me = t; return t").eval().unwrap();
+        assert!(encode(&cyclic, &mut Vec::new()).unwrap_err().contains("cyclic"));
+    }
+
+    #[test]
+    fn hostile_bytes_never_panic_or_allocate_by_claimed_length() {
+        let lua = Lua::new();
+        // Claimed lengths far beyond the data.
+        for bytes in [
+            &[0xdd, 0xff, 0xff, 0xff, 0xff][..],
+            &[0xdf, 0xff, 0xff, 0xff, 0xff],
+            &[0xdb, 0xff, 0xff, 0xff, 0xff, 1],
+        ] {
+            assert!(decode(&lua, bytes).is_err());
+        }
+        // Deep nesting and a NaN key.
+        assert!(decode(&lua, &[0x91; 200]).is_err());
+        assert!(decode(&lua, &[0x81, 0xcb, 0x7f, 0xf8, 0, 0, 0, 0, 0, 0, 0x01]).is_err());
+        // Every prefix and random mutations of a valid message.
+        let value: Value = lua.load(r#"return {1, "two", {3, {four = 4.5}}, true}"#).eval().unwrap();
+        let mut good = Vec::new();
+        encode(&value, &mut good).unwrap();
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        for cut in 0..good.len() {
+            let _ = decode(&lua, &good[..cut]);
+        }
+        for _ in 0..20_000 {
+            let mut bytes = good.clone();
+            for _ in 0..3 {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let i = (seed as usize) % bytes.len();
+                bytes[i] = (seed >> 32) as u8;
+            }
+            let _ = decode(&lua, &bytes);
+        }
+    }
 }
