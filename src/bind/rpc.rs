@@ -417,14 +417,17 @@ const APP_KEYS: &[&str] = &[
     "timeout_client",
     "disconnect_time",
     "encryption",
+    "secret_key",
 ];
 
-fn bind_host(call: &str, host: &str) -> Result<IpAddr> {
+/// The addresses to try, in order: `*` is every interface (an IPv6 socket that also takes IPv4,
+/// or IPv4 alone where IPv6 is off).
+fn bind_hosts(call: &str, host: &str) -> Result<Vec<IpAddr>> {
     match host {
-        "localhost" => Ok(IpAddr::V4(Ipv4Addr::LOCALHOST)),
-        "*" => Ok(IpAddr::V4(Ipv4Addr::UNSPECIFIED)),
-        _ => parse_ip(host).ok_or_else(|| {
-            misuse(call, format!("'host' must be an IP address or \"localhost\", got '{host}'"))
+        "localhost" => Ok(vec![IpAddr::V4(Ipv4Addr::LOCALHOST)]),
+        "*" => Ok(vec![IpAddr::V6(Ipv6Addr::UNSPECIFIED), IpAddr::V4(Ipv4Addr::UNSPECIFIED)]),
+        _ => parse_ip(host).map(|ip| vec![ip]).ok_or_else(|| {
+            misuse(call, format!("'host' must be an IP address, \"localhost\" or \"*\", got '{host}'"))
         }),
     }
 }
@@ -434,7 +437,7 @@ fn new_app(lua: &Lua, config: Value) -> Result<Table> {
     let o = Options::new(CALL, config, APP_KEYS)?;
     let name = o.string("name")?.unwrap_or_else(|| "unknown name".into());
     let host = o.string("host")?.unwrap_or_else(|| "127.0.0.1".into());
-    let ip = bind_host(CALL, &host)?;
+    let ips = bind_hosts(CALL, &host)?;
     let port = o.port("port")?.ok_or_else(|| misuse(CALL, "'port' is required (0 picks a free port)"))?;
     let max_ip = match o.number("max_ip_connected")? {
         None => DEFAULT_MAX_IP,
@@ -465,14 +468,21 @@ fn new_app(lua: &Lua, config: Value) -> Result<Table> {
     rng.fill(&mut seed)
         .and_then(|_| rng.fill(&mut secret))
         .map_err(|_| misuse(CALL, "no system randomness"))?;
+    // A fixed identity keeps `app.public_key` (what clients pin) the same across restarts.
+    if let Some(hex) = o.string("secret_key")? {
+        seed = from_hex(&hex).ok_or_else(|| {
+            misuse(CALL, "'secret_key' must be 64 hex digits (e.g. from `openssl rand -hex 32`)")
+        })?;
+    }
     let mut server = Server::new(rpc::Config { encryption, ..Default::default() }, seed, secret);
     server.set_max_per_ip(max_ip);
     let public_key = to_hex(&server.public_key());
     let now = Instant::now();
+    let addrs: Vec<SocketAddr> = ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect();
     let key = rt
         .driver
         .borrow_mut()
-        .rpc_open(SocketAddr::new(ip, port), Proto::Server(Box::new(server)), now)
+        .rpc_open(&addrs, Proto::Server(Box::new(server)), now)
         .map_err(|e| misuse(CALL, format!("cannot listen on {host}:{port}: {e}")))?;
     let local = rt.driver.borrow_mut().rpc(key)?.local;
     let info = lua.create_table()?;
@@ -580,7 +590,7 @@ fn server_event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ServerEvent, now
                 let mut st = rt.rpc.borrow_mut();
                 let Some(app) = st.servers.get_mut(&id) else { return Ok(()) };
                 app.banned.retain(|_, until| *until > now);
-                (app.banned.contains_key(&addr.ip()), app.policy.clone())
+                (app.banned.contains_key(&addr.ip().to_canonical()), app.policy.clone())
             };
             if banned {
                 if let Proto::Server(s) = &mut rt.driver.borrow_mut().rpc(key)?.proto {
@@ -588,7 +598,7 @@ fn server_event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ServerEvent, now
                 }
                 return flush(lua, rt, key, now);
             }
-            let ip = addr.ip().to_string();
+            let ip = addr.ip().to_canonical().to_string();
             let client: Table = half(lua)?.get::<Function>("client_object")?.call((
                 id,
                 conn.to_u64() as f64,
@@ -624,7 +634,7 @@ fn server_event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ServerEvent, now
                 let Some(app) = st.servers.get_mut(&id) else { return Ok(()) };
                 let Some(c) = app.conns.get_mut(&conn) else { return Ok(()) };
                 c.last_active = now;
-                let ip = c.addr.ip();
+                let ip = c.addr.ip().to_canonical();
                 let client: Table = lua.registry_value(&c.handle)?;
                 app.blocked.retain(|_, until| *until > now);
                 let blocked =
@@ -799,7 +809,7 @@ fn penalty(lua: &Lua, (id, conn, kind, seconds, reason): (u32, f64, String, f64,
     let key = {
         let mut st = rt.rpc.borrow_mut();
         let Some(app) = st.servers.get_mut(&id) else { return Ok(()) };
-        let Some(ip) = app.conns.get(&conn).map(|c| c.addr.ip()) else { return Ok(()) };
+        let Some(ip) = app.conns.get(&conn).map(|c| c.addr.ip().to_canonical()) else { return Ok(()) };
         match kind.as_str() {
             "timeout" => {
                 app.blocked.insert(ip, until);
@@ -1127,7 +1137,7 @@ fn open_client(lua: &Lua, rt: &Runtime, id: u32, ip: IpAddr, now: Instant) -> Re
         Ok(c) => c,
         Err(e) => return client_down(lua, rt, id, None, e.to_string(), now),
     };
-    let opened = rt.driver.borrow_mut().rpc_open(local, Proto::Client(Some(Box::new(client))), now);
+    let opened = rt.driver.borrow_mut().rpc_open(&[local], Proto::Client(Some(Box::new(client))), now);
     let key = match opened {
         Ok(key) => key,
         Err(e) => return client_down(lua, rt, id, None, format!("cannot open a UDP socket: {e}"), now),

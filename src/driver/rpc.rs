@@ -129,9 +129,16 @@ impl Endpoint {
 }
 
 impl Driver {
-    /// Binds a UDP socket for `proto` and registers it.
-    pub fn rpc_open(&mut self, addr: SocketAddr, proto: Proto, now: Instant) -> Result<Key> {
-        let socket = UdpSocket::bind(addr)?;
+    /// Binds a UDP socket for `proto` to the first of `addrs` that works, and registers it.
+    pub fn rpc_open(&mut self, addrs: &[SocketAddr], proto: Proto, now: Instant) -> Result<Key> {
+        let mut bound = Err(std::io::Error::from(std::io::ErrorKind::AddrNotAvailable));
+        for addr in addrs {
+            bound = UdpSocket::bind(*addr);
+            if bound.is_ok() {
+                break;
+            }
+        }
+        let socket = bound?;
         let local = socket.local_addr()?;
         let is_server = matches!(proto, Proto::Server(_));
         let endpoint = Box::new(Endpoint {

@@ -171,7 +171,6 @@ return function(T, luna, lunac)
   end)
 
   T.test("errors reach the caller: unknown route, handler error, response_validate, precedence", function()
-    local seen = {}
     local app = server({ error_handler = function(e) seen.app = e end })
     local r = app:new_router({ prefix = "r", error_handler = function(e) seen.router = e end })
     r:new({ prefix = "boom", fun = function() error("kaput") end })
@@ -417,6 +416,25 @@ return function(T, luna, lunac)
     lunac.disconnect_to_app(good)
     lunac.disconnect_to_app(bad)
     luna.remove_app(app)
+  end)
+
+  T.test("secret_key keeps the public key across restarts; '*' serves IPv4 and IPv6", function()
+    local secret = ("5a"):rep(32)
+    local first = server({ secret_key = secret, host = "*" })
+    local key = first.public_key
+    luna.remove_app(first)
+    local app = server({ secret_key = secret, host = "*" })
+    T.eq(app.public_key, key, "same identity after a restart")
+    app:new_router({ prefix = "d" }):new({ prefix = "ip", fun = function(args, client) return client.ip end })
+    local v4 = connected(connect(app, { server_key = key }))
+    local v6 = connected(connect(app, { host = "::1", name = "v6 client" }))
+    T.eq(v4:fetch("d/ip", {}), "127.0.0.1", "IPv4 client seen as plain IPv4")
+    T.eq(v6:fetch("d/ip", {}), "::1", "IPv6 client")
+    lunac.disconnect_to_app(v4)
+    lunac.disconnect_to_app(v6)
+    luna.remove_app(app)
+    T.raises({ "luna.new_app(config)", "'secret_key' must be 64 hex digits" }, luna.new_app,
+      { name = "bad key", port = 0, secret_key = "xyz" })
   end)
 
   T.test("host names resolve without stalling", function()
