@@ -171,6 +171,7 @@ return function(T, luna, lunac)
   end)
 
   T.test("errors reach the caller: unknown route, handler error, response_validate, precedence", function()
+    local seen = {}
     local app = server({ error_handler = function(e) seen.app = e end })
     local r = app:new_router({ prefix = "r", error_handler = function(e) seen.router = e end })
     r:new({ prefix = "boom", fun = function() error("kaput") end })
