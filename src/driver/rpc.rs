@@ -41,30 +41,40 @@ pub struct Endpoint {
     writable_interest: bool,
     /// Deadline the layer above asked for (idle scan, reconnect).
     pub extra: Option<Instant>,
+    /// Datagrams are left in the socket after the read budget ran out.
+    backlog: bool,
 }
+
+/// Datagrams read per service: past it the rest waits for the next update, so a flood cannot
+/// stall a frame.
+const READ_BUDGET: usize = 4096;
 
 impl Endpoint {
     fn drain(&mut self, now: Instant) {
         let mut buf = [0u8; 2048];
-        loop {
+        self.backlog = false;
+        for _ in 0..READ_BUDGET {
             match self.socket.recv_from(&mut buf) {
                 Ok((n, from)) => match &mut self.proto {
                     Proto::Server(s) => s.handle_datagram(now, from, &buf[..n], &self.rng),
                     Proto::Client(Some(c)) => c.handle_datagram(now, from, &buf[..n]),
                     Proto::Client(None) => {}
                 },
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 // ICMP errors (port unreachable) and the like: the protocol's timers handle it.
                 Err(_) => continue,
             }
         }
+        // Budget spent before `WouldBlock`: no new readiness event will come (edge-triggered),
+        // so ask to be serviced again at once.
+        self.backlog = true;
     }
 
     /// Sends until the protocol has nothing more or the socket pushes back.
     fn transmit(&mut self, now: Instant) {
         if let Some((data, to)) = self.unsent.take() {
-            if !self.send(data, to) {
+            if !self.send(&data, to) {
                 return;
             }
         }
@@ -77,19 +87,19 @@ impl Endpoint {
                 Proto::Client(None) => None,
             };
             let Some(to) = to else { break };
-            if !self.send(std::mem::take(&mut buf), to) {
+            if !self.send(&buf, to) {
                 break;
             }
         }
     }
 
     /// False when the socket would block (the datagram is kept).
-    fn send(&mut self, data: Vec<u8>, to: SocketAddr) -> bool {
+    fn send(&mut self, data: &[u8], to: SocketAddr) -> bool {
         loop {
-            match self.socket.send_to(&data, to) {
+            match self.socket.send_to(data, to) {
                 Ok(_) => return true,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    self.unsent = Some((data, to));
+                    self.unsent = Some((data.to_vec(), to));
                     return false;
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -149,6 +159,7 @@ impl Driver {
             unsent: None,
             writable_interest: false,
             extra: None,
+            backlog: false,
         });
         let key = self.entries.insert(if is_server {
             Entry::RpcServer(endpoint)
@@ -199,7 +210,7 @@ impl Driver {
         ep.transmit(now);
         ep.events(out);
         let want_writable = ep.unsent.is_some();
-        let at = ep.deadline();
+        let at = if ep.backlog { Some(now) } else { ep.deadline() };
         if want_writable != ep.writable_interest {
             ep.writable_interest = want_writable;
             let interest =
