@@ -518,7 +518,7 @@ fn new_app(lua: &Lua, config: Value) -> Result<Table> {
 }
 
 /// Finds an app by its table (`__id`) or name.
-fn app_id(lua: &Lua, rt: &Runtime, call: &str, x: &Value, side: Side) -> Result<Option<u32>> {
+fn app_id(rt: &Runtime, call: &str, x: &Value, side: Side) -> Result<Option<u32>> {
     let st = rt.rpc.borrow();
     let exists = |id: u32| match side {
         Side::Server => st.servers.contains_key(&id),
@@ -536,16 +536,13 @@ fn app_id(lua: &Lua, rt: &Runtime, call: &str, x: &Value, side: Side) -> Result<
                 Side::Client => st.clients.iter().filter(|(_, a)| a.name == *name).map(|(&id, _)| id).min(),
             })
         }
-        other => {
-            let _ = lua;
-            Err(bad_arg(call, "app", "an app or its name", other))
-        }
+        other => Err(bad_arg(call, "app", "an app or its name", other)),
     }
 }
 
 fn remove_app(lua: &Lua, x: Value) -> Result<(bool, Option<String>)> {
     let rt = runtime(lua)?;
-    let Some(id) = app_id(lua, &rt, "luna.remove_app(app or name)", &x, Side::Server)? else {
+    let Some(id) = app_id(&rt, "luna.remove_app(app or name)", &x, Side::Server)? else {
         return Ok((false, Some("App not found".into())));
     };
     remove_server(lua, &rt, id)?;
@@ -984,6 +981,11 @@ fn set(lua: &Lua, (id, call, name, n): (u32, String, String, Value)) -> Result<(
     }
     let seconds = Duration::from_secs_f64(number);
     let whole = number.max(1.0) as u64;
+    let apply = |config: &mut rpc::Config| match name.as_str() {
+        "set_max_message_size" => config.max_message_size = whole as usize,
+        "set_max_retries" => config.max_retries = whole as u32,
+        _ => config.message_timeout = seconds,
+    };
     let now = Instant::now();
     let mut st = rt.rpc.borrow_mut();
     if let Some(app) = st.servers.get_mut(&id) {
@@ -996,28 +998,16 @@ fn set(lua: &Lua, (id, call, name, n): (u32, String, String, Value)) -> Result<(
         drop(st);
         let mut driver = rt.driver.borrow_mut();
         if let Proto::Server(s) = &mut driver.rpc(key)?.proto {
-            match name.as_str() {
-                "set_max_message_size" => s.set_max_message_size(whole as usize),
-                "set_max_retries" => s.set_max_retries(whole as u32),
-                _ => s.set_message_timeout(seconds),
-            }
+            apply(s.config_mut());
         }
         return Ok(());
     }
     let Some(app) = st.clients.get_mut(&id) else { return Err(misuse(&call, "the app was removed")) };
-    match name.as_str() {
-        "set_max_message_size" => app.config.max_message_size = whole as usize,
-        "set_max_retries" => app.config.max_retries = whole as u32,
-        _ => app.config.message_timeout = seconds,
-    }
+    apply(&mut app.config);
     let Some(key) = app.key else { return Ok(()) };
     drop(st);
     if let Proto::Client(Some(c)) = &mut rt.driver.borrow_mut().rpc(key)?.proto {
-        match name.as_str() {
-            "set_max_message_size" => c.set_max_message_size(whole as usize),
-            "set_max_retries" => c.set_max_retries(whole as u32),
-            _ => c.set_message_timeout(seconds),
-        }
+        apply(c.config_mut());
     }
     Ok(())
 }
@@ -1522,7 +1512,7 @@ fn is_connected(lua: &Lua, id: u32) -> Result<bool> {
 
 fn disconnect_to_app(lua: &Lua, x: Value) -> Result<(bool, Option<String>)> {
     let rt = runtime(lua)?;
-    let Some(id) = app_id(lua, &rt, "lunac.disconnect_to_app(app or name)", &x, Side::Client)? else {
+    let Some(id) = app_id(&rt, "lunac.disconnect_to_app(app or name)", &x, Side::Client)? else {
         return Ok((false, Some("App not found".into())));
     };
     remove_client(lua, &rt, id)?;

@@ -123,25 +123,9 @@ impl Client {
         }
     }
 
-    /// Sets the largest message accepted and delivered.
-    pub fn set_max_message_size(&mut self, bytes: usize) {
-        self.config.max_message_size = bytes;
-    }
-    /// Sets how many retransmission timeouts in a row end the session.
-    pub fn set_max_retries(&mut self, n: u32) {
-        self.config.max_retries = n;
-    }
-    /// Sets the upper bound of the retransmission timeout.
-    pub fn set_message_timeout(&mut self, t: Duration) {
-        self.config.message_timeout = t;
-    }
-    /// Sets the keep-alive interval.
-    pub fn set_keepalive_interval(&mut self, t: Duration) {
-        self.config.keepalive_interval = t;
-    }
-    /// Sets after how long without any packet the server is declared dead.
-    pub fn set_dead_peer_timeout(&mut self, t: Duration) {
-        self.config.dead_peer_timeout = t;
+    /// The knobs in force; changes apply from the next packet on.
+    pub fn config_mut(&mut self) -> &mut Config {
+        &mut self.config
     }
 
     fn flags(&self) -> u8 {

@@ -587,7 +587,7 @@ fn oversized_messages_are_refused_and_discarded() {
     let conn = p.conn.unwrap();
     assert_eq!(p.client.send(&[0; 2001]), Err(Error::MessageTooLarge));
     // The receiver's limit is lower than the sender's: the message is skipped, later ones flow.
-    p.server.set_max_message_size(100);
+    p.server.config_mut().max_message_size = 100;
     p.client.send(&[1; 1500]).unwrap();
     p.client.send(&[2; 200]).unwrap();
     p.client.send(&[3; 50]).unwrap();
