@@ -15,8 +15,8 @@ cargo clippy --quiet --no-default-features --lib --tests -- -D warnings
 echo "== Rust tests + Lua suites in vendored LuaJIT"
 cargo test --quiet 2>&1 | tee -a "$log"
 
-echo "== Lua suites and host in vendored Lua 5.4"
-cargo test --quiet --no-default-features --features lua54,vendored --test lua_suites --test host 2>&1 | tee -a "$log"
+echo "== Lua suites, host and RPC network tests in vendored Lua 5.4"
+cargo test --quiet --no-default-features --features lua54,vendored --test lua_suites --test host --test rpc_network 2>&1 | tee -a "$log"
 
 echo "== real hosts: Debian luajit, lua5.1, LÖVE 11.4 headless"
 tests/hosts/run.sh 2>&1 | tee -a "$log"
