@@ -96,7 +96,7 @@ pub(crate) struct WsState {
     /// Client failures found outside `update` (bad address…), reported by the next `update`.
     failed: Vec<(u64, String)>,
     /// Events produced by sends/closes outside `update`, dispatched by the next `update`.
-    deferred: Vec<WsIo>,
+    deferred: std::collections::VecDeque<WsIo>,
     tls_clients: HashMap<(Option<String>, bool), Arc<rustls::ClientConfig>>,
 }
 
@@ -123,11 +123,13 @@ fn opcode_arg(call: &str, value: &Value) -> Result<Opcode> {
     }
 }
 
-fn data_arg(call: &str, value: &Value) -> Result<Vec<u8>> {
+/// Runs `f` on the bytes of a `data` argument (a string, or a number as Lua prints it) without
+/// copying strings.
+fn with_data<R>(call: &str, value: &Value, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
     match value {
-        Value::String(s) => Ok(s.as_bytes().to_vec()),
-        Value::Integer(i) => Ok(i.to_string().into_bytes()),
-        Value::Number(n) => Ok(n.to_string().into_bytes()),
+        Value::String(s) => Ok(f(&s.as_bytes())),
+        Value::Integer(i) => Ok(f(i.to_string().as_bytes())),
+        Value::Number(n) => Ok(f(n.to_string().as_bytes())),
         other => Err(bad_arg(call, "data", "a string", other)),
     }
 }
@@ -216,9 +218,9 @@ fn peer_info(lua: &Lua, rt: &Runtime, key: Key) -> Result<Value> {
 impl UserData for Ws {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method("send", |lua, this, (data, op): (Value, Value)| {
-            let (data, op) =
-                (data_arg("ws:send(data, opcode)", &data)?, opcode_arg("ws:send(data, opcode)", &op)?);
-            Ok(send(&*runtime(lua)?, this.0, op, &data))
+            let call = "ws:send(data, opcode)";
+            let (op, rt) = (opcode_arg(call, &op)?, runtime(lua)?);
+            with_data(call, &data, |data| send(&rt, this.0, op, data))
         });
         methods.add_method("close", |lua, this, (code, reason): (Value, Option<String>)| {
             let code = close_code("ws:close(code, reason)", &code)?;
@@ -227,9 +229,10 @@ impl UserData for Ws {
         });
         methods.add_method("broadcast", |lua, this, (data, op): (Value, Value)| {
             let call = "ws:broadcast(data, opcode)";
-            let (data, op) = (data_arg(call, &data)?, opcode_arg(call, &op)?);
+            let op = opcode_arg(call, &op)?;
             let rt = runtime(lua)?;
-            let frame = proto::encode_frame(op, &data).map_err(|e| misuse(call, e))?;
+            let frame =
+                with_data(call, &data, |data| proto::encode_frame(op, data))?.map_err(|e| misuse(call, e))?;
             let members: Vec<Key> = {
                 let ws = rt.ws.borrow();
                 let Some(conn) = ws.conns.get(&this.0) else { return Ok(0) };
@@ -281,12 +284,11 @@ impl UserData for Ws {
 impl UserData for WsClient {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method("send", |lua, this, (data, op): (Value, Value)| {
-            let (data, op) =
-                (data_arg("app:send(data, opcode)", &data)?, opcode_arg("app:send(data, opcode)", &op)?);
-            let rt = runtime(lua)?;
+            let call = "app:send(data, opcode)";
+            let (op, rt) = (opcode_arg(call, &op)?, runtime(lua)?);
             let stream = rt.ws.borrow().clients.get(&this.0).and_then(|c| c.stream);
-            Ok(match stream {
-                Some(key) => send(&rt, key, op, &data),
+            with_data(call, &data, |data| match stream {
+                Some(key) => send(&rt, key, op, data),
                 None => (None, Some("not connected".to_owned())),
             })
         });
@@ -760,14 +762,7 @@ pub(crate) fn dispatch_deferred(lua: &Lua, rt: &Runtime) -> Result<()> {
         client_closed(lua, rt, id, 1006, &reason)?;
     }
     loop {
-        let next = {
-            let mut ws = rt.ws.borrow_mut();
-            if ws.deferred.is_empty() {
-                None
-            } else {
-                Some(ws.deferred.remove(0))
-            }
-        };
+        let next = rt.ws.borrow_mut().deferred.pop_front();
         let Some(event) = next else { return Ok(()) };
         handle(lua, rt, event)?;
     }

@@ -60,6 +60,8 @@ pub struct Driver {
     deadlines: TimerQueue<Key>,
     /// Each entry's armed deadline: (timer id, when).
     armed: std::collections::HashMap<Key, (u64, Instant)>,
+    /// The one buffer streams read into (they are serviced one at a time).
+    read_buf: Box<[u8]>,
 }
 
 impl Driver {
@@ -74,6 +76,7 @@ impl Driver {
             resolved: Vec::new(),
             deadlines: TimerQueue::default(),
             armed: Default::default(),
+            read_buf: vec![0; 64 * 1024].into_boxed_slice(),
         })
     }
 
@@ -90,8 +93,13 @@ impl Driver {
                 ready.extend(self.resolved.drain(..).map(Ready::Resolved));
             } else {
                 let key = Key::from_token(event.token());
-                if self.entries.get(key).is_some() {
-                    ready.push(Ready::Io(key));
+                match self.entries.get_mut(key) {
+                    Some(Entry::Ws(stream)) => {
+                        stream.hangup |= event.is_read_closed() || event.is_error();
+                        ready.push(Ready::Io(key));
+                    }
+                    Some(_) => ready.push(Ready::Io(key)),
+                    None => {}
                 }
             }
         }
@@ -174,9 +182,9 @@ impl Driver {
                 }
             },
             Some(Entry::Ws(stream)) => {
-                stream.service(key, self.poll.registry(), now, io);
+                stream.service(key, self.poll.registry(), now, io, &mut self.read_buf);
                 if stream.should_resume_reading() {
-                    stream.service(key, self.poll.registry(), now, io);
+                    stream.service(key, self.poll.registry(), now, io, &mut self.read_buf);
                 }
                 self.ws_reschedule(key, now);
             }
@@ -214,9 +222,12 @@ impl Driver {
         }
     }
 
-    /// Writes what a stream has queued and re-arms its deadline (after send/close/receive).
+    /// Writes what a stream has queued and re-arms its deadline (after send/close).
     pub fn ws_flush(&mut self, key: Key, now: Instant, io: &mut Vec<ws::WsIo>) {
-        self.ws_service(key, now, io);
+        if let Some(Entry::Ws(stream)) = self.entries.get_mut(key) {
+            stream.write(key, self.poll.registry(), io);
+            self.ws_reschedule(key, now);
+        }
     }
 
     /// Resolves `host` without blocking (IP literals answer at once).

@@ -115,6 +115,8 @@ pub struct Stream {
     read_paused: bool,
     /// The upgrade completed (the layer above knows this stream).
     known: bool,
+    /// The poller saw the peer's end of stream or an error: read on until EOF.
+    pub(super) hangup: bool,
 }
 
 /// What a stream reports to the layer above.
@@ -163,6 +165,7 @@ impl Stream {
             writable: false,
             read_paused: false,
             known: false,
+            hangup: false,
         }
     }
 
@@ -241,14 +244,27 @@ impl Stream {
     }
 
     /// Handles readiness and deadlines: reads, advances the protocol, writes, closes.
-    pub fn service(&mut self, key: super::Key, registry: &Registry, now: Instant, io: &mut Vec<WsIo>) {
+    pub fn service(
+        &mut self,
+        key: super::Key,
+        registry: &Registry,
+        now: Instant,
+        io: &mut Vec<WsIo>,
+        buf: &mut [u8],
+    ) {
         if let Phase::Connecting { .. } = self.phase {
             self.finish_connect(now);
         }
-        self.read(key, now, io);
+        self.read(key, now, io, buf);
         self.check_deadlines(now);
         self.pump(key, io);
         self.flush(key, registry);
+    }
+
+    /// Writes what `send`/`close` queued (no reading).
+    pub fn write(&mut self, key: super::Key, registry: &Registry, io: &mut Vec<WsIo>) {
+        self.flush(key, registry);
+        self.pump(key, io);
     }
 
     fn finish_connect(&mut self, now: Instant) {
@@ -279,8 +295,10 @@ impl Stream {
         }
     }
 
-    fn read(&mut self, key: super::Key, now: Instant, io: &mut Vec<WsIo>) {
-        let mut buf = [0u8; 16 * 1024];
+    /// Reads what the socket has. A short read means the socket is drained (a stream socket
+    /// reports more data with a new edge), which saves the `WouldBlock` read per message; only a
+    /// hang-up needs reading on to end of stream.
+    fn read(&mut self, key: super::Key, now: Instant, io: &mut Vec<WsIo>, buf: &mut [u8]) {
         let mut plain = Vec::new();
         loop {
             if !self.wants_input() {
@@ -288,7 +306,7 @@ impl Stream {
                 return;
             }
             let Some(socket) = &mut self.socket else { return };
-            let n = match socket.read(&mut buf) {
+            let n = match socket.read(buf) {
                 Ok(0) => return self.handle_eof(),
                 Ok(n) => n,
                 Err(e) if would_block(&e) => break,
@@ -296,18 +314,20 @@ impl Stream {
                 Err(e) => return self.fail(1006, &format!("connection error: {e}")),
             };
             self.last_rx = now;
-            let data = match &mut self.tls {
+            match &mut self.tls {
                 Some(tls) => {
                     if let Err(e) = tls.handle_ciphertext(&buf[..n]) {
                         return self.fail(1006, &e.to_string());
                     }
                     plain.clear();
                     tls.read_plaintext(&mut plain);
-                    std::mem::take(&mut plain)
+                    self.handle_plain(key, &plain, io);
                 }
-                None => buf[..n].to_vec(),
-            };
-            self.handle_plain(key, &data, io);
+                None => self.handle_plain(key, &buf[..n], io),
+            }
+            if n < buf.len() && !self.hangup {
+                break;
+            }
         }
         self.read_paused = false;
     }
