@@ -173,6 +173,32 @@ def backpressure_check(port, server):
     s.close()
 
 
+async def keepalive_checks(port):
+    # websockets answers pings by itself: the connection outlives many ping intervals.
+    async with websockets.connect(f"ws://127.0.0.1:{port}/", ping_interval=None) as ws:
+        await asyncio.sleep(1.5)
+        await ws.send("still here")
+        check("keep-alive: a peer that answers pings stays connected", await ws.recv() == "still here")
+    # A raw client that never answers is dropped after ping_interval + ping_timeout.
+    s, head = raw_upgrade(port)
+    start = time.time()
+    s.settimeout(5)
+    got, pinged = b"", False
+    try:
+        while True:
+            chunk = s.recv(100)
+            if not chunk:
+                break
+            got += chunk
+            pinged = pinged or got.startswith(b"\x89")
+    except (ConnectionResetError, socket.timeout):
+        pass
+    took = time.time() - start
+    check("keep-alive: a silent peer is pinged, then dropped", pinged and 0.5 < took < 2.5,
+          f"pinged={pinged} after {took:.2f}s: {got[:20]!r}")
+    s.close()
+
+
 def slowloris_check(port):
     start = time.time()
     s = socket.create_connection(("127.0.0.1", port), timeout=20)
@@ -211,9 +237,10 @@ async def our_client_against_python_server():
 
 
 def main():
-    port, tls_port = free_port(), free_port()
+    port, tls_port, keepalive_port = free_port(), free_port(), free_port()
     server = subprocess.Popen([HOST_BIN, os.path.join(ROOT, "tests", "peers", "ws_server.lua"),
-                               str(port), str(tls_port), DATA], stdout=subprocess.PIPE, text=True)
+                               str(port), str(tls_port), DATA, str(keepalive_port)],
+                              stdout=subprocess.PIPE, text=True)
     try:
         check("server starts", server.stdout.readline().strip() == "ready")
         import threading
@@ -222,6 +249,7 @@ def main():
         asyncio.run(client_checks(port, tls_port))
         hostile_checks(port)
         backpressure_check(port, server)
+        asyncio.run(keepalive_checks(keepalive_port))
         slow.join()
         asyncio.run(client_checks(port, tls_port))
         check("server survived hostile input", server.poll() is None)

@@ -1,5 +1,5 @@
 -- The server the independent-peer tests talk to (run by luna-host).
--- usage: luna-host ws_server.lua <ws port> <wss port> <test data dir>
+-- usage: luna-host ws_server.lua <ws port> <wss port> <test data dir> <keep-alive port>
 local luna = require("luna")
 local port, tls_port, data = tonumber(arg[1]), tonumber(arg[2]), arg[3]
 
@@ -42,5 +42,11 @@ luna.new_web_app(config)
 config.name, config.port = "peer test tls", tls_port
 config.ssl = { cert = data .. "/server.pem", key = data .. "/server.key" }
 luna.new_web_app(config)
+-- Keep-alive: pings after 0.2 s of silence, a peer silent 0.5 s after a ping is dropped.
+luna.new_web_app({
+  name = "peer test keep-alive", host = "127.0.0.1", port = tonumber(arg[4]), debug = false,
+  ping_interval = 0.2, ping_timeout = 0.5,
+  protocols = { default = echo },
+})
 print("ready")
 function update() end
