@@ -29,11 +29,18 @@ pub(crate) struct Runtime {
     rpc: RefCell<rpc::RpcState>,
     /// Entries that became ready and are not serviced yet (kept if a callback raises).
     service: RefCell<std::collections::VecDeque<Key>>,
+    /// How many `tick`s are running (they nest: a blocking fetch or an update inside a coroutine).
+    ticking: std::cell::Cell<u32>,
     /// Zero of the `luna.now()` clock.
     epoch: Instant,
 }
 
 impl Runtime {
+    /// True while an update runs (output can wait for its end and go out together).
+    fn in_update(&self) -> bool {
+        self.ticking.get() > 0
+    }
+
     /// Seconds since the runtime started, on the monotonic clock.
     fn clock(&self, at: Instant) -> f64 {
         at.saturating_duration_since(self.epoch).as_secs_f64()
@@ -51,6 +58,7 @@ pub(crate) fn runtime(lua: &Lua) -> Result<Rc<Runtime>> {
         ws: RefCell::new(ws::WsState::default()),
         rpc: RefCell::new(rpc::RpcState::default()),
         service: RefCell::new(Default::default()),
+        ticking: Default::default(),
         epoch: Instant::now(),
     });
     lua.set_app_data(rt.clone());
@@ -61,6 +69,15 @@ pub(crate) fn runtime(lua: &Lua) -> Result<Rc<Runtime>> {
 /// ready and run due timers. Work is proportional to ready events and due timers.
 pub fn tick(lua: &Lua, timeout: Option<Duration>) -> Result<()> {
     let rt = runtime(lua)?;
+    rt.ticking.set(rt.ticking.get() + 1);
+    let result = tick_inner(lua, &rt, timeout);
+    rt.ticking.set(rt.ticking.get() - 1);
+    // Output queued by this update goes out even when a callback raised.
+    let flushed = rpc::flush_dirty(lua, &rt, Instant::now());
+    result.and(flushed)
+}
+
+fn tick_inner(lua: &Lua, rt: &Runtime, timeout: Option<Duration>) -> Result<()> {
     let mut ready = Vec::new();
     rt.driver.borrow_mut().poll(timeout, Instant::now(), &mut ready)?;
     let now = Instant::now();
@@ -82,16 +99,16 @@ pub fn tick(lua: &Lua, timeout: Option<Duration>) -> Result<()> {
         sched.jobs.extend(yielded);
     }
     for host in resolved {
-        ws::resolved(lua, &rt, &host, now)?;
-        rpc::resolved(lua, &rt, &host, now)?;
+        ws::resolved(lua, rt, &host, now)?;
+        rpc::resolved(lua, rt, &host, now)?;
     }
-    ws::dispatch_deferred(lua, &rt)?;
+    ws::dispatch_deferred(lua, rt)?;
     loop {
         let Some(key) = rt.service.borrow_mut().pop_front() else { break };
-        service(lua, &rt, key, now)?;
+        service(lua, rt, key, now)?;
     }
-    time::fire_timers(lua, &rt, now)?;
-    sched::run_jobs(lua, &rt)
+    time::fire_timers(lua, rt, now)?;
+    sched::run_jobs(lua, rt)
 }
 
 /// Hands a ready entry to the module that owns its kind.

@@ -36,6 +36,9 @@ pub(crate) struct RpcState {
     servers: HashMap<u32, ServerApp>,
     clients: HashMap<u32, ClientApp>,
     by_key: HashMap<Key, u32>,
+    /// Endpoints with output queued during this update: sent together at its end, so many
+    /// answers (or calls) share a datagram.
+    dirty: Vec<Key>,
 }
 
 struct ServerApp {
@@ -325,7 +328,19 @@ fn half(lua: &Lua) -> Result<Table> {
 
 /// Sends what the entry queued and handles the events that produced (closes report
 /// `Disconnected` at once).
+/// Sends what `key` has queued: at the end of the current update when inside one, else now.
 fn flush(lua: &Lua, rt: &Runtime, key: Key, now: Instant) -> Result<()> {
+    if rt.in_update() {
+        let dirty = &mut rt.rpc.borrow_mut().dirty;
+        if !dirty.contains(&key) {
+            dirty.push(key);
+        }
+        return Ok(());
+    }
+    flush_now(lua, rt, key, now)
+}
+
+fn flush_now(lua: &Lua, rt: &Runtime, key: Key, now: Instant) -> Result<()> {
     let mut events = Vec::new();
     rt.driver.borrow_mut().rpc_flush(key, now, &mut events);
     handle_events(lua, rt, key, events, now)
@@ -351,6 +366,15 @@ fn handle_events(lua: &Lua, rt: &Runtime, key: Key, events: Vec<RpcEvent>, now: 
 }
 
 /// Services a ready or due RPC entry (called by `tick`).
+/// Sends everything queued during this update (see [`flush`]).
+pub(crate) fn flush_dirty(lua: &Lua, rt: &Runtime, now: Instant) -> Result<()> {
+    loop {
+        let next = rt.rpc.borrow_mut().dirty.pop();
+        let Some(key) = next else { return Ok(()) };
+        flush_now(lua, rt, key, now)?;
+    }
+}
+
 pub(crate) fn service(lua: &Lua, rt: &Runtime, key: Key, now: Instant) -> Result<()> {
     let mut events = Vec::new();
     rt.driver.borrow_mut().rpc_service(key, now, &mut events);
@@ -552,7 +576,8 @@ fn remove_app(lua: &Lua, x: Value) -> Result<(bool, Option<String>)> {
 fn remove_server(lua: &Lua, rt: &Runtime, id: u32) -> Result<()> {
     let Some(key) = rt.rpc.borrow().servers.get(&id).map(|a| a.key) else { return Ok(()) };
     // Take in what already arrived (a client confirming its session becomes a client we can tell).
-    let drained = service(lua, rt, key, Instant::now());
+    // …and send what is queued for the clients before the sessions close (closing drops it).
+    let drained = service(lua, rt, key, Instant::now()).and(flush_now(lua, rt, key, Instant::now()));
     let conns: Vec<ConnId> =
         rt.rpc.borrow().servers.get(&id).map(|a| a.conns.keys().copied().collect()).unwrap_or_default();
     if let Proto::Server(s) = &mut rt.driver.borrow_mut().rpc(key)?.proto {
@@ -560,7 +585,7 @@ fn remove_server(lua: &Lua, rt: &Runtime, id: u32) -> Result<()> {
             let _ = s.close(conn, "Server app removed");
         }
     }
-    let result = drained.and(flush(lua, rt, key, Instant::now()));
+    let result = drained.and(flush_now(lua, rt, key, Instant::now()));
     rt.driver.borrow_mut().close(key);
     let app = {
         let mut st = rt.rpc.borrow_mut();
@@ -791,10 +816,18 @@ fn push(lua: &Lua, (id, conn, value): (u32, f64, Value)) -> Result<(bool, Option
 fn close_conn(lua: &Lua, (id, conn): (u32, f64)) -> Result<()> {
     let rt = runtime(lua)?;
     let Some(key) = server_key(&rt, id) else { return Ok(()) };
+    close_session(lua, &rt, key, ConnId::from_u64(conn as u64), "Closed by server")
+}
+
+/// Closes one client's session after sending what is already queued for it (answers queued in
+/// this update would otherwise be dropped with the session).
+fn close_session(lua: &Lua, rt: &Runtime, key: Key, conn: ConnId, reason: &str) -> Result<()> {
+    let now = Instant::now();
+    flush_now(lua, rt, key, now)?;
     if let Proto::Server(s) = &mut rt.driver.borrow_mut().rpc(key)?.proto {
-        let _ = s.close(ConnId::from_u64(conn as u64), "Closed by server");
+        let _ = s.close(conn, reason);
     }
-    flush(lua, &rt, key, Instant::now())
+    flush(lua, rt, key, now)
 }
 
 /// `core.penalty(app, conn, kind, seconds, reason)`: a handler's `max_message_size` was exceeded.
@@ -820,10 +853,7 @@ fn penalty(lua: &Lua, (id, conn, kind, seconds, reason): (u32, f64, String, f64,
         }
     };
     if let Some(key) = key {
-        if let Proto::Server(s) = &mut rt.driver.borrow_mut().rpc(key)?.proto {
-            let _ = s.close(conn, &reason);
-        }
-        flush(lua, &rt, key, now)?;
+        close_session(lua, &rt, key, conn, &reason)?;
     }
     Ok(())
 }
@@ -1537,7 +1567,7 @@ fn remove_client(lua: &Lua, rt: &Runtime, id: u32) -> Result<()> {
             _ => false,
         };
         if closed {
-            result = flush(lua, rt, key, now);
+            result = flush_now(lua, rt, key, now);
         }
         rt.driver.borrow_mut().close(key);
         rt.rpc.borrow_mut().by_key.remove(&key);
