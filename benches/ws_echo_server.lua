@@ -1,0 +1,12 @@
+-- WebSocket echo server used by benches/ws_echo.sh: luna-host benches/ws_echo_server.lua PORT
+local luna = require("luna")
+local port = tonumber(arg[1]) or 9001
+luna.new_web_app({ name = "bench", host = "127.0.0.1", port = port, debug = false,
+  protocols = { default = function(ws)
+    while true do
+      local m, op = ws:receive()
+      if not m then return end
+      ws:send(m, op)
+    end
+  end } })
+function update() end  -- keep the host running
