@@ -42,18 +42,7 @@ echo "ENet: $(dpkg-query -W -f '${Version}' libenet-dev 2>/dev/null || echo '?')
 echo "load average after the builds: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews every figure)"
 echo "warm-up ${WARMUP} s, measured ${DURATION} s, $RUNS runs each, alternating"
 
-server_pid=
-stop_server() {
-  [ -n "$server_pid" ] || return 0
-  kill "$server_pid" 2>/dev/null || true
-  for _ in $(seq 50); do
-    kill -0 "$server_pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -9 "$server_pid" 2>/dev/null || true
-  wait "$server_pid" 2>/dev/null || true
-  server_pid=
-}
+source benches/lib.sh
 results=$(mktemp)
 trap 'stop_server; rm -f "$results"' EXIT
 
@@ -98,19 +87,9 @@ run_one() {
 
 # stats MODE SIZE NAME -> "rate rmin rmax p50 . . p99 . . ccpu cmin cmax scpu smin smax others omin omax"
 stats() {
-  awk -v m="$1" -v s="$2" -v n="$3" '$1 == m && $2 == s && $3 == n' "$results" | awk '
-    { for (c = 4; c <= 9; c++) col[c, NR] = $c } END {
-      if (NR == 0) { print "none"; exit }
-      for (c = 4; c <= 9; c++) {
-        for (i = 1; i <= NR; i++) a[i] = col[c, i]
-        for (i = 2; i <= NR; i++) for (j = i; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
-        med = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2
-        printf "%s %s %s ", med, a[1], a[NR]
-      }
-      print "" }'
+  awk -v m="$1" -v s="$2" -v n="$3" '$1 == m && $2 == s && $3 == n' "$results" | summarize 4 9
 }
 median_rate() { local r; r=$(stats "$@"); [ "$r" = none ] && echo 0 || echo "${r%% *}"; }
-ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }'; }
 
 table() { # MODE NAMES...
   local mode=$1 size name row

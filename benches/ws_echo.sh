@@ -52,18 +52,7 @@ cargo build --quiet --release --manifest-path benches/ws/Cargo.toml
 ws_bin=${CARGO_TARGET_DIR:-benches/ws/target}/release
 echo "load average after the builds: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews every figure)"
 
-server_pid=
-stop_server() {
-  [ -n "$server_pid" ] || return 0
-  kill "$server_pid" 2>/dev/null || true
-  for _ in $(seq 50); do
-    kill -0 "$server_pid" 2>/dev/null || break
-    sleep 0.1
-  done
-  kill -9 "$server_pid" 2>/dev/null || true
-  wait "$server_pid" 2>/dev/null || true
-  server_pid=
-}
+source benches/lib.sh
 results=$(mktemp)
 trap 'stop_server; rm -f "$results"' EXIT
 
@@ -149,24 +138,14 @@ printf '%-6s %-7s %-24s %-8s %-8s %-14s %-14s %-12s %s\n' size server "msgs/s (m
 for size in $SIZES; do
   peer_median=
   for name in peer $FLAVOURS; do
-    # median / min / max of each column of this group (columns 3..8)
-    row=$(awk -v s="$size" -v n="$name" '$1 == s && $2 == n' "$results" | awk '
-      { for (c = 3; c <= 8; c++) col[c, NR] = $c } END {
-        if (NR == 0) { print "none"; exit }
-        for (c = 3; c <= 8; c++) {
-          for (i = 1; i <= NR; i++) a[i] = col[c, i]
-          for (i = 2; i <= NR; i++) for (j = i; j > 1 && a[j - 1] + 0 > a[j] + 0; j--) { t = a[j]; a[j] = a[j - 1]; a[j - 1] = t }
-          med = (NR % 2) ? a[(NR + 1) / 2] : (a[NR / 2] + a[NR / 2 + 1]) / 2
-          printf "%s %s %s ", med, a[1], a[NR]
-        }
-        print "" }')
+    row=$(awk -v s="$size" -v n="$name" '$1 == s && $2 == n' "$results" | summarize 3 8)
     if [ "$row" = none ]; then
       printf '%-6s %-7s no results\n' "$size" "$name"
       continue
     fi
     read -r rate rmin rmax p50 _ _ p99 _ _ ccpu cmin cmax scpu smin smax ocpu _ omax <<<"$row"
     [ "$name" = peer ] && peer_median=$rate
-    ratio=$(awk -v a="$rate" -v b="${peer_median:-0}" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "-" }')
+    ratio=$(ratio "$rate" "${peer_median:-0}")
     label=$(awk -v c="$scpu" -v o="$omax" 'BEGIN {
       l = (c + 0 < 95) ? "client-bound" : ""; if (o + 0 > 15) l = l (l ? ", " : "") "disturbed"; print l }')
     printf '%-6s %-7s %-24s %-8s %-8s %-14s %-14s %-12s %s %s\n' "$size" "$name" \
