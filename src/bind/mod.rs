@@ -98,10 +98,12 @@ fn tick_inner(lua: &Lua, rt: &Runtime, timeout: Option<Duration>) -> Result<()> 
         let yielded = std::mem::take(&mut sched.next_frame);
         sched.jobs.extend(yielded);
     }
+    // Every app waiting for a host hears of it, even if one of them raises.
+    let mut raised = Ok(());
     for host in resolved {
-        ws::resolved(lua, rt, &host, now)?;
-        rpc::resolved(lua, rt, &host, now)?;
+        raised = raised.and(ws::resolved(lua, rt, &host, now)).and(rpc::resolved(lua, rt, &host, now));
     }
+    raised?;
     ws::dispatch_deferred(lua, rt)?;
     loop {
         let Some(key) = rt.service.borrow_mut().pop_front() else { break };
@@ -113,15 +115,12 @@ fn tick_inner(lua: &Lua, rt: &Runtime, timeout: Option<Duration>) -> Result<()> 
 
 /// Hands a ready entry to the module that owns its kind.
 fn service(lua: &Lua, rt: &Runtime, key: Key, now: Instant) -> Result<()> {
-    let is_ws = matches!(rt.driver.borrow().entry(key), Some(Entry::WsListener(_) | Entry::Ws(_)));
-    if is_ws {
-        return ws::service(lua, rt, key, now);
-    }
-    let is_rpc = matches!(rt.driver.borrow().entry(key), Some(Entry::RpcServer(_) | Entry::RpcClient(_)));
-    if is_rpc {
-        return rpc::service(lua, rt, key, now);
-    }
-    Ok(())
+    let serve = match rt.driver.borrow().entry(key) {
+        Some(Entry::WsListener(_) | Entry::Ws(_)) => ws::service,
+        Some(Entry::RpcServer(_) | Entry::RpcClient(_)) => rpc::service,
+        Some(Entry::Udp(_)) | None => return Ok(()),
+    };
+    serve(lua, rt, key, now)
 }
 
 /// When the standalone host must tick next: `None` if only I/O can wake anything.
