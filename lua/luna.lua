@@ -43,18 +43,58 @@ function api.resolve(host)
   end
 end
 
--- Internal wrappers, installed as methods by the Rust side.
+-- Internal pieces the Rust side builds objects with.
 local internal = {}
 
-function internal.ws_receive(ws)
+-- A server-side WebSocket connection: a table (users add fields such as on_close) around the
+-- Rust handle `__h`; methods are looked up in Lua.
+local ws_methods = {}
+local WS = {
+  __index = function(ws, key)
+    local method = ws_methods[key]
+    if method ~= nil then
+      return method
+    end
+    if key == "raw_socket" then
+      return core.ws_info(rawget(ws, "__h"))
+    end
+  end,
+  __tostring = function(ws)
+    local ip, port = core.ws_peer(rawget(ws, "__h"))
+    return ip and ("luna.ws(%s:%d)"):format(ip, port) or "luna.ws(closed)"
+  end,
+}
+
+function internal.ws_new(handle)
+  return setmetatable({ __h = handle }, WS)
+end
+
+function ws_methods:receive()
   local co = need_coroutine("ws:receive()")
+  local h = self.__h
   while true do
-    local message, opcode, clean, code, reason = core.ws_receive(ws, co)
+    local message, opcode, clean, code, reason = core.ws_receive(h, co)
     if message ~= PARK then
       return message, opcode, clean, code, reason
     end
     yield(PARK)
   end
+end
+
+function ws_methods:send(data, opcode)
+  return core.ws_send(self.__h, data, opcode)
+end
+
+function ws_methods:close(code, reason)
+  return core.ws_close(self.__h, code, reason)
+end
+
+function ws_methods:broadcast(data, opcode)
+  return core.ws_broadcast(self.__h, data, opcode)
+end
+
+function ws_methods:getpeername()
+  return core.ws_peer(self.__h)
 end
 
 return api, internal

@@ -248,7 +248,7 @@ fn lua_half(lua: &Lua) -> Result<Table> {
     let (half, internal): (Table, Table) =
         lua.load(include_str!("../../lua/luna.lua")).set_name("=luna.lua").call(core)?;
     lua.set_named_registry_value(KEY, &half)?;
-    lua.set_named_registry_value("luna.ws.receive", internal.get::<Function>("ws_receive")?)?;
+    lua.set_named_registry_value("luna.ws.new", internal.get::<Function>("ws_new")?)?;
     Ok(half)
 }
 

@@ -215,70 +215,61 @@ fn peer_info(lua: &Lua, rt: &Runtime, key: Key) -> Result<Value> {
     Ok(Value::Table(t))
 }
 
-impl UserData for Ws {
-    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("send", |lua, this, (data, op): (Value, Value)| {
-            let call = "ws:send(data, opcode)";
-            let (op, rt) = (opcode_arg(call, &op)?, runtime(lua)?);
-            with_data(call, &data, |data| send(&rt, this.0, op, data))
-        });
-        methods.add_method("close", |lua, this, (code, reason): (Value, Option<String>)| {
-            let code = close_code("ws:close(code, reason)", &code)?;
-            with_stream(&*runtime(lua)?, this.0, |s| s.close(code, reason.as_deref().unwrap_or("")));
-            Ok(true)
-        });
-        methods.add_method("broadcast", |lua, this, (data, op): (Value, Value)| {
-            let call = "ws:broadcast(data, opcode)";
-            let op = opcode_arg(call, &op)?;
-            let rt = runtime(lua)?;
-            let frame =
-                with_data(call, &data, |data| proto::encode_frame(op, data))?.map_err(|e| misuse(call, e))?;
-            let members: Vec<Key> = {
-                let ws = rt.ws.borrow();
-                let Some(conn) = ws.conns.get(&this.0) else { return Ok(0) };
-                let server = &ws.servers[&conn.server];
-                server.groups.get(&conn.group).map(|g| g.iter().copied().collect()).unwrap_or_default()
-            };
-            let mut sent = 0;
-            for key in members {
-                if let Some(Ok(())) = with_stream(&rt, key, |s| s.send_encoded(&frame)) {
-                    sent += 1;
-                }
-            }
-            Ok(sent)
-        });
-        methods.add_method("getpeername", |lua, this, ()| {
-            let rt = runtime(lua)?;
-            let mut driver = rt.driver.borrow_mut();
-            Ok(match driver.ws_stream(this.0) {
-                Ok(stream) => (Some(stream.peer.ip().to_string()), Some(stream.peer.port())),
-                Err(_) => (None, None),
-            })
-        });
-        methods.add_meta_function(MetaMethod::Index, |lua, (ud, key): (AnyUserData, Value)| {
-            let this = ud.borrow::<Ws>()?.0;
-            if let Value::String(name) = &key {
-                match name.as_bytes().as_ref() {
-                    b"receive" => return lua.named_registry_value::<Value>("luna.ws.receive"),
-                    b"raw_socket" => return peer_info(lua, &*runtime(lua)?, this),
-                    _ => {}
-                }
-            }
-            fields(&ud)?.raw_get(key)
-        });
-        methods
-            .add_meta_function(MetaMethod::NewIndex, |_, (ud, key, value): (AnyUserData, Value, Value)| {
-                fields(&ud)?.raw_set(key, value)
-            });
-        methods.add_meta_method(MetaMethod::ToString, |lua, this, ()| {
-            let rt = runtime(lua)?;
-            let mut driver = rt.driver.borrow_mut();
-            Ok(match driver.ws_stream(this.0) {
-                Ok(stream) => format!("luna.ws({})", stream.peer),
-                Err(_) => "luna.ws(closed)".to_owned(),
-            })
-        });
+/// The handle inside a server-side `ws` object: the object itself is a Lua table (lua/luna.lua),
+/// so method lookups and user fields (`ws.on_close`) never cross into Rust.
+impl UserData for Ws {}
+
+fn key_of(h: &AnyUserData) -> Result<Key> {
+    Ok(h.borrow::<Ws>()?.0)
+}
+
+/// `core.ws_send(h, data, opcode)`.
+fn ws_send(lua: &Lua, (h, data, op): (AnyUserData, Value, Value)) -> Result<(Option<bool>, Option<String>)> {
+    let call = "ws:send(data, opcode)";
+    let (key, op, rt) = (key_of(&h)?, opcode_arg(call, &op)?, runtime(lua)?);
+    with_data(call, &data, |data| send(&rt, key, op, data))
+}
+
+/// `core.ws_close(h, code, reason)`.
+fn ws_close(lua: &Lua, (h, code, reason): (AnyUserData, Value, Option<String>)) -> Result<bool> {
+    let code = close_code("ws:close(code, reason)", &code)?;
+    with_stream(&*runtime(lua)?, key_of(&h)?, |s| s.close(code, reason.as_deref().unwrap_or("")));
+    Ok(true)
+}
+
+/// `core.ws_broadcast(h, data, opcode)`: encodes the frame once for the whole group.
+fn ws_broadcast(lua: &Lua, (h, data, op): (AnyUserData, Value, Value)) -> Result<usize> {
+    let call = "ws:broadcast(data, opcode)";
+    let (key, op, rt) = (key_of(&h)?, opcode_arg(call, &op)?, runtime(lua)?);
+    let frame = with_data(call, &data, |data| proto::encode_frame(op, data))?.map_err(|e| misuse(call, e))?;
+    let members: Vec<Key> = {
+        let ws = rt.ws.borrow();
+        let Some(conn) = ws.conns.get(&key) else { return Ok(0) };
+        let server = &ws.servers[&conn.server];
+        server.groups.get(&conn.group).map(|g| g.iter().copied().collect()).unwrap_or_default()
+    };
+    let mut sent = 0;
+    for member in members {
+        if let Some(Ok(())) = with_stream(&rt, member, |s| s.send_encoded(&frame)) {
+            sent += 1;
+        }
     }
+    Ok(sent)
+}
+
+/// `core.ws_peer(h)` → ip, port (nil once released).
+fn ws_peer(lua: &Lua, h: AnyUserData) -> Result<(Option<String>, Option<u16>)> {
+    let rt = runtime(lua)?;
+    let mut driver = rt.driver.borrow_mut();
+    Ok(match driver.ws_stream(key_of(&h)?) {
+        Ok(stream) => (Some(stream.peer.ip().to_string()), Some(stream.peer.port())),
+        Err(_) => (None, None),
+    })
+}
+
+/// `core.ws_info(h)`: the `ws.raw_socket` table.
+fn ws_info(lua: &Lua, h: AnyUserData) -> Result<Value> {
+    peer_info(lua, &*runtime(lua)?, key_of(&h)?)
 }
 
 impl UserData for WsClient {
@@ -716,7 +707,7 @@ pub(crate) fn close_all(lua: &Lua, rt: &Runtime, side: Side) -> Result<()> {
 
 /// `core.ws_receive(ws, co)`: the next message, the end of the connection, or `PARK`.
 fn receive(lua: &Lua, (ud, thread): (AnyUserData, mlua::Thread)) -> Result<MultiValue> {
-    let key = ud.borrow::<Ws>()?.0;
+    let key = key_of(&ud)?;
     let rt = runtime(lua)?;
     let received = {
         let mut driver = rt.driver.borrow_mut();
@@ -815,7 +806,7 @@ fn accepted(lua: &Lua, rt: &Runtime, conn: Key, listener: Key) -> Result<()> {
         (lua.registry_value::<Function>(&server.handlers[&handler_name])?, server.policy.clone())
     };
     policy.log(lua, &format!("client {peer} connected ({handler_name})"))?;
-    let object = new_object(lua, Ws(conn))?;
+    let object: Table = lua.named_registry_value::<Function>("luna.ws.new")?.call(lua.create_userdata(Ws(conn))?)?;
     {
         let mut ws = rt.ws.borrow_mut();
         let object = lua.create_registry_value(&object)?;
@@ -872,11 +863,11 @@ fn server_inbox(lua: &Lua, rt: &Runtime, conn: Key) -> Result<()> {
     let (object, policy) = {
         let ws = rt.ws.borrow();
         let c = &ws.conns[&conn];
-        (lua.registry_value::<AnyUserData>(&c.object)?, ws.servers.get(&c.server).map(|s| s.policy.clone()))
+        (lua.registry_value::<Table>(&c.object)?, ws.servers.get(&c.server).map(|s| s.policy.clone()))
     };
     let closed_with = rt.driver.borrow_mut().ws_stream(conn)?.receive();
     if let (Some(Received::Closed { code, reason, .. }), Value::Function(on_close)) =
-        (closed_with, fields(&object)?.raw_get::<Value>("on_close")?)
+        (closed_with, object.raw_get::<Value>("on_close")?)
     {
         if let Err(e) = on_close.call::<()>((code, reason)) {
             if let Some(policy) = &policy {
@@ -973,5 +964,10 @@ pub(crate) fn register(lua: &Lua, module: &Table, side: Side) -> Result<()> {
 
 /// The `core` primitives the Lua half needs.
 pub(crate) fn core(lua: &Lua, core: &Table) -> Result<()> {
-    core.set("ws_receive", lua.create_function(receive)?)
+    core.set("ws_receive", lua.create_function(receive)?)?;
+    core.set("ws_send", lua.create_function(ws_send)?)?;
+    core.set("ws_close", lua.create_function(ws_close)?)?;
+    core.set("ws_broadcast", lua.create_function(ws_broadcast)?)?;
+    core.set("ws_peer", lua.create_function(ws_peer)?)?;
+    core.set("ws_info", lua.create_function(ws_info)?)
 }
