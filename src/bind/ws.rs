@@ -806,7 +806,8 @@ fn accepted(lua: &Lua, rt: &Runtime, conn: Key, listener: Key) -> Result<()> {
         (lua.registry_value::<Function>(&server.handlers[&handler_name])?, server.policy.clone())
     };
     policy.log(lua, &format!("client {peer} connected ({handler_name})"))?;
-    let object: Table = lua.named_registry_value::<Function>("luna.ws.new")?.call(lua.create_userdata(Ws(conn))?)?;
+    let object: Table =
+        lua.named_registry_value::<Function>("luna.ws.new")?.call(lua.create_userdata(Ws(conn))?)?;
     {
         let mut ws = rt.ws.borrow_mut();
         let object = lua.create_registry_value(&object)?;
