@@ -134,10 +134,6 @@ impl Driver {
         self.entries.get(key)
     }
 
-    pub fn entry_mut(&mut self, key: Key) -> Option<&mut Entry> {
-        self.entries.get_mut(key)
-    }
-
     /// Listens for WebSocket connections (TCP, with TLS when `tls` is set).
     pub fn ws_listen(
         &mut self,

@@ -82,13 +82,6 @@ impl<T> Slots<T> {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
-
-    /// Removes every value, oldest slot first.
-    pub fn drain(&mut self) -> impl Iterator<Item = T> + '_ {
-        self.len = 0;
-        self.free.clear();
-        self.slots.drain(..).filter_map(|slot| slot.value)
-    }
 }
 
 #[cfg(test)]

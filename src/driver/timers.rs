@@ -66,18 +66,8 @@ impl<T> TimerQueue<T> {
         Some((id, at, value))
     }
 
-    pub fn len(&self) -> usize {
-        self.live.len()
-    }
-
     pub fn is_empty(&self) -> bool {
         self.live.is_empty()
-    }
-
-    /// Removes every timer.
-    pub fn clear(&mut self) -> impl Iterator<Item = T> + '_ {
-        self.heap.clear();
-        self.live.drain().map(|(_, (_, value))| value)
     }
 }
 

@@ -11,7 +11,7 @@ use ring::rand::SecureRandom;
 use super::crypto;
 use super::session::{Outcome, Session};
 use super::wire::{self, COOKIE_LEN, FLAG_ENCRYPTED, KEY_LEN};
-use super::{Config, DisconnectReason, Error, Stats, VERSION};
+use super::{Config, DisconnectReason, Error, Stats};
 
 /// What a [`Client`] reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -248,14 +248,7 @@ impl Client {
             self.stats.unknown_peer += 1;
             return;
         }
-        let (Some(&version), Some(&kind)) = (data.first(), data.get(1)) else {
-            self.stats.malformed += 1;
-            return;
-        };
-        if version != VERSION {
-            self.stats.bad_version += 1;
-            return;
-        }
+        let Some(kind) = self.stats.packet_kind(data) else { return };
         match (&mut self.state, kind) {
             (State::Handshake(h), wire::T_RETRY) => match wire::decode_retry(data) {
                 Some(cookie) => {

@@ -251,3 +251,18 @@ pub struct Stats {
     /// Sessions fully established (server: client confirmed the keys; client: server hello ok).
     pub handshakes_completed: u64,
 }
+
+impl Stats {
+    /// The packet type of a datagram of our version; a short or foreign one is counted and `None`.
+    pub(crate) fn packet_kind(&mut self, data: &[u8]) -> Option<u8> {
+        let (Some(&version), Some(&kind)) = (data.first(), data.get(1)) else {
+            self.malformed += 1;
+            return None;
+        };
+        if version != VERSION {
+            self.bad_version += 1;
+            return None;
+        }
+        Some(kind)
+    }
+}

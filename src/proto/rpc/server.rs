@@ -11,7 +11,7 @@ use ring::rand::SecureRandom;
 use super::crypto::{self, CookieKey, Identity, COOKIE_BUCKET_SECS};
 use super::session::{Outcome, Session};
 use super::wire::{self, COOKIE_LEN, FLAG_ENCRYPTED, KEY_LEN, RETRY_LEN, SERVER_HELLO_LEN};
-use super::{Config, ConnId, DisconnectReason, Error, Stats, VERSION};
+use super::{Config, ConnId, DisconnectReason, Error, Stats};
 
 /// What a [`Server`] reports.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -338,14 +338,7 @@ impl Server {
     /// Feeds one received datagram. Never panics; anything unusable is dropped and counted.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8], rng: &dyn SecureRandom) {
         self.stats.datagrams_in += 1;
-        let (Some(&version), Some(&kind)) = (data.first(), data.get(1)) else {
-            self.stats.malformed += 1;
-            return;
-        };
-        if version != VERSION {
-            self.stats.bad_version += 1;
-            return;
-        }
+        let Some(kind) = self.stats.packet_kind(data) else { return };
         match kind {
             wire::T_DATA => match self.by_addr.get(&from) {
                 Some(&index) => self.handle_session_packet(index, now, data),
