@@ -3,7 +3,7 @@
 -- `update` resumes it when what it waits for is ready. Wrappers re-check their condition after
 -- every resume, so an early (spurious) resume is harmless.
 local core = ...
-local PARK = core.PARK
+local PARK, DELIVERED = core.PARK, core.DELIVERED
 local yield, running = coroutine.yield, coroutine.running
 local now = core.now
 
@@ -69,20 +69,29 @@ function internal.ws_new(handle)
   return setmetatable({ __h = handle }, WS)
 end
 
+-- The handler parks inside core.ws_receive and is resumed with DELIVERED and the message;
+-- any other coroutine parks with core.ws_wait and calls again once woken.
+local ws_receive, ws_wait, ws_send = core.ws_receive, core.ws_wait, core.ws_send
+
 function ws_methods:receive()
   local co = need_coroutine("ws:receive()")
   local h = self.__h
   while true do
-    local message, opcode, clean, code, reason = core.ws_receive(h, co)
-    if message ~= PARK then
+    local message, opcode, clean, code, reason = ws_receive(h)
+    if message == PARK or (message == false and ws_wait(h, co)) then
+      local tag
+      tag, message, opcode, clean, code, reason = yield(PARK)
+      if tag == DELIVERED then
+        return message, opcode, clean, code, reason
+      end
+    elseif message ~= false then
       return message, opcode, clean, code, reason
     end
-    yield(PARK)
   end
 end
 
 function ws_methods:send(data, opcode)
-  return core.ws_send(self.__h, data, opcode)
+  return ws_send(self.__h, data, opcode)
 end
 
 function ws_methods:close(code, reason)

@@ -5,6 +5,7 @@
 mod error;
 mod options;
 mod policy;
+mod raw;
 mod rpc;
 mod sched;
 mod time;
@@ -73,6 +74,7 @@ pub fn tick(lua: &Lua, timeout: Option<Duration>) -> Result<()> {
     let result = tick_inner(lua, &rt, timeout);
     rt.ticking.set(rt.ticking.get() - 1);
     // Output queued by this update goes out even when a callback raised.
+    ws::flush_queued(&rt);
     let flushed = rpc::flush_dirty(lua, &rt, Instant::now());
     result.and(flushed)
 }
@@ -241,10 +243,11 @@ fn lua_half(lua: &Lua) -> Result<Table> {
     }
     let core = lua.create_table()?;
     core.set("PARK", Value::LightUserData(sched::park_value()))?;
+    core.set("DELIVERED", Value::LightUserData(sched::delivered_value()))?;
     core.set("now", lua.create_function(|lua, ()| Ok(runtime(lua)?.clock(Instant::now())))?)?;
     core.set("sleep", lua.create_function(time::sleep)?)?;
     core.set("resolve", lua.create_function(resolve)?)?;
-    ws::core(lua, &core)?;
+    ws::core(lua, &runtime(lua)?, &core)?;
     let (half, internal): (Table, Table) =
         lua.load(include_str!("../../lua/luna.lua")).set_name("=luna.lua").call(core)?;
     lua.set_named_registry_value(KEY, &half)?;

@@ -5,6 +5,8 @@
 //! the runtime are never held while Lua code runs: Lua calls back into us.
 
 use std::collections::{HashMap, VecDeque};
+
+use rustc_hash::FxHashMap;
 use std::ffi::c_void;
 use std::time::Duration;
 
@@ -32,7 +34,7 @@ pub(crate) type Hook = Box<dyn FnOnce(&Lua, &Runtime, Result<MultiValue>) -> Res
 pub(crate) struct Sched {
     /// Hooks of running owned coroutines, by thread pointer (the key keeps the thread alive, so
     /// the pointer cannot be reused meanwhile).
-    hooks: HashMap<usize, (RegistryKey, Hook)>,
+    hooks: FxHashMap<usize, (RegistryKey, Hook)>,
     pub timers: TimerQueue<TimerAction>,
     /// Parked coroutines that are ready, resumed by the current or next update.
     pub jobs: VecDeque<RegistryKey>,
@@ -41,7 +43,7 @@ pub(crate) struct Sched {
     /// Coroutines waiting for a host name, by host.
     pub dns_waiters: HashMap<String, Vec<RegistryKey>>,
     /// Coroutines waiting for a driver entry (a socket) to have something for them.
-    pub waiters: HashMap<Key, Vec<RegistryKey>>,
+    pub waiters: FxHashMap<Key, Vec<RegistryKey>>,
     /// `luna.set_error_handler`: receives errors of library-owned coroutines instead of `update`.
     pub error_handler: Option<RegistryKey>,
     /// `luna.close()` was called (the standalone host exits once nothing is pending).
@@ -71,10 +73,16 @@ impl Sched {
 }
 
 static PARK_SENTINEL: u8 = 0;
+static DELIVERED_SENTINEL: u8 = 0;
 
 /// The value a parked coroutine yields.
 pub(crate) fn park_value() -> LightUserData {
     LightUserData(&PARK_SENTINEL as *const u8 as *mut c_void)
+}
+
+/// The first resume value of a coroutine that is handed what it waited for (the rest follow).
+pub(crate) fn delivered_value() -> LightUserData {
+    LightUserData(&DELIVERED_SENTINEL as *const u8 as *mut c_void)
 }
 
 fn is_park(values: &MultiValue) -> bool {
@@ -109,6 +117,15 @@ pub(crate) fn resume(lua: &Lua, rt: &Runtime, thread: &Thread, args: impl IntoLu
     }
 }
 
+/// A new coroutine running `func`, whose end (result or error) goes to `hook`; start it with
+/// [`resume`].
+pub(crate) fn create_owned(lua: &Lua, rt: &Runtime, func: Function, hook: Hook) -> Result<Thread> {
+    let thread = lua.create_thread(func)?;
+    let key = lua.create_registry_value(&thread)?;
+    rt.sched.borrow_mut().hooks.insert(thread.to_pointer() as usize, (key, hook));
+    Ok(thread)
+}
+
 /// Runs `func(args)` in a new coroutine whose end (result or error) goes to `hook`.
 pub(crate) fn spawn_owned(
     lua: &Lua,
@@ -117,11 +134,17 @@ pub(crate) fn spawn_owned(
     args: impl IntoLuaMulti,
     hook: Hook,
 ) -> Result<Thread> {
-    let thread = lua.create_thread(func)?;
-    let key = lua.create_registry_value(&thread)?;
-    rt.sched.borrow_mut().hooks.insert(thread.to_pointer() as usize, (key, hook));
+    let thread = create_owned(lua, rt, func, hook)?;
     resume(lua, rt, &thread, args)?;
     Ok(thread)
+}
+
+/// The library-owned coroutine whose `Thread::to_pointer` is `pointer`, while it runs.
+pub(crate) fn owned_thread(lua: &Lua, rt: &Runtime, pointer: usize) -> Result<Option<Thread>> {
+    match rt.sched.borrow().hooks.get(&pointer) {
+        Some((key, _)) => lua.registry_value(key).map(Some),
+        None => Ok(None),
+    }
 }
 
 /// The error policy for library-owned coroutines: the error handler if one is set, otherwise

@@ -22,6 +22,9 @@ pub use error::{Error, Result};
 pub use slots::{Key, Slots};
 pub use timers::TimerQueue;
 
+/// Bytes queued on a stream during an update past which it is written at once.
+const WRITE_NOW: usize = 64 * 1024;
+
 /// The waker token; entry tokens never reach it (their index is below `u32::MAX`).
 const WAKER: Token = Token(usize::MAX);
 
@@ -59,7 +62,9 @@ pub struct Driver {
     /// Entries that asked to be serviced at a time (timeouts, keep-alive, retransmission).
     deadlines: TimerQueue<Key>,
     /// Each entry's armed deadline: (timer id, when).
-    armed: std::collections::HashMap<Key, (u64, Instant)>,
+    armed: rustc_hash::FxHashMap<Key, (u64, Instant)>,
+    /// Streams with output queued during the current update ([`Driver::ws_queued`]).
+    ws_to_flush: Vec<Key>,
     /// The one buffer streams read into (they are serviced one at a time).
     read_buf: Box<[u8]>,
 }
@@ -76,6 +81,7 @@ impl Driver {
             resolved: Vec::new(),
             deadlines: TimerQueue::default(),
             armed: Default::default(),
+            ws_to_flush: Vec::new(),
             read_buf: vec![0; 64 * 1024].into_boxed_slice(),
         })
     }
@@ -153,11 +159,11 @@ impl Driver {
     }
 
     /// Starts a client WebSocket stream owned by `owner` (the caller's handle for the app).
-    pub fn ws_connect(&mut self, stream: ws::Stream, now: Instant) -> Result<Key> {
+    pub fn ws_connect(&mut self, stream: ws::Stream) -> Result<Key> {
         let key = self.entries.insert(Entry::Ws(Box::new(stream)));
         let Some(Entry::Ws(stream)) = self.entries.get_mut(key) else { unreachable!() };
         stream.register(self.poll.registry(), key.token())?;
-        self.ws_reschedule(key, now);
+        self.ws_reschedule(key);
         Ok(key)
     }
 
@@ -182,7 +188,7 @@ impl Driver {
                 if stream.should_resume_reading() {
                     stream.service(key, self.poll.registry(), now, io, &mut self.read_buf);
                 }
-                self.ws_reschedule(key, now);
+                self.ws_reschedule(key);
             }
             _ => {}
         }
@@ -200,7 +206,7 @@ impl Driver {
 
     /// Re-arms a stream's deadline after its state changed; forgets a server stream that closed
     /// before its upgrade completed (nobody above knows about it).
-    fn ws_reschedule(&mut self, key: Key, _now: Instant) {
+    fn ws_reschedule(&mut self, key: Key) {
         let Some(Entry::Ws(stream)) = self.entries.get_mut(key) else { return };
         if stream.is_orphan() {
             self.close(key);
@@ -219,10 +225,36 @@ impl Driver {
     }
 
     /// Writes what a stream has queued and re-arms its deadline (after send/close).
-    pub fn ws_flush(&mut self, key: Key, now: Instant, io: &mut Vec<ws::WsIo>) {
+    pub fn ws_flush(&mut self, key: Key, io: &mut Vec<ws::WsIo>) {
         if let Some(Entry::Ws(stream)) = self.entries.get_mut(key) {
             stream.write(key, self.poll.registry(), io);
-            self.ws_reschedule(key, now);
+            self.ws_reschedule(key);
+        }
+    }
+
+    /// Like [`Driver::ws_flush`], but while the caller is in the middle of an update: the stream
+    /// is written by [`Driver::ws_flush_queued`] at its end, so replies to many connections
+    /// leave back to back (and a message sent twice in one update costs one write). A stream with
+    /// [`WRITE_NOW`] bytes waiting is written at once, so a burst never meets the backpressure
+    /// bound only because it was held back.
+    pub fn ws_queued(&mut self, key: Key, io: &mut Vec<ws::WsIo>) {
+        let Some(Entry::Ws(stream)) = self.entries.get_mut(key) else { return };
+        if stream.queued_len() >= WRITE_NOW {
+            return self.ws_flush(key, io);
+        }
+        if !stream.flush_due {
+            stream.flush_due = true;
+            self.ws_to_flush.push(key);
+        }
+    }
+
+    /// Writes every stream [`Driver::ws_queued`] noted.
+    pub fn ws_flush_queued(&mut self, io: &mut Vec<ws::WsIo>) {
+        for key in std::mem::take(&mut self.ws_to_flush) {
+            if let Some(Entry::Ws(stream)) = self.entries.get_mut(key) {
+                stream.flush_due = false;
+                self.ws_flush(key, io);
+            }
         }
     }
 

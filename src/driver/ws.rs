@@ -117,6 +117,8 @@ pub struct Stream {
     known: bool,
     /// The poller saw the peer's end of stream or an error: read on until EOF.
     pub(super) hangup: bool,
+    /// Waiting in the driver's list of streams to write at the end of the update.
+    pub(super) flush_due: bool,
 }
 
 /// What a stream reports to the layer above.
@@ -166,6 +168,7 @@ impl Stream {
             read_paused: false,
             known: false,
             hangup: false,
+            flush_due: false,
         }
     }
 
@@ -610,6 +613,24 @@ impl Stream {
 
     pub fn is_closed(&self) -> bool {
         self.closed
+    }
+
+    /// How the stream ended (code, reason, clean), once it has; messages received before the
+    /// end stay in the inbox.
+    pub fn end(&self) -> Option<(u16, &str, bool)> {
+        match self.inbox.back()? {
+            Received::Closed { code, reason, clean } => Some((*code, reason, *clean)),
+            Received::Message(..) => None,
+        }
+    }
+
+    /// Bytes waiting to be written to the socket.
+    pub fn queued_len(&self) -> usize {
+        let conn = match &self.phase {
+            Phase::Open(conn) => conn.outgoing_len(),
+            _ => 0,
+        };
+        self.out.len() + conn
     }
 
     /// Queues a message; `Err` carries a readable reason (closed, backpressure).

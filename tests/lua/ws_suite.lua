@@ -120,6 +120,106 @@ return function(T, luna, lunac)
     luna.remove_web_app(app)
   end)
 
+  T.test("messages wait for a busy handler, in order; on_close gets the code with messages queued", function()
+    local got, seen = {}, {}
+    local app = luna.new_web_app({
+      name = "busy", host = "127.0.0.1", port = 0, debug = false,
+      protocols = {
+        default = function(ws)
+          ws.on_close = function(code, reason) seen.on_close = { code, reason } end
+          T.eq(ws:receive(), "start", "first message")
+          luna.sleep(0.3) -- the client sends five messages and closes meanwhile
+          while true do
+            local message, _, clean, code, reason = ws:receive()
+            if not message then
+              seen.ended = { clean, code, reason }
+              return
+            end
+            got[#got + 1] = message
+          end
+        end,
+      },
+    })
+    local c, log = client("ws://127.0.0.1:" .. app.port)
+    T.wait_until(function() return log.connected end, 2, "connect")
+    c:send("start")
+    for i = 1, 5 do c:send("m" .. i) end
+    c:close(4003, "done")
+    T.wait_until(function() return seen.ended end, 3, "handler saw the end")
+    T.eq(table.concat(got, ","), "m1,m2,m3,m4,m5", "every message, in order")
+    T.eq(seen.ended[2], 4003, "receive returns the code")
+    T.eq(seen.on_close and seen.on_close[1], 4003, "on_close code")
+    T.eq(seen.on_close and seen.on_close[2], "done", "on_close reason")
+    luna.remove_web_app(app)
+  end)
+
+  T.test("a second coroutine receiving on a ws and a stray resume of the handler lose nothing", function()
+    local by_handler, by_helper, handler_co = {}, {}, nil
+    local app = luna.new_web_app({
+      name = "shared", host = "127.0.0.1", port = 0, debug = false,
+      protocols = {
+        default = function(ws)
+          handler_co = coroutine.running()
+          luna.spawn(function()
+            while true do
+              local message = ws:receive()
+              if not message then return end
+              by_helper[#by_helper + 1] = message
+            end
+          end)
+          while true do
+            local message = ws:receive()
+            if not message then return end
+            by_handler[#by_handler + 1] = message
+          end
+        end,
+      },
+    })
+    local c, log = client("ws://127.0.0.1:" .. app.port)
+    T.wait_until(function() return log.connected and handler_co end, 2, "connect")
+    -- Someone resumes the parked handler by hand: it must go back to waiting.
+    T.eq(coroutine.resume(handler_co, "junk", 1), true, "stray resume")
+    for i = 1, 20 do c:send(tostring(i)) end
+    T.wait_until(function() return #by_handler + #by_helper == 20 end, 3, "twenty messages")
+    local all = {}
+    for _, m in ipairs(by_handler) do all[#all + 1] = tonumber(m) end
+    for _, m in ipairs(by_helper) do all[#all + 1] = tonumber(m) end
+    table.sort(all)
+    for i = 1, 20 do T.eq(all[i], i, "message " .. i .. " exactly once") end
+    for i = 2, #by_handler do T.ok(tonumber(by_handler[i]) > tonumber(by_handler[i - 1]), "handler in order") end
+    T.ok(#by_handler > 0, "the handler got messages")
+    luna.remove_web_app(app)
+  end)
+
+  T.test("ws:send misuse names the call; sends after the end report it", function()
+    local checked
+    local app = luna.new_web_app({
+      name = "misuse", host = "127.0.0.1", port = 0, debug = false,
+      protocols = {
+        default = function(ws)
+          local ok, err = pcall(ws.send, ws, {}, 1)
+          T.ok(not ok and err:find("ws:send(data, opcode): 'data' must be a string, got table", 1, true), err)
+          ok, err = pcall(ws.send, ws, "x", 7)
+          T.ok(not ok and err:find("'opcode' must be opcodes.TEXT (1) or opcodes.BINARY (2)", 1, true), err)
+          T.eq(ws:send(42), true, "a number is sent as Lua prints it")
+          T.eq(ws:send("bin", 2), true, "binary")
+          ws:receive()
+          local sent, why = ws:send("late")
+          T.eq(sent, nil, "send after the end")
+          T.ok(type(why) == "string", "with a reason")
+          checked = true
+        end,
+      },
+    })
+    local c, log = client("ws://127.0.0.1:" .. app.port)
+    T.wait_until(function() return #log.messages == 2 end, 2, "two messages")
+    T.eq(log.messages[1][1], "42", "number payload")
+    T.eq(log.messages[2][2], 2, "binary opcode")
+    c:close()
+    T.wait_until(function() return checked end, 2, "handler finished")
+    luna.remove_web_app(app)
+  end)
+
   T.test("protocol choice: first offered name that is a handler wins; no default refuses", function()
     local seen = {}
     local app = luna.new_web_app({

@@ -1,0 +1,278 @@
+//! WebSocket clients: `lunac.connect_to_web_app`, `lunac.disconnect_to_web_app` and the app
+//! object (`send`, `close`, callbacks).
+
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use mlua::{
+    AnyUserData, Function, IntoLuaMulti, Lua, MetaMethod, MultiValue, RegistryKey, Result, Table, UserData,
+    UserDataMethods, Value,
+};
+
+use super::super::error::{bad_arg, message, misuse};
+use super::super::options::Options;
+use super::super::{runtime, Runtime};
+use super::{close_code, opcode_arg, opcodes, policy, send, settings, with_data, with_stream, Client};
+use crate::driver::ws::{Received, Stream};
+use crate::driver::{Key, Lookup};
+use crate::proto::ws::{self as proto, WsConfig, WsUrl};
+
+pub(super) const ON_CONNECT: usize = 0;
+const ON_MESSAGE: usize = 1;
+const ON_CLOSE: usize = 2;
+
+const CLIENT_KEYS: &[&str] = &[
+    "name",
+    "url",
+    "debug",
+    "error_handler",
+    "no_errors",
+    "protocol",
+    "ssl",
+    "on_connect",
+    "on_message",
+    "on_close",
+    "max_message_size",
+];
+
+/// A client app (`lunac.connect_to_web_app`).
+struct WsClient(u64);
+
+/// Fields users attach to a client object (their own data).
+fn fields(ud: &AnyUserData) -> Result<Table> {
+    ud.user_value::<Table>()
+}
+
+impl UserData for WsClient {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("send", |lua, this, (data, op): (Value, Value)| {
+            let call = "app:send(data, opcode)";
+            let (op, rt) = (opcode_arg(call, &op)?, runtime(lua)?);
+            let stream = rt.ws.borrow().clients.get(&this.0).and_then(|c| c.stream);
+            with_data(call, &data, |data| match stream {
+                Some(key) => send(&rt, key, op, data),
+                None => (None, Some("not connected".to_owned())),
+            })
+        });
+        methods.add_method("close", |lua, this, (code, reason): (Value, Option<String>)| {
+            let code = close_code("app:close(code, reason)", &code)?;
+            disconnect(&*runtime(lua)?, this.0, code, reason.as_deref().unwrap_or(""));
+            Ok(true)
+        });
+        methods.add_meta_function(MetaMethod::Index, |lua, (ud, key): (AnyUserData, Value)| {
+            let id = ud.borrow::<WsClient>()?.0;
+            if let Value::String(name) = &key {
+                let rt = runtime(lua)?;
+                let ws = rt.ws.borrow();
+                match (name.as_bytes().as_ref(), ws.clients.get(&id)) {
+                    (b"opcodes", _) => return Ok(Value::Table(opcodes(lua)?)),
+                    (b"name", Some(c)) => return lua.create_string(&c.name).map(Value::String),
+                    (b"connected", c) => {
+                        let open = c
+                            .and_then(|c| c.stream)
+                            .is_some_and(|k| rt.driver.borrow_mut().ws_stream(k).is_ok_and(|s| s.is_open()));
+                        return Ok(Value::Boolean(open));
+                    }
+                    _ => {}
+                }
+            }
+            fields(&ud)?.raw_get(key)
+        });
+        methods
+            .add_meta_function(MetaMethod::NewIndex, |_, (ud, key, value): (AnyUserData, Value, Value)| {
+                fields(&ud)?.raw_set(key, value)
+            });
+    }
+}
+
+fn new_object<T: UserData + 'static>(lua: &Lua, value: T) -> Result<AnyUserData> {
+    let ud = lua.create_userdata(value)?;
+    ud.set_user_value(lua.create_table()?)?;
+    Ok(ud)
+}
+
+/// `lunac.connect_to_web_app(config)`.
+fn connect_to_web_app(lua: &Lua, config: Value) -> Result<AnyUserData> {
+    let call = "lunac.connect_to_web_app(config)";
+    let opts = Options::new(call, config, CLIENT_KEYS)?;
+    let name = opts.string("name")?.unwrap_or_else(|| "unknown name".into());
+    let Some(url_text) = opts.string("url")? else {
+        return Err(misuse(call, "'url' is required, e.g. \"ws://127.0.0.1:8080/path\""));
+    };
+    let url = WsUrl::parse(&url_text).map_err(|e| misuse(call, format!("'url': {e}")))?;
+    let protocols = match opts.table("protocol") {
+        Ok(Some(list)) => list.sequence_values::<String>().collect::<Result<Vec<_>>>()?,
+        _ => opts.string("protocol")?.into_iter().collect(),
+    };
+    let rt = runtime(lua)?;
+    if rt.ws.borrow().clients.values().any(|c| c.name == name) {
+        return Err(misuse(call, format!("a web client named '{name}' already exists")));
+    }
+    let tls = if url.secure {
+        let (ca, verify) = match opts.table("ssl")? {
+            Some(ssl) => {
+                let ssl = Options::new(call, Value::Table(ssl), &["ca", "verify"])?;
+                (ssl.string("ca")?, ssl.boolean("verify")?.unwrap_or(true))
+            }
+            None => (None, true),
+        };
+        let cached = rt.ws.borrow().tls_clients.get(&(ca.clone(), verify)).cloned();
+        Some(match cached {
+            Some(config) => config,
+            None => {
+                let config = proto::client_config(ca.as_deref().map(std::path::Path::new), verify)
+                    .map_err(|e| misuse(call, format!("ssl: {e}")))?;
+                rt.ws.borrow_mut().tls_clients.insert((ca, verify), config.clone());
+                config
+            }
+        })
+    } else {
+        None
+    };
+    let settings = settings(&opts, WsConfig::default())?;
+    let policy = policy(&opts, lua, format!("web-client '{name}'"))?;
+    let mut callbacks: [Option<RegistryKey>; 3] = Default::default();
+    for (slot, key) in [(ON_CONNECT, "on_connect"), (ON_MESSAGE, "on_message"), (ON_CLOSE, "on_close")] {
+        callbacks[slot] = opts.function(key)?.map(|f| lua.create_registry_value(f)).transpose()?;
+    }
+    let id = rt.ws.borrow_mut().id();
+    let object = new_object(lua, WsClient(id))?;
+    let client = Client {
+        name,
+        policy,
+        object: lua.create_registry_value(&object)?,
+        url,
+        protocols,
+        tls,
+        settings,
+        stream: None,
+        callbacks,
+    };
+    rt.ws.borrow_mut().clients.insert(id, client);
+    start_client(&rt, id, Instant::now());
+    Ok(object)
+}
+
+/// Resolves (without blocking) and connects a client; failures are reported by the next update.
+pub(super) fn start_client(rt: &Runtime, id: u64, now: Instant) {
+    let (url, protocols, tls, settings) = {
+        let ws = rt.ws.borrow();
+        let Some(c) = ws.clients.get(&id) else { return };
+        (c.url.clone(), c.protocols.clone(), c.tls.clone(), c.settings.clone())
+    };
+    let lookup = rt.driver.borrow_mut().lookup(&url.host, now);
+    let ip = match lookup {
+        Lookup::Pending => return,
+        Lookup::Failed(e) => return rt.ws.borrow_mut().failed.push((id, e)),
+        Lookup::Done(ips) => ips[0],
+    };
+    let mut key = [0u8; 16];
+    if ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key).is_err() {
+        return rt.ws.borrow_mut().failed.push((id, "no randomness for the WebSocket key".into()));
+    }
+    let protocols: Vec<&str> = protocols.iter().map(String::as_str).collect();
+    let started = Stream::connect(SocketAddr::new(ip, url.port), &url, &protocols, key, tls, settings, now)
+        .and_then(|stream| rt.driver.borrow_mut().ws_connect(stream).map_err(|e| e.to_string()));
+    let mut ws = rt.ws.borrow_mut();
+    match started {
+        Ok(key) => {
+            ws.client_streams.insert(key, id);
+            if let Some(c) = ws.clients.get_mut(&id) {
+                c.stream = Some(key);
+            }
+        }
+        Err(e) => ws.failed.push((id, e)),
+    }
+}
+
+pub(super) fn disconnect(rt: &Runtime, id: u64, code: u16, reason: &str) {
+    let stream = rt.ws.borrow().clients.get(&id).and_then(|c| c.stream);
+    match stream {
+        Some(key) => {
+            with_stream(rt, key, |s| s.close(code, reason));
+        }
+        None => rt.ws.borrow_mut().failed.push((id, reason.to_owned())),
+    }
+}
+
+/// `lunac.disconnect_to_web_app(app or name)`: close frame 1000; `on_close` follows.
+fn disconnect_to_web_app(lua: &Lua, which: Value) -> Result<(bool, Option<String>)> {
+    let rt = runtime(lua)?;
+    let id = match &which {
+        Value::UserData(ud) => ud.borrow::<WsClient>().ok().map(|c| c.0),
+        Value::String(s) => {
+            let name = s.to_str()?;
+            rt.ws.borrow().clients.iter().find(|(_, c)| c.name == *name).map(|(id, _)| *id)
+        }
+        other => {
+            return Err(bad_arg("lunac.disconnect_to_web_app(app)", "app", "a web client or its name", other))
+        }
+    };
+    match id.filter(|id| rt.ws.borrow().clients.contains_key(id)) {
+        Some(id) => {
+            disconnect(&rt, id, 1000, "App closing");
+            Ok((true, None))
+        }
+        None => Ok((false, Some("App not found".into()))),
+    }
+}
+
+pub(super) fn client_callback(lua: &Lua, rt: &Runtime, id: u64, slot: usize, args: MultiValue) -> Result<()> {
+    let (callback, object, policy) = {
+        let ws = rt.ws.borrow();
+        let Some(c) = ws.clients.get(&id) else { return Ok(()) };
+        let callback = match &c.callbacks[slot] {
+            Some(key) => lua.registry_value::<Function>(key)?,
+            None => return Ok(()),
+        };
+        (callback, lua.registry_value::<AnyUserData>(&c.object)?, c.policy.clone())
+    };
+    let mut full = MultiValue::new();
+    full.push_back(Value::UserData(object));
+    full.extend(args);
+    match callback.call::<()>(full) {
+        Ok(()) => Ok(()),
+        Err(e) => policy.report(lua, &message(&e)),
+    }
+}
+
+pub(super) fn client_inbox(lua: &Lua, rt: &Runtime, id: u64, conn: Key) -> Result<()> {
+    loop {
+        let received = rt.driver.borrow_mut().ws_stream(conn).ok().and_then(|s| s.receive());
+        match received {
+            None => return Ok(()),
+            Some(Received::Message(op, data)) => {
+                let args = (lua.create_string(&data)?, op.as_u8()).into_lua_multi(lua)?;
+                client_callback(lua, rt, id, ON_MESSAGE, args)?;
+            }
+            Some(Received::Closed { code, reason, .. }) => {
+                rt.driver.borrow_mut().close(conn);
+                rt.ws.borrow_mut().client_streams.remove(&conn);
+                return client_closed(lua, rt, id, code, &reason);
+            }
+        }
+    }
+}
+
+/// A client's connection ended (or never started): `on_close(self, code, reason)`, then forget it.
+pub(super) fn client_closed(lua: &Lua, rt: &Runtime, id: u64, code: u16, reason: &str) -> Result<()> {
+    if let Some(policy) = rt.ws.borrow().clients.get(&id).map(|c| c.policy.clone()) {
+        if code == 1006 {
+            policy.network(lua, &format!("connection lost: {reason}"))?;
+        }
+    }
+    let args = (code, reason.to_owned()).into_lua_multi(lua)?;
+    let result = client_callback(lua, rt, id, ON_CLOSE, args);
+    if let Some(c) = rt.ws.borrow_mut().clients.remove(&id) {
+        lua.remove_registry_value(c.object)?;
+        for key in c.callbacks.into_iter().flatten() {
+            lua.remove_registry_value(key)?;
+        }
+    }
+    result
+}
+
+pub(super) fn register(lua: &Lua, module: &Table) -> Result<()> {
+    module.set("connect_to_web_app", lua.create_function(connect_to_web_app)?)?;
+    module.set("disconnect_to_web_app", lua.create_function(disconnect_to_web_app)?)
+}

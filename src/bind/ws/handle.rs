@@ -1,0 +1,271 @@
+//! The primitives behind a server-side `ws` object (a Lua table built by lua/luna.lua around
+//! a numeric handle `__h`): `core.ws_send`, `core.ws_receive`, `core.ws_wait`, `core.ws_close`,
+//! `core.ws_broadcast`, `core.ws_peer`, `core.ws_info`, and the hand-over of a message to a
+//! handler parked in `receive`.
+//!
+//! The hot pair, `send` and `receive`, are raw C functions (`super::super::raw`). A handler that
+//! finds nothing to receive parks itself with a flag on its connection, and the next message is
+//! passed to it as resume values (`DELIVERED, message, opcode`) without a further call.
+
+use std::ffi::c_int;
+
+use mlua::{IntoLuaMulti, Lua, Result, Thread, ThreadStatus, Value};
+
+use super::super::raw::{RawFn, Stack};
+use super::super::sched::{self, delivered_value, park_value};
+use super::super::{runtime, Runtime};
+use super::{close_code, opcode_arg, send, with_data, with_stream};
+use crate::driver::ws::Received;
+use crate::driver::Key;
+use crate::proto::ws::{self as proto, Opcode};
+
+/// The connection behind a handle, if it is still known.
+fn conn_key(rt: &Runtime, handle: &Value) -> Option<Key> {
+    let id = match handle {
+        Value::Integer(i) => *i as u64,
+        Value::Number(n) => *n as u64,
+        _ => return None,
+    };
+    rt.ws.borrow().handles.get(&id).copied()
+}
+
+/// `ws.raw_socket`: addresses, descriptor, upgrade request details and TLS parameters.
+fn peer_info(lua: &Lua, rt: &Runtime, key: Key) -> Result<Value> {
+    let driver = rt.driver.borrow();
+    let Some(crate::driver::Entry::Ws(stream)) = driver.entry(key) else { return Ok(Value::Nil) };
+    let t = lua.create_table()?;
+    t.set("peer_ip", stream.peer.ip().to_string())?;
+    t.set("peer_port", stream.peer.port())?;
+    if let Some(local) = stream.local {
+        t.set("local_ip", local.ip().to_string())?;
+        t.set("local_port", local.port())?;
+    }
+    t.set("fd", stream.fd())?;
+    t.set("protocol", stream.upgrade.protocol.clone())?;
+    t.set("path", stream.upgrade.path.clone())?;
+    t.set("query", stream.upgrade.query.clone())?;
+    let headers = lua.create_table()?;
+    for (name, value) in &stream.upgrade.headers {
+        headers.set(name.as_str(), value.as_str())?;
+    }
+    t.set("headers", headers)?;
+    if let Some(tls) = stream.tls() {
+        let info = lua.create_table()?;
+        info.set("version", tls.protocol_version())?;
+        info.set("cipher", tls.cipher_suite())?;
+        info.set("sni", tls.sni_hostname())?;
+        t.set("tls", info)?;
+    }
+    Ok(Value::Table(t))
+}
+
+/// `core.ws_send(h, data, opcode)` → `true`, or `nil, reason` (closed, backpressure).
+pub(super) struct Send;
+
+impl RawFn for Send {
+    const NAME: &'static str = "ws:send(data, opcode)";
+
+    fn call(rt: &Runtime, st: &mut Stack) -> std::result::Result<c_int, String> {
+        let op = match st.integer(3) {
+            None if st.is_nil(3) => Opcode::Text,
+            Some(1) => Opcode::Text,
+            Some(2) => Opcode::Binary,
+            _ => {
+                return Err(format!(
+                    "{}: 'opcode' must be opcodes.TEXT (1) or opcodes.BINARY (2), got {}",
+                    Self::NAME,
+                    st.type_name(3)
+                ))
+            }
+        };
+        let key = st.integer(1).and_then(|h| rt.ws.borrow().handles.get(&(h as u64)).copied());
+        let Some(data) = st.bytes(2) else {
+            return Err(format!("{}: 'data' must be a string, got {}", Self::NAME, st.type_name(2)));
+        };
+        let (ok, err) = match key {
+            Some(key) => send(rt, key, op, data),
+            None => (None, Some("the connection is closed".to_owned())),
+        };
+        match (ok, err) {
+            (Some(ok), _) => st.push_bool(ok),
+            (None, err) => {
+                st.push_nil();
+                st.push_bytes(err.unwrap_or_default().as_bytes());
+                return Ok(2);
+            }
+        }
+        Ok(1)
+    }
+}
+
+/// Pops the next received message (or peeks at the end) of a stream; `None` while nothing is
+/// there. A stream gone from the driver ends with 1006.
+fn take_received(rt: &Runtime, key: Key) -> Option<Received> {
+    let mut driver = rt.driver.borrow_mut();
+    match driver.ws_stream(key) {
+        Ok(stream) => {
+            let received = stream.receive();
+            if stream.should_resume_reading() {
+                rt.service.borrow_mut().push_back(key);
+            }
+            received
+        }
+        Err(_) => Some(Received::Closed { code: 1006, reason: "connection released".into(), clean: false }),
+    }
+}
+
+/// `core.ws_receive(h)` → `message, opcode`; `nil, nil, clean, code, reason` once the connection
+/// ended; `PARK` when the calling coroutine is the connection's handler (it is now parked and the
+/// next message resumes it); `false` for any other coroutine (it parks with `core.ws_wait`).
+pub(super) struct Receive;
+
+impl RawFn for Receive {
+    const NAME: &'static str = "ws:receive()";
+
+    fn call(rt: &Runtime, st: &mut Stack) -> std::result::Result<c_int, String> {
+        let released = Received::Closed { code: 1006, reason: "connection released".into(), clean: false };
+        let Some(key) = st.integer(1).and_then(|h| rt.ws.borrow().handles.get(&(h as u64)).copied()) else {
+            return Ok(push_received(st, &released));
+        };
+        // Whatever resumed the handler, it is not parked until it says so again.
+        let is_handler = match rt.ws.borrow_mut().conns.get_mut(&key) {
+            Some(c) if c.handler == st.thread() => {
+                c.parked = false;
+                true
+            }
+            _ => false,
+        };
+        match take_received(rt, key) {
+            Some(received) => Ok(push_received(st, &received)),
+            None if is_handler => {
+                if let Some(c) = rt.ws.borrow_mut().conns.get_mut(&key) {
+                    c.parked = true;
+                }
+                st.push_light(park_value().0);
+                Ok(1)
+            }
+            None => {
+                st.push_bool(false);
+                Ok(1)
+            }
+        }
+    }
+}
+
+/// Pushes what `receive` returns for `received`; the count of values.
+fn push_received(st: &mut Stack, received: &Received) -> c_int {
+    match received {
+        Received::Message(op, data) => {
+            st.push_bytes(data);
+            st.push_int(op.as_u8().into());
+            2
+        }
+        Received::Closed { code, reason, clean } => {
+            st.push_nil();
+            st.push_nil();
+            st.push_bool(*clean);
+            st.push_int((*code).into());
+            st.push_bytes(reason.as_bytes());
+            5
+        }
+    }
+}
+
+/// `core.ws_wait(h, co)`: parks a coroutine other than the handler until the connection has
+/// news; `false` if the connection is gone (nothing will wake it).
+fn ws_wait(lua: &Lua, (h, thread): (Value, Thread)) -> Result<bool> {
+    let rt = runtime(lua)?;
+    let Some(key) = conn_key(&rt, &h) else { return Ok(false) };
+    let thread = lua.create_registry_value(thread)?;
+    rt.sched.borrow_mut().park_on(key, thread);
+    Ok(true)
+}
+
+/// Hands the next message (or the end) to the connection's handler if it is parked in
+/// `receive`: it resumes with `DELIVERED, message, opcode` (or `DELIVERED, nil, nil, clean,
+/// code, reason`).
+pub(super) fn deliver(lua: &Lua, rt: &Runtime, conn: Key) -> Result<()> {
+    let handler = match rt.ws.borrow().conns.get(&conn) {
+        Some(c) if c.parked => c.handler,
+        _ => return Ok(()),
+    };
+    let Some(thread) = sched::owned_thread(lua, rt, handler)? else { return Ok(()) };
+    if thread.status() != ThreadStatus::Resumable {
+        return Ok(());
+    }
+    let Some(received) = take_received(rt, conn) else { return Ok(()) };
+    if let Some(c) = rt.ws.borrow_mut().conns.get_mut(&conn) {
+        c.parked = false;
+    }
+    let tag = Value::LightUserData(delivered_value());
+    let args = match received {
+        Received::Message(op, data) => (tag, lua.create_string(&data)?, op.as_u8()).into_lua_multi(lua)?,
+        Received::Closed { code, reason, clean } => {
+            (tag, Value::Nil, Value::Nil, clean, code, reason).into_lua_multi(lua)?
+        }
+    };
+    sched::resume(lua, rt, &thread, args)
+}
+
+/// `core.ws_close(h, code, reason)`.
+fn ws_close(lua: &Lua, (h, code, reason): (Value, Value, Option<String>)) -> Result<bool> {
+    let code = close_code("ws:close(code, reason)", &code)?;
+    let rt = runtime(lua)?;
+    if let Some(key) = conn_key(&rt, &h) {
+        with_stream(&rt, key, |s| s.close(code, reason.as_deref().unwrap_or("")));
+    }
+    Ok(true)
+}
+
+/// `core.ws_broadcast(h, data, opcode)`: encodes the frame once for the whole group.
+fn ws_broadcast(lua: &Lua, (h, data, op): (Value, Value, Value)) -> Result<usize> {
+    let call = "ws:broadcast(data, opcode)";
+    let (op, rt) = (opcode_arg(call, &op)?, runtime(lua)?);
+    let frame = with_data(call, &data, |data| proto::encode_frame(op, data))?
+        .map_err(|e| super::super::error::misuse(call, e))?;
+    let members: Vec<Key> = {
+        let ws = rt.ws.borrow();
+        let Some(conn) = conn_key(&rt, &h).and_then(|key| ws.conns.get(&key)) else { return Ok(0) };
+        let server = &ws.servers[&conn.server];
+        server.groups.get(&conn.group).map(|g| g.iter().copied().collect()).unwrap_or_default()
+    };
+    let mut sent = 0;
+    for member in members {
+        if let Some(Ok(())) = with_stream(&rt, member, |s| s.send_encoded(&frame)) {
+            sent += 1;
+        }
+    }
+    Ok(sent)
+}
+
+/// `core.ws_peer(h)` → ip, port (nil once released).
+fn ws_peer(lua: &Lua, h: Value) -> Result<(Option<String>, Option<u16>)> {
+    let rt = runtime(lua)?;
+    let Some(key) = conn_key(&rt, &h) else { return Ok((None, None)) };
+    let mut driver = rt.driver.borrow_mut();
+    Ok(match driver.ws_stream(key) {
+        Ok(stream) => (Some(stream.peer.ip().to_string()), Some(stream.peer.port())),
+        Err(_) => (None, None),
+    })
+}
+
+/// `core.ws_info(h)`: the `ws.raw_socket` table.
+fn ws_info(lua: &Lua, h: Value) -> Result<Value> {
+    let rt = runtime(lua)?;
+    match conn_key(&rt, &h) {
+        Some(key) => peer_info(lua, &rt, key),
+        None => Ok(Value::Nil),
+    }
+}
+
+/// Adds the primitives to `core`.
+pub(super) fn register(lua: &Lua, rt: &std::rc::Rc<Runtime>, core: &mlua::Table) -> Result<()> {
+    let boxed = super::super::raw::runtime_box(lua, rt)?;
+    core.set("ws_send", super::super::raw::function::<Send>(lua, &boxed)?)?;
+    core.set("ws_receive", super::super::raw::function::<Receive>(lua, &boxed)?)?;
+    core.set("ws_wait", lua.create_function(ws_wait)?)?;
+    core.set("ws_close", lua.create_function(ws_close)?)?;
+    core.set("ws_broadcast", lua.create_function(ws_broadcast)?)?;
+    core.set("ws_peer", lua.create_function(ws_peer)?)?;
+    core.set("ws_info", lua.create_function(ws_info)?)
+}

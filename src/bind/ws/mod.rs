@@ -1,0 +1,331 @@
+//! WebSocket apps: `luna.new_web_app` / `luna.remove_web_app` (server, handlers as coroutines;
+//! `server`), `lunac.connect_to_web_app` / `lunac.disconnect_to_web_app` (client, callbacks;
+//! `client`), and the primitives behind server `ws` objects (`handle`). This module keeps their
+//! shared state and turns stream events into calls.
+
+mod client;
+mod handle;
+mod server;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Instant;
+
+use mlua::{Lua, MultiValue, RegistryKey, Result, Table, Value};
+use rustc_hash::FxHashMap;
+
+use super::error::bad_arg;
+use super::options::Options;
+use super::policy::Policy;
+use super::{Runtime, Side};
+use crate::driver::ws::{Settings, Stream, WsIo};
+use crate::driver::{Key, Lookup};
+use crate::proto::ws::{self as proto, Opcode, WsConfig, WsUrl};
+use client::{client_callback, client_closed, client_inbox, disconnect, start_client, ON_CONNECT};
+use server::{accepted, bind_listener, remove_server, server_inbox};
+
+struct Server {
+    name: String,
+    policy: Rc<Policy>,
+    handlers: HashMap<String, RegistryKey>,
+    /// Open connections by handler name (`broadcast` goes to one group).
+    groups: HashMap<String, HashSet<Key>>,
+    listener: Option<Key>,
+    /// Host name still being resolved before the listener can bind.
+    pending: Option<(String, u16, Settings, Option<Arc<rustls::ServerConfig>>)>,
+    app: RegistryKey,
+}
+
+struct Conn {
+    server: u64,
+    /// The number Lua holds (`ws.__h`); never reused, unlike driver keys' slots.
+    handle: u64,
+    object: RegistryKey,
+    group: String,
+    /// The handler coroutine (`Thread::to_pointer`).
+    handler: usize,
+    /// The handler waits in `ws:receive()` for this connection's next message.
+    parked: bool,
+    handler_done: bool,
+    closed_seen: bool,
+}
+
+struct Client {
+    name: String,
+    policy: Rc<Policy>,
+    object: RegistryKey,
+    url: WsUrl,
+    protocols: Vec<String>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    settings: Settings,
+    stream: Option<Key>,
+    callbacks: [Option<RegistryKey>; 3],
+}
+
+#[derive(Default)]
+pub(crate) struct WsState {
+    servers: HashMap<u64, Server>,
+    listeners: HashMap<Key, u64>,
+    conns: FxHashMap<Key, Conn>,
+    /// Server connections by the handle their `ws` object holds.
+    handles: FxHashMap<u64, Key>,
+    clients: HashMap<u64, Client>,
+    client_streams: FxHashMap<Key, u64>,
+    next_id: u64,
+    /// Client failures found outside `update` (bad address…), reported by the next `update`.
+    failed: Vec<(u64, String)>,
+    /// Events produced by sends/closes outside `update`, dispatched by the next `update`.
+    deferred: std::collections::VecDeque<WsIo>,
+    tls_clients: HashMap<(Option<String>, bool), Arc<rustls::ClientConfig>>,
+}
+
+impl WsState {
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+}
+
+fn opcode_arg(call: &str, value: &Value) -> Result<Opcode> {
+    match value {
+        Value::Nil => Ok(Opcode::Text),
+        Value::Integer(1) => Ok(Opcode::Text),
+        Value::Integer(2) => Ok(Opcode::Binary),
+        Value::Number(n) if *n == 1.0 => Ok(Opcode::Text),
+        Value::Number(n) if *n == 2.0 => Ok(Opcode::Binary),
+        other => Err(bad_arg(call, "opcode", "opcodes.TEXT (1) or opcodes.BINARY (2)", other)),
+    }
+}
+
+/// Runs `f` on the bytes of a `data` argument (a string, or a number as Lua prints it) without
+/// copying strings.
+fn with_data<R>(call: &str, value: &Value, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+    match value {
+        Value::String(s) => Ok(f(&s.as_bytes())),
+        Value::Integer(i) => Ok(f(i.to_string().as_bytes())),
+        Value::Number(n) => Ok(f(n.to_string().as_bytes())),
+        other => Err(bad_arg(call, "data", "a string", other)),
+    }
+}
+
+fn opcodes(lua: &Lua) -> Result<Table> {
+    const KEY: &str = "luna.ws.opcodes";
+    if let Value::Table(t) = lua.named_registry_value::<Value>(KEY)? {
+        return Ok(t);
+    }
+    let t = lua.create_table()?;
+    for (name, code) in
+        [("CONTINUATION", 0), ("TEXT", 1), ("BINARY", 2), ("CLOSE", 8), ("PING", 9), ("PONG", 10)]
+    {
+        t.set(name, code)?;
+    }
+    lua.set_named_registry_value(KEY, &t)?;
+    Ok(t)
+}
+
+fn close_code(call: &str, value: &Value) -> Result<u16> {
+    match value {
+        Value::Nil => Ok(1000),
+        Value::Integer(c) if proto::conn::is_sendable_close_code(*c as u16) && *c < 5000 => Ok(*c as u16),
+        Value::Number(c)
+            if c.fract() == 0.0 && *c < 5000.0 && proto::conn::is_sendable_close_code(*c as u16) =>
+        {
+            Ok(*c as u16)
+        }
+        other => Err(bad_arg(call, "code", "a close code (1000-1003, 1007-1014, 3000-4999)", other)),
+    }
+}
+
+/// Changes a stream (send, close) and writes: at once outside `update`, at the end of it inside
+/// (`flush_queued`). Events it causes wait for the next update.
+fn with_stream<R>(rt: &Runtime, key: Key, f: impl FnOnce(&mut Stream) -> R) -> Option<R> {
+    let mut driver = rt.driver.borrow_mut();
+    let result = f(driver.ws_stream(key).ok()?);
+    let mut io = Vec::new();
+    if rt.in_update() {
+        driver.ws_queued(key, &mut io);
+    } else {
+        driver.ws_flush(key, &mut io);
+    }
+    drop(driver);
+    rt.ws.borrow_mut().deferred.extend(io);
+    Some(result)
+}
+
+fn send(rt: &Runtime, key: Key, op: Opcode, data: &[u8]) -> (Option<bool>, Option<String>) {
+    match with_stream(rt, key, |s| s.send(op, data)) {
+        Some(Ok(())) => (Some(true), None),
+        Some(Err(e)) => (None, Some(e)),
+        None => (None, Some("the connection is closed".into())),
+    }
+}
+
+fn settings(opts: &Options, ws_default: WsConfig) -> Result<Settings> {
+    let mut settings = Settings { ws: ws_default, ..Settings::default() };
+    if let Some(size) = opts.size("max_message_size")? {
+        settings.ws.max_message_size = size;
+        settings.ws.max_frame_size = settings.ws.max_frame_size.min(size);
+    }
+    settings.ping_interval = opts.seconds("ping_interval")?;
+    if let Some(timeout) = opts.seconds("ping_timeout")? {
+        settings.ping_timeout = timeout;
+    }
+    Ok(settings)
+}
+
+fn policy(opts: &Options, lua: &Lua, label: String) -> Result<Rc<Policy>> {
+    Ok(Rc::new(Policy {
+        label,
+        no_errors: opts.boolean("no_errors")?.unwrap_or(false),
+        handler: opts.function("error_handler")?.map(|f| lua.create_registry_value(f)).transpose()?,
+        debug: opts.boolean("debug")?.unwrap_or(true),
+    }))
+}
+
+/// A host name a server or client was waiting for has resolved.
+pub(crate) fn resolved(lua: &Lua, rt: &Runtime, host: &str, now: Instant) -> Result<()> {
+    let waiting: Vec<u64> = {
+        let ws = rt.ws.borrow();
+        ws.servers
+            .iter()
+            .filter(|(_, s)| s.pending.as_ref().is_some_and(|p| p.0 == host))
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    for id in waiting {
+        let Some((host, port, settings, tls)) =
+            rt.ws.borrow_mut().servers.get_mut(&id).and_then(|s| s.pending.take())
+        else {
+            continue;
+        };
+        let lookup = rt.driver.borrow_mut().lookup(&host, now);
+        let result = match lookup {
+            Lookup::Done(ips) => {
+                let addrs: Vec<SocketAddr> = ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect();
+                let names = rt.ws.borrow().servers[&id].handlers.keys().cloned().collect();
+                bind_listener(rt, &addrs, tls, names, settings).map(|(key, _)| key)
+            }
+            Lookup::Failed(e) => Err(e),
+            Lookup::Pending => continue,
+        };
+        let policy = rt.ws.borrow().servers[&id].policy.clone();
+        match result {
+            Ok(key) => {
+                let mut ws = rt.ws.borrow_mut();
+                ws.listeners.insert(key, id);
+                if let Some(server) = ws.servers.get_mut(&id) {
+                    server.listener = Some(key);
+                }
+            }
+            Err(e) => policy.report(lua, &e)?,
+        }
+    }
+    let clients: Vec<u64> = {
+        let ws = rt.ws.borrow();
+        ws.clients
+            .iter()
+            .filter(|(_, c)| c.stream.is_none() && c.url.host == host)
+            .map(|(id, _)| *id)
+            .collect()
+    };
+    for id in clients {
+        start_client(rt, id, now);
+    }
+    dispatch_deferred(lua, rt)
+}
+
+/// `luna.close()` / `lunac.close()`: every server or client WebSocket app.
+pub(crate) fn close_all(lua: &Lua, rt: &Runtime, side: Side) -> Result<()> {
+    match side {
+        Side::Server => {
+            let ids: Vec<u64> = rt.ws.borrow().servers.keys().copied().collect();
+            for id in ids {
+                remove_server(lua, rt, id)?;
+            }
+        }
+        Side::Client => {
+            let ids: Vec<u64> = rt.ws.borrow().clients.keys().copied().collect();
+            for id in ids {
+                disconnect(rt, id, 1000, "App closing");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Writes what sends during this update queued (the end of every update).
+pub(crate) fn flush_queued(rt: &Runtime) {
+    let mut io = Vec::new();
+    rt.driver.borrow_mut().ws_flush_queued(&mut io);
+    rt.ws.borrow_mut().deferred.extend(io);
+}
+
+/// Services a listener or stream and reacts to what happened.
+pub(crate) fn service(lua: &Lua, rt: &Runtime, key: Key, now: Instant) -> Result<()> {
+    let mut io = Vec::new();
+    rt.driver.borrow_mut().ws_service(key, now, &mut io);
+    rt.ws.borrow_mut().deferred.extend(io);
+    dispatch_deferred(lua, rt)
+}
+
+/// Dispatches queued stream events and client failures.
+pub(crate) fn dispatch_deferred(lua: &Lua, rt: &Runtime) -> Result<()> {
+    loop {
+        let failed = rt.ws.borrow_mut().failed.pop();
+        let Some((id, reason)) = failed else { break };
+        client_closed(lua, rt, id, 1006, &reason)?;
+    }
+    loop {
+        let next = rt.ws.borrow_mut().deferred.pop_front();
+        let Some(event) = next else { return Ok(()) };
+        handle(lua, rt, event)?;
+    }
+}
+
+fn handle(lua: &Lua, rt: &Runtime, event: WsIo) -> Result<()> {
+    match event {
+        WsIo::Accepted { conn, listener } => accepted(lua, rt, conn, listener),
+        WsIo::Rejected { listener, peer, reason } => {
+            let policy = {
+                let ws = rt.ws.borrow();
+                ws.listeners.get(&listener).and_then(|id| ws.servers.get(id)).map(|s| s.policy.clone())
+            };
+            match policy {
+                Some(policy) => policy.network(lua, &format!("refused upgrade from {peer}: {reason}")),
+                None => Ok(()),
+            }
+        }
+        WsIo::Opened { conn } => {
+            let id = rt.ws.borrow().client_streams.get(&conn).copied();
+            match id {
+                Some(id) => client_callback(lua, rt, id, ON_CONNECT, MultiValue::new()),
+                None => Ok(()),
+            }
+        }
+        WsIo::Inbox { conn } => {
+            rt.sched.borrow_mut().wake(conn);
+            let client = rt.ws.borrow().client_streams.get(&conn).copied();
+            match client {
+                Some(id) => client_inbox(lua, rt, id, conn),
+                // `on_close` first (as before the handler sees the end); the handler gets its
+                // message even if `on_close` raised.
+                None => server_inbox(lua, rt, conn).and(handle::deliver(lua, rt, conn)),
+            }
+        }
+    }
+}
+
+/// Adds the WebSocket functions of one side to its module table.
+pub(crate) fn register(lua: &Lua, module: &Table, side: Side) -> Result<()> {
+    match side {
+        Side::Server => server::register(lua, module),
+        Side::Client => client::register(lua, module),
+    }
+}
+
+/// The `core` primitives the Lua half needs.
+pub(crate) fn core(lua: &Lua, rt: &Rc<Runtime>, core: &Table) -> Result<()> {
+    handle::register(lua, rt, core)
+}

@@ -1,0 +1,316 @@
+//! WebSocket servers: `luna.new_web_app`, `luna.remove_web_app`, and each accepted connection's
+//! life (handler coroutine, `on_close`, release).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Instant;
+
+use mlua::{Function, Lua, Result, Table, Value};
+
+use super::super::error::{bad_arg, lua_type, message, misuse};
+use super::super::options::Options;
+use super::super::{runtime, sched, Runtime};
+use super::{opcodes, policy, settings, with_stream, Conn, Server};
+use crate::driver::ws::Settings;
+use crate::driver::{parse_ip, Key, Lookup};
+use crate::proto::ws::{self as proto, WsConfig};
+
+const SERVER_KEYS: &[&str] = &[
+    "name",
+    "host",
+    "port",
+    "debug",
+    "error_handler",
+    "no_errors",
+    "ssl",
+    "protocols",
+    "max_message_size",
+    "ping_interval",
+    "ping_timeout",
+];
+
+/// The address a server binds: `*` is every interface (IPv6 socket that also takes IPv4).
+fn bind_addresses(host: &str, port: u16) -> Option<Vec<SocketAddr>> {
+    match host {
+        "*" => Some(vec![
+            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
+            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+        ]),
+        "localhost" => Some(vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)]),
+        other => parse_ip(other).map(|ip| vec![SocketAddr::new(ip, port)]),
+    }
+}
+
+pub(super) fn bind_listener(
+    rt: &Runtime,
+    addrs: &[SocketAddr],
+    tls: Option<Arc<rustls::ServerConfig>>,
+    handlers: Vec<String>,
+    settings: Settings,
+) -> std::result::Result<(Key, SocketAddr), String> {
+    let mut driver = rt.driver.borrow_mut();
+    let mut last = String::new();
+    for addr in addrs {
+        match driver.ws_listen(*addr, tls.clone(), handlers.clone(), settings.clone()) {
+            Ok(key) => {
+                let Some(crate::driver::Entry::WsListener(l)) = driver.entry(key) else { unreachable!() };
+                let local = l.socket.local_addr().map_err(|e| e.to_string())?;
+                return Ok((key, local));
+            }
+            Err(e) => last = format!("cannot listen on {addr}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// `luna.new_web_app(config)`.
+fn new_web_app(lua: &Lua, config: Value) -> Result<Table> {
+    let call = "luna.new_web_app(config)";
+    let opts = Options::new(call, config, SERVER_KEYS)?;
+    let name = opts.string("name")?.unwrap_or_else(|| "unknown name".into());
+    let host = opts.string("host")?.unwrap_or_else(|| "*".into());
+    let port = opts.port("port")?.unwrap_or(80);
+    let Some(protocols) = opts.table("protocols")? else {
+        return Err(misuse(
+            call,
+            "'protocols' must be a table of handler functions, e.g. {default = function(ws) ... end}",
+        ));
+    };
+    let rt = runtime(lua)?;
+    if rt.ws.borrow().servers.values().any(|s| s.name == name) {
+        return Err(misuse(call, format!("a web app named '{name}' already exists")));
+    }
+    let mut handlers = HashMap::new();
+    for pair in protocols.pairs::<Value, Value>() {
+        match pair? {
+            (Value::String(k), Value::Function(f)) => {
+                handlers.insert(k.to_str()?.to_owned(), lua.create_registry_value(f)?);
+            }
+            (k, v) => {
+                return Err(misuse(
+                    call,
+                    format!(
+                        "'protocols' maps protocol names to handler functions; got {} = {}",
+                        lua_type(&k),
+                        lua_type(&v)
+                    ),
+                ))
+            }
+        }
+    }
+    if handlers.is_empty() {
+        return Err(misuse(call, "'protocols' has no handler"));
+    }
+    let tls = match opts.table("ssl")? {
+        None => None,
+        Some(ssl) => {
+            let ssl = Options::new(call, Value::Table(ssl), &["cert", "key"])?;
+            let (Some(cert), Some(key)) = (ssl.string("cert")?, ssl.string("key")?) else {
+                return Err(misuse(call, "'ssl' needs both 'cert' and 'key' (PEM file paths)"));
+            };
+            Some(
+                proto::TlsServerConfig::from_pem_files(&cert, &key)
+                    .map_err(|e| misuse(call, format!("ssl: {e}")))?,
+            )
+        }
+    };
+    let settings = settings(&opts, WsConfig::default())?;
+    let policy = policy(&opts, lua, format!("web-app '{name}'"))?;
+    let names: Vec<String> = handlers.keys().cloned().collect();
+
+    let app = lua.create_table()?;
+    app.set("name", name.as_str())?;
+    app.set("host", host.as_str())?;
+    app.set("opcodes", opcodes(lua)?)?;
+    let (listener, pending) = match bind_addresses(&host, port) {
+        Some(addrs) => {
+            let (key, local) =
+                bind_listener(&rt, &addrs, tls, names, settings).map_err(|e| misuse(call, e))?;
+            app.set("port", local.port())?;
+            (Some(key), None)
+        }
+        None => {
+            app.set("port", port)?;
+            match rt.driver.borrow_mut().lookup(&host, Instant::now()) {
+                Lookup::Failed(e) => return Err(misuse(call, e)),
+                Lookup::Done(ips) => {
+                    let addrs: Vec<SocketAddr> =
+                        ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect();
+                    let (key, _) =
+                        bind_listener(&rt, &addrs, tls, names, settings).map_err(|e| misuse(call, e))?;
+                    (Some(key), None)
+                }
+                Lookup::Pending => (None, Some((host.clone(), port, settings, tls))),
+            }
+        }
+    };
+    policy.log(lua, &format!("listening on {host}:{}", app.get::<u16>("port")?))?;
+    let mut ws = rt.ws.borrow_mut();
+    let id = ws.id();
+    if let Some(key) = listener {
+        ws.listeners.insert(key, id);
+    }
+    let app_key = lua.create_registry_value(&app)?;
+    ws.servers.insert(
+        id,
+        Server { name, policy, handlers, groups: HashMap::new(), listener, pending, app: app_key },
+    );
+    Ok(app)
+}
+
+/// Server: `luna.remove_web_app(app or name)`: stops listening and closes every connection
+/// with a close frame (1001).
+fn remove_web_app(lua: &Lua, which: Value) -> Result<(bool, Option<String>)> {
+    let rt = runtime(lua)?;
+    let name = match &which {
+        Value::String(s) => s.to_str()?.to_owned(),
+        Value::Table(t) => t.get::<String>("name")?,
+        other => return Err(bad_arg("luna.remove_web_app(app)", "app", "a web app or its name", other)),
+    };
+    let id = rt.ws.borrow().servers.iter().find(|(_, s)| s.name == name).map(|(id, _)| *id);
+    match id {
+        Some(id) => {
+            remove_server(lua, &rt, id)?;
+            Ok((true, None))
+        }
+        None => Ok((false, Some("App not found".into()))),
+    }
+}
+
+pub(super) fn remove_server(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
+    let Some(server) = rt.ws.borrow_mut().servers.remove(&id) else { return Ok(()) };
+    if let Some(key) = server.listener {
+        rt.driver.borrow_mut().close(key);
+        rt.ws.borrow_mut().listeners.remove(&key);
+    }
+    let conns: Vec<Key> =
+        rt.ws.borrow().conns.iter().filter(|(_, c)| c.server == id).map(|(k, _)| *k).collect();
+    for key in conns {
+        with_stream(rt, key, |s| s.close(1001, "server shutting down"));
+    }
+    server.policy.log(lua, "stopped")?;
+    for (_, key) in server.handlers {
+        lua.remove_registry_value(key)?;
+    }
+    lua.remove_registry_value(server.app)
+}
+
+pub(super) fn accepted(lua: &Lua, rt: &Runtime, conn: Key, listener: Key) -> Result<()> {
+    let Some(server_id) = rt.ws.borrow().listeners.get(&listener).copied() else {
+        rt.driver.borrow_mut().close(conn);
+        return Ok(());
+    };
+    let (handler_name, peer) = {
+        let mut driver = rt.driver.borrow_mut();
+        let stream = driver.ws_stream(conn)?;
+        (stream.upgrade.handler.clone(), stream.peer)
+    };
+    let (handler, policy) = {
+        let ws = rt.ws.borrow();
+        let server = &ws.servers[&server_id];
+        (lua.registry_value::<Function>(&server.handlers[&handler_name])?, server.policy.clone())
+    };
+    policy.log(lua, &format!("client {peer} connected ({handler_name})"))?;
+    let handle = rt.ws.borrow_mut().id();
+    let object: Table = lua.named_registry_value::<Function>("luna.ws.new")?.call(handle)?;
+    let hook = handler_end(conn, policy);
+    let thread = sched::create_owned(lua, rt, handler, hook)?;
+    {
+        let mut ws = rt.ws.borrow_mut();
+        let object_key = lua.create_registry_value(&object)?;
+        ws.handles.insert(handle, conn);
+        ws.conns.insert(
+            conn,
+            Conn {
+                server: server_id,
+                handle,
+                object: object_key,
+                group: handler_name.clone(),
+                handler: thread.to_pointer() as usize,
+                parked: false,
+                handler_done: false,
+                closed_seen: false,
+            },
+        );
+        if let Some(server) = ws.servers.get_mut(&server_id) {
+            server.groups.entry(handler_name).or_default().insert(conn);
+        }
+    }
+    sched::resume(lua, rt, &thread, object)
+}
+
+/// What happens when a connection's handler returns or raises: the connection closes (1000, or
+/// 1011 after an error, which goes to the app's error policy).
+fn handler_end(conn: Key, policy: std::rc::Rc<super::super::policy::Policy>) -> sched::Hook {
+    Box::new(move |lua, rt, result| {
+        let failure = result.err().map(|e| message(&e));
+        let (code, reason) = if failure.is_some() { (1011, "internal error") } else { (1000, "") };
+        with_stream(rt, conn, |s| s.close(code, reason));
+        if let Some(c) = rt.ws.borrow_mut().conns.get_mut(&conn) {
+            c.handler_done = true;
+        }
+        release_if_done(lua, rt, conn)?;
+        match failure {
+            Some(msg) => policy.report(lua, &msg),
+            None => Ok(()),
+        }
+    })
+}
+
+pub(super) fn server_inbox(lua: &Lua, rt: &Runtime, conn: Key) -> Result<()> {
+    let closed = rt.driver.borrow_mut().ws_stream(conn).is_ok_and(|s| s.is_closed());
+    let first_close = {
+        let mut ws = rt.ws.borrow_mut();
+        match ws.conns.get_mut(&conn) {
+            Some(c) if closed && !c.closed_seen => {
+                c.closed_seen = true;
+                let (server, group) = (c.server, c.group.clone());
+                if let Some(g) = ws.servers.get_mut(&server).and_then(|s| s.groups.get_mut(&group)) {
+                    g.remove(&conn);
+                }
+                true
+            }
+            _ => false,
+        }
+    };
+    if !first_close {
+        return Ok(());
+    }
+    let (object, policy) = {
+        let ws = rt.ws.borrow();
+        let c = &ws.conns[&conn];
+        (lua.registry_value::<Table>(&c.object)?, ws.servers.get(&c.server).map(|s| s.policy.clone()))
+    };
+    let end =
+        rt.driver.borrow_mut().ws_stream(conn)?.end().map(|(code, reason, _)| (code, reason.to_owned()));
+    if let (Some((code, reason)), Value::Function(on_close)) = (end, object.raw_get::<Value>("on_close")?) {
+        if let Err(e) = on_close.call::<()>((code, reason)) {
+            if let Some(policy) = &policy {
+                policy.report(lua, &message(&e))?;
+            }
+        }
+    }
+    release_if_done(lua, rt, conn)
+}
+
+/// Forgets a server connection once its handler ended and the stream is closed.
+fn release_if_done(lua: &Lua, rt: &Runtime, conn: Key) -> Result<()> {
+    let closed = rt.driver.borrow_mut().ws_stream(conn).map_or(true, |s| s.is_closed());
+    let done = rt.ws.borrow().conns.get(&conn).is_some_and(|c| c.handler_done && (closed || c.closed_seen));
+    if !done {
+        return Ok(());
+    }
+    let removed = rt.ws.borrow_mut().conns.remove(&conn);
+    if let Some(c) = removed {
+        rt.ws.borrow_mut().handles.remove(&c.handle);
+        lua.remove_registry_value(c.object)?;
+    }
+    rt.driver.borrow_mut().close(conn);
+    Ok(())
+}
+
+pub(super) fn register(lua: &Lua, module: &Table) -> Result<()> {
+    module.set("new_web_app", lua.create_function(new_web_app)?)?;
+    module.set("remove_web_app", lua.create_function(remove_web_app)?)
+}
