@@ -139,14 +139,6 @@ pub(crate) fn spawn_owned(
     Ok(thread)
 }
 
-/// The library-owned coroutine whose `Thread::to_pointer` is `pointer`, while it runs.
-pub(crate) fn owned_thread(lua: &Lua, rt: &Runtime, pointer: usize) -> Result<Option<Thread>> {
-    match rt.sched.borrow().hooks.get(&pointer) {
-        Some((key, _)) => lua.registry_value(key).map(Some),
-        None => Ok(None),
-    }
-}
-
 /// The error policy for library-owned coroutines: the error handler if one is set, otherwise
 /// the error raises out of the call that resumed the coroutine (`update`, `spawn`).
 pub(crate) fn report(lua: &Lua, rt: &Runtime, e: &mlua::Error) -> Result<()> {

@@ -63,6 +63,8 @@ pub struct Driver {
     deadlines: TimerQueue<Key>,
     /// Each entry's armed deadline: (timer id, when).
     armed: rustc_hash::FxHashMap<Key, (u64, Instant)>,
+    /// When the last poll returned (a clock for stream writes, which happen in between).
+    now: Instant,
     /// Streams with output queued during the current update ([`Driver::ws_queued`]).
     ws_to_flush: Vec<Key>,
     /// The one buffer streams read into (they are serviced one at a time).
@@ -82,6 +84,7 @@ impl Driver {
             deadlines: TimerQueue::default(),
             armed: Default::default(),
             ws_to_flush: Vec::new(),
+            now: Instant::now(),
             read_buf: vec![0; 64 * 1024].into_boxed_slice(),
         })
     }
@@ -110,6 +113,7 @@ impl Driver {
             }
         }
         let now = Instant::now();
+        self.now = now;
         while let Some((_, _, key)) = self.deadlines.pop_due(now) {
             self.armed.remove(&key);
             ready.push(Ready::Due(key));
@@ -168,7 +172,7 @@ impl Driver {
     }
 
     /// Services a WebSocket listener (accepting every pending connection) or stream.
-    pub fn ws_service(&mut self, key: Key, now: Instant, io: &mut Vec<ws::WsIo>) {
+    pub fn ws_service(&mut self, key: Key, now: Instant, io: &mut ws::WsEvents) {
         let mut accepted = Vec::new();
         match self.entries.get_mut(key) {
             Some(Entry::WsListener(listener)) => loop {
@@ -225,9 +229,9 @@ impl Driver {
     }
 
     /// Writes what a stream has queued and re-arms its deadline (after send/close).
-    pub fn ws_flush(&mut self, key: Key, io: &mut Vec<ws::WsIo>) {
+    pub fn ws_flush(&mut self, key: Key, io: &mut ws::WsEvents) {
         if let Some(Entry::Ws(stream)) = self.entries.get_mut(key) {
-            stream.write(key, self.poll.registry(), io);
+            stream.write(key, self.poll.registry(), self.now, io);
             self.ws_reschedule(key);
         }
     }
@@ -237,7 +241,7 @@ impl Driver {
     /// leave back to back (and a message sent twice in one update costs one write). A stream with
     /// [`WRITE_NOW`] bytes waiting is written at once, so a burst never meets the backpressure
     /// bound only because it was held back.
-    pub fn ws_queued(&mut self, key: Key, io: &mut Vec<ws::WsIo>) {
+    pub fn ws_queued(&mut self, key: Key, io: &mut ws::WsEvents) {
         let Some(Entry::Ws(stream)) = self.entries.get_mut(key) else { return };
         if stream.queued_len() >= WRITE_NOW {
             return self.ws_flush(key, io);
@@ -249,7 +253,7 @@ impl Driver {
     }
 
     /// Writes every stream [`Driver::ws_queued`] noted.
-    pub fn ws_flush_queued(&mut self, io: &mut Vec<ws::WsIo>) {
+    pub fn ws_flush_queued(&mut self, io: &mut ws::WsEvents) {
         for key in std::mem::take(&mut self.ws_to_flush) {
             if let Some(Entry::Ws(stream)) = self.entries.get_mut(key) {
                 stream.flush_due = false;
@@ -353,5 +357,60 @@ mod tests {
         }
         assert_eq!(driver.pending(), 0);
         assert!(matches!(driver.lookup("no-such-host.invalid", Instant::now()), Lookup::Pending));
+    }
+
+    /// Polls and services every ready stream until `done` holds for the events seen so far.
+    fn pump_ws(driver: &mut Driver, events: &mut ws::WsEvents, done: impl Fn(&ws::WsEvents) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done(events) {
+            assert!(Instant::now() < deadline, "timed out; events so far: {events:?}");
+            let mut ready = Vec::new();
+            driver.poll(Some(Duration::from_millis(20)), Instant::now(), &mut ready).unwrap();
+            for r in ready {
+                if let Ready::Io(key) | Ready::Due(key) = r {
+                    driver.ws_service(key, Instant::now(), events);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_stream_gives_back_traffic_buffers_once_idle() {
+        let mut driver = Driver::new().unwrap();
+        let settings = ws::Settings::default();
+        let listener = driver
+            .ws_listen("127.0.0.1:0".parse().unwrap(), None, vec!["default".into()], settings.clone())
+            .unwrap();
+        let Some(Entry::WsListener(l)) = driver.entry(listener) else { panic!() };
+        let addr = l.socket.local_addr().unwrap();
+        let url = crate::proto::ws::WsUrl::parse(&format!("ws://{addr}/")).unwrap();
+        let stream = ws::Stream::connect(addr, &url, &[], [7; 16], None, settings, Instant::now()).unwrap();
+        let client = driver.ws_connect(stream).unwrap();
+        let mut events = ws::WsEvents::new();
+        pump_ws(&mut driver, &mut events, |e| {
+            e.iter().any(|e| matches!(e, ws::WsIo::Accepted { .. }))
+                && e.iter().any(|e| matches!(e, ws::WsIo::Opened { .. }))
+        });
+        let server = events.iter().find_map(|e| match e {
+            ws::WsIo::Accepted { conn, .. } => Some(*conn),
+            _ => None,
+        });
+        let server = server.unwrap();
+        assert_eq!(driver.ws_stream(server).unwrap().deadline(), None, "no traffic, no timer");
+
+        // 4 KiB each way: the buffers grow and are kept while traffic goes on.
+        let payload = vec![5u8; 4096];
+        driver.ws_stream(client).unwrap().send(crate::proto::ws::Opcode::Binary, &payload).unwrap();
+        driver.ws_flush(client, &mut events);
+        pump_ws(&mut driver, &mut events, |e| e.contains(&ws::WsIo::Inbox { conn: server }));
+        let got = driver.ws_stream(server).unwrap().receive();
+        assert!(matches!(got, Some(ws::Received::Message(_, data)) if data.len() == 4096));
+        let trim_at = driver.ws_stream(server).unwrap().deadline().expect("a trim is planned");
+        assert!(trim_at > Instant::now() + ws::IDLE_TRIM / 2);
+
+        // Serviced after IDLE_TRIM of silence: trimmed, nothing left to plan.
+        driver.ws_service(server, Instant::now() + ws::IDLE_TRIM * 2, &mut events);
+        assert_eq!(driver.ws_stream(server).unwrap().deadline(), None);
+        assert!(driver.ws_stream(server).unwrap().is_open());
     }
 }

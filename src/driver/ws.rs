@@ -22,6 +22,8 @@ pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a closing handshake may take before the connection is cut.
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that moved nothing for this long gives back the buffers it kept for traffic.
+pub const IDLE_TRIM: Duration = Duration::from_secs(2);
 /// Received data held for a handler that is not receiving; past it the socket is left unread
 /// and TCP flow control pushes back on the peer.
 const INBOX_LIMIT: usize = 1 << 20;
@@ -107,6 +109,10 @@ pub struct Stream {
     settings: Arc<Settings>,
     started: Instant,
     last_rx: Instant,
+    /// Last time `send`/`close` output was written.
+    last_tx: Instant,
+    /// When to look at trimming the connection's buffers ([`IDLE_TRIM`]).
+    trim_at: Option<Instant>,
     ping_sent: Option<Instant>,
     closing_since: Option<Instant>,
     closed: bool,
@@ -120,6 +126,9 @@ pub struct Stream {
     /// Waiting in the driver's list of streams to write at the end of the update.
     pub(super) flush_due: bool,
 }
+
+/// Events streams report, in order.
+pub type WsEvents = VecDeque<WsIo>;
 
 /// What a stream reports to the layer above.
 #[derive(Debug, Clone, PartialEq)]
@@ -161,6 +170,8 @@ impl Stream {
             settings,
             started: now,
             last_rx: now,
+            last_tx: now,
+            trim_at: None,
             ping_sent: None,
             closing_since: None,
             closed: false,
@@ -252,7 +263,7 @@ impl Stream {
         key: super::Key,
         registry: &Registry,
         now: Instant,
-        io: &mut Vec<WsIo>,
+        io: &mut WsEvents,
         buf: &mut [u8],
     ) {
         if let Phase::Connecting { .. } = self.phase {
@@ -262,12 +273,22 @@ impl Stream {
         self.check_deadlines(now);
         self.pump(key, io);
         self.flush(key, registry);
+        self.arm_trim(now);
     }
 
     /// Writes what `send`/`close` queued (no reading).
-    pub fn write(&mut self, key: super::Key, registry: &Registry, io: &mut Vec<WsIo>) {
+    pub fn write(&mut self, key: super::Key, registry: &Registry, now: Instant, io: &mut WsEvents) {
+        self.last_tx = now;
         self.flush(key, registry);
         self.pump(key, io);
+        self.arm_trim(now);
+    }
+
+    /// Plans a look at the buffers once traffic made them grow.
+    fn arm_trim(&mut self, now: Instant) {
+        if self.trim_at.is_none() && matches!(&self.phase, Phase::Open(conn) if conn.has_spare_buffers()) {
+            self.trim_at = Some(now + IDLE_TRIM);
+        }
     }
 
     fn finish_connect(&mut self, now: Instant) {
@@ -301,7 +322,7 @@ impl Stream {
     /// Reads what the socket has. A short read means the socket is drained (a stream socket
     /// reports more data with a new edge), which saves the `WouldBlock` read per message; only a
     /// hang-up needs reading on to end of stream.
-    fn read(&mut self, key: super::Key, now: Instant, io: &mut Vec<WsIo>, buf: &mut [u8]) {
+    fn read(&mut self, key: super::Key, now: Instant, io: &mut WsEvents, buf: &mut [u8]) {
         let mut plain = Vec::new();
         loop {
             if !self.wants_input() {
@@ -335,7 +356,7 @@ impl Stream {
         self.read_paused = false;
     }
 
-    fn handle_plain(&mut self, key: super::Key, data: &[u8], io: &mut Vec<WsIo>) {
+    fn handle_plain(&mut self, key: super::Key, data: &[u8], io: &mut WsEvents) {
         if data.is_empty() {
             return;
         }
@@ -349,7 +370,11 @@ impl Stream {
                         self.queue_plain(&rejection.response);
                         self.phase = Phase::Finished;
                         if let Some(listener) = self.owner {
-                            io.push(WsIo::Rejected { listener, peer: self.peer, reason: rejection.reason });
+                            io.push_back(WsIo::Rejected {
+                                listener,
+                                peer: self.peer,
+                                reason: rejection.reason,
+                            });
                         }
                     }
                 }
@@ -361,7 +386,7 @@ impl Stream {
                     self.upgrade.headers = up.headers;
                     self.phase =
                         Phase::Open(Box::new(WsConn::new(Role::Client, self.settings.ws, &up.leftover)));
-                    io.push(WsIo::Opened { conn: key });
+                    io.push_back(WsIo::Opened { conn: key });
                 }
                 Err(e) => self.fail(1006, &format!("upgrade failed: {e}")),
             },
@@ -370,7 +395,7 @@ impl Stream {
         }
     }
 
-    fn accept(&mut self, key: super::Key, up: AcceptedUpgrade, io: &mut Vec<WsIo>) {
+    fn accept(&mut self, key: super::Key, up: AcceptedUpgrade, io: &mut WsEvents) {
         self.queue_plain(&up.response);
         self.phase = Phase::Open(Box::new(WsConn::new(Role::Server, self.settings.ws, &up.leftover)));
         self.upgrade = UpgradeInfo {
@@ -382,7 +407,7 @@ impl Stream {
         };
         if let Some(listener) = self.owner {
             self.known = true;
-            io.push(WsIo::Accepted { conn: key, listener });
+            io.push_back(WsIo::Accepted { conn: key, listener });
         }
     }
 
@@ -435,6 +460,15 @@ impl Stream {
                 self.fail(1006, "connect timed out")
             }
             Phase::Open(conn) => {
+                if self.trim_at.is_some_and(|at| now >= at) {
+                    let quiet_since = self.last_rx.max(self.last_tx);
+                    if now >= quiet_since + IDLE_TRIM {
+                        conn.trim();
+                        self.trim_at = None;
+                    } else {
+                        self.trim_at = Some(quiet_since + IDLE_TRIM);
+                    }
+                }
                 if conn.is_closing() {
                     let since = *self.closing_since.get_or_insert(now);
                     if now >= since + CLOSE_TIMEOUT {
@@ -464,7 +498,7 @@ impl Stream {
     }
 
     /// Moves events from the connection into the inbox while it has room.
-    fn pump(&mut self, key: super::Key, io: &mut Vec<WsIo>) {
+    fn pump(&mut self, key: super::Key, io: &mut WsEvents) {
         let mut new = false;
         if let Phase::Open(conn) = &mut self.phase {
             while self.inbox_bytes < INBOX_LIMIT {
@@ -488,7 +522,7 @@ impl Stream {
             }
         }
         if (new || (self.closed && !self.inbox.is_empty())) && !self.inbox.is_empty() {
-            io.push(WsIo::Inbox { conn: key });
+            io.push_back(WsIo::Inbox { conn: key });
         }
     }
 
@@ -584,11 +618,11 @@ impl Stream {
                 Some(self.closing_since.map_or(self.last_rx, |s| s) + CLOSE_TIMEOUT)
             }
             Phase::Open(_) => {
-                let interval = self.settings.ping_interval?;
-                Some(match self.ping_sent {
+                let ping = self.settings.ping_interval.map(|interval| match self.ping_sent {
                     Some(sent) => sent + self.settings.ping_timeout,
                     None => self.last_rx + interval,
-                })
+                });
+                [ping, self.trim_at].into_iter().flatten().min()
             }
             Phase::Finished => Some(self.started.max(self.last_rx) + CLOSE_TIMEOUT),
         }

@@ -9,7 +9,7 @@
 
 use std::ffi::c_int;
 
-use mlua::{IntoLuaMulti, Lua, Result, Thread, ThreadStatus, Value};
+use mlua::{Lua, Result, Thread, ThreadStatus, Value};
 
 use super::super::raw::{RawFn, Stack};
 use super::super::sched::{self, delivered_value, park_value};
@@ -129,7 +129,7 @@ impl RawFn for Receive {
         };
         // Whatever resumed the handler, it is not parked until it says so again.
         let is_handler = match rt.ws.borrow_mut().conns.get_mut(&key) {
-            Some(c) if c.handler == st.thread() => {
+            Some(c) if c.handler_ptr == st.thread() => {
                 c.parked = false;
                 true
             }
@@ -185,11 +185,10 @@ fn ws_wait(lua: &Lua, (h, thread): (Value, Thread)) -> Result<bool> {
 /// `receive`: it resumes with `DELIVERED, message, opcode` (or `DELIVERED, nil, nil, clean,
 /// code, reason`).
 pub(super) fn deliver(lua: &Lua, rt: &Runtime, conn: Key) -> Result<()> {
-    let handler = match rt.ws.borrow().conns.get(&conn) {
-        Some(c) if c.parked => c.handler,
+    let thread = match rt.ws.borrow().conns.get(&conn) {
+        Some(c) if c.parked => c.handler.clone(),
         _ => return Ok(()),
     };
-    let Some(thread) = sched::owned_thread(lua, rt, handler)? else { return Ok(()) };
     if thread.status() != ThreadStatus::Resumable {
         return Ok(());
     }
@@ -198,13 +197,14 @@ pub(super) fn deliver(lua: &Lua, rt: &Runtime, conn: Key) -> Result<()> {
         c.parked = false;
     }
     let tag = Value::LightUserData(delivered_value());
-    let args = match received {
-        Received::Message(op, data) => (tag, lua.create_string(&data)?, op.as_u8()).into_lua_multi(lua)?,
-        Received::Closed { code, reason, clean } => {
-            (tag, Value::Nil, Value::Nil, clean, code, reason).into_lua_multi(lua)?
+    match received {
+        Received::Message(op, data) => {
+            sched::resume(lua, rt, &thread, (tag, lua.create_string(&data)?, op.as_u8()))
         }
-    };
-    sched::resume(lua, rt, &thread, args)
+        Received::Closed { code, reason, clean } => {
+            sched::resume(lua, rt, &thread, (tag, Value::Nil, Value::Nil, clean, code, reason))
+        }
+    }
 }
 
 /// `core.ws_close(h, code, reason)`.

@@ -20,7 +20,7 @@ use super::error::bad_arg;
 use super::options::Options;
 use super::policy::Policy;
 use super::{Runtime, Side};
-use crate::driver::ws::{Settings, Stream, WsIo};
+use crate::driver::ws::{Settings, Stream, WsEvents, WsIo};
 use crate::driver::{Key, Lookup};
 use crate::proto::ws::{self as proto, Opcode, WsConfig, WsUrl};
 use client::{client_callback, client_closed, client_inbox, disconnect, start_client, ON_CONNECT};
@@ -44,8 +44,9 @@ struct Conn {
     handle: u64,
     object: RegistryKey,
     group: String,
-    /// The handler coroutine (`Thread::to_pointer`).
-    handler: usize,
+    /// The handler coroutine, and its `Thread::to_pointer` (what raw functions compare).
+    handler: mlua::Thread,
+    handler_ptr: usize,
     /// The handler waits in `ws:receive()` for this connection's next message.
     parked: bool,
     handler_done: bool,
@@ -76,8 +77,8 @@ pub(crate) struct WsState {
     next_id: u64,
     /// Client failures found outside `update` (bad address…), reported by the next `update`.
     failed: Vec<(u64, String)>,
-    /// Events produced by sends/closes outside `update`, dispatched by the next `update`.
-    deferred: std::collections::VecDeque<WsIo>,
+    /// Stream events not dispatched yet (sends and closes outside `update` add to them too).
+    deferred: WsEvents,
     tls_clients: HashMap<(Option<String>, bool), Arc<rustls::ClientConfig>>,
 }
 
@@ -143,14 +144,12 @@ fn close_code(call: &str, value: &Value) -> Result<u16> {
 fn with_stream<R>(rt: &Runtime, key: Key, f: impl FnOnce(&mut Stream) -> R) -> Option<R> {
     let mut driver = rt.driver.borrow_mut();
     let result = f(driver.ws_stream(key).ok()?);
-    let mut io = Vec::new();
+    let io = &mut rt.ws.borrow_mut().deferred;
     if rt.in_update() {
-        driver.ws_queued(key, &mut io);
+        driver.ws_queued(key, io);
     } else {
-        driver.ws_flush(key, &mut io);
+        driver.ws_flush(key, io);
     }
-    drop(driver);
-    rt.ws.borrow_mut().deferred.extend(io);
     Some(result)
 }
 
@@ -257,16 +256,12 @@ pub(crate) fn close_all(lua: &Lua, rt: &Runtime, side: Side) -> Result<()> {
 
 /// Writes what sends during this update queued (the end of every update).
 pub(crate) fn flush_queued(rt: &Runtime) {
-    let mut io = Vec::new();
-    rt.driver.borrow_mut().ws_flush_queued(&mut io);
-    rt.ws.borrow_mut().deferred.extend(io);
+    rt.driver.borrow_mut().ws_flush_queued(&mut rt.ws.borrow_mut().deferred);
 }
 
 /// Services a listener or stream and reacts to what happened.
 pub(crate) fn service(lua: &Lua, rt: &Runtime, key: Key, now: Instant) -> Result<()> {
-    let mut io = Vec::new();
-    rt.driver.borrow_mut().ws_service(key, now, &mut io);
-    rt.ws.borrow_mut().deferred.extend(io);
+    rt.driver.borrow_mut().ws_service(key, now, &mut rt.ws.borrow_mut().deferred);
     dispatch_deferred(lua, rt)
 }
 

@@ -107,7 +107,7 @@ pub struct WsConfig {
 impl Default for WsConfig {
     fn default() -> Self {
         Self {
-            read_buffer_size: 4096,
+            read_buffer_size: 1024,
             max_message_size: 16 << 20,
             max_frame_size: 1 << 20,
             max_outgoing_buffer: 1 << 20,
@@ -123,6 +123,9 @@ enum State {
     Closing,
     Closed,
 }
+
+/// A frame payload over this makes the reader's buffer be given back as soon as possible.
+const REFRESH_NOW_ABOVE: u64 = 16 * 1024;
 
 /// Largest frame header (2 + 8 length bytes + 4 mask bytes).
 const MAX_HEADER: usize = 14;
@@ -172,8 +175,6 @@ pub struct WsConn {
     state: State,
     pending: Option<WsEvent>,
     activity: bool,
-    /// `total_received` when the reader's buffers were last (re)created.
-    fresh_at: u64,
 }
 
 impl WsConn {
@@ -191,7 +192,6 @@ impl WsConn {
             state: State::Open,
             pending: None,
             activity: !leftover.is_empty(),
-            fresh_at: 0,
         }
     }
 
@@ -210,24 +210,48 @@ impl WsConn {
         WebSocket::from_raw_socket(pipe, ws_role, Some(ws_config))
     }
 
-    /// tungstenite's read buffer grows to the largest frame (it reserves the whole payload)
-    /// and never shrinks. When the stream is quiet — the reader just reported `WouldBlock`,
-    /// every byte it got formed complete frames of complete messages, nothing is pending to
-    /// send and the connection is open — its state equals a fresh one's, so after enough
-    /// input to have possibly grown the buffer we swap in a fresh reader with a small buffer.
-    fn maybe_refresh_reader(&mut self) {
-        let received = self.ws.get_ref().total_received();
-        if received.wrapping_sub(self.fresh_at) < self.config.read_buffer_size as u64
-            || self.state != State::Open
-            || !self.ws.can_write()
-            || !self.ws.get_ref().at_quiet_boundary()
-        {
-            return;
-        }
+    /// Whether the reader holds no partial state: it just reported `WouldBlock`, every byte it
+    /// got formed complete frames of complete messages, nothing is pending to send and the
+    /// connection is open. Its state then equals a fresh one's.
+    fn reader_is_quiet(&self) -> bool {
+        self.state == State::Open && self.ws.can_write() && self.ws.get_ref().at_quiet_boundary()
+    }
+
+    /// A fresh reader (small buffers) in place of the current one; only when quiet.
+    fn refresh_reader(&mut self) {
         let mut fresh = Self::make_ws(self.role, &self.config, Pipe::new());
         std::mem::swap(fresh.get_mut(), self.ws.get_mut());
         self.ws = fresh;
-        self.fresh_at = received;
+        self.ws.get_mut().reset_largest_frame();
+    }
+
+    /// tungstenite's read buffer grows to the largest frame (it reserves the whole payload)
+    /// and never shrinks. After a frame over [`REFRESH_NOW_ABOVE`] the reader is replaced as
+    /// soon as it is quiet; smaller frames grow it less, which [`trim`](Self::trim) undoes once
+    /// the connection idles (so a stream of mid-sized messages does not reallocate per message).
+    fn maybe_refresh_reader(&mut self) {
+        if self.ws.get_ref().largest_frame() > REFRESH_NOW_ABOVE && self.reader_is_quiet() {
+            self.refresh_reader();
+        }
+    }
+
+    /// Whether buffers grew past an idle connection's size ([`trim`](Self::trim) would help).
+    pub fn has_spare_buffers(&self) -> bool {
+        let pipe = self.ws.get_ref();
+        pipe.heap_capacity() > super::pipe::TRIM_KEEP
+            || pipe.largest_frame() > self.config.read_buffer_size as u64 / 2
+    }
+
+    /// Gives back buffers kept for traffic (for a connection gone idle): a fresh reader and
+    /// small pipe buffers. Does nothing in the middle of a message.
+    pub fn trim(&mut self) {
+        if !self.reader_is_quiet() {
+            return;
+        }
+        if self.ws.get_ref().largest_frame() > self.config.read_buffer_size as u64 / 2 {
+            self.refresh_reader();
+        }
+        self.ws.get_mut().trim();
     }
 
     /// Our role.
@@ -265,11 +289,6 @@ impl WsConn {
     /// the clock and decides when to ping and when the peer is dead).
     pub fn take_activity(&mut self) -> bool {
         std::mem::take(&mut self.activity)
-    }
-
-    /// Total bytes received over this connection's lifetime.
-    pub fn total_received(&self) -> u64 {
-        self.ws.get_ref().total_received()
     }
 
     /// Process buffered input and return the next event, or `None` when more input is needed

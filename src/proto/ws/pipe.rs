@@ -6,8 +6,10 @@
 //! [`Write`] is queued for the driver, which sends it and calls
 //! [`Pipe::consume_outgoing`] (or [`Pipe::take_outgoing`]).
 //!
-//! Idle memory: buffers whose capacity grew past [`SHRINK_THRESHOLD`] are released when they
-//! are drained, so an idle pipe owns at most a few hundred bytes of heap.
+//! Memory: buffers whose capacity grew past [`SHRINK_THRESHOLD`] are released when they are
+//! drained, so a connection that keeps moving messages of a few KiB reuses its buffers instead
+//! of allocating them per message; [`Pipe::trim`] (for a connection gone idle) releases drained
+//! buffers over [`TRIM_KEEP`].
 //!
 //! Frame tracking: the pipe follows WebSocket frame boundaries in the bytes it hands out (a
 //! tiny header parser that also notes whether a fragmented data message is in progress).
@@ -19,7 +21,9 @@ use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 
 /// A drained buffer keeps its allocation only when it is at most this large.
-pub const SHRINK_THRESHOLD: usize = 1024;
+pub const SHRINK_THRESHOLD: usize = 8 * 1024;
+/// What [`Pipe::trim`] lets a drained buffer keep.
+pub const TRIM_KEEP: usize = 1024;
 
 /// In-memory duplex pipe. See the module documentation.
 #[derive(Debug, Default)]
@@ -29,7 +33,6 @@ pub struct Pipe {
     /// Bytes at the front of `outgoing` already handed to the transport.
     out_pos: usize,
     eof: bool,
-    received: u64,
     tracker: FrameTracker,
 }
 
@@ -45,6 +48,8 @@ struct FrameTracker {
     payload_left: u64,
     /// A data message was started by a non-final frame and not finished yet.
     fragmented: bool,
+    /// The largest frame payload seen since [`Pipe::reset_largest_frame`].
+    largest: u64,
 }
 
 impl FrameTracker {
@@ -94,6 +99,7 @@ impl FrameTracker {
                     _ => {}
                 }
                 self.payload_left = len;
+                self.largest = self.largest.max(len);
                 self.have = 0;
             }
         }
@@ -109,7 +115,6 @@ impl Pipe {
     /// Append bytes received from the transport.
     pub fn push_incoming(&mut self, data: &[u8]) {
         self.incoming.extend(data);
-        self.received = self.received.wrapping_add(data.len() as u64);
     }
 
     /// Bytes received but not read by the protocol yet.
@@ -117,9 +122,15 @@ impl Pipe {
         self.incoming.len()
     }
 
-    /// Total bytes ever pushed with [`push_incoming`](Self::push_incoming).
-    pub fn total_received(&self) -> u64 {
-        self.received
+    /// The largest frame payload handed to the reader since the last
+    /// [`reset_largest_frame`](Self::reset_largest_frame) (frames are counted once their header
+    /// is complete).
+    pub fn largest_frame(&self) -> u64 {
+        self.tracker.largest
+    }
+
+    pub fn reset_largest_frame(&mut self) {
+        self.tracker.largest = 0;
     }
 
     /// The transport reached end of stream: once the buffered bytes are read, `read` returns
@@ -185,6 +196,17 @@ impl Pipe {
         self.incoming.capacity() + self.outgoing.capacity()
     }
 
+    /// Releases drained buffers larger than [`TRIM_KEEP`].
+    pub fn trim(&mut self) {
+        if self.incoming.is_empty() && self.incoming.capacity() > TRIM_KEEP {
+            self.incoming = VecDeque::new();
+        }
+        if self.outgoing_len() == 0 && self.outgoing.capacity() > TRIM_KEEP {
+            self.out_pos = 0;
+            self.outgoing = Vec::new();
+        }
+    }
+
     /// Drop the already-written prefix of `outgoing` when it is large.
     fn compact(&mut self) {
         if self.out_pos > 0 && self.out_pos >= self.outgoing.len() / 2 {
@@ -234,15 +256,14 @@ mod tests {
         p.set_eof();
         assert_eq!(p.read(&mut b).unwrap(), 2);
         assert_eq!(p.read(&mut b).unwrap(), 0);
-        assert_eq!(p.total_received(), 6);
     }
 
     #[test]
     fn outgoing_partial_consume_and_shrink() {
         let mut p = Pipe::new();
-        p.write_all(&[1u8; 5000]).unwrap();
-        assert_eq!(p.outgoing_len(), 5000);
-        p.consume_outgoing(4000);
+        p.write_all(&[1u8; SHRINK_THRESHOLD + 5000]).unwrap();
+        assert_eq!(p.outgoing_len(), SHRINK_THRESHOLD + 5000);
+        p.consume_outgoing(SHRINK_THRESHOLD + 4000);
         assert_eq!(p.outgoing(), &[1u8; 1000][..]);
         p.write_all(&[2u8; 10]).unwrap();
         assert_eq!(p.outgoing_len(), 1010);
@@ -251,9 +272,18 @@ mod tests {
         assert_eq!(p.outgoing_len(), 0);
         assert_eq!(p.heap_capacity(), 0);
 
-        p.push_incoming(&[0u8; 3000]);
-        let mut sink = vec![0u8; 4096];
-        assert_eq!(p.read(&mut sink).unwrap(), 3000);
+        p.push_incoming(&[0u8; SHRINK_THRESHOLD + 1]);
+        let mut sink = vec![0u8; SHRINK_THRESHOLD * 2];
+        assert_eq!(p.read(&mut sink).unwrap(), SHRINK_THRESHOLD + 1);
+        assert_eq!(p.heap_capacity(), 0);
+
+        // Buffers of a few KiB are kept for the next message, until a trim.
+        p.push_incoming(&[0u8; 4110]);
+        assert_eq!(p.read(&mut sink).unwrap(), 4110);
+        p.write_all(&[3u8; 4110]).unwrap();
+        p.consume_outgoing(4110);
+        assert!(p.heap_capacity() >= 2 * 4110);
+        p.trim();
         assert_eq!(p.heap_capacity(), 0);
     }
 
@@ -278,10 +308,13 @@ mod tests {
         assert_eq!(quiet.iter().filter(|q| **q).count(), 1);
         assert!(*quiet.last().unwrap());
         // 64-bit length form.
+        assert_eq!(p.largest_frame(), 256);
+        p.reset_largest_frame();
         p.push_incoming(&[0x82, 0x7f, 0, 0, 0, 0, 0, 0, 0, 1, 9]);
         let mut buf = [0u8; 64];
         assert_eq!(p.read(&mut buf).unwrap(), 11);
         assert!(p.at_quiet_boundary());
+        assert_eq!(p.largest_frame(), 1);
         p.push_incoming(&[0x82]);
         let _ = p.read(&mut buf);
         assert!(!p.at_quiet_boundary());
