@@ -8,7 +8,9 @@
 # with server, client and rest-of-machine CPU % over the measured window (../shared/BENCHMARKING.md).
 #
 # Environment: SIZES ("32 4096"), RUNS (3), CONNS (50), WARMUP (2 s), DURATION (5 s),
-# FLAVOURS ("luajit lua54"), PORT (first port used, 19001; each run takes the next one).
+# FLAVOURS ("luajit lua54"), PORT (first port used, 19001; each run takes the next one),
+# TLS (unset; TLS=1 runs the same comparison over wss: both servers use the test certificate
+# tests/data/server.pem and server.key, ws-load trusts tests/data/ca.pem; rustls on every side).
 # Each run first waits (up to QUIET_WAIT, 60 s) until the rest of the machine uses < 15 % of a core,
 # and a run that other work disturbed anyway (> 15 %) is repeated up to RETRIES (2) times.
 set -euo pipefail
@@ -23,11 +25,21 @@ FLAVOURS=${FLAVOURS:-"luajit lua54"}
 PORT=${PORT:-19001}
 QUIET_WAIT=${QUIET_WAIT:-60}
 RETRIES=${RETRIES:-2}
+TLS=${TLS:-}
+if [ -n "$TLS" ]; then
+  wss="wss, " # labels the output
+  peer_tls=(--tls tests/data/server.pem tests/data/server.key)
+  luna_tls=(tests/data/server.pem tests/data/server.key)
+  load_tls=(--tls --ca tests/data/ca.pem)
+else
+  wss=
+  peer_tls=() luna_tls=() load_tls=()
+fi
 limit=$(awk -v w="$WARMUP" -v d="$DURATION" 'BEGIN { printf "%d", w + d + 60 }') # seconds per ws-load run
 
 echo "machine: $(nproc) cpus, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "date: $(date -u '+%F %H:%M') UTC; load average before the builds: $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "conns: $CONNS, one message in flight each; warm-up ${WARMUP} s, measured ${DURATION} s; $RUNS runs each"
+echo "${wss}conns: $CONNS, one message in flight each; warm-up ${WARMUP} s, measured ${DURATION} s; $RUNS runs each"
 
 # Builds. The LuaJIT host is the default build (target/release/luna-host); the Lua 5.4 host goes
 # to its own target directory so it does not replace it.
@@ -85,8 +97,8 @@ run_one() {
   record=
   PORT=$((PORT + 1))
   case $name in
-    peer) taskset -c 0 "$ws_bin/ws-peer" --port "$port" & ;;
-    *) taskset -c 0 "$(host_bin "$name")" benches/ws_echo_server.lua "$port" & ;;
+    peer) taskset -c 0 "$ws_bin/ws-peer" --port "$port" "${peer_tls[@]}" & ;;
+    *) taskset -c 0 "$(host_bin "$name")" benches/ws_echo_server.lua "$port" "${luna_tls[@]}" & ;;
   esac
   server_pid=$!
   for _ in $(seq 100); do # up to 5 s for the listener
@@ -94,7 +106,7 @@ run_one() {
     sleep 0.05
   done
   if out=$(timeout "$limit" taskset -c 1 "$ws_bin/ws-load" --port "$port" \
-    --conns "$CONNS" --size "$size" --warmup "$WARMUP" --duration "$DURATION" --server-pid "$server_pid"); then
+    --conns "$CONNS" --size "$size" --warmup "$WARMUP" --duration "$DURATION" --server-pid "$server_pid" "${load_tls[@]}"); then
     echo "$out" | grep -v '^RESULT' | sed "s/^ws-load:/  $name/"
     record=$(echo "$out" | awk -v s="$size" -v n="$name" '/^RESULT/ {
       for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
@@ -121,7 +133,7 @@ measure() {
 
 for size in $SIZES; do
   echo
-  echo "== $size B payload"
+  echo "== $wss$size B payload"
   for _ in $(seq "$RUNS"); do
     for name in $FLAVOURS peer; do
       measure "$name" "$size"
@@ -130,7 +142,7 @@ for size in $SIZES; do
 done
 
 echo
-echo "WebSocket echo, $CONNS conns x 1 in flight, medians of $RUNS (min-max); ratio = ours / peer msgs/s;"
+echo "WebSocket echo${TLS:+ over wss (TLS)}, $CONNS conns x 1 in flight, medians of $RUNS (min-max); ratio = ours / peer msgs/s;"
 echo "others = CPU the rest of the machine used meanwhile (% of one core, includes"
 echo "some loopback softirq time): over 15 % in any run marks the group disturbed"
 printf '%-6s %-7s %-24s %-8s %-8s %-14s %-14s %-12s %s\n' size server "msgs/s (min-max)" "p50 us" "p99 us" \

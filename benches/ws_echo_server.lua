@@ -1,7 +1,9 @@
--- WebSocket echo server used by benches/ws_echo.sh: luna-host benches/ws_echo_server.lua PORT
+-- WebSocket echo server used by benches/ws_echo.sh: luna-host benches/ws_echo_server.lua PORT [CERT KEY]
+-- (with CERT and KEY, PEM paths, it serves wss).
 local luna = require("luna")
 local port = tonumber(arg[1]) or 9001
-luna.new_web_app({ name = "bench", host = "127.0.0.1", port = port, debug = false,
+local ssl = arg[2] and arg[3] and { cert = arg[2], key = arg[3] } or nil
+luna.new_web_app({ name = "bench", host = "127.0.0.1", port = port, debug = false, ssl = ssl,
   protocols = { default = function(ws)
     while true do
       local m, op = ws:receive()

@@ -5,18 +5,28 @@
 //! thread, no allocation per message; round-trip times go to an HdrHistogram. After a warm-up the
 //! measured window starts; the generator prints msgs/s, p50, p99, its own CPU % and, with
 //! `--server-pid`, the server's CPU % over exactly the same window (from `/proc/PID/stat`).
+//!
+//! `--tls --ca CA_PEM` speaks wss instead: each connection is a rustls 0.23 (ring) client session
+//! for server name "localhost", verified against the given CA (the repo's test CA,
+//! `tests/data/ca.pem`). The TLS handshake and the upgrade are done blocking while connecting
+//! (like the plain upgrade, before any measurement); the echo loop then writes the same frames
+//! into the session and drives it without blocking (`write_tls`, `read_tls`,
+//! `process_new_packets`, `reader().read`). The plain path is unchanged.
 
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream as StdStream};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection};
 
 const USAGE: &str =
     "usage: ws-load [--host IP] --port N [--conns 50] [--size 32] [--warmup 2] [--duration 5] \
-[--server-pid PID]";
+[--server-pid PID] [--tls --ca CA_PEM]";
 const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
 /// Longest blocking step anywhere (connect, handshake read, one poll).
 const STEP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -28,13 +38,20 @@ struct Options {
     warmup: Duration,
     duration: Duration,
     server_pid: Option<u32>,
+    /// `--tls`: the client configuration (trusting `--ca`).
+    tls: Option<Arc<ClientConfig>>,
 }
 
 fn parse_args() -> Result<Options, String> {
     let (mut host, mut port) = ("127.0.0.1".to_owned(), None);
     let (mut conns, mut size, mut warmup, mut duration, mut server_pid) = (50, 32, 2.0, 5.0, None);
+    let (mut tls, mut ca) = (false, None);
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
+        if flag == "--tls" {
+            tls = true;
+            continue;
+        }
         let value = args.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
         let bad = || format!("{flag}: bad value '{value}'");
         match flag.as_str() {
@@ -45,6 +62,7 @@ fn parse_args() -> Result<Options, String> {
             "--warmup" => warmup = value.parse().map_err(|_| bad())?,
             "--duration" => duration = value.parse().map_err(|_| bad())?,
             "--server-pid" => server_pid = Some(value.parse().map_err(|_| bad())?),
+            "--ca" => ca = Some(value),
             _ => return Err(format!("unknown option '{flag}'\n{USAGE}")),
         }
     }
@@ -57,7 +75,29 @@ fn parse_args() -> Result<Options, String> {
         );
     }
     let (warmup, duration) = (Duration::from_secs_f64(warmup), Duration::from_secs_f64(duration));
-    Ok(Options { addr, conns, size, warmup, duration, server_pid })
+    let tls = match (tls, ca) {
+        (false, None) => None,
+        (true, Some(ca)) => Some(client_config(&ca).map_err(|e| format!("--ca {ca}: {e}"))?),
+        _ => return Err(format!("--tls and --ca go together\n{USAGE}")),
+    };
+    Ok(Options { addr, conns, size, warmup, duration, server_pid, tls })
+}
+
+/// A rustls client configuration (ring provider) trusting only the CA certificates in `ca`.
+fn client_config(ca: &str) -> io::Result<Arc<ClientConfig>> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pemfile::certs(&mut io::BufReader::new(std::fs::File::open(ca)?)) {
+        roots.add(cert?).map_err(io::Error::other)?;
+    }
+    if roots.is_empty() {
+        return Err(io::Error::other("no certificate"));
+    }
+    let config = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// A binary frame carrying `payload`: masked (client to server) or not (the echo expected back).
@@ -80,11 +120,37 @@ fn frame(payload: &[u8], masked: bool) -> Vec<u8> {
     f
 }
 
-/// Connects and upgrades one connection (blocking, each step bounded by `STEP_TIMEOUT`).
-fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
+/// Connects and upgrades one connection (blocking, each step bounded by `STEP_TIMEOUT`), over a
+/// TLS session when `tls` is given.
+fn connect(
+    addr: SocketAddr,
+    tls: Option<&Arc<ClientConfig>>,
+) -> io::Result<(TcpStream, Option<Box<ClientConnection>>)> {
     let mut s = StdStream::connect_timeout(&addr, STEP_TIMEOUT)?;
     s.set_nodelay(true)?;
     s.set_read_timeout(Some(STEP_TIMEOUT))?;
+    s.set_write_timeout(Some(STEP_TIMEOUT))?;
+    let session = match tls {
+        None => {
+            upgrade(&mut s, addr)?;
+            None
+        }
+        Some(config) => {
+            let name = ServerName::try_from("localhost").expect("valid server name");
+            let mut session =
+                Box::new(ClientConnection::new(config.clone(), name).map_err(io::Error::other)?);
+            // The whole request frame always goes into the session at once (it can exceed 64 KiB).
+            session.set_buffer_limit(None);
+            upgrade(&mut rustls::Stream::new(&mut *session, &mut s), addr)?;
+            Some(session)
+        }
+    };
+    s.set_nonblocking(true)?;
+    Ok((TcpStream::from_std(s), session))
+}
+
+/// Sends the upgrade request and checks the `101` response.
+fn upgrade(s: &mut (impl Read + Write), addr: SocketAddr) -> io::Result<()> {
     let request = format!(
         "GET / HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -103,8 +169,7 @@ fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
         let text = String::from_utf8_lossy(response);
         return Err(io::Error::other(format!("upgrade refused: {}", text.lines().next().unwrap_or(""))));
     }
-    s.set_nonblocking(true)?;
-    Ok(TcpStream::from_std(s))
+    Ok(())
 }
 
 struct Conn {
@@ -115,6 +180,8 @@ struct Conn {
     received: usize,
     buf: Box<[u8]>,
     sent_at: Instant,
+    /// The TLS session (`--tls`), boxed to keep the plain connection small.
+    tls: Option<Box<ClientConnection>>,
 }
 
 impl Conn {
@@ -134,6 +201,60 @@ impl Conn {
     fn send(&mut self, request: &[u8], now: Instant) -> io::Result<()> {
         (self.written, self.received, self.sent_at) = (0, 0, now);
         self.write_pending(request)
+    }
+
+    /// TLS: writes what the session has to send, until done or the socket is full.
+    fn flush_tls(&mut self) -> io::Result<()> {
+        let tls = self.tls.as_mut().expect("a TLS connection");
+        while tls.wants_write() {
+            match tls.write_tls(&mut self.stream) {
+                Ok(0) => return Err(ErrorKind::WriteZero.into()),
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// TLS: puts the whole frame into the session (no buffer limit) and starts writing it.
+    fn send_tls(&mut self, request: &[u8], now: Instant) -> io::Result<()> {
+        (self.received, self.sent_at) = (0, now);
+        self.tls.as_mut().expect("a TLS connection").writer().write_all(request)?;
+        self.flush_tls()
+    }
+
+    /// TLS: reads and decrypts what has arrived into `buf`; returns whether the socket is
+    /// drained (`WouldBlock`) or the echo is complete (`received >= expected_len`).
+    fn receive_tls(&mut self, expected_len: usize) -> io::Result<()> {
+        let tls = self.tls.as_mut().expect("a TLS connection");
+        loop {
+            match tls.read_tls(&mut self.stream) {
+                Ok(0) => {
+                    return Err(io::Error::new(ErrorKind::UnexpectedEof, "the server closed a connection"))
+                }
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            tls.process_new_packets().map_err(io::Error::other)?;
+            loop {
+                match tls.reader().read(&mut self.buf[self.received..]) {
+                    Ok(0) if self.received < self.buf.len() => {
+                        return Err(io::Error::new(ErrorKind::UnexpectedEof, "the server closed the session"))
+                    }
+                    Ok(n) => self.received += n,
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(e),
+                }
+                if self.received >= expected_len {
+                    // Nothing more can arrive before the server has the next message.
+                    return Ok(());
+                }
+            }
+        }
     }
 }
 
@@ -192,18 +313,22 @@ fn run(o: Options) -> io::Result<()> {
     let mut poll = Poll::new()?;
     let mut conns = Vec::with_capacity(o.conns);
     for i in 0..o.conns {
-        let mut stream =
-            connect(o.addr).map_err(|e| io::Error::new(e.kind(), format!("connection {i}: {e}")))?;
+        let (mut stream, tls) = connect(o.addr, o.tls.as_ref())
+            .map_err(|e| io::Error::new(e.kind(), format!("connection {i}: {e}")))?;
         poll.registry().register(&mut stream, Token(i), Interest::READABLE | Interest::WRITABLE)?;
         let buf = vec![0; expected.len() + 512].into_boxed_slice();
-        conns.push(Conn { stream, written: 0, received: 0, buf, sent_at: Instant::now() });
+        conns.push(Conn { stream, written: 0, received: 0, buf, sent_at: Instant::now(), tls });
     }
     let mut hist =
         Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3).expect("valid histogram bounds");
     let mut events = Events::with_capacity(1024);
     let start = Instant::now();
     for c in &mut conns {
-        c.send(&request, start)?;
+        if c.tls.is_some() {
+            c.send_tls(&request, start)?;
+        } else {
+            c.send(&request, start)?;
+        }
     }
     let (warm_end, end) = (start + o.warmup, start + o.warmup + o.duration);
     let (mut window, mut count) = (None, 0u64);
@@ -221,6 +346,23 @@ fn run(o: Options) -> io::Result<()> {
         poll.poll(&mut events, Some((until - now).min(STEP_TIMEOUT)))?;
         for event in &events {
             let c = &mut conns[event.token().0];
+            if c.tls.is_some() {
+                c.flush_tls()?;
+                if !event.is_readable() {
+                    continue;
+                }
+                c.receive_tls(expected.len())?;
+                if c.received >= expected.len() {
+                    if c.buf[..c.received] != expected[..] {
+                        return Err(io::Error::other("the echo differs from the message sent"));
+                    }
+                    let now = Instant::now();
+                    hist.saturating_record(now.duration_since(c.sent_at).as_nanos() as u64);
+                    count += 1;
+                    c.send_tls(&request, now)?;
+                }
+                continue;
+            }
             c.write_pending(&request)?;
             if !event.is_readable() {
                 continue;

@@ -32,10 +32,11 @@ fn tls_acceptor(cert: &str, key: &str) -> std::io::Result<TlsAcceptor> {
     let certs = rustls_pemfile::certs(&mut open(cert)?).collect::<Result<Vec<_>, _>>()?;
     let key = rustls_pemfile::private_key(&mut open(key)?)?
         .ok_or_else(|| std::io::Error::other(format!("{key}: no private key")))?;
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
-        .map_err(std::io::Error::other)?;
+    let config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .and_then(|b| b.with_no_client_auth().with_single_cert(certs, key))
+            .map_err(std::io::Error::other)?;
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -49,7 +50,9 @@ fn main() -> std::io::Result<()> {
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         match flag.as_str() {
-            "--port" => port = Some(args.next().and_then(|p| p.parse::<u16>().ok()).unwrap_or_else(|| usage())),
+            "--port" => {
+                port = Some(args.next().and_then(|p| p.parse::<u16>().ok()).unwrap_or_else(|| usage()))
+            }
             "--tls" => match (args.next(), args.next()) {
                 (Some(cert), Some(key)) => tls = Some((cert, key)),
                 _ => usage(),
