@@ -255,10 +255,7 @@ impl Driver {
     /// Writes every stream [`Driver::ws_queued`] noted.
     pub fn ws_flush_queued(&mut self, io: &mut ws::WsEvents) {
         for key in std::mem::take(&mut self.ws_to_flush) {
-            if let Some(Entry::Ws(stream)) = self.entries.get_mut(key) {
-                stream.flush_due = false;
-                self.ws_flush(key, io);
-            }
+            self.ws_flush(key, io);
         }
     }
 

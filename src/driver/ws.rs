@@ -123,7 +123,7 @@ pub struct Stream {
     known: bool,
     /// The poller saw the peer's end of stream or an error: read on until EOF.
     pub(super) hangup: bool,
-    /// Waiting in the driver's list of streams to write at the end of the update.
+    /// In the driver's list of streams to write at the end of the update (any write clears it).
     pub(super) flush_due: bool,
 }
 
@@ -279,6 +279,7 @@ impl Stream {
     /// Writes what `send`/`close` queued (no reading).
     pub fn write(&mut self, key: super::Key, registry: &Registry, now: Instant, io: &mut WsEvents) {
         self.last_tx = now;
+        self.flush_due = false;
         self.flush(key, registry);
         self.pump(key, io);
         self.arm_trim(now);

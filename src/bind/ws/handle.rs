@@ -14,19 +14,28 @@ use mlua::{Lua, Result, Thread, ThreadStatus, Value};
 use super::super::raw::{RawFn, Stack};
 use super::super::sched::{self, delivered_value, park_value};
 use super::super::{runtime, Runtime};
-use super::{close_code, opcode_arg, send, with_data, with_stream};
+use super::{close_code, opcode_arg, opcode_number, send, with_data, with_stream, OPCODE_EXPECTED};
 use crate::driver::ws::Received;
 use crate::driver::Key;
 use crate::proto::ws::{self as proto, Opcode};
 
-/// The connection behind a handle, if it is still known.
+/// The connection behind a handle number, if it is still known.
+fn handle_key(rt: &Runtime, handle: Option<i64>) -> Option<Key> {
+    rt.ws.borrow().handles.get(&(handle? as u64)).copied()
+}
+
+/// [`handle_key`] for a handle passed through mlua.
 fn conn_key(rt: &Runtime, handle: &Value) -> Option<Key> {
-    let id = match handle {
-        Value::Integer(i) => *i as u64,
-        Value::Number(n) => *n as u64,
-        _ => return None,
-    };
-    rt.ws.borrow().handles.get(&id).copied()
+    match handle {
+        Value::Integer(i) => handle_key(rt, Some(*i)),
+        Value::Number(n) => handle_key(rt, Some(*n as i64)),
+        _ => None,
+    }
+}
+
+/// How `receive` ends once the connection is gone from the runtime.
+fn released() -> Received {
+    Received::Closed { code: 1006, reason: "connection released".into(), clean: false }
 }
 
 /// `ws.raw_socket`: addresses, descriptor, upgrade request details and TLS parameters.
@@ -66,19 +75,14 @@ impl RawFn for Send {
     const NAME: &'static str = "ws:send(data, opcode)";
 
     fn call(rt: &Runtime, st: &mut Stack) -> std::result::Result<c_int, String> {
-        let op = match st.integer(3) {
-            None if st.is_nil(3) => Opcode::Text,
-            Some(1) => Opcode::Text,
-            Some(2) => Opcode::Binary,
-            _ => {
-                return Err(format!(
-                    "{}: 'opcode' must be opcodes.TEXT (1) or opcodes.BINARY (2), got {}",
-                    Self::NAME,
-                    st.type_name(3)
-                ))
-            }
+        let op = if st.is_nil(3) {
+            Opcode::Text
+        } else {
+            st.integer(3).and_then(opcode_number).ok_or_else(|| {
+                format!("{}: 'opcode' must be {OPCODE_EXPECTED}, got {}", Self::NAME, st.type_name(3))
+            })?
         };
-        let key = st.integer(1).and_then(|h| rt.ws.borrow().handles.get(&(h as u64)).copied());
+        let key = handle_key(rt, st.integer(1));
         let Some(data) = st.bytes(2) else {
             return Err(format!("{}: 'data' must be a string, got {}", Self::NAME, st.type_name(2)));
         };
@@ -110,7 +114,7 @@ fn take_received(rt: &Runtime, key: Key) -> Option<Received> {
             }
             received
         }
-        Err(_) => Some(Received::Closed { code: 1006, reason: "connection released".into(), clean: false }),
+        Err(_) => Some(released()),
     }
 }
 
@@ -123,10 +127,7 @@ impl RawFn for Receive {
     const NAME: &'static str = "ws:receive()";
 
     fn call(rt: &Runtime, st: &mut Stack) -> std::result::Result<c_int, String> {
-        let released = Received::Closed { code: 1006, reason: "connection released".into(), clean: false };
-        let Some(key) = st.integer(1).and_then(|h| rt.ws.borrow().handles.get(&(h as u64)).copied()) else {
-            return Ok(push_received(st, &released));
-        };
+        let Some(key) = handle_key(rt, st.integer(1)) else { return Ok(push_received(st, &released())) };
         // Whatever resumed the handler, it is not parked until it says so again.
         let is_handler = match rt.ws.borrow_mut().conns.get_mut(&key) {
             Some(c) if c.handler_ptr == st.thread() => {

@@ -89,15 +89,22 @@ impl WsState {
     }
 }
 
+/// What an `opcode` argument must be.
+const OPCODE_EXPECTED: &str = "opcodes.TEXT (1) or opcodes.BINARY (2)";
+
+/// The message opcode a number names (an omitted opcode means TEXT; callers check for nil).
+fn opcode_number(n: i64) -> Option<Opcode> {
+    u8::try_from(n).ok().and_then(|b| Opcode::from_u8(b).ok())
+}
+
 fn opcode_arg(call: &str, value: &Value) -> Result<Opcode> {
-    match value {
-        Value::Nil => Ok(Opcode::Text),
-        Value::Integer(1) => Ok(Opcode::Text),
-        Value::Integer(2) => Ok(Opcode::Binary),
-        Value::Number(n) if *n == 1.0 => Ok(Opcode::Text),
-        Value::Number(n) if *n == 2.0 => Ok(Opcode::Binary),
-        other => Err(bad_arg(call, "opcode", "opcodes.TEXT (1) or opcodes.BINARY (2)", other)),
-    }
+    let number = match value {
+        Value::Nil => return Ok(Opcode::Text),
+        Value::Integer(i) => Some(*i),
+        Value::Number(n) if n.fract() == 0.0 => Some(*n as i64),
+        _ => None,
+    };
+    number.and_then(opcode_number).ok_or_else(|| bad_arg(call, "opcode", OPCODE_EXPECTED, value))
 }
 
 /// Runs `f` on the bytes of a `data` argument (a string, or a number as Lua prints it) without

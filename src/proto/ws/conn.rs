@@ -235,11 +235,14 @@ impl WsConn {
         }
     }
 
+    /// Whether a frame since the reader was made may have grown its buffer.
+    fn reader_grew(&self) -> bool {
+        self.ws.get_ref().largest_frame() > self.config.read_buffer_size as u64 / 2
+    }
+
     /// Whether buffers grew past an idle connection's size ([`trim`](Self::trim) would help).
     pub fn has_spare_buffers(&self) -> bool {
-        let pipe = self.ws.get_ref();
-        pipe.heap_capacity() > super::pipe::TRIM_KEEP
-            || pipe.largest_frame() > self.config.read_buffer_size as u64 / 2
+        self.ws.get_ref().heap_capacity() > super::pipe::TRIM_KEEP || self.reader_grew()
     }
 
     /// Gives back buffers kept for traffic (for a connection gone idle): a fresh reader and
@@ -248,7 +251,7 @@ impl WsConn {
         if !self.reader_is_quiet() {
             return;
         }
-        if self.ws.get_ref().largest_frame() > self.config.read_buffer_size as u64 / 2 {
+        if self.reader_grew() {
             self.refresh_reader();
         }
         self.ws.get_mut().trim();

@@ -103,6 +103,51 @@ fn head_complete(buf: &[u8], from: usize) -> bool {
     w.windows(2).any(|p| p == b"\n\n") || w.windows(3).any(|p| p == b"\n\r\n")
 }
 
+/// An HTTP head (request or response) arriving in pieces, for both handshakes: kept until its
+/// empty line or its size limit, parsed once, then dropped; later input is ignored.
+#[derive(Debug, Default)]
+struct Head {
+    buf: Vec<u8>,
+    finished: bool,
+}
+
+/// What appending to a [`Head`] found.
+enum HeadState {
+    /// More bytes are needed (or a result was already given).
+    Incomplete,
+    /// The empty line arrived: parse [`Head::bytes`].
+    Complete,
+    /// Over the limit without an empty line.
+    TooLarge,
+}
+
+impl Head {
+    fn push(&mut self, data: &[u8], max_bytes: usize) -> HeadState {
+        if self.finished {
+            return HeadState::Incomplete;
+        }
+        let from = self.buf.len();
+        self.buf.extend_from_slice(data);
+        if head_complete(&self.buf, from) {
+            HeadState::Complete
+        } else if self.buf.len() > max_bytes {
+            HeadState::TooLarge
+        } else {
+            HeadState::Incomplete
+        }
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// A result was given: release the bytes and ignore what follows.
+    fn finish(&mut self) {
+        self.finished = true;
+        self.buf = Vec::new();
+    }
+}
+
 fn lossy(v: &[u8]) -> String {
     String::from_utf8_lossy(v).trim().to_string()
 }
@@ -132,9 +177,8 @@ fn reason_phrase(status: u16) -> &'static str {
 /// Incremental server-side upgrade parser. See the module documentation.
 #[derive(Debug)]
 pub struct ServerHandshake {
-    buf: Vec<u8>,
+    head: Head,
     limits: UpgradeLimits,
-    finished: bool,
 }
 
 /// Outcome of [`ServerHandshake::handle_bytes`].
@@ -216,53 +260,45 @@ impl Default for ServerHandshake {
 impl ServerHandshake {
     /// A parser with the given bounds. Allocates nothing until bytes arrive.
     pub fn new(limits: UpgradeLimits) -> Self {
-        Self { buf: Vec::new(), limits, finished: false }
+        Self { head: Head::default(), limits }
     }
 
     /// Bytes buffered so far (bounded by `max_head_bytes` plus one input chunk).
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.head.bytes().len()
     }
 
     /// Whether an `Accept`/`Reject` was already returned (later input is ignored).
     pub fn is_finished(&self) -> bool {
-        self.finished
+        self.head.finished
     }
 
     /// Feed received bytes. `has_handler(name)` says whether the server has a handler called
     /// `name` (the literal `"default"` included). Once `Accept` or `Reject` was returned,
     /// further calls return `Incomplete` and ignore their input.
     pub fn handle_bytes(&mut self, data: &[u8], has_handler: impl Fn(&str) -> bool) -> ServerUpgrade {
-        if self.finished {
-            return ServerUpgrade::Incomplete;
-        }
-        let from = self.buf.len();
-        self.buf.extend_from_slice(data);
-        let result = if head_complete(&self.buf, from) {
-            self.parse(&has_handler)
-        } else if self.buf.len() > self.limits.max_head_bytes {
-            Some(ServerUpgrade::Reject(Rejection::new(431, "request head too large")))
-        } else {
-            None
+        let result = match self.head.push(data, self.limits.max_head_bytes) {
+            HeadState::Incomplete => None,
+            HeadState::Complete => self.parse(&has_handler),
+            HeadState::TooLarge => Some(ServerUpgrade::Reject(Rejection::new(431, "request head too large"))),
         };
         match result {
             Some(r) => {
-                self.finished = true;
-                self.buf = Vec::new();
+                self.head.finish();
                 r
             }
             None => ServerUpgrade::Incomplete,
         }
     }
 
-    fn parse(&mut self, has_handler: &dyn Fn(&str) -> bool) -> Option<ServerUpgrade> {
+    fn parse(&self, has_handler: &dyn Fn(&str) -> bool) -> Option<ServerUpgrade> {
         let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
         let mut req = httparse::Request::new(&mut headers);
-        let n = match req.parse(&self.buf) {
+        let n = match req.parse(self.head.bytes()) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => {
                 // An empty line inside something httparse still considers incomplete.
-                return (self.buf.len() > self.limits.max_head_bytes)
+                return (self.head.bytes().len() > self.limits.max_head_bytes)
                     .then(|| ServerUpgrade::Reject(Rejection::new(431, "request head too large")));
             }
             Err(httparse::Error::TooManyHeaders) => {
@@ -282,7 +318,7 @@ impl ServerHandshake {
         let target = req.path.unwrap_or("");
         let version = req.version.unwrap_or(0);
         let hdrs = collect_headers(req.headers);
-        let leftover = self.buf[n..].to_vec();
+        let leftover = self.head.bytes()[n..].to_vec();
         Some(match validate_request(method, target, version, hdrs, has_handler) {
             Ok(mut acc) => {
                 acc.leftover = leftover;
@@ -449,9 +485,8 @@ impl WsUrl {
 pub struct ClientHandshake {
     expected_accept: String,
     offered: Vec<String>,
-    buf: Vec<u8>,
+    head: Head,
     limits: UpgradeLimits,
-    finished: bool,
 }
 
 /// A successful client upgrade.
@@ -488,9 +523,8 @@ impl ClientHandshake {
         let hs = ClientHandshake {
             expected_accept: derive_accept_key(key_b64.as_bytes()),
             offered: protocols.iter().map(|p| p.to_string()).collect(),
-            buf: Vec::new(),
+            head: Head::default(),
             limits: UpgradeLimits::default(),
-            finished: false,
         };
         Ok((hs, req.into_bytes()))
     }
@@ -504,36 +538,28 @@ impl ClientHandshake {
     /// when the server refused or answered wrongly. After a result, input is ignored
     /// (`Ok(None)`).
     pub fn handle_bytes(&mut self, data: &[u8]) -> Result<Option<ClientUpgrade>, Error> {
-        if self.finished {
-            return Ok(None);
-        }
-        let from = self.buf.len();
-        self.buf.extend_from_slice(data);
-        let result = if head_complete(&self.buf, from) {
-            self.parse()
-        } else if self.buf.len() > self.limits.max_head_bytes {
-            Some(Err(Error::Handshake("response head too large".into())))
-        } else {
-            None
+        let result = match self.head.push(data, self.limits.max_head_bytes) {
+            HeadState::Incomplete => None,
+            HeadState::Complete => self.parse(),
+            HeadState::TooLarge => Some(Err(Error::Handshake("response head too large".into()))),
         };
         match result {
             Some(r) => {
-                self.finished = true;
-                self.buf = Vec::new();
+                self.head.finish();
                 r.map(Some)
             }
             None => Ok(None),
         }
     }
 
-    fn parse(&mut self) -> Option<Result<ClientUpgrade, Error>> {
+    fn parse(&self) -> Option<Result<ClientUpgrade, Error>> {
         let fail = |m: String| Some(Err(Error::Handshake(m)));
         let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
         let mut resp = httparse::Response::new(&mut headers);
-        let n = match resp.parse(&self.buf) {
+        let n = match resp.parse(self.head.bytes()) {
             Ok(httparse::Status::Complete(n)) => n,
             Ok(httparse::Status::Partial) => {
-                return (self.buf.len() > self.limits.max_head_bytes)
+                return (self.head.bytes().len() > self.limits.max_head_bytes)
                     .then(|| Err(Error::Handshake("response head too large".into())));
             }
             Err(e) => return fail(format!("malformed HTTP response: {e}")),
@@ -566,7 +592,7 @@ impl ClientHandshake {
             [p] => return fail(format!("server chose subprotocol '{p}' which we did not offer")),
             _ => return fail("server sent more than one Sec-WebSocket-Protocol".into()),
         };
-        Some(Ok(ClientUpgrade { protocol, headers: hdrs, leftover: self.buf[n..].to_vec() }))
+        Some(Ok(ClientUpgrade { protocol, headers: hdrs, leftover: self.head.bytes()[n..].to_vec() }))
     }
 }
 

@@ -185,6 +185,17 @@ struct Conn {
 }
 
 impl Conn {
+    /// The whole echo is in: checks it and records the round trip; returns the time to stamp
+    /// the next message with.
+    fn finish_echo(&self, expected: &[u8], hist: &mut Histogram<u64>) -> io::Result<Instant> {
+        if self.buf[..self.received] != expected[..] {
+            return Err(io::Error::other("the echo differs from the message sent"));
+        }
+        let now = Instant::now();
+        hist.saturating_record(now.duration_since(self.sent_at).as_nanos() as u64);
+        Ok(now)
+    }
+
     fn write_pending(&mut self, request: &[u8]) -> io::Result<()> {
         while self.written < request.len() {
             match self.stream.write(&request[self.written..]) {
@@ -353,11 +364,7 @@ fn run(o: Options) -> io::Result<()> {
                 }
                 c.receive_tls(expected.len())?;
                 if c.received >= expected.len() {
-                    if c.buf[..c.received] != expected[..] {
-                        return Err(io::Error::other("the echo differs from the message sent"));
-                    }
-                    let now = Instant::now();
-                    hist.saturating_record(now.duration_since(c.sent_at).as_nanos() as u64);
+                    let now = c.finish_echo(&expected, &mut hist)?;
                     count += 1;
                     c.send_tls(&request, now)?;
                 }
@@ -381,11 +388,7 @@ fn run(o: Options) -> io::Result<()> {
                     Err(e) => return Err(e),
                 }
                 if c.received >= expected.len() {
-                    if c.buf[..c.received] != expected[..] {
-                        return Err(io::Error::other("the echo differs from the message sent"));
-                    }
-                    let now = Instant::now();
-                    hist.saturating_record(now.duration_since(c.sent_at).as_nanos() as u64);
+                    let now = c.finish_echo(&expected, &mut hist)?;
                     count += 1;
                     c.send(&request, now)?;
                     // Nothing more can arrive before the server has this message, and its echo
