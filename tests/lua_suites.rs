@@ -49,3 +49,8 @@ fn ws_suite() {
 fn rpc_suite() {
     run_suite("rpc_suite");
 }
+
+#[test]
+fn reentry_suite() {
+    run_suite("reentry_suite");
+}

@@ -172,8 +172,9 @@ pub(crate) enum Side {
 fn close_side(lua: &Lua, side: Side) -> Result<()> {
     let rt = runtime(lua)?;
     rt.sched.borrow_mut().close_requested = true;
-    rpc::close_all(lua, &rt, side)?;
-    ws::close_all(lua, &rt, side)
+    // Both kinds close even if a callback raises on the way; the first error is reported.
+    let rpc = rpc::close_all(lua, &rt, side);
+    rpc.and(ws::close_all(lua, &rt, side))
 }
 
 /// `core.resolve(host, co)`: the addresses, `nil, err`, or `PARK` after parking `co`.

@@ -573,36 +573,77 @@ fn remove_app(lua: &Lua, x: Value) -> Result<(bool, Option<String>)> {
     Ok((true, None))
 }
 
+/// Removes a server app: unregistered first (what its callbacks call cannot reach it again),
+/// sessions closed with "Server app removed" after what is queued for them went out, then
+/// `close_client` once for every client record it had.
 fn remove_server(lua: &Lua, rt: &Runtime, id: u32) -> Result<()> {
-    let Some(key) = rt.rpc.borrow().servers.get(&id).map(|a| a.key) else { return Ok(()) };
-    // Take in what already arrived (a client confirming its session becomes a client we can tell).
-    // …and send what is queued for the clients before the sessions close (closing drops it).
-    let drained = service(lua, rt, key, Instant::now()).and(flush_now(lua, rt, key, Instant::now()));
-    let conns: Vec<ConnId> =
-        rt.rpc.borrow().servers.get(&id).map(|a| a.conns.keys().copied().collect()).unwrap_or_default();
-    if let Proto::Server(s) = &mut rt.driver.borrow_mut().rpc(key)?.proto {
-        for conn in conns {
-            let _ = s.close(conn, "Server app removed");
-        }
-    }
-    let result = drained.and(flush_now(lua, rt, key, Instant::now()));
-    rt.driver.borrow_mut().close(key);
     let app = {
         let mut st = rt.rpc.borrow_mut();
-        st.by_key.remove(&key);
-        st.servers.remove(&id)
+        let Some(app) = st.servers.remove(&id) else { return Ok(()) };
+        st.by_key.remove(&app.key);
+        app
     };
-    if let Some(app) = app {
-        app.policy.log(lua, &format!("Server '{}' stopped", app.name))?;
-        let ServerApp { table, new_client, close_client, timeout_client, conns, .. } = app;
-        for k in [Some(table), new_client, close_client, timeout_client].into_iter().flatten() {
-            lua.remove_registry_value(k)?;
+    let now = Instant::now();
+    let mut events = Vec::new();
+    {
+        let mut driver = rt.driver.borrow_mut();
+        // Take in what already arrived (a session confirmed meanwhile is closed with the rest)
+        // and send what is queued for the clients before the sessions close (closing drops it).
+        driver.rpc_service(app.key, now, &mut events);
+        let confirmed = events.iter().filter_map(|ev| match ev {
+            RpcEvent::Server(ServerEvent::Connected { conn, .. }) => Some(*conn),
+            _ => None,
+        });
+        let conns: Vec<ConnId> = app.conns.keys().copied().chain(confirmed).collect();
+        if let Ok(Proto::Server(s)) = driver.rpc(app.key).map(|ep| &mut ep.proto) {
+            for conn in conns {
+                let _ = s.close(conn, "Server app removed");
+            }
         }
-        for (_, c) in conns {
-            lua.remove_registry_value(c.handle)?;
+        driver.rpc_flush(app.key, now, &mut events);
+        driver.close(app.key);
+    }
+    let ServerApp { name, policy, table, new_client, close_client, timeout_client, conns, .. } = app;
+    let mut result = Ok(());
+    let close_client_fn = func(lua, &close_client)?;
+    for k in [Some(table), new_client, close_client, timeout_client].into_iter().flatten() {
+        lua.remove_registry_value(k)?;
+    }
+    for (conn, c) in conns {
+        let reason = events
+            .iter()
+            .find_map(|ev| match ev {
+                RpcEvent::Server(ServerEvent::Disconnected { conn: gone, reason }) if *gone == conn => {
+                    Some(reason.to_string())
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| "Server app removed".into());
+        let r = client_left(lua, &policy, close_client_fn.as_ref(), c, &reason);
+        result = result.and(r);
+    }
+    result.and(policy.log(lua, &format!("Server '{name}' stopped")))
+}
+
+/// A client record's session ended (it was already taken out of the app): mark it closed, log,
+/// and call `close_client` once.
+fn client_left(
+    lua: &Lua,
+    policy: &Policy,
+    close_client: Option<&Function>,
+    c: Conn,
+    reason: &str,
+) -> Result<()> {
+    let client: Table = lua.registry_value(&c.handle)?;
+    lua.remove_registry_value(c.handle)?;
+    client.raw_set("__closed", true)?;
+    policy.log(lua, &format!("client {} disconnected: {reason}", c.addr))?;
+    if let Some(cb) = close_client {
+        if let Err(e) = cb.call::<()>(client) {
+            policy.report(lua, &format!("close_client: {}", message(&e)))?;
         }
     }
-    result
+    Ok(())
 }
 
 fn server_event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ServerEvent, now: Instant) -> Result<()> {
@@ -680,16 +721,7 @@ fn server_event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ServerEvent, now
                 let Some(c) = app.conns.remove(&conn) else { return Ok(()) };
                 (c, func(lua, &app.close_client)?, app.policy.clone())
             };
-            let client: Table = lua.registry_value(&c.handle)?;
-            lua.remove_registry_value(c.handle)?;
-            client.raw_set("__closed", true)?;
-            policy.log(lua, &format!("client {} disconnected: {reason}", c.addr))?;
-            if let Some(cb) = cb {
-                if let Err(e) = cb.call::<()>(client) {
-                    policy.report(lua, &format!("close_client: {}", message(&e)))?;
-                }
-            }
-            Ok(())
+            client_left(lua, &policy, cb.as_ref(), c, &reason.to_string())
         }
     }
 }
@@ -730,6 +762,9 @@ fn idle_scan(lua: &Lua, rt: &Runtime, id: u32, key: Key, now: Instant) -> Result
                 }
             }
         }
+        if server_key(rt, id).is_none() {
+            return result; // the callback removed the app
+        }
         if keep {
             if let Some(c) = rt.rpc.borrow_mut().servers.get_mut(&id).and_then(|a| a.conns.get_mut(&conn)) {
                 c.last_active = now;
@@ -740,7 +775,8 @@ fn idle_scan(lua: &Lua, rt: &Runtime, id: u32, key: Key, now: Instant) -> Result
     }
     let next = {
         let st = rt.rpc.borrow();
-        st.servers.get(&id).and_then(|a| a.conns.values().map(|c| c.last_active + a.disconnect_time).min())
+        let Some(app) = st.servers.get(&id) else { return result };
+        app.conns.values().map(|c| c.last_active + app.disconnect_time).min()
     };
     rt.driver.borrow_mut().rpc(key)?.extra = next.map(|at| at.max(now + Duration::from_millis(1)));
     flush(lua, rt, key, now)?;
@@ -823,10 +859,16 @@ fn close_conn(lua: &Lua, (id, conn): (u32, f64)) -> Result<()> {
 /// this update would otherwise be dropped with the session).
 fn close_session(lua: &Lua, rt: &Runtime, key: Key, conn: ConnId, reason: &str) -> Result<()> {
     let now = Instant::now();
-    flush_now(lua, rt, key, now)?;
-    if let Proto::Server(s) = &mut rt.driver.borrow_mut().rpc(key)?.proto {
-        let _ = s.close(conn, reason);
+    let mut events = Vec::new();
+    {
+        let mut driver = rt.driver.borrow_mut();
+        driver.rpc_flush(key, now, &mut events);
+        if let Proto::Server(s) = &mut driver.rpc(key)?.proto {
+            let _ = s.close(conn, reason);
+        }
     }
+    // Lua runs only now, after the driver work (it may remove the app).
+    handle_events(lua, rt, key, events, now)?;
     flush(lua, rt, key, now)
 }
 
@@ -1123,15 +1165,16 @@ fn connect_to_app(lua: &Lua, config: Value) -> Result<Table> {
 
 /// Resolves the host (without blocking) and opens a session once it is known.
 fn start_client(lua: &Lua, rt: &Runtime, id: u32, now: Instant) -> Result<()> {
-    let Some(host) = rt.rpc.borrow().clients.get(&id).map(|c| c.host.clone()) else { return Ok(()) };
+    let host = {
+        let mut st = rt.rpc.borrow_mut();
+        let Some(c) = st.clients.get_mut(&id) else { return Ok(()) };
+        // A new attempt: its end (even a failed lookup) is reported once more.
+        c.phase = Phase::Resolving;
+        c.host.clone()
+    };
     let lookup = rt.driver.borrow_mut().lookup(&host, now);
     match lookup {
-        Lookup::Pending => {
-            if let Some(c) = rt.rpc.borrow_mut().clients.get_mut(&id) {
-                c.phase = Phase::Resolving;
-            }
-            Ok(())
-        }
+        Lookup::Pending => Ok(()),
         Lookup::Failed(err) => client_down(lua, rt, id, None, format!("cannot resolve '{host}': {err}"), now),
         Lookup::Done(ips) => {
             let Some(ip) = ips.first().copied() else {
@@ -1204,7 +1247,8 @@ pub(crate) fn resolved(lua: &Lua, rt: &Runtime, host: &str, now: Instant) -> Res
 }
 
 /// The session of client app `id` ended (or never started): fail its calls, tell
-/// `disconnect_server`, and either wait for `reconnect_time` or drop the socket.
+/// `disconnect_server`, and either wait for `reconnect_time` or drop the socket. Each session
+/// (each attempt) is reported once: a client already down is not reported again.
 fn client_down(
     lua: &Lua,
     rt: &Runtime,
@@ -1216,6 +1260,9 @@ fn client_down(
     let (calls, cb, policy, reconnect) = {
         let mut st = rt.rpc.borrow_mut();
         let Some(c) = st.clients.get_mut(&id) else { return Ok(()) };
+        if c.phase == Phase::Down {
+            return Ok(());
+        }
         c.connected = false;
         c.phase = Phase::Down;
         c.early.clear();
@@ -1266,6 +1313,19 @@ fn client_down(
             }
         }
     }
+    report_down(lua, &policy, callbacks, cb, &reason)
+}
+
+/// Tells a client app's `noawait_fetch` callbacks and `disconnect_server` that its session ended
+/// (the app's state already says so: whatever they call sees it).
+fn report_down(
+    lua: &Lua,
+    policy: &Policy,
+    callbacks: Vec<RegistryKey>,
+    disconnect_server: Option<Function>,
+    reason: &str,
+) -> Result<()> {
+    let text = format!("Disconnected: {reason}");
     let mut result = Ok(());
     for f in callbacks {
         let cb: Function = lua.registry_value(&f)?;
@@ -1274,7 +1334,7 @@ fn client_down(
             result = result.and(policy.report(lua, &format!("noawait_fetch callback: {}", message(&e))));
         }
     }
-    if let Some(cb) = cb {
+    if let Some(cb) = disconnect_server {
         if let Err(e) = cb.call::<()>(reason) {
             result = result.and(policy.report(lua, &format!("disconnect_server: {}", message(&e))));
         }
@@ -1449,8 +1509,9 @@ fn fetch_result(lua: &Lua, (id, call): (u32, u32)) -> Result<(bool, Value, Optio
     let rt = runtime(lua)?;
     let state = {
         let mut st = rt.rpc.borrow_mut();
+        // Only `disconnect_to_app` / `lunac.close()` remove a client app.
         let Some(c) = st.clients.get_mut(&id) else {
-            return Ok((true, Value::Nil, Some("Disconnected".into())));
+            return Ok((true, Value::Nil, Some("Disconnected: Close server".into())));
         };
         match c.calls.remove(&call) {
             None => return Ok((true, Value::Nil, Some("Disconnected".into()))),
@@ -1549,46 +1610,38 @@ fn disconnect_to_app(lua: &Lua, x: Value) -> Result<(bool, Option<String>)> {
     Ok((true, None))
 }
 
+/// Removes a client app: unregistered first, so nothing its callbacks call can reach it again
+/// (a nested close finds it gone), then told once: `disconnect_server("Close server")` unless its
+/// session already ended and was reported.
 fn remove_client(lua: &Lua, rt: &Runtime, id: u32) -> Result<()> {
-    let now = Instant::now();
-    let key = {
-        let mut st = rt.rpc.borrow_mut();
-        let Some(c) = st.clients.get_mut(&id) else { return Ok(()) };
-        c.reconnect = None;
-        c.key
-    };
-    let mut result = Ok(());
-    if let Some(key) = key {
-        let closed = match &mut rt.driver.borrow_mut().rpc(key)?.proto {
-            Proto::Client(Some(c)) if !c.is_closed() => {
+    let Some(app) = rt.rpc.borrow_mut().clients.remove(&id) else { return Ok(()) };
+    if let Some(key) = app.key {
+        let mut driver = rt.driver.borrow_mut();
+        if let Ok(Proto::Client(Some(c))) = driver.rpc(key).map(|ep| &mut ep.proto) {
+            if !c.is_closed() {
                 c.close("Close server");
-                true
             }
-            _ => false,
-        };
-        if closed {
-            result = flush_now(lua, rt, key, now);
         }
-        rt.driver.borrow_mut().close(key);
+        // The goodbye leaves now; its events are the app's, which is gone.
+        driver.rpc_flush(key, Instant::now(), &mut Vec::new());
+        driver.close(key);
+        drop(driver);
         rt.rpc.borrow_mut().by_key.remove(&key);
-    } else {
-        result = client_down(lua, rt, id, None, "Close server".into(), now);
     }
-    let app = rt.rpc.borrow_mut().clients.remove(&id);
-    if let Some(app) = app {
-        let ClientApp { table, listener, connect_server, disconnect_server, calls, .. } = app;
-        for k in [Some(table), listener, connect_server, disconnect_server].into_iter().flatten() {
-            lua.remove_registry_value(k)?;
-        }
-        for (_, call) in calls {
-            match call {
-                Call::Waiting { thread: Some(t), .. } => rt.sched.borrow_mut().jobs.push_back(t),
-                Call::Callback(f) => lua.remove_registry_value(f)?,
-                _ => {}
-            }
+    let ClientApp { table, listener, connect_server, disconnect_server, calls, phase, policy, .. } = app;
+    let cb = if phase == Phase::Down { None } else { func(lua, &disconnect_server)? };
+    for k in [Some(table), listener, connect_server, disconnect_server].into_iter().flatten() {
+        lua.remove_registry_value(k)?;
+    }
+    let mut callbacks = Vec::new();
+    for (_, call) in calls {
+        match call {
+            Call::Waiting { thread: Some(t), .. } => rt.sched.borrow_mut().jobs.push_back(t),
+            Call::Callback(f) => callbacks.push(f),
+            _ => {}
         }
     }
-    result
+    report_down(lua, &policy, callbacks, cb, "Close server")
 }
 
 /// `luna.close()` / `lunac.close()`: removes every RPC app of that side.

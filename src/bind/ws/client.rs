@@ -11,6 +11,7 @@ use mlua::{
 
 use super::super::error::{bad_arg, message, misuse};
 use super::super::options::Options;
+use super::super::policy::Policy;
 use super::super::{runtime, Runtime};
 use super::{close_code, opcode_arg, opcodes, policy, send, settings, with_data, with_stream, Client};
 use crate::driver::ws::{Received, Stream};
@@ -35,8 +36,9 @@ const CLIENT_KEYS: &[&str] = &[
     "max_message_size",
 ];
 
-/// A client app (`lunac.connect_to_web_app`).
-struct WsClient(u64);
+/// A client app (`lunac.connect_to_web_app`): its id and name (the name outlives the app, so
+/// `on_close` can read `self.name`).
+struct WsClient(u64, String);
 
 /// Fields users attach to a client object (their own data).
 fn fields(ud: &AnyUserData) -> Result<Table> {
@@ -66,7 +68,7 @@ impl UserData for WsClient {
                 let ws = rt.ws.borrow();
                 match (name.as_bytes().as_ref(), ws.clients.get(&id)) {
                     (b"opcodes", _) => return Ok(Value::Table(opcodes(lua)?)),
-                    (b"name", Some(c)) => return lua.create_string(&c.name).map(Value::String),
+                    (b"name", _) => return lua.create_string(&ud.borrow::<WsClient>()?.1).map(Value::String),
                     (b"connected", c) => {
                         let open = c
                             .and_then(|c| c.stream)
@@ -136,7 +138,7 @@ fn connect_to_web_app(lua: &Lua, config: Value) -> Result<AnyUserData> {
         callbacks[slot] = opts.function(key)?.map(|f| lua.create_registry_value(f)).transpose()?;
     }
     let id = rt.ws.borrow_mut().id();
-    let object = new_object(lua, WsClient(id))?;
+    let object = new_object(lua, WsClient(id, name.clone()))?;
     let client = Client {
         name,
         policy,
@@ -227,6 +229,17 @@ pub(super) fn client_callback(lua: &Lua, rt: &Runtime, id: u64, slot: usize, arg
         };
         (callback, lua.registry_value::<AnyUserData>(&c.object)?, c.policy.clone())
     };
+    call_back(lua, &callback, object, &policy, args)
+}
+
+/// Calls `callback(object, args...)`; an error goes to the app's policy.
+fn call_back(
+    lua: &Lua,
+    callback: &Function,
+    object: AnyUserData,
+    policy: &Policy,
+    args: MultiValue,
+) -> Result<()> {
     let mut full = MultiValue::new();
     full.push_back(Value::UserData(object));
     full.extend(args);
@@ -254,20 +267,32 @@ pub(super) fn client_inbox(lua: &Lua, rt: &Runtime, id: u64, conn: Key) -> Resul
     }
 }
 
-/// A client's connection ended (or never started): `on_close(self, code, reason)`, then forget it.
+/// A client's connection ended (or never started): forget it, then `on_close(self, code,
+/// reason)` once. Forgotten first, so `on_close` may reconnect under the same name or close
+/// everything without reaching this client again.
 pub(super) fn client_closed(lua: &Lua, rt: &Runtime, id: u64, code: u16, reason: &str) -> Result<()> {
-    if let Some(policy) = rt.ws.borrow().clients.get(&id).map(|c| c.policy.clone()) {
-        if code == 1006 {
-            policy.network(lua, &format!("connection lost: {reason}"))?;
+    let Some(c) = rt.ws.borrow_mut().clients.remove(&id) else { return Ok(()) };
+    if let Some(key) = c.stream {
+        if rt.ws.borrow_mut().client_streams.remove(&key).is_some() {
+            rt.driver.borrow_mut().close(key);
         }
     }
-    let args = (code, reason.to_owned()).into_lua_multi(lua)?;
-    let result = client_callback(lua, rt, id, ON_CLOSE, args);
-    if let Some(c) = rt.ws.borrow_mut().clients.remove(&id) {
-        lua.remove_registry_value(c.object)?;
-        for key in c.callbacks.into_iter().flatten() {
-            lua.remove_registry_value(key)?;
-        }
+    let mut result = Ok(());
+    if code == 1006 {
+        result = c.policy.network(lua, &format!("connection lost: {reason}"));
+    }
+    let object = lua.registry_value::<AnyUserData>(&c.object)?;
+    lua.remove_registry_value(c.object)?;
+    let mut callbacks = c.callbacks;
+    let on_close = callbacks[ON_CLOSE].take();
+    for key in callbacks.into_iter().flatten() {
+        lua.remove_registry_value(key)?;
+    }
+    if let Some(key) = on_close {
+        let callback = lua.registry_value::<Function>(&key)?;
+        lua.remove_registry_value(key)?;
+        let args = (code, reason.to_owned()).into_lua_multi(lua)?;
+        result = result.and(call_back(lua, &callback, object, &c.policy, args));
     }
     result
 }

@@ -227,7 +227,8 @@ fn ws_broadcast(lua: &Lua, (h, data, op): (Value, Value, Value)) -> Result<usize
     let members: Vec<Key> = {
         let ws = rt.ws.borrow();
         let Some(conn) = conn_key(&rt, &h).and_then(|key| ws.conns.get(&key)) else { return Ok(0) };
-        let server = &ws.servers[&conn.server];
+        // The app may be removed while its connections are still closing.
+        let Some(server) = ws.servers.get(&conn.server) else { return Ok(0) };
         server.groups.get(&conn.group).map(|g| g.iter().copied().collect()).unwrap_or_default()
     };
     let mut sent = 0;

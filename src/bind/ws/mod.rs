@@ -246,19 +246,22 @@ pub(crate) fn resolved(lua: &Lua, rt: &Runtime, host: &str, now: Instant) -> Res
 pub(crate) fn close_all(lua: &Lua, rt: &Runtime, side: Side) -> Result<()> {
     match side {
         Side::Server => {
+            // Every app is removed even if a callback raises on the way.
             let ids: Vec<u64> = rt.ws.borrow().servers.keys().copied().collect();
+            let mut result = Ok(());
             for id in ids {
-                remove_server(lua, rt, id)?;
+                result = result.and(remove_server(lua, rt, id));
             }
+            result
         }
         Side::Client => {
             let ids: Vec<u64> = rt.ws.borrow().clients.keys().copied().collect();
             for id in ids {
                 disconnect(rt, id, 1000, "App closing");
             }
+            Ok(())
         }
     }
-    Ok(())
 }
 
 /// Writes what sends during this update queued (the end of every update).
