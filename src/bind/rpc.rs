@@ -442,6 +442,7 @@ const APP_KEYS: &[&str] = &[
     "disconnect_time",
     "encryption",
     "secret_key",
+    "max_message_size",
 ];
 
 /// The addresses to try, in order: `*` is every interface (an IPv6 socket that also takes IPv4,
@@ -482,6 +483,7 @@ fn new_app(lua: &Lua, config: Value) -> Result<Table> {
     let request_listener = o.function("request_listener")?;
     let disconnect_time = o.seconds("disconnect_time")?.unwrap_or(DEFAULT_DISCONNECT);
     let encryption = o.boolean("encryption")?.unwrap_or(true);
+    let max_message_size = o.size("max_message_size")?.unwrap_or(rpc::Config::default().max_message_size);
     let rt = runtime(lua)?;
     if rt.rpc.borrow().servers.values().any(|a| a.name == name) {
         return Err(misuse(CALL, format!("an app named '{name}' already exists")));
@@ -498,7 +500,8 @@ fn new_app(lua: &Lua, config: Value) -> Result<Table> {
             misuse(CALL, "'secret_key' must be 64 hex digits (e.g. from `openssl rand -hex 32`)")
         })?;
     }
-    let mut server = Server::new(rpc::Config { encryption, ..Default::default() }, seed, secret);
+    let mut server =
+        Server::new(rpc::Config { encryption, max_message_size, ..Default::default() }, seed, secret);
     server.set_max_per_ip(max_ip);
     let public_key = to_hex(&server.public_key());
     let now = Instant::now();
@@ -1100,6 +1103,8 @@ const CLIENT_KEYS: &[&str] = &[
     "disconnect_server",
     "encryption",
     "server_key",
+    "debug",
+    "max_message_size",
 ];
 
 fn connect_to_app(lua: &Lua, config: Value) -> Result<Table> {
@@ -1122,9 +1127,10 @@ fn connect_to_app(lua: &Lua, config: Value) -> Result<Table> {
         label: format!("client app '{name}'"),
         no_errors: o.boolean("no_errors")?.unwrap_or(false),
         handler: key_of(lua, o.function("error_handler")?)?,
-        debug: false,
+        debug: o.boolean("debug")?.unwrap_or(true),
     });
     let encryption = o.boolean("encryption")?.unwrap_or(true);
+    let max_message_size = o.size("max_message_size")?.unwrap_or(rpc::Config::default().max_message_size);
     let app = ClientApp {
         name: name.clone(),
         key: None,
@@ -1133,7 +1139,7 @@ fn connect_to_app(lua: &Lua, config: Value) -> Result<Table> {
         table: lua.create_registry_value(Value::Nil)?,
         host: host.clone(),
         port,
-        config: rpc::Config { encryption, ..Default::default() },
+        config: rpc::Config { encryption, max_message_size, ..Default::default() },
         pinned,
         reconnect: o.seconds("reconnect_time")?,
         listener: key_of(lua, o.function("listener")?)?,
@@ -1326,7 +1332,7 @@ fn report_down(
     reason: &str,
 ) -> Result<()> {
     let text = format!("Disconnected: {reason}");
-    let mut result = Ok(());
+    let mut result = policy.log(lua, &format!("disconnected: {reason}"));
     for f in callbacks {
         let cb: Function = lua.registry_value(&f)?;
         lua.remove_registry_value(f)?;
@@ -1345,12 +1351,13 @@ fn report_down(
 fn client_event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ClientEvent, now: Instant) -> Result<()> {
     match ev {
         ClientEvent::Connected => {
-            let (cb, policy) = {
+            let (cb, policy, server) = {
                 let mut st = rt.rpc.borrow_mut();
                 let Some(c) = st.clients.get_mut(&id) else { return Ok(()) };
                 c.connected = true;
-                (func(lua, &c.connect_server)?, c.policy.clone())
+                (func(lua, &c.connect_server)?, c.policy.clone(), format!("{}:{}", c.host, c.port))
             };
+            policy.log(lua, &format!("connected to {server}"))?;
             if let Some(cb) = cb {
                 if let Err(e) = cb.call::<()>(()) {
                     policy.report(lua, &format!("connect_server: {}", message(&e)))?;
@@ -1629,7 +1636,7 @@ fn remove_client(lua: &Lua, rt: &Runtime, id: u32) -> Result<()> {
         rt.rpc.borrow_mut().by_key.remove(&key);
     }
     let ClientApp { table, listener, connect_server, disconnect_server, calls, phase, policy, .. } = app;
-    let cb = if phase == Phase::Down { None } else { func(lua, &disconnect_server)? };
+    let cb = func(lua, &disconnect_server)?;
     for k in [Some(table), listener, connect_server, disconnect_server].into_iter().flatten() {
         lua.remove_registry_value(k)?;
     }
@@ -1640,6 +1647,10 @@ fn remove_client(lua: &Lua, rt: &Runtime, id: u32) -> Result<()> {
             Call::Callback(f) => callbacks.push(f),
             _ => {}
         }
+    }
+    if phase == Phase::Down {
+        // Its end was reported when the session ended (no call was accepted since).
+        return callbacks.into_iter().try_for_each(|f| lua.remove_registry_value(f));
     }
     report_down(lua, &policy, callbacks, cb, "Close server")
 }

@@ -71,7 +71,7 @@ return function(T, luna, lunac)
       r:new({ prefix = "async", async = true, fun = function() luna.sleep(0); event("async_handler"); return "ok" end })
       r:new({ prefix = "boom", fun = function() error("boom") end })
       W.client = lunac.connect_to_app({
-        name = W.client_name, host = "127.0.0.1", port = W.rpc.port, no_errors = true,
+        name = W.client_name, host = "127.0.0.1", port = W.rpc.port, no_errors = true, debug = false,
         encryption = not opts.reject,
         error_handler = error_handler("client_error_handler"),
         connect_server = function() event("connect_server") end,
@@ -314,7 +314,7 @@ return function(T, luna, lunac)
       protocols = { default = function() end } })
     local port = silent.port
     luna.remove_web_app(silent)
-    lunac.connect_to_app({ name = "re timeout", host = "127.0.0.1", port = port,
+    lunac.connect_to_app({ name = "re timeout", host = "127.0.0.1", port = port, debug = false,
       disconnect_server = function(reason)
         reasons[#reasons + 1] = reason
         lunac.close() -- the issue's crash: this recursed until the stack overflowed

@@ -28,6 +28,9 @@ return function(T, luna, lunac)
     if cfg.encryption == nil then
       cfg.encryption = app.encryption
     end
+    if cfg.debug == nil then
+      cfg.debug = false
+    end
     return lunac.connect_to_app(cfg)
   end
 
@@ -496,6 +499,39 @@ return function(T, luna, lunac)
     T.eq(err, "Unknown route 'r/y'", "router gone")
     lunac.disconnect_to_app(client)
     luna.remove_app(app)
+  end)
+
+  T.test("config keys other Luna apps accept work here too (debug, max_message_size); typos raise", function()
+    local lines = {}
+    local real_print = print
+    print = function(...)
+      local parts = {}
+      for i = 1, select("#", ...) do parts[i] = tostring(select(i, ...)) end
+      lines[#lines + 1] = table.concat(parts, " ")
+    end
+    local app = server({ max_message_size = 200 })
+    app:new_router({ prefix = "m" }):new({ prefix = "echo", fun = function(a) return a.s end })
+    -- Code written for the original passes `debug` to the client too: it logs the session here.
+    local client = connected(connect(app, { name = "chatty", debug = true, max_message_size = 100 }))
+    local big, small = string.rep("x", 150), string.rep("y", 20)
+    local echoed = client:fetch("m/echo", { s = small })
+    local _, too_big_here = client:fetch("m/echo", { s = big })
+    lunac.disconnect_to_app(client)
+    local sender = connected(connect(app, { max_message_size = 1000 }))
+    local _, too_big_there = sender:fetch("m/echo", { s = string.rep("z", 300) }, 0.3)
+    lunac.disconnect_to_app(sender)
+    print = real_print
+    T.eq(echoed, small, "a small message passes")
+    T.ok(tostring(too_big_here):find("too large", 1, true), "the client refuses to send: " .. tostring(too_big_here))
+    T.eq(too_big_there, "Request timed out", "the server drops what is over its limit")
+    local log = table.concat(lines, "\n")
+    T.ok(log:find("[luna] client app 'chatty': connected to 127.0.0.1:" .. app.port, 1, true), log)
+    T.ok(log:find("[luna] client app 'chatty': disconnected: Close server", 1, true), log)
+    luna.remove_app(app)
+    T.raises({ "lunac.connect_to_app(config)", "unknown option 'debgu'", "debug" }, lunac.connect_to_app,
+      { host = "127.0.0.1", port = 1, debgu = true })
+    T.raises({ "luna.new_app(config)", "'max_message_size' must be a whole number of bytes" }, luna.new_app,
+      { port = 0, max_message_size = 0 })
   end)
 
   T.main("misuse errors name the call and the problem", function()

@@ -343,6 +343,24 @@ return function(T, luna, lunac)
     luna.remove_web_app(app)
   end)
 
+  T.test("web clients take the keep-alive keys servers take (ping_interval, ping_timeout)", function()
+    local app = luna.new_web_app({
+      name = "keepalive", host = "127.0.0.1", port = 0, debug = false, ping_interval = 0.05,
+      protocols = { default = function(ws) while true do local m = ws:receive(); if not m then return end; ws:send(m) end end },
+    })
+    local c, log = client("ws://127.0.0.1:" .. app.port, { ping_interval = 0.05, ping_timeout = 1 })
+    T.wait_until(function() return log.connected end, 2, "connect")
+    luna.sleep(0.2) -- several pings each way while nothing else is sent
+    c:send("still here")
+    T.wait_until(function() return #log.messages == 1 end, 2, "echo after the pings")
+    T.eq(log.closed, nil, "pings kept the connection")
+    T.raises({ "lunac.connect_to_web_app(config)", "unknown option 'ping_intervall'" }, lunac.connect_to_web_app,
+      { url = "ws://127.0.0.1:1", ping_intervall = 1 })
+    c:close()
+    T.wait_until(function() return log.closed end, 2, "closed")
+    luna.remove_web_app(app)
+  end)
+
   T.main("web app misuse errors are clear", function()
     T.raises({ "luna.new_web_app(config)", "'protocols' must be a table" }, luna.new_web_app,
       { name = "x", port = 0 })

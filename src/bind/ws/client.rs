@@ -34,6 +34,8 @@ const CLIENT_KEYS: &[&str] = &[
     "on_message",
     "on_close",
     "max_message_size",
+    "ping_interval",
+    "ping_timeout",
 ];
 
 /// A client app (`lunac.connect_to_web_app`): its id and name (the name outlives the app, so
