@@ -22,6 +22,12 @@ use error::bad_arg;
 pub use error::message as error_text;
 use sched::Sched;
 
+/// An address as Lua sees it: an IPv4 peer of a dual-stack (`"*"`) socket is reported as plain
+/// IPv4 (`127.0.0.1`, not `::ffff:127.0.0.1`) in `getpeername`, `ip`, `raw_socket` and logs.
+pub(crate) fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// Per-Lua-state runtime. Never borrow a field across a call into Lua.
 pub(crate) struct Runtime {
     driver: RefCell<Driver>,

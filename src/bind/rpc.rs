@@ -14,7 +14,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 use super::error::{bad_arg, lua_type, message, misuse};
 use super::options::Options;
 use super::policy::Policy;
-use super::{runtime, sched, Runtime, Side};
+use super::{canonical, runtime, sched, Runtime, Side};
 use crate::driver::rpc::{Proto, RpcEvent};
 use crate::driver::{parse_ip, Key, Lookup};
 use crate::proto::rpc::{self, Client, ClientEvent, ConnId, Envelope, Server, ServerEvent};
@@ -58,6 +58,7 @@ struct ServerApp {
 }
 
 struct Conn {
+    /// The client's address, canonical (plain IPv4 for IPv4 clients of a `"*"` app).
     addr: SocketAddr,
     last_active: Instant,
     handle: RegistryKey,
@@ -652,11 +653,12 @@ fn client_left(
 fn server_event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ServerEvent, now: Instant) -> Result<()> {
     match ev {
         ServerEvent::Connected { conn, addr } => {
+            let addr = canonical(addr);
             let (banned, policy) = {
                 let mut st = rt.rpc.borrow_mut();
                 let Some(app) = st.servers.get_mut(&id) else { return Ok(()) };
                 app.banned.retain(|_, until| *until > now);
-                (app.banned.contains_key(&addr.ip().to_canonical()), app.policy.clone())
+                (app.banned.contains_key(&addr.ip()), app.policy.clone())
             };
             if banned {
                 if let Proto::Server(s) = &mut rt.driver.borrow_mut().rpc(key)?.proto {
@@ -664,7 +666,7 @@ fn server_event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ServerEvent, now
                 }
                 return flush(lua, rt, key, now);
             }
-            let ip = addr.ip().to_canonical().to_string();
+            let ip = addr.ip().to_string();
             let client: Table = half(lua)?.get::<Function>("client_object")?.call((
                 id,
                 conn.to_u64() as f64,
@@ -700,7 +702,7 @@ fn server_event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ServerEvent, now
                 let Some(app) = st.servers.get_mut(&id) else { return Ok(()) };
                 let Some(c) = app.conns.get_mut(&conn) else { return Ok(()) };
                 c.last_active = now;
-                let ip = c.addr.ip().to_canonical();
+                let ip = c.addr.ip();
                 let client: Table = lua.registry_value(&c.handle)?;
                 app.blocked.retain(|_, until| *until > now);
                 let blocked =
@@ -884,7 +886,7 @@ fn penalty(lua: &Lua, (id, conn, kind, seconds, reason): (u32, f64, String, f64,
     let key = {
         let mut st = rt.rpc.borrow_mut();
         let Some(app) = st.servers.get_mut(&id) else { return Ok(()) };
-        let Some(ip) = app.conns.get(&conn).map(|c| c.addr.ip().to_canonical()) else { return Ok(()) };
+        let Some(ip) = app.conns.get(&conn).map(|c| c.addr.ip()) else { return Ok(()) };
         match kind.as_str() {
             "timeout" => {
                 app.blocked.insert(ip, until);

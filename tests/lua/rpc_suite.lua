@@ -434,6 +434,22 @@ return function(T, luna, lunac)
     local v6 = connected(connect(app, { host = "::1", name = "v6 client" }))
     T.eq(v4:fetch("d/ip", {}), "127.0.0.1", "IPv4 client seen as plain IPv4")
     T.eq(v6:fetch("d/ip", {}), "::1", "IPv6 client")
+    T.wait_until(function() return #app:get_clients() == 2 end, 2, "both records")
+    local lines = {}
+    local real_print = print
+    print = function(line) lines[#lines + 1] = tostring(line) end
+    local logged = server({ host = "*", debug = true })
+    connected(connect(logged, { name = "logged v4" }))
+    T.wait_until(function() return #logged:get_clients() == 1 end, 2, "the logged app's record")
+    luna.remove_app(logged)
+    print = real_print
+    local log = table.concat(lines, "\n")
+    T.ok(log:find("client 127.0.0.1:%d+ connected"), "connect log: " .. log)
+    T.ok(log:find("client 127.0.0.1:%d+ disconnected"), "disconnect log: " .. log)
+    T.ok(not log:find("::ffff:", 1, true), "no IPv4-mapped address in the log: " .. log)
+    for _, rec in ipairs(app:get_clients()) do
+      T.ok(rec:getpeername() == rec.ip and not rec.ip:find("::ffff:", 1, true), "record ip " .. rec.ip)
+    end
     lunac.disconnect_to_app(v4)
     lunac.disconnect_to_app(v6)
     luna.remove_app(app)

@@ -328,19 +328,38 @@ return function(T, luna, lunac)
     luna.remove_web_app(app)
   end)
 
-  T.test("host '*' serves IPv4 and IPv6; clients take IPv6 literals and host names", function()
+  T.test("host '*' serves IPv4 and IPv6 and reports IPv4 peers as plain IPv4", function()
+    local lines = {}
+    local real_print = print
+    print = function(line) lines[#lines + 1] = tostring(line) end
     local app = luna.new_web_app({
-      name = "dual", host = "*", port = 0, debug = false,
-      protocols = { default = function(ws) ws:send(ws.raw_socket.peer_ip); ws:receive() end },
+      name = "dual", host = "*", port = 0, debug = true,
+      protocols = {
+        default = function(ws)
+          local ip, port = ws:getpeername()
+          local raw = ws.raw_socket
+          ws:send(table.concat({ ip, raw.peer_ip, raw.local_ip, tostring(ws), tostring(port == raw.peer_port) }, " "))
+          ws:receive()
+        end,
+      },
     })
     local v6, l6 = client("ws://[::1]:" .. app.port .. "/v6")
     local name, ln = client("ws://localhost:" .. app.port)
     local v4, l4 = client("ws://127.0.0.1:" .. app.port)
     T.wait_until(function() return #l6.messages == 1 and #ln.messages == 1 and #l4.messages == 1 end, 3,
       "three answers")
-    T.eq(l6.messages[1][1], "::1", "IPv6 peer")
-    T.ok(l4.messages[1][1]:find("127.0.0.1", 1, true), "IPv4 peer (maybe v4-mapped): " .. l4.messages[1][1])
     luna.remove_web_app(app)
+    print = real_print
+    T.eq(l6.messages[1][1]:match("^%S+ %S+ %S+"), "::1 ::1 ::1", "IPv6 peer")
+    local ip, peer_ip, local_ip, str, same_port = l4.messages[1][1]:match("^(%S+) (%S+) (%S+) (%S+) (%S+)$")
+    T.eq(ip, "127.0.0.1", "getpeername of an IPv4 peer")
+    T.eq(peer_ip, "127.0.0.1", "raw_socket.peer_ip")
+    T.eq(local_ip, "127.0.0.1", "raw_socket.local_ip")
+    T.ok(str:find("^luna.ws%(127.0.0.1:%d+%)$"), "tostring(ws): " .. str)
+    T.eq(same_port, "true", "raw_socket.peer_port")
+    local log = table.concat(lines, "\n")
+    T.ok(log:find("client 127.0.0.1:%d+ connected"), "log line: " .. log)
+    T.ok(not log:find("::ffff:", 1, true), "no IPv4-mapped address in the log: " .. log)
   end)
 
   T.test("web clients take the keep-alive keys servers take (ping_interval, ping_timeout)", function()

@@ -13,7 +13,7 @@ use mlua::{Lua, Result, Thread, ThreadStatus, Value};
 
 use super::super::raw::{RawFn, Stack};
 use super::super::sched::{self, delivered_value, park_value};
-use super::super::{runtime, Runtime};
+use super::super::{canonical, runtime, Runtime};
 use super::{close_code, opcode_arg, opcode_number, send, with_data, with_stream, OPCODE_EXPECTED};
 use crate::driver::ws::Received;
 use crate::driver::Key;
@@ -43,10 +43,10 @@ fn peer_info(lua: &Lua, rt: &Runtime, key: Key) -> Result<Value> {
     let driver = rt.driver.borrow();
     let Some(crate::driver::Entry::Ws(stream)) = driver.entry(key) else { return Ok(Value::Nil) };
     let t = lua.create_table()?;
-    t.set("peer_ip", stream.peer.ip().to_string())?;
+    t.set("peer_ip", canonical(stream.peer).ip().to_string())?;
     t.set("peer_port", stream.peer.port())?;
     if let Some(local) = stream.local {
-        t.set("local_ip", local.ip().to_string())?;
+        t.set("local_ip", canonical(local).ip().to_string())?;
         t.set("local_port", local.port())?;
     }
     t.set("fd", stream.fd())?;
@@ -246,7 +246,7 @@ fn ws_peer(lua: &Lua, h: Value) -> Result<(Option<String>, Option<u16>)> {
     let Some(key) = conn_key(&rt, &h) else { return Ok((None, None)) };
     let mut driver = rt.driver.borrow_mut();
     Ok(match driver.ws_stream(key) {
-        Ok(stream) => (Some(stream.peer.ip().to_string()), Some(stream.peer.port())),
+        Ok(stream) => (Some(canonical(stream.peer).ip().to_string()), Some(stream.peer.port())),
         Err(_) => (None, None),
     })
 }

@@ -298,7 +298,9 @@ fn handle(lua: &Lua, rt: &Runtime, event: WsIo) -> Result<()> {
                 ws.listeners.get(&listener).and_then(|id| ws.servers.get(id)).map(|s| s.policy.clone())
             };
             match policy {
-                Some(policy) => policy.network(lua, &format!("refused upgrade from {peer}: {reason}")),
+                Some(policy) => {
+                    policy.network(lua, &format!("refused upgrade from {}: {reason}", super::canonical(peer)))
+                }
                 None => Ok(()),
             }
         }

@@ -10,7 +10,7 @@ use mlua::{Function, Lua, Result, Table, Value};
 
 use super::super::error::{bad_arg, lua_type, message, misuse};
 use super::super::options::Options;
-use super::super::{runtime, sched, Runtime};
+use super::super::{canonical, runtime, sched, Runtime};
 use super::{opcodes, policy, settings, with_stream, Conn, Server};
 use crate::driver::ws::Settings;
 use crate::driver::{parse_ip, Key, Lookup};
@@ -204,7 +204,7 @@ pub(super) fn accepted(lua: &Lua, rt: &Runtime, conn: Key, listener: Key) -> Res
     let (handler_name, peer) = {
         let mut driver = rt.driver.borrow_mut();
         let stream = driver.ws_stream(conn)?;
-        (stream.upgrade.handler.clone(), stream.peer)
+        (stream.upgrade.handler.clone(), canonical(stream.peer))
     };
     let (handler, policy) = {
         let ws = rt.ws.borrow();
