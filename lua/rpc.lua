@@ -35,9 +35,33 @@ local function matches(value, types)
   return false
 end
 
--- nil when `args` satisfy `validate`, else the error text.
-local function check_args(validate, args)
-  for name, types in pairs(validate) do
+-- Orders `validate` names so the same bad input always names the same argument (`pairs` order
+-- varies from run to run): numbers before strings, each ascending.
+local function before(a, b)
+  local ta, tb = type(a), type(b)
+  if ta ~= tb then
+    return ta < tb
+  end
+  if ta == "number" or ta == "string" then
+    return a < b
+  end
+  return tostring(a) < tostring(b)
+end
+
+local function sorted_names(validate)
+  local names = {}
+  for name in pairs(validate) do
+    names[#names + 1] = name
+  end
+  table.sort(names, before)
+  return names
+end
+
+-- nil when `args` satisfy `validate`, else the error text about the first bad argument in
+-- `names` order.
+local function check_args(validate, names, args)
+  for _, name in ipairs(names) do
+    local types = validate[name]
     local value = args[name]
     if not matches(value, types) then
       return ("Argument '%s' expected to be %s, got %s (%s)"):format(
@@ -79,6 +103,7 @@ local function new_handler(app, router, config)
     async = config.async or false,
     error_handler = config.error_handler,
     validate = config.validate,
+    validate_names = config.validate and sorted_names(config.validate),
     response_validate = config.response_validate,
     max_message_size = config.max_message_size,
     message_penalty = config.message_penalty or "timeout",
@@ -206,7 +231,7 @@ function R.request(app, client, id, path, args, size)
   end
   args = context.request.args
   if handler.validate then
-    local err = check_args(handler.validate, type(args) == "table" and args or {})
+    local err = check_args(handler.validate, handler.validate_names, type(args) == "table" and args or {})
     if err then
       answer(app, client, id, false, err)
       return report(app, router, handler, err)

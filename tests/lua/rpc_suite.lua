@@ -217,6 +217,42 @@ return function(T, luna, lunac)
     luna.remove_app(app)
   end)
 
+  T.test("validate checks names in sorted order: the same bad input always names the same argument", function()
+    local app = server()
+    local r = app:new_router({ prefix = "v" })
+    local sets = {
+      { "zeta", "alpha", "mid", "beta", "omega", "kappa" },
+      { "b", "d", "a", "f", "c", "e" },
+      { "y", "x", "w", "v", "u", "t" },
+      { "name", "age", "city", "zip", "email", "phone" },
+    }
+    for i, names in ipairs(sets) do
+      local validate = {}
+      for _, name in ipairs(names) do validate[name] = { "number" } end
+      r:new({ prefix = "h" .. i, validate = validate, fun = function() return "ok" end })
+    end
+    r:new({ prefix = "mixed", validate = { [2] = { "number" }, [1] = { "number" }, text = { "string" } },
+      fun = function() return "ok" end })
+    local client = connected(connect(app))
+    for i, names in ipairs(sets) do
+      local first = {}
+      for _, name in ipairs(names) do first[#first + 1] = name end
+      table.sort(first)
+      local _, err = client:fetch("v/h" .. i, {})
+      T.eq(err, ("Argument '%s' expected to be number, got nil (nil)"):format(first[1]), "set " .. i)
+      local args = {}
+      args[first[1]] = 1
+      _, err = client:fetch("v/h" .. i, args)
+      T.eq(err, ("Argument '%s' expected to be number, got nil (nil)"):format(first[2]), "set " .. i .. ", second")
+    end
+    local _, err = client:fetch("v/mixed", { "x", "y" })
+    T.eq(err, "Argument '1' expected to be number, got string (x)", "numbers first")
+    _, err = client:fetch("v/mixed", { 1, 2 })
+    T.eq(err, "Argument 'text' expected to be string, got nil (nil)", "then names")
+    lunac.disconnect_to_app(client)
+    luna.remove_app(app)
+  end)
+
   T.test("middlewares change args and the response, and can stop a request", function()
     local app = server()
     local calls = 0
