@@ -117,6 +117,28 @@ fn script_errors_exit_nonzero_with_the_message() {
 }
 
 #[test]
+fn help_and_version_exit_0_and_usage_errors_exit_2() {
+    for flag in ["--help", "-h"] {
+        let (out, _) = run(host().arg(flag));
+        assert_eq!(out.status.code(), Some(0), "{flag}");
+        assert!(stdout(&out).starts_with("usage: luna-host"), "{flag}: {}", stdout(&out));
+        assert!(stdout(&out).contains("--version"), "the help lists --version");
+    }
+    for flag in ["--version", "-V"] {
+        let (out, _) = run(host().arg(flag));
+        assert_eq!(out.status.code(), Some(0), "{flag}");
+        assert_eq!(stdout(&out), format!("luna-host {}\n", env!("CARGO_PKG_VERSION")), "{flag}");
+    }
+    for args in [&[][..], &["--frobnicate", "x.lua"], &["--hz"], &["--hz", "abc", "x.lua"]] {
+        let (out, _) = run(host().args(args));
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("usage: luna-host") || err.contains("--hz"), "{args:?}: {err}");
+        assert!(out.stdout.is_empty(), "usage errors go to stderr");
+    }
+}
+
+#[test]
 fn sigterm_and_sigint_shut_down_cleanly_calling_quit() {
     for signal in ["TERM", "INT"] {
         let s = script(

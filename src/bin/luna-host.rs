@@ -14,7 +14,9 @@ use std::time::{Duration, Instant};
 use mlua::{Function, Lua, MultiValue, Value};
 
 const USAGE: &str = "usage: luna-host [--hz N] script.lua [args...]
-  --hz N   rate of the global update(dt) calls (default 60)";
+  --hz N      rate of the global update(dt) calls (default 60)
+  --help      print this help and exit
+  --version   print the version and exit";
 
 /// Longest sleep in the poll, so a signal is noticed promptly even if it did not interrupt it.
 const MAX_WAIT: Duration = Duration::from_millis(250);
@@ -25,13 +27,23 @@ struct Options {
     args: Vec<String>,
 }
 
-fn parse_args() -> Result<Options, String> {
+/// What the command line asks for.
+enum Command {
+    Run(Options),
+    /// Print this on standard output and exit 0 (`--help`, `--version`).
+    Print(String),
+}
+
+/// The command, or a usage error (printed on standard error, exit status 2).
+fn parse_args() -> Result<Command, String> {
     let mut args = std::env::args().skip(1);
     let mut hz = 60.0;
     while let Some(arg) = args.next() {
         match arg.as_str() {
-            "-h" | "--help" => return Err(USAGE.into()),
-            "--version" => return Err(format!("luna-host {}", env!("CARGO_PKG_VERSION"))),
+            "-h" | "--help" => return Ok(Command::Print(USAGE.into())),
+            "-V" | "--version" => {
+                return Ok(Command::Print(format!("luna-host {}", env!("CARGO_PKG_VERSION"))))
+            }
             "--hz" => {
                 let value = args.next().ok_or("--hz needs a value")?;
                 hz = value.parse().map_err(|_| format!("--hz: '{value}' is not a number"))?;
@@ -40,10 +52,10 @@ fn parse_args() -> Result<Options, String> {
                 }
             }
             _ if arg.starts_with('-') => return Err(format!("unknown option '{arg}'\n{USAGE}")),
-            _ => return Ok(Options { hz, script: arg, args: args.collect() }),
+            _ => return Ok(Command::Run(Options { hz, script: arg, args: args.collect() })),
         }
     }
-    Err(USAGE.into())
+    Err(format!("no script given\n{USAGE}"))
 }
 
 fn global_function(lua: &Lua, name: &str) -> mlua::Result<Option<Function>> {
@@ -117,7 +129,11 @@ fn run(options: Options) -> mlua::Result<()> {
 
 fn main() -> ExitCode {
     let options = match parse_args() {
-        Ok(options) => options,
+        Ok(Command::Run(options)) => options,
+        Ok(Command::Print(text)) => {
+            println!("{text}");
+            return ExitCode::SUCCESS;
+        }
         Err(text) => {
             eprintln!("{text}");
             return ExitCode::from(2);
