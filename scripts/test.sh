@@ -23,7 +23,11 @@ tests/hosts/run.sh 2>&1 | tee -a "$log"
 
 echo "== independent peers: Python websockets against luna-host, and our client against it"
 cargo build --quiet --release
-LUNA_HOST="${CARGO_TARGET_DIR:-target}/release/luna-host" python3 tests/peers/ws_peers.py 2>&1 | tee -a "$log"
+# .ci/run exports LUNA_PYTHON (a Python 3 with websockets); run directly, its virtualenv is used.
+python=${LUNA_PYTHON:-python3}
+venv_python="${CARGO_TARGET_DIR:-target}/ci-venv/bin/python3"
+if [ -z "${LUNA_PYTHON:-}" ] && [ -x "$venv_python" ]; then python=$venv_python; fi
+LUNA_HOST="${CARGO_TARGET_DIR:-target}/release/luna-host" "$python" tests/peers/ws_peers.py 2>&1 | tee -a "$log"
 
 awk '/^test result: ok\./ { p += $4 } /^[0-9]+ passed, [0-9]+ failed$/ { p += $1; f += $3 }
      END { printf "summary: %d passed, %d failed\n", p, f; exit (f > 0) }' "$log"
