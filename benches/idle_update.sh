@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 echo "machine: $(nproc) cpus, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "date: $(date -u +%F)"
 for flavour in "luajit,vendored" "lua54,vendored"; do
-  cargo build --quiet --release --no-default-features --features "$flavour" --example bench_idle_update
-  taskset -c 0 "${CARGO_TARGET_DIR:-target}/release/examples/bench_idle_update"
+  # Built with the bench profile; the executable's name carries a hash, so ask Cargo for it.
+  exe=$(cargo bench --quiet --no-run --no-default-features --features "$flavour" --bench idle_update \
+    --message-format=json | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+  taskset -c 0 "$exe"
 done

@@ -13,13 +13,22 @@ local client = lunac.connect_to_app({
   disconnect_server = function(err) print("Disconnected from server:", err) end,
 })
 
+-- fetch returns the result, or nil and the error text.
+local function show(what, result, err)
+  if err then
+    print(what .. " failed: " .. err)
+  else
+    print(what .. " -> " .. tostring(result))
+  end
+end
+
 -- Calls inside a coroutine wait without blocking the game loop.
 luna.spawn(function()
-  print("echo ->", client:fetch("api/echo", { text = "Hello" }, 3))
-  print("slow_add ->", client:fetch("api/slow_add", { a = 2, b = 40 }))
-  print("bad args ->", client:fetch("api/slow_add", { a = "2" }))
-  client:noawait_fetch("default/ping", function(data, err)
-    print("ping answered", data, err)
+  show("echo", client:fetch("api/echo", { text = "Hello" }, 3))
+  show("slow_add", client:fetch("api/slow_add", { a = 2, b = 40 }))
+  show("bad args", client:fetch("api/slow_add", { a = "2" }))
+  client:noawait_fetch("default/ping", function(_, err)
+    print(err and ("ping failed: " .. err) or "ping answered")
     lunac.close()
   end, {})
 end)

@@ -13,13 +13,16 @@ app:new_router({ prefix = "math" }):new({
   end,
 })
 
-local client = lunac.connect_to_app({ host = "127.0.0.1", port = app.port, server_key = app.public_key })
-print("blocking fetch:", client:fetch("math/sum", { 1, 2, 3, 4 }))
+local client = lunac.connect_to_app({
+  name = "local client", host = "127.0.0.1", port = app.port, server_key = app.public_key, debug = false,
+})
+-- fetch returns the result, or nil and the error text.
+print("blocking fetch: " .. assert(client:fetch("math/sum", { 1, 2, 3, 4 })))
 
 luna.spawn(function()
-  print("fetch in a coroutine:", client:fetch("math/sum", { 10, 20 }))
+  print("fetch in a coroutine: " .. assert(client:fetch("math/sum", { 10, 20 })))
   local _, err = client:fetch("math/nope", {})
-  print("unknown route:", err)
+  print("unknown route: " .. err)
   lunac.close()
   luna.close()
 end)

@@ -1,10 +1,15 @@
 -- A WebSocket echo server and a client talking to it, in one process:
 --   cargo run --release -- examples/ws_echo.lua
--- Connect from elsewhere too, e.g. python3 -m websockets ws://127.0.0.1:8765
+-- With --serve it only serves, until Ctrl-C, so you can connect from elsewhere:
+--   cargo run --release -- examples/ws_echo.lua --serve     (PORT=... to change 8765)
+--   python3 -m websockets ws://127.0.0.1:8765
 local luna, lunac = require("luna"), require("lunac")
+local serve = (...) == "--serve"
 
 local app = luna.new_web_app({
-  name = "echo", host = "127.0.0.1", port = 8765,
+  name = "echo", host = "127.0.0.1",
+  -- The self-test takes any free port; --serve a known one.
+  port = serve and tonumber(os.getenv("PORT") or "8765") or 0,
   protocols = {
     default = function(ws)
       local ip, port = ws:getpeername()
@@ -20,6 +25,11 @@ local app = luna.new_web_app({
     end,
   },
 })
+
+if serve then
+  print(("server: listening on ws://127.0.0.1:%d/ (Ctrl-C stops)"):format(app.port))
+  return -- the open listener keeps the host running
+end
 
 local sent = 0
 lunac.connect_to_web_app({

@@ -168,6 +168,48 @@ fn sigterm_and_sigint_shut_down_cleanly_calling_quit() {
 }
 
 #[test]
+fn examples_are_lua_scripts_and_benchmarks_live_in_benches() {
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/examples");
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let name = entry.unwrap().file_name().into_string().unwrap();
+        assert!(name.ends_with(".lua"), "examples/{name} is not a Lua example (benchmarks go to benches/)");
+    }
+}
+
+#[test]
+fn websocket_example_serves_others_with_serve() {
+    let mut server = host()
+        .args(["examples/ws_echo.lua", "--serve"])
+        .env("PORT", "0")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(server.stdout.take().unwrap()));
+    let port = loop {
+        let line = lines.next().expect("the server printed its address").unwrap();
+        if let Some(rest) = line.strip_prefix("server: listening on ws://127.0.0.1:") {
+            break rest.split('/').next().unwrap().to_string();
+        }
+    };
+    // Another process connects, as the example's comment suggests, after a while.
+    std::thread::sleep(Duration::from_millis(300));
+    let client = script(&format!(
+        "local lunac = require('lunac')
+         lunac.connect_to_web_app({{ name = 'other', url = 'ws://127.0.0.1:{port}/', debug = false,
+           on_connect = function(self) self:send('from elsewhere') end,
+           on_message = function(self, m) print(m); self:close() end,
+           on_close = function() lunac.close() end }})"
+    ));
+    let (out, _) = run(host().arg(&client.0));
+    assert_eq!(stdout(&out), "echo: from elsewhere\n", "{}", String::from_utf8_lossy(&out.stderr));
+    let status = Command::new("kill").arg(server.id().to_string()).status().unwrap();
+    assert!(status.success());
+    assert!(server.wait().unwrap().success(), "SIGTERM stops --serve cleanly");
+    let rest: Vec<String> = lines.map(Result::unwrap).collect();
+    assert!(rest.iter().any(|l| l.contains("connected")), "the server saw the client: {rest:?}");
+}
+
+#[test]
 fn websocket_example_talks_to_itself_and_exits() {
     let (out, took) = run(host().arg("examples/ws_echo.lua"));
     let text = stdout(&out);

@@ -235,7 +235,7 @@ fn junk_and_unproven_hellos_create_no_clients_and_are_not_amplified() {
 fn server_and_client_examples_as_two_processes() {
     let host = env!("CARGO_BIN_EXE_luna-host");
     let port = UdpSocket::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port().to_string();
-    let mut server = Command::new(host)
+    let server = Command::new(host)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .arg("examples/rpc_server.lua")
         .env("PORT", &port)
@@ -249,17 +249,43 @@ fn server_and_client_examples_as_two_processes() {
         .env("PORT", &port)
         .output()
         .unwrap();
-    let _ = server.kill();
-    let _ = server.wait();
+    let _ = Command::new("kill").arg(server.id().to_string()).status();
+    let served = server.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     for line in [
         "Successfully connected to server!",
-        "echo ->\tHello",
-        "slow_add ->\t42",
+        "echo -> Hello\n",
+        "slow_add -> 42\n",
+        "bad args failed: Argument 'a' expected to be number, got string (2)\n",
         "Received message:\tworking on it",
-        "ping answered",
+        "ping answered\n",
     ] {
         assert!(text.contains(line), "missing '{line}' in:\n{text}");
     }
+    assert!(!text.contains("nil"), "stray nils in the example's output:\n{text}");
+    // Log lines name the app once, in their prefix.
+    let log = String::from_utf8_lossy(&served.stdout);
+    for line in [
+        format!("[luna] app 'My Server': started on 127.0.0.1:{port}\n"),
+        "[luna] app 'My Server': stopped\n".to_string(),
+    ] {
+        assert!(log.contains(&line), "missing '{line}' in:\n{log}");
+    }
+    assert!(!log.contains("App 'My Server'") && !log.contains("Server 'My Server'"), "{log}");
+}
+
+#[test]
+fn one_process_example_prints_results_without_stray_values() {
+    let out = Command::new(env!("CARGO_BIN_EXE_luna-host"))
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .arg("examples/rpc_one_process.lua")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        text,
+        "blocking fetch: 10\nfetch in a coroutine: 30\nunknown route: Unknown route 'math/nope'\n"
+    );
 }

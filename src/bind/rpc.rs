@@ -522,7 +522,8 @@ fn new_app(lua: &Lua, config: Value) -> Result<Table> {
     let state = rt.rpc.borrow_mut().next_id;
     let id = state + 1;
     let table: Table = half(lua)?.get::<Function>("server_app")?.call((id, info, request_listener))?;
-    policy.log(lua, &format!("App '{name}' started on {host}:{}", local.port()))?;
+    // The label names the app: "[luna] app 'name': started on …".
+    policy.log(lua, &format!("started on {host}:{}", local.port()))?;
     let mut st = rt.rpc.borrow_mut();
     st.next_id = id;
     st.by_key.insert(key, id);
@@ -607,7 +608,7 @@ fn remove_server(lua: &Lua, rt: &Runtime, id: u32) -> Result<()> {
         driver.rpc_flush(app.key, now, &mut events);
         driver.close(app.key);
     }
-    let ServerApp { name, policy, table, new_client, close_client, timeout_client, conns, .. } = app;
+    let ServerApp { policy, table, new_client, close_client, timeout_client, conns, .. } = app;
     let mut result = Ok(());
     let close_client_fn = func(lua, &close_client)?;
     for k in [Some(table), new_client, close_client, timeout_client].into_iter().flatten() {
@@ -626,7 +627,7 @@ fn remove_server(lua: &Lua, rt: &Runtime, id: u32) -> Result<()> {
         let r = client_left(lua, &policy, close_client_fn.as_ref(), c, &reason);
         result = result.and(r);
     }
-    result.and(policy.log(lua, &format!("Server '{name}' stopped")))
+    result.and(policy.log(lua, "stopped"))
 }
 
 /// A client record's session ended (it was already taken out of the app): mark it closed, log,
