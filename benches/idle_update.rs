@@ -63,8 +63,9 @@ fn main() -> mlua::Result<()> {
     for target in [0usize, 1_000, 10_000] {
         while open < target {
             let fd = luna::bind::with_driver(&lua, |d| {
-                let key = d.open_udp("127.0.0.1:0".parse().unwrap())?;
-                Ok::<_, luna::driver::Error>(d.udp(key)?.as_raw_fd())
+                let socket = luna::driver::net::udp_bind("127.0.0.1:0".parse().unwrap(), Default::default())?;
+                let key = d.open_datagram(socket, None, 16, 0)?;
+                Ok::<_, luna::driver::Error>(d.datagram(key).expect("just opened").socket().as_raw_fd())
             })??;
             peer.borrow().0.registry().register(&mut SourceFd(&fd), Token(open), Interest::READABLE)?;
             open += 1;

@@ -18,17 +18,20 @@ fn closing_the_state_closes_every_descriptor() {
         lua.load(
             "local luna = require('luna')
              luna.set_interval(1, function() end)
-             luna.spawn(function() luna.sleep(100) end)",
+             luna.spawn(function() luna.sleep(100) end)
+             for _ = 1, 10 do luna.udp.open{host = '127.0.0.1'} end
+             local srv = luna.tcp.listen{host = '127.0.0.1', port = 0, on_connection = function(s) end}
+             luna.tcp.connect('127.0.0.1', srv.port)",
         )
         .exec()
         .unwrap();
-        luna::bind::with_driver(&lua, |d| {
-            for _ in 0..10 {
-                d.open_udp("127.0.0.1:0".parse().unwrap()).unwrap();
-            }
-        })
-        .unwrap();
-        assert!(open_fds() >= before + 12, "poll, waker and 10 sockets are open");
+        for _ in 0..20 {
+            luna::bind::tick(&lua, Some(std::time::Duration::from_millis(5))).unwrap();
+        }
+        assert!(
+            open_fds() >= before + 15,
+            "poll, waker, 10 UDP sockets, a listener and a connection are open"
+        );
         drop(lua);
         assert_eq!(open_fds(), before, "descriptors left after the state closed");
     }

@@ -3,9 +3,9 @@
 //! Run with `--nocapture` to see the figures. One `#[test]` only, so no other test thread
 //! allocates while we measure.
 
+use luna::proto::tls::{self, Pem, Tls};
 use luna::proto::ws::{
-    tls, ClientHandshake, Opcode, Role, ServerHandshake, ServerUpgrade, Tls, TlsServerConfig, WsConfig,
-    WsConn, WsUrl,
+    ClientHandshake, Opcode, Role, ServerHandshake, ServerUpgrade, WsConfig, WsConn, WsUrl,
 };
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
@@ -79,6 +79,10 @@ fn report(what: &str, before: (usize, usize), after: (usize, usize), n: usize) -
     per
 }
 
+fn read(path: &std::path::Path) -> Vec<u8> {
+    std::fs::read(path).unwrap()
+}
+
 fn data(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
 }
@@ -150,8 +154,10 @@ fn idle_connection_memory() {
     drop(pairs);
 
     // wss: a server TLS session + WsConn after handshake and upgrade.
-    let server_cfg = TlsServerConfig::from_pem_files(data("server.pem"), data("server.key")).unwrap();
-    let client_cfg = tls::client_config_only_ca(&data("ca.pem")).unwrap();
+    let (cert, key, ca) = (read(&data("server.pem")), read(&data("server.key")), read(&data("ca.pem")));
+    let pem = |bytes| Pem { bytes, label: "test file" };
+    let server_cfg = tls::server_config(pem(&cert), pem(&key), &[]).unwrap();
+    let client_cfg = tls::client_config(Some(tls::root_store(Vec::new(), Some(pem(&ca))).unwrap()), &[]);
     const T: usize = 100;
     let mut servers = Vec::with_capacity(T);
     let mut clients = Vec::with_capacity(T);

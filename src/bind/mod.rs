@@ -2,13 +2,17 @@
 //! scheduler. All state lives in one [`Runtime`] per Lua state (mlua app data), so it dies with
 //! the state at `lua_close` (LÖVE's restart included).
 
+mod addr;
 mod error;
+mod msgpack;
+mod net;
 mod options;
 mod policy;
 mod raw;
 mod rpc;
 mod sched;
 mod time;
+mod tls;
 mod ws;
 
 use std::cell::RefCell;
@@ -17,16 +21,10 @@ use std::time::{Duration, Instant};
 
 use mlua::{Function, Lua, Result, Table, Thread, Value};
 
-use crate::driver::{Driver, Entry, Key, Lookup, Ready};
+use crate::driver::{Driver, Key, Lookup, Ready};
 use error::bad_arg;
 pub use error::message as error_text;
 use sched::Sched;
-
-/// An address as Lua sees it: an IPv4 peer of a dual-stack (`"*"`) socket is reported as plain
-/// IPv4 (`127.0.0.1`, not `::ffff:127.0.0.1`) in `getpeername`, `ip`, `raw_socket` and logs.
-pub(crate) fn canonical(addr: std::net::SocketAddr) -> std::net::SocketAddr {
-    std::net::SocketAddr::new(addr.ip().to_canonical(), addr.port())
-}
 
 /// Per-Lua-state runtime. Never borrow a field across a call into Lua.
 pub(crate) struct Runtime {
@@ -34,6 +32,10 @@ pub(crate) struct Runtime {
     sched: RefCell<Sched>,
     ws: RefCell<ws::WsState>,
     rpc: RefCell<rpc::RpcState>,
+    net: RefCell<net::NetState>,
+    tls: RefCell<tls::TlsCache>,
+    /// What waits for host names to resolve.
+    resolving: RefCell<addr::Waiting>,
     /// Entries that became ready and are not serviced yet (kept if a callback raises).
     service: RefCell<std::collections::VecDeque<Key>>,
     /// How many `tick`s are running (they nest: a blocking fetch or an update inside a coroutine).
@@ -54,6 +56,15 @@ impl Runtime {
     }
 }
 
+/// A handle number passed through Lua (objects hold one in `__h`).
+pub(crate) fn handle_number(v: &Value) -> Option<u64> {
+    match v {
+        Value::Integer(i) => Some(*i as u64),
+        Value::Number(n) if n.fract() == 0.0 && *n >= 0.0 => Some(*n as u64),
+        _ => None,
+    }
+}
+
 /// The runtime of this Lua state, created on first use.
 pub(crate) fn runtime(lua: &Lua) -> Result<Rc<Runtime>> {
     if let Some(rt) = lua.app_data_ref::<Rc<Runtime>>() {
@@ -64,6 +75,9 @@ pub(crate) fn runtime(lua: &Lua) -> Result<Rc<Runtime>> {
         sched: RefCell::new(Sched::default()),
         ws: RefCell::new(ws::WsState::default()),
         rpc: RefCell::new(rpc::RpcState::default()),
+        net: RefCell::new(net::NetState::default()),
+        tls: RefCell::new(tls::TlsCache::default()),
+        resolving: RefCell::new(addr::Waiting::default()),
         service: RefCell::new(Default::default()),
         ticking: Default::default(),
         epoch: Instant::now(),
@@ -80,14 +94,14 @@ pub fn tick(lua: &Lua, timeout: Option<Duration>) -> Result<()> {
     let result = tick_inner(lua, &rt, timeout);
     rt.ticking.set(rt.ticking.get() - 1);
     // Output queued by this update goes out even when a callback raised.
-    ws::flush_queued(&rt);
-    let flushed = rpc::flush_dirty(lua, &rt, Instant::now());
-    result.and(flushed)
+    net::end_of_update(&rt);
+    rt.driver.borrow_mut().flush_queued();
+    result
 }
 
 fn tick_inner(lua: &Lua, rt: &Runtime, timeout: Option<Duration>) -> Result<()> {
     let mut ready = Vec::new();
-    rt.driver.borrow_mut().poll(timeout, Instant::now(), &mut ready)?;
+    rt.driver.borrow_mut().poll(timeout, &mut ready)?;
     let now = Instant::now();
     let mut resolved = Vec::new();
     {
@@ -100,35 +114,44 @@ fn tick_inner(lua: &Lua, rt: &Runtime, timeout: Option<Duration>) -> Result<()> 
                     sched.jobs.extend(waiters);
                     resolved.push(host);
                 }
-                Ready::Io(key) | Ready::Due(key) => service.push_back(key),
+                Ready::Entry(key) => service.push_back(key),
             }
         }
         let yielded = std::mem::take(&mut sched.next_frame);
         sched.jobs.extend(yielded);
     }
-    // Every app waiting for a host hears of it, even if one of them raises.
+    // Everything waiting for a host hears of it, even if one of them raises.
     let mut raised = Ok(());
     for host in resolved {
-        raised = raised.and(ws::resolved(lua, rt, &host, now)).and(rpc::resolved(lua, rt, &host, now));
+        raised = raised
+            .and(addr::resolved(lua, rt, &host, now))
+            .and(ws::resolved(lua, rt, &host, now))
+            .and(rpc::resolved(lua, rt, &host, now));
     }
     raised?;
-    ws::dispatch_deferred(lua, rt)?;
+    ws::report_failures(lua, rt)?;
+    dispatch(lua, rt)?;
     loop {
         let Some(key) = rt.service.borrow_mut().pop_front() else { break };
-        service(lua, rt, key, now)?;
+        rt.driver.borrow_mut().service(key, now);
+        dispatch(lua, rt)?;
     }
     time::fire_timers(lua, rt, now)?;
     sched::run_jobs(lua, rt)
 }
 
-/// Hands a ready entry to the module that owns its kind.
-fn service(lua: &Lua, rt: &Runtime, key: Key, now: Instant) -> Result<()> {
-    let serve = match rt.driver.borrow().entry(key) {
-        Some(Entry::WsListener(_) | Entry::Ws(_)) => ws::service,
-        Some(Entry::RpcServer(_) | Entry::RpcClient(_)) => rpc::service,
-        Some(Entry::Udp(_)) | None => return Ok(()),
-    };
-    serve(lua, rt, key, now)
+/// Hands every driver event to the module that owns the entry (by its tag). Events not handled
+/// when a callback raises stay queued for the next update.
+fn dispatch(lua: &Lua, rt: &Runtime) -> Result<()> {
+    loop {
+        let Some(event) = rt.driver.borrow_mut().pop_event() else { return Ok(()) };
+        match event.tag {
+            ws::TAG => ws::event(lua, rt, event)?,
+            rpc::TAG => rpc::event(lua, rt, event)?,
+            net::TAG => net::event(lua, rt, event)?,
+            _ => {}
+        }
+    }
 }
 
 /// When the standalone host must tick next: `None` if only I/O can wake anything.
@@ -153,7 +176,8 @@ pub fn with_driver<R>(lua: &Lua, f: impl FnOnce(&mut Driver) -> R) -> Result<R> 
 /// True while timers, waiting coroutines or open sockets can still call back into Lua.
 pub fn pending(lua: &Lua) -> Result<bool> {
     let rt = runtime(lua)?;
-    let busy = rt.sched.borrow().pending() || rt.driver.borrow().pending() > 0;
+    let busy =
+        rt.sched.borrow().pending() || rt.driver.borrow().pending() > 0 || !rt.resolving.borrow().is_empty();
     Ok(busy)
 }
 
@@ -178,9 +202,12 @@ pub(crate) enum Side {
 fn close_side(lua: &Lua, side: Side) -> Result<()> {
     let rt = runtime(lua)?;
     rt.sched.borrow_mut().close_requested = true;
-    // Both kinds close even if a callback raises on the way; the first error is reported.
-    let rpc = rpc::close_all(lua, &rt, side);
-    rpc.and(ws::close_all(lua, &rt, side))
+    // Every kind closes even if a callback raises on the way; the first error is reported.
+    let mut result = rpc::close_all(lua, &rt, side).and(ws::close_all(lua, &rt, side));
+    if side == Side::Server {
+        result = result.and(net::close_all(lua, &rt));
+    }
+    result
 }
 
 /// `core.resolve(host, co)`: the addresses, `nil, err`, or `PARK` after parking `co`.
@@ -254,11 +281,24 @@ fn lua_half(lua: &Lua) -> Result<Table> {
     core.set("now", lua.create_function(|lua, ()| Ok(runtime(lua)?.clock(Instant::now())))?)?;
     core.set("sleep", lua.create_function(time::sleep)?)?;
     core.set("resolve", lua.create_function(resolve)?)?;
-    ws::core(lua, &runtime(lua)?, &core)?;
+    let rt = runtime(lua)?;
+    ws::core(lua, &rt, &core)?;
     let (half, internal): (Table, Table) =
-        lua.load(include_str!("../../lua/luna.lua")).set_name("=luna.lua").call(core)?;
+        lua.load(include_str!("../../lua/luna.lua")).set_name("=luna.lua").call(core.clone())?;
+    let sockets = net::tables(lua, &rt, &core, &internal)?;
+    for pair in sockets.pairs::<Value, Value>() {
+        let (name, table) = pair?;
+        half.set(name, table)?;
+    }
     lua.set_named_registry_value(KEY, &half)?;
-    lua.set_named_registry_value("luna.ws.new", internal.get::<Function>("ws_new")?)?;
+    for (name, constructor) in [
+        ("luna.ws.new", "ws_new"),
+        ("luna.net.stream", "net_stream"),
+        ("luna.net.server", "net_server"),
+        ("luna.net.udp", "net_udp"),
+    ] {
+        lua.set_named_registry_value(name, internal.get::<Function>(constructor)?)?;
+    }
     Ok(half)
 }
 

@@ -11,6 +11,17 @@ pub(crate) struct Policy {
 }
 
 impl Policy {
+    /// The policy an app's config asks for: `no_errors`, `error_handler`, `debug` (on unless
+    /// set to false).
+    pub fn from_options(lua: &Lua, o: &super::options::Options, label: String) -> Result<Policy> {
+        Ok(Policy {
+            label,
+            no_errors: o.boolean("no_errors")?.unwrap_or(false),
+            handler: o.function("error_handler")?.map(|f| lua.create_registry_value(f)).transpose()?,
+            debug: o.boolean("debug")?.unwrap_or(true),
+        })
+    }
+
     /// An error in user code: raises (out of `update`) unless `no_errors`, in which case it goes to
     /// `error_handler` (default: printed).
     pub fn report(&self, lua: &Lua, msg: &str) -> Result<()> {

@@ -1,14 +1,22 @@
 //! Hot-path functions as plain `lua_CFunction`s. A WebSocket echo makes two calls into Rust per
-//! message (`send`, `receive`); through mlua's safe callbacks each one costs more than the work it
-//! wraps (argument conversion, a protected wrapper, the runtime lookup in app data). These read
-//! their arguments straight off the Lua stack and reach the runtime through an upvalue.
+//! message (`send`, `receive`), a stream echo two (`write`, `read`); through mlua's safe
+//! callbacks each one costs more than the work it wraps (argument conversion, a protected
+//! wrapper, the runtime lookup in app data). These read their arguments straight off the Lua
+//! stack and reach the runtime through an upvalue.
 //!
-//! Rules that keep them sound: a body never calls into Lua while it holds a borrow of the
-//! runtime, pushes at most a handful of values (a C function has `LUA_MINSTACK` slots), and
-//! reports misuse by returning `Err`: the trampoline raises the Lua error only after every Rust
-//! value of the call has been dropped. A panic becomes a Lua error instead of unwinding into C.
+//! Soundness: a Lua error is a `longjmp` (PUC Lua) or a foreign unwind (LuaJIT), and it may come
+//! from any API call that allocates (`lua_pushlstring`, `lua_tolstring` on a number). Skipping
+//! Rust frames that own values is undefined behaviour, so:
+//! - arguments that may need converting (numbers passed as strings) are converted by the
+//!   trampoline before the body runs, when no Rust value is alive;
+//! - the body only reads the stack and returns what to push ([`Out`]); every borrow of the
+//!   runtime is released when it returns;
+//! - the trampoline pushes the results (or raises the error) from `ManuallyDrop` storage, so an
+//!   allocation failure while pushing leaks that storage instead of skipping a destructor;
+//! - a panic becomes a Lua error instead of unwinding into C.
 
 use std::ffi::{c_char, c_int, c_void};
+use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 
@@ -16,13 +24,53 @@ use mlua::{ffi, AnyUserData, Function, Lua, Result};
 
 use super::Runtime;
 
-/// The Lua stack of the thread that called a raw function.
+/// The Lua stack of the thread that called a raw function (read-only for the body).
 pub(crate) struct Stack(*mut ffi::lua_State);
 
-/// A raw function: `NAME` prefixes its internal errors.
+/// A value for the trampoline to push.
+pub(crate) enum Value {
+    Nil,
+    Bool(bool),
+    Int(i64),
+    Light(*mut c_void),
+    Bytes(tungstenite::Bytes),
+    Owned(Vec<u8>),
+    Str(&'static str),
+}
+
+/// What a raw function returns: at most [`Out::MAX`] values (a C function may push
+/// `LUA_MINSTACK` without checking the stack).
+pub(crate) struct Out {
+    values: [Value; Out::MAX],
+    len: usize,
+}
+
+impl Out {
+    pub const MAX: usize = 6;
+
+    pub fn new() -> Out {
+        Out { values: std::array::from_fn(|_| Value::Nil), len: 0 }
+    }
+
+    pub fn one(value: Value) -> Out {
+        let mut out = Out::new();
+        out.push(value);
+        out
+    }
+
+    pub fn push(&mut self, value: Value) {
+        assert!(self.len < Out::MAX, "a raw function returns at most {} values", Out::MAX);
+        self.values[self.len] = value;
+        self.len += 1;
+    }
+}
+
+/// A raw function: `NAME` prefixes its internal errors; arguments listed in `STRINGS` are
+/// turned into strings before `call` runs when they are numbers.
 pub(crate) trait RawFn {
     const NAME: &'static str;
-    fn call(rt: &Runtime, stack: &mut Stack) -> std::result::Result<c_int, String>;
+    const STRINGS: &'static [c_int] = &[];
+    fn call(rt: &Runtime, stack: &Stack) -> std::result::Result<Out, String>;
 }
 
 impl Stack {
@@ -55,63 +103,74 @@ impl Stack {
         }
     }
 
-    /// The bytes of a string argument, or of a number as Lua prints it (`lua_tolstring` turns the
-    /// stack slot into that string). `None` for other types.
+    /// The bytes of a string argument (numbers among `STRINGS` were converted already); `None`
+    /// for other types.
     pub fn bytes(&self, idx: c_int) -> Option<&[u8]> {
         unsafe {
-            let t = ffi::lua_type(self.0, idx);
-            if t != ffi::LUA_TSTRING && t != ffi::LUA_TNUMBER {
+            if ffi::lua_type(self.0, idx) != ffi::LUA_TSTRING {
                 return None;
             }
             let mut len = 0usize;
+            // No conversion happens for a string, so this cannot raise.
             let ptr = ffi::lua_tolstring(self.0, idx, &mut len);
             // The string lives in the stack slot for the rest of the call.
             Some(std::slice::from_raw_parts(ptr as *const u8, len))
         }
     }
+}
 
-    pub fn push_bytes(&mut self, data: &[u8]) {
-        unsafe {
-            ffi::lua_pushlstring(self.0, data.as_ptr() as *const c_char, data.len());
-        }
-    }
-
-    pub fn push_int(&mut self, n: i64) {
-        unsafe { ffi::lua_pushinteger(self.0, n as ffi::lua_Integer) }
-    }
-
-    pub fn push_bool(&mut self, b: bool) {
-        unsafe { ffi::lua_pushboolean(self.0, b as c_int) }
-    }
-
-    pub fn push_nil(&mut self) {
-        unsafe { ffi::lua_pushnil(self.0) }
-    }
-
-    pub fn push_light(&mut self, p: *mut c_void) {
-        unsafe { ffi::lua_pushlightuserdata(self.0, p) }
+/// Pushes `value`. May raise (out of memory): the caller holds it in `ManuallyDrop`.
+unsafe fn push(state: *mut ffi::lua_State, value: &Value) {
+    match value {
+        Value::Nil => ffi::lua_pushnil(state),
+        Value::Bool(b) => ffi::lua_pushboolean(state, *b as c_int),
+        Value::Int(n) => ffi::lua_pushinteger(state, *n as ffi::lua_Integer),
+        Value::Light(p) => ffi::lua_pushlightuserdata(state, *p),
+        Value::Bytes(b) => push_bytes(state, b),
+        Value::Owned(v) => push_bytes(state, v),
+        Value::Str(s) => push_bytes(state, s.as_bytes()),
     }
 }
 
+unsafe fn push_bytes(state: *mut ffi::lua_State, bytes: &[u8]) {
+    ffi::lua_pushlstring(state, bytes.as_ptr() as *const c_char, bytes.len());
+}
+
 unsafe extern "C-unwind" fn trampoline<F: RawFn>(state: *mut ffi::lua_State) -> c_int {
-    let outcome = {
-        let slot = ffi::lua_touserdata(state, ffi::lua_upvalueindex(1)) as *const *const Runtime;
-        let rt = *slot;
-        if rt.is_null() {
-            Err(format!("{}: the luna runtime is closed", F::NAME))
-        } else {
-            let mut stack = Stack(state);
-            match catch_unwind(AssertUnwindSafe(|| F::call(&*rt, &mut stack))) {
-                Ok(result) => result,
-                Err(_) => Err(format!("{}: internal error (a bug in luna)", F::NAME)),
+    // Conversions that may raise happen first, while nothing here owns anything.
+    for &idx in F::STRINGS {
+        if ffi::lua_type(state, idx) == ffi::LUA_TNUMBER {
+            ffi::lua_tolstring(state, idx, std::ptr::null_mut());
+        }
+    }
+    let slot = ffi::lua_touserdata(state, ffi::lua_upvalueindex(1)) as *const *const Runtime;
+    let rt = *slot;
+    let outcome = if rt.is_null() {
+        Err(format!("{}: the luna runtime is closed", F::NAME))
+    } else {
+        let stack = Stack(state);
+        match catch_unwind(AssertUnwindSafe(|| F::call(&*rt, &stack))) {
+            Ok(result) => result,
+            Err(payload) => {
+                drop(payload);
+                Err(format!("{}: internal error (a bug in luna)", F::NAME))
             }
         }
     };
     match outcome {
-        Ok(n) => n,
+        Ok(out) => {
+            let out = ManuallyDrop::new(out);
+            for value in &out.values[..out.len] {
+                push(state, value);
+            }
+            let n = out.len as c_int;
+            drop(ManuallyDrop::into_inner(out));
+            n
+        }
         Err(message) => {
+            let message = ManuallyDrop::new(message);
             ffi::lua_pushlstring(state, message.as_ptr() as *const c_char, message.len());
-            drop(message);
+            drop(ManuallyDrop::into_inner(message));
             ffi::lua_error(state)
         }
     }
@@ -131,7 +190,8 @@ unsafe extern "C-unwind" fn release_runtime(state: *mut ffi::lua_State) -> c_int
 /// runtime outlives every call (the state's finalizers included).
 pub(crate) fn runtime_box(lua: &Lua, rt: &Rc<Runtime>) -> Result<AnyUserData> {
     let rt = rt.clone();
-    // SAFETY: the closure only pushes values; the userdata is written before anything can fail.
+    // SAFETY: the closure only pushes values; the userdata is written before anything can fail
+    // (an allocation failure in lua_createtable leaks the Rc, which is sound).
     unsafe {
         lua.exec_raw((), move |state| {
             let slot =

@@ -1,25 +1,47 @@
 //! The only code that does I/O: one `mio::Poll`, generation-checked entries, name resolution.
 //!
-//! `poll` drains every ready event until the sockets report `WouldBlock`; the work per call is
-//! proportional to ready events, never to the number of open entries.
+//! The driver knows three kinds of entry and nothing about the protocols inside them:
+//! - a **stream** ([`stream`]): TCP or Unix socket, optional TLS, carrying a
+//!   [`StreamProtocol`] (raw bytes for Lua, WebSocket, ...);
+//! - a **datagram** entry ([`datagram`]): a UDP socket carrying a [`DatagramProtocol`] (raw
+//!   datagrams for Lua, RPC sessions);
+//! - a **listener** ([`listener`]): TCP or Unix, whose accepted streams get a protocol from the
+//!   layer above.
+//!
+//! `poll` reports entries whose socket is ready or whose deadline passed (one deadline per
+//! entry: the protocol's `poll_timeout`, the transport's own, and a wake time the layer above may
+//! set); `service` runs one of them; what the layer above must hear of comes out as [`Event`]s.
+//! Output made during an update is written at its end for every entry at once ([`Driver::queue_flush`],
+//! [`Driver::flush_queued`]). The work per call is proportional to ready events, never to the
+//! number of open entries.
 
+pub mod datagram;
 mod dns;
 mod error;
-pub mod rpc;
+pub mod listener;
+pub mod net;
 mod slots;
+pub mod stream;
 mod timers;
-pub mod ws;
 
-use std::net::SocketAddr;
+use std::any::Any;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mio::net::{TcpListener, UdpSocket};
+use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token, Waker};
 
+use crate::proto::stream::{DatagramProtocol, StreamProtocol};
+use crate::proto::tls::Tls;
+pub use datagram::Datagram;
 pub use dns::{parse_ip, Lookup};
 pub use error::{Error, Result};
+pub use listener::{Listener, ListenerConfig, ListenerStats};
+pub use net::Address;
 pub use slots::{Key, Slots};
+pub use stream::{ClientTls, ConnectOptions, Stream};
 pub use timers::TimerQueue;
 
 /// Bytes queued on a stream during an update past which it is written at once.
@@ -28,29 +50,85 @@ const WRITE_NOW: usize = 64 * 1024;
 /// The waker token; entry tokens never reach it (their index is below `u32::MAX`).
 const WAKER: Token = Token(usize::MAX);
 
+/// A label the layer above gives an entry (which of its modules owns it); accepted streams
+/// inherit their listener's. Every event carries it.
+pub type Tag = u32;
+
 /// Something that became ready during [`Driver::poll`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Ready {
     /// A background lookup of this host finished; [`Driver::lookup`] now answers from cache.
     Resolved(String),
-    /// An entry's socket is ready (readable, writable or hung up).
-    Io(Key),
-    /// An entry's deadline passed.
-    Due(Key),
+    /// An entry's socket is ready or its deadline passed: [`Driver::service`] it.
+    Entry(Key),
 }
 
-/// An open I/O resource.
-pub enum Entry {
-    /// A bound UDP socket.
-    Udp(UdpSocket),
-    /// A WebSocket server's listening socket.
-    WsListener(ws::Listener),
-    /// A WebSocket connection (either side).
-    Ws(Box<ws::Stream>),
-    /// An RPC app's socket and protocol server.
-    RpcServer(Box<rpc::Endpoint>),
-    /// An RPC client's socket and protocol client.
-    RpcClient(Box<rpc::Endpoint>),
+/// What the layer above hears of an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Event {
+    pub key: Key,
+    pub tag: Tag,
+    pub kind: EventKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EventKind {
+    /// A listener accepted this stream and it is ready (with TLS: past the handshake). Until
+    /// the layer above [`adopts`](Driver::adopt) it, the driver closes it once its socket closes.
+    Accepted { listener: Key },
+    /// The entry's protocol has news: look at it.
+    News,
+    /// Everything a stream had queued was written.
+    Drained,
+    /// The wake time set with [`Driver::set_wake`] passed.
+    Wake,
+}
+
+/// Where a stream connects to.
+#[derive(Debug, Clone)]
+pub enum Target {
+    Tcp(std::net::SocketAddr),
+    Unix(std::path::PathBuf),
+}
+
+enum Io {
+    Stream(Box<Stream>),
+    Datagram(Box<Datagram>),
+    Listener(Box<Listener>),
+}
+
+struct Entry {
+    io: Io,
+    tag: Tag,
+    /// The listener that accepted this stream.
+    listener: Option<Key>,
+    /// The layer above took charge of the entry.
+    adopted: bool,
+    /// Accepted was reported.
+    announced: bool,
+    /// When the layer above wants [`EventKind::Wake`].
+    wake: Option<Instant>,
+    /// The deadline the entry wants, and the earliest one queued in the heap for it.
+    deadline: Option<Instant>,
+    armed: Option<Instant>,
+    /// In the list written at the end of the update.
+    flush_due: bool,
+}
+
+impl Entry {
+    fn new(io: Io, tag: Tag) -> Entry {
+        Entry {
+            io,
+            tag,
+            listener: None,
+            adopted: true,
+            announced: true,
+            wake: None,
+            deadline: None,
+            armed: None,
+            flush_due: false,
+        }
+    }
 }
 
 pub struct Driver {
@@ -59,15 +137,16 @@ pub struct Driver {
     dns: dns::Dns,
     entries: Slots<Entry>,
     resolved: Vec<String>,
-    /// Entries that asked to be serviced at a time (timeouts, keep-alive, retransmission).
-    deadlines: TimerQueue<Key>,
-    /// Each entry's armed deadline: (timer id, when).
-    armed: rustc_hash::FxHashMap<Key, (u64, Instant)>,
-    /// When the last poll returned (a clock for stream writes, which happen in between).
+    /// Entry deadlines, earliest first. An entry's deadline moving later leaves its heap item
+    /// in place (it is re-queued when it comes up); one moving earlier adds an item, and items
+    /// that no longer match their entry's `armed` are skipped.
+    deadlines: BinaryHeap<Reverse<(Instant, Key)>>,
+    out: VecDeque<Event>,
+    /// Entries with output queued during the current update.
+    to_flush: Vec<Key>,
+    /// When the last poll returned (the clock for writes made between polls).
     now: Instant,
-    /// Streams with output queued during the current update ([`Driver::ws_queued`]).
-    ws_to_flush: Vec<Key>,
-    /// The one buffer streams read into (they are serviced one at a time).
+    /// The one buffer sockets are read into (they are serviced one at a time).
     read_buf: Box<[u8]>,
 }
 
@@ -81,80 +160,278 @@ impl Driver {
             dns: dns::Dns::new(waker),
             entries: Slots::default(),
             resolved: Vec::new(),
-            deadlines: TimerQueue::default(),
-            armed: Default::default(),
-            ws_to_flush: Vec::new(),
+            deadlines: BinaryHeap::new(),
+            out: VecDeque::new(),
+            to_flush: Vec::new(),
             now: Instant::now(),
             read_buf: vec![0; 64 * 1024].into_boxed_slice(),
         })
     }
 
     /// Waits up to `timeout` (`Some(ZERO)` never blocks) and appends what became ready.
-    pub fn poll(&mut self, timeout: Option<Duration>, now: Instant, ready: &mut Vec<Ready>) -> Result<()> {
+    pub fn poll(&mut self, timeout: Option<Duration>, ready: &mut Vec<Ready>) -> Result<()> {
         match self.poll.poll(&mut self.events, timeout) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(()),
             Err(e) => return Err(e.into()),
         }
+        let now = Instant::now();
+        self.now = now;
         for event in self.events.iter() {
             if event.token() == WAKER {
                 self.dns.collect(now, &mut self.resolved);
                 ready.extend(self.resolved.drain(..).map(Ready::Resolved));
-            } else {
-                let key = Key::from_token(event.token());
-                match self.entries.get_mut(key) {
-                    Some(Entry::Ws(stream)) => {
-                        stream.hangup |= event.is_read_closed() || event.is_error();
-                        ready.push(Ready::Io(key));
-                    }
-                    Some(_) => ready.push(Ready::Io(key)),
-                    None => {}
+                continue;
+            }
+            let key = Key::from_token(event.token());
+            if let Some(entry) = self.entries.get_mut(key) {
+                if let Io::Stream(stream) = &mut entry.io {
+                    stream.hangup |= event.is_read_closed() || event.is_error();
                 }
+                ready.push(Ready::Entry(key));
             }
         }
-        let now = Instant::now();
-        self.now = now;
-        while let Some((_, _, key)) = self.deadlines.pop_due(now) {
-            self.armed.remove(&key);
-            ready.push(Ready::Due(key));
+        while let Some(&Reverse((at, key))) = self.deadlines.peek() {
+            if at > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(entry) = self.entries.get_mut(key) else { continue };
+            if entry.armed != Some(at) {
+                continue;
+            }
+            entry.armed = None;
+            match entry.deadline {
+                Some(d) if d <= now => ready.push(Ready::Entry(key)),
+                Some(d) => {
+                    entry.armed = Some(d);
+                    self.deadlines.push(Reverse((d, key)));
+                }
+                None => {}
+            }
         }
         Ok(())
     }
 
-    /// Arms (or moves, or with `None` disarms) the one deadline of an entry; when it passes,
-    /// `poll` reports `Ready::Due(key)`.
-    pub fn set_deadline(&mut self, key: Key, at: Option<Instant>) {
-        if self.armed.get(&key).map(|&(_, when)| when) == at {
-            return;
-        }
-        if let Some((id, _)) = self.armed.remove(&key) {
-            self.deadlines.cancel(id);
-        }
-        if let Some(at) = at {
-            self.armed.insert(key, (self.deadlines.insert(at, key), at));
-        }
-    }
-
     /// The earliest entry deadline (the host sleeps at most until then).
     pub fn next_deadline(&mut self) -> Option<Instant> {
-        self.deadlines.next_deadline()
+        loop {
+            let &Reverse((at, key)) = self.deadlines.peek()?;
+            if self.entries.get(key).is_some_and(|e| e.armed == Some(at)) {
+                return Some(at);
+            }
+            self.deadlines.pop();
+        }
     }
 
-    pub fn entry(&self, key: Key) -> Option<&Entry> {
-        self.entries.get(key)
+    /// The next event for the layer above.
+    pub fn pop_event(&mut self) -> Option<Event> {
+        self.out.pop_front()
     }
 
-    /// Listens for WebSocket connections (TCP, with TLS when `tls` is set).
-    pub fn ws_listen(
+    /// Services a ready or due entry: I/O, protocol timers, output; events go to
+    /// [`Driver::pop_event`].
+    pub fn service(&mut self, key: Key, now: Instant) {
+        let registry = self.poll.registry();
+        let Some(entry) = self.entries.get_mut(key) else { return };
+        let tag = entry.tag;
+        let mut accepted = Vec::new();
+        match &mut entry.io {
+            Io::Stream(stream) => {
+                let outcome = stream.service(registry, key.token(), now, &mut self.read_buf);
+                if outcome.ready && !entry.announced {
+                    entry.announced = true;
+                    let listener = entry.listener.expect("unannounced streams come from a listener");
+                    self.out.push_back(Event { key, tag, kind: EventKind::Accepted { listener } });
+                }
+                push_outcome(&mut self.out, key, tag, outcome.news, outcome.drained);
+            }
+            Io::Datagram(datagram) => {
+                let news = datagram.service(registry, key.token(), now, &mut self.read_buf);
+                push_outcome(&mut self.out, key, tag, news, false);
+            }
+            Io::Listener(listener) => {
+                let mut budget = listener.begin(now);
+                while let listener::Accepted::Stream(socket, peer) = listener.accept_one(now, &mut budget) {
+                    let proto = (listener.config.make)(now);
+                    match Stream::accepted(socket, peer, proto, listener.config.tls.as_ref(), now) {
+                        Ok(stream) => accepted.push(stream),
+                        Err(_) => {
+                            listener.stats.tls_failures += 1;
+                            listener.children -= 1;
+                        }
+                    }
+                }
+            }
+        }
+        if entry.wake.is_some_and(|at| at <= now) {
+            entry.wake = None;
+            self.out.push_back(Event { key, tag, kind: EventKind::Wake });
+        }
+        self.after_io(key, now);
+        for stream in accepted {
+            let mut entry = Entry::new(Io::Stream(Box::new(stream)), tag);
+            entry.listener = Some(key);
+            entry.adopted = false;
+            entry.announced = false;
+            let child = self.entries.insert(entry);
+            let Some(Entry { io: Io::Stream(stream), .. }) = self.entries.get_mut(child) else {
+                unreachable!()
+            };
+            if stream.register(self.poll.registry(), child.token()).is_err() {
+                self.close(child);
+                continue;
+            }
+            self.service(child, now);
+        }
+    }
+
+    /// After I/O on an entry: forgets an unadopted stream whose socket closed, re-arms the
+    /// deadline.
+    fn after_io(&mut self, key: Key, now: Instant) {
+        let Some(entry) = self.entries.get_mut(key) else { return };
+        let io_deadline = match &entry.io {
+            Io::Stream(stream) => {
+                if stream.is_closed() && !entry.adopted {
+                    if !entry.announced {
+                        self.count_tls_failure(key);
+                    }
+                    self.close(key);
+                    return;
+                }
+                stream.deadline(now)
+            }
+            Io::Datagram(datagram) => datagram.deadline(now),
+            Io::Listener(listener) => listener.deadline(now),
+        };
+        let at = match (io_deadline, entry.wake) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        if at == entry.deadline {
+            return;
+        }
+        entry.deadline = at;
+        if let Some(at) = at {
+            if entry.armed.is_none_or(|armed| at < armed) {
+                entry.armed = Some(at);
+                self.deadlines.push(Reverse((at, key)));
+                if self.deadlines.len() > 64 + 4 * self.entries.len() {
+                    self.compact_deadlines();
+                }
+            }
+        }
+    }
+
+    fn count_tls_failure(&mut self, key: Key) {
+        let listener = self.entries.get(key).and_then(|e| e.listener);
+        if let Some(Entry { io: Io::Listener(l), .. }) = listener.and_then(|k| self.entries.get_mut(k)) {
+            l.stats.tls_failures += 1;
+        }
+    }
+
+    /// Drops heap items that no longer match their entry.
+    fn compact_deadlines(&mut self) {
+        let entries = &self.entries;
+        self.deadlines.retain(|Reverse((at, key))| entries.get(*key).is_some_and(|e| e.armed == Some(*at)));
+    }
+
+    /// Writes what an entry queued now (outside an update).
+    pub fn flush(&mut self, key: Key) {
+        let now = self.now;
+        let registry = self.poll.registry();
+        let Some(entry) = self.entries.get_mut(key) else { return };
+        entry.flush_due = false;
+        let tag = entry.tag;
+        match &mut entry.io {
+            Io::Stream(stream) => {
+                let outcome = stream.flush(registry, key.token(), now);
+                push_outcome(&mut self.out, key, tag, outcome.news, outcome.drained);
+            }
+            Io::Datagram(datagram) => {
+                let news = datagram.flush(registry, key.token(), now);
+                push_outcome(&mut self.out, key, tag, news, false);
+            }
+            Io::Listener(_) => {}
+        }
+        self.after_io(key, now);
+    }
+
+    /// Notes that an entry has output, during an update: it is written by
+    /// [`Driver::flush_queued`] at its end, so replies to many peers leave back to back (and
+    /// many messages to one peer in one write). A stream with [`WRITE_NOW`] bytes waiting is
+    /// written at once, so a burst never meets the backpressure bound only because it was
+    /// held back.
+    pub fn queue_flush(&mut self, key: Key) {
+        let Some(entry) = self.entries.get_mut(key) else { return };
+        if let Io::Stream(stream) = &entry.io {
+            if stream.queued() >= WRITE_NOW {
+                return self.flush(key);
+            }
+        }
+        if !entry.flush_due {
+            entry.flush_due = true;
+            self.to_flush.push(key);
+        }
+    }
+
+    /// Writes every entry [`Driver::queue_flush`] noted.
+    pub fn flush_queued(&mut self) {
+        for key in std::mem::take(&mut self.to_flush) {
+            if self.entries.get(key).is_some_and(|e| e.flush_due) {
+                self.flush(key);
+            }
+        }
+    }
+
+    /// Arms (or with `None` clears) the time at which the entry reports [`EventKind::Wake`].
+    pub fn set_wake(&mut self, key: Key, at: Option<Instant>) {
+        let Some(entry) = self.entries.get_mut(key) else { return };
+        if entry.wake == at {
+            return;
+        }
+        entry.wake = at;
+        let now = self.now;
+        self.after_io(key, now);
+    }
+
+    /// The wake time of an entry.
+    pub fn wake(&self, key: Key) -> Option<Instant> {
+        self.entries.get(key).and_then(|e| e.wake)
+    }
+
+    /// Starts a client stream to `target` running `proto`.
+    pub fn connect(
         &mut self,
-        addr: SocketAddr,
-        tls: Option<Arc<rustls::ServerConfig>>,
-        handlers: Vec<String>,
-        settings: ws::Settings,
-    ) -> Result<Key> {
-        let socket = TcpListener::bind(addr)?;
-        let key = self.entries.insert(Entry::WsListener(ws::Listener::new(socket, tls, handlers, settings)));
-        let Some(Entry::WsListener(listener)) = self.entries.get_mut(key) else { unreachable!() };
+        target: &Target,
+        proto: Box<dyn StreamProtocol>,
+        options: ConnectOptions,
+        tag: Tag,
+    ) -> std::result::Result<Key, String> {
+        let (socket, peer) = match target {
+            Target::Tcp(addr) => (net::tcp_connect(*addr), Address::canonical(*addr)),
+            Target::Unix(path) => (net::unix_connect(path), Address::Unix(Some(path.clone()))),
+        };
+        let socket = socket.map_err(|e| format!("cannot connect to {peer}: {e}"))?;
+        let stream = Stream::connecting(socket, peer, proto, options, self.now)?;
+        let key = self.entries.insert(Entry::new(Io::Stream(Box::new(stream)), tag));
+        let Some(Entry { io: Io::Stream(stream), .. }) = self.entries.get_mut(key) else { unreachable!() };
+        if let Err(e) = stream.register(self.poll.registry(), key.token()) {
+            self.entries.remove(key);
+            return Err(format!("cannot register the socket: {e}"));
+        }
+        let now = self.now;
+        self.after_io(key, now);
+        Ok(key)
+    }
+
+    /// Listens on `socket`; accepted streams get protocols from `config.make`.
+    pub fn listen(&mut self, socket: net::ListenSocket, config: ListenerConfig, tag: Tag) -> Result<Key> {
+        let listener = Listener::new(socket, config)?;
+        let key = self.entries.insert(Entry::new(Io::Listener(Box::new(listener)), tag));
+        let Some(Entry { io: Io::Listener(listener), .. }) = self.entries.get_mut(key) else {
+            unreachable!()
+        };
         if let Err(e) = self.poll.registry().register(&mut listener.socket, key.token(), Interest::READABLE) {
             self.entries.remove(key);
             return Err(e.into());
@@ -162,101 +439,82 @@ impl Driver {
         Ok(key)
     }
 
-    /// Starts a client WebSocket stream owned by `owner` (the caller's handle for the app).
-    pub fn ws_connect(&mut self, stream: ws::Stream) -> Result<Key> {
-        let key = self.entries.insert(Entry::Ws(Box::new(stream)));
-        let Some(Entry::Ws(stream)) = self.entries.get_mut(key) else { unreachable!() };
-        stream.register(self.poll.registry(), key.token())?;
-        self.ws_reschedule(key);
+    /// Registers a UDP socket running `proto`, reading at most `budget` datagrams per service.
+    pub fn open_datagram(
+        &mut self,
+        socket: UdpSocket,
+        proto: Option<Box<dyn DatagramProtocol>>,
+        budget: usize,
+        tag: Tag,
+    ) -> Result<Key> {
+        let datagram = Datagram::new(socket, proto, budget)?;
+        let key = self.entries.insert(Entry::new(Io::Datagram(Box::new(datagram)), tag));
+        let Some(Entry { io: Io::Datagram(d), .. }) = self.entries.get_mut(key) else { unreachable!() };
+        if let Err(e) = self.poll.registry().register(&mut d.socket, key.token(), Interest::READABLE) {
+            self.entries.remove(key);
+            return Err(e.into());
+        }
+        self.flush(key);
         Ok(key)
     }
 
-    /// Services a WebSocket listener (accepting every pending connection) or stream.
-    pub fn ws_service(&mut self, key: Key, now: Instant, io: &mut ws::WsEvents) {
-        let mut accepted = Vec::new();
-        match self.entries.get_mut(key) {
-            Some(Entry::WsListener(listener)) => loop {
-                match listener.socket.accept() {
-                    Ok((socket, peer)) => match ws::Stream::accepted(listener, socket, peer, now) {
-                        Ok(stream) => accepted.push(stream),
-                        Err(_) => continue,
-                    },
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                    // Out of descriptors or the like: try again on the next readiness event.
-                    Err(_) => break,
-                }
-            },
-            Some(Entry::Ws(stream)) => {
-                stream.service(key, self.poll.registry(), now, io, &mut self.read_buf);
-                if stream.should_resume_reading() {
-                    stream.service(key, self.poll.registry(), now, io, &mut self.read_buf);
-                }
-                self.ws_reschedule(key);
-            }
-            _ => {}
-        }
-        for mut stream in accepted {
-            stream.owner = Some(key);
-            let conn = self.entries.insert(Entry::Ws(Box::new(stream)));
-            let Some(Entry::Ws(stream)) = self.entries.get_mut(conn) else { unreachable!() };
-            if stream.register(self.poll.registry(), conn.token()).is_err() {
-                self.entries.remove(conn);
-                continue;
-            }
-            self.ws_service(conn, now, io);
+    pub fn stream(&mut self, key: Key) -> Option<&mut Stream> {
+        match &mut self.entries.get_mut(key)?.io {
+            Io::Stream(stream) => Some(stream),
+            _ => None,
         }
     }
 
-    /// Re-arms a stream's deadline after its state changed; forgets a server stream that closed
-    /// before its upgrade completed (nobody above knows about it).
-    fn ws_reschedule(&mut self, key: Key) {
-        let Some(Entry::Ws(stream)) = self.entries.get_mut(key) else { return };
-        if stream.is_orphan() {
-            self.close(key);
-            return;
-        }
-        let at = stream.deadline();
-        self.set_deadline(key, at);
-    }
-
-    /// Mutable access to a WebSocket stream; call [`Driver::ws_flush`] after changing it.
-    pub fn ws_stream(&mut self, key: Key) -> Result<&mut ws::Stream> {
-        match self.entries.get_mut(key) {
-            Some(Entry::Ws(stream)) => Ok(stream),
-            _ => Err(Error::StaleHandle),
+    pub fn datagram(&mut self, key: Key) -> Option<&mut Datagram> {
+        match &mut self.entries.get_mut(key)?.io {
+            Io::Datagram(datagram) => Some(datagram),
+            _ => None,
         }
     }
 
-    /// Writes what a stream has queued and re-arms its deadline (after send/close).
-    pub fn ws_flush(&mut self, key: Key, io: &mut ws::WsEvents) {
-        if let Some(Entry::Ws(stream)) = self.entries.get_mut(key) {
-            stream.write(key, self.poll.registry(), self.now, io);
-            self.ws_reschedule(key);
+    pub fn listener(&mut self, key: Key) -> Option<&mut Listener> {
+        match &mut self.entries.get_mut(key)?.io {
+            Io::Listener(listener) => Some(listener),
+            _ => None,
         }
     }
 
-    /// Like [`Driver::ws_flush`], but while the caller is in the middle of an update: the stream
-    /// is written by [`Driver::ws_flush_queued`] at its end, so replies to many connections
-    /// leave back to back (and a message sent twice in one update costs one write). A stream with
-    /// [`WRITE_NOW`] bytes waiting is written at once, so a burst never meets the backpressure
-    /// bound only because it was held back.
-    pub fn ws_queued(&mut self, key: Key, io: &mut ws::WsEvents) {
-        let Some(Entry::Ws(stream)) = self.entries.get_mut(key) else { return };
-        if stream.queued_len() >= WRITE_NOW {
-            return self.ws_flush(key, io);
-        }
-        if !stream.flush_due {
-            stream.flush_due = true;
-            self.ws_to_flush.push(key);
+    /// A stream's protocol as the type the layer above put there.
+    pub fn proto<T: StreamProtocol>(&mut self, key: Key) -> Option<&mut T> {
+        let proto: &mut dyn Any = self.stream(key)?.proto();
+        proto.downcast_mut()
+    }
+
+    /// A datagram entry's protocol as the type the layer above put there.
+    pub fn datagram_proto<T: DatagramProtocol>(&mut self, key: Key) -> Option<&mut T> {
+        let proto: &mut dyn Any = self.datagram(key)?.proto()?;
+        proto.downcast_mut()
+    }
+
+    /// The layer above takes charge of an accepted stream (it closes it, not the driver).
+    pub fn adopt(&mut self, key: Key) {
+        if let Some(entry) = self.entries.get_mut(key) {
+            entry.adopted = true;
         }
     }
 
-    /// Writes every stream [`Driver::ws_queued`] noted.
-    pub fn ws_flush_queued(&mut self, io: &mut ws::WsEvents) {
-        for key in std::mem::take(&mut self.ws_to_flush) {
-            self.ws_flush(key, io);
-        }
+    /// The listener an accepted stream came from.
+    pub fn listener_of(&self, key: Key) -> Option<Key> {
+        self.entries.get(key)?.listener
+    }
+
+    /// Upgrades a ready plain stream to TLS (see [`Stream::start_tls`]).
+    pub fn start_tls(&mut self, key: Key, tls: Tls, leftover: &[u8]) -> std::result::Result<(), String> {
+        let now = self.now;
+        self.stream(key).ok_or("the stream is closed")?.start_tls(tls, leftover, now)?;
+        self.flush(key);
+        Ok(())
+    }
+
+    /// True if the stream stopped reading for a protocol that now wants input again: service
+    /// it (reading may have nothing new to report until then, edge-triggered).
+    pub fn should_resume_reading(&mut self, key: Key) -> bool {
+        self.stream(key).is_some_and(|s| s.should_resume_reading())
     }
 
     /// Resolves `host` without blocking (IP literals answer at once).
@@ -264,41 +522,22 @@ impl Driver {
         self.dns.lookup(host, now)
     }
 
-    /// Binds a UDP socket and registers it for readability.
-    pub fn open_udp(&mut self, addr: SocketAddr) -> Result<Key> {
-        let socket = UdpSocket::bind(addr)?;
-        let key = self.entries.insert(Entry::Udp(socket));
-        let Some(Entry::Udp(socket)) = self.entries.get_mut(key) else { unreachable!() };
-        if let Err(e) = self.poll.registry().register(socket, key.token(), Interest::READABLE) {
-            self.entries.remove(key);
-            return Err(e.into());
-        }
-        Ok(key)
-    }
-
-    pub fn udp(&self, key: Key) -> Result<&UdpSocket> {
-        match self.entries.get(key) {
-            Some(Entry::Udp(socket)) => Ok(socket),
-            _ => Err(Error::StaleHandle),
-        }
-    }
-
     /// Closes an entry at once (no goodbye to the peer); returns false for a stale key.
     pub fn close(&mut self, key: Key) -> bool {
-        self.set_deadline(key, None);
         let registry = self.poll.registry();
-        match self.entries.remove(key) {
-            Some(Entry::Udp(mut socket)) => {
-                let _ = registry.deregister(&mut socket);
+        let Some(entry) = self.entries.remove(key) else { return false };
+        match entry.io {
+            Io::Stream(mut stream) => stream.deregister(registry),
+            Io::Datagram(mut datagram) => {
+                let _ = registry.deregister(&mut datagram.socket);
             }
-            Some(Entry::WsListener(mut listener)) => {
+            Io::Listener(mut listener) => {
                 let _ = registry.deregister(&mut listener.socket);
             }
-            Some(Entry::Ws(mut stream)) => stream.deregister(registry),
-            Some(Entry::RpcServer(mut ep) | Entry::RpcClient(mut ep)) => {
-                let _ = registry.deregister(&mut ep.socket);
-            }
-            None => return false,
+        }
+        if let Some(Entry { io: Io::Listener(l), .. }) = entry.listener.and_then(|k| self.entries.get_mut(k))
+        {
+            l.children -= 1;
         }
         true
     }
@@ -307,107 +546,21 @@ impl Driver {
     pub fn pending(&self) -> usize {
         self.entries.len() + self.dns.in_flight()
     }
+
+    /// When the last poll returned.
+    pub fn now(&self) -> Instant {
+        self.now
+    }
+}
+
+fn push_outcome(out: &mut VecDeque<Event>, key: Key, tag: Tag, news: bool, drained: bool) {
+    if news {
+        out.push_back(Event { key, tag, kind: EventKind::News });
+    }
+    if drained {
+        out.push_back(Event { key, tag, kind: EventKind::Drained });
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn udp_readiness_is_reported_for_the_right_key_only() {
-        let mut driver = Driver::new().unwrap();
-        let idle = driver.open_udp("127.0.0.1:0".parse().unwrap()).unwrap();
-        let key = driver.open_udp("127.0.0.1:0".parse().unwrap()).unwrap();
-        let addr = driver.udp(key).unwrap().local_addr().unwrap();
-        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        sender.send_to(b"hi", addr).unwrap();
-        let mut ready = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while ready.is_empty() && Instant::now() < deadline {
-            driver.poll(Some(Duration::from_millis(50)), Instant::now(), &mut ready).unwrap();
-        }
-        assert_eq!(ready, vec![Ready::Io(key)]);
-        let mut buf = [0u8; 16];
-        assert_eq!(driver.udp(key).unwrap().recv_from(&mut buf).unwrap().0, 2);
-        assert!(driver.close(key));
-        assert!(!driver.close(key), "second close of the same key is a no-op");
-        assert!(matches!(driver.udp(key), Err(Error::StaleHandle)));
-        assert_eq!(driver.pending(), 1);
-        assert!(driver.close(idle));
-    }
-
-    #[test]
-    fn lookup_runs_in_background_and_wakes_the_poll() {
-        let mut driver = Driver::new().unwrap();
-        assert_eq!(driver.lookup("::1", Instant::now()), Lookup::Done(vec!["::1".parse().unwrap()]));
-        assert_eq!(driver.lookup("localhost", Instant::now()), Lookup::Pending);
-        assert_eq!(driver.pending(), 1);
-        let mut ready = Vec::new();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while ready.is_empty() && Instant::now() < deadline {
-            driver.poll(Some(Duration::from_secs(1)), Instant::now(), &mut ready).unwrap();
-        }
-        assert_eq!(ready, vec![Ready::Resolved("localhost".into())]);
-        match driver.lookup("localhost", Instant::now()) {
-            Lookup::Done(ips) => assert!(ips.iter().all(|ip| ip.is_loopback()), "{ips:?}"),
-            other => panic!("expected a cached answer, got {other:?}"),
-        }
-        assert_eq!(driver.pending(), 0);
-        assert!(matches!(driver.lookup("no-such-host.invalid", Instant::now()), Lookup::Pending));
-    }
-
-    /// Polls and services every ready stream until `done` holds for the events seen so far.
-    fn pump_ws(driver: &mut Driver, events: &mut ws::WsEvents, done: impl Fn(&ws::WsEvents) -> bool) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while !done(events) {
-            assert!(Instant::now() < deadline, "timed out; events so far: {events:?}");
-            let mut ready = Vec::new();
-            driver.poll(Some(Duration::from_millis(20)), Instant::now(), &mut ready).unwrap();
-            for r in ready {
-                if let Ready::Io(key) | Ready::Due(key) = r {
-                    driver.ws_service(key, Instant::now(), events);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn a_stream_gives_back_traffic_buffers_once_idle() {
-        let mut driver = Driver::new().unwrap();
-        let settings = ws::Settings::default();
-        let listener = driver
-            .ws_listen("127.0.0.1:0".parse().unwrap(), None, vec!["default".into()], settings.clone())
-            .unwrap();
-        let Some(Entry::WsListener(l)) = driver.entry(listener) else { panic!() };
-        let addr = l.socket.local_addr().unwrap();
-        let url = crate::proto::ws::WsUrl::parse(&format!("ws://{addr}/")).unwrap();
-        let stream = ws::Stream::connect(addr, &url, &[], [7; 16], None, settings, Instant::now()).unwrap();
-        let client = driver.ws_connect(stream).unwrap();
-        let mut events = ws::WsEvents::new();
-        pump_ws(&mut driver, &mut events, |e| {
-            e.iter().any(|e| matches!(e, ws::WsIo::Accepted { .. }))
-                && e.iter().any(|e| matches!(e, ws::WsIo::Opened { .. }))
-        });
-        let server = events.iter().find_map(|e| match e {
-            ws::WsIo::Accepted { conn, .. } => Some(*conn),
-            _ => None,
-        });
-        let server = server.unwrap();
-        assert_eq!(driver.ws_stream(server).unwrap().deadline(), None, "no traffic, no timer");
-
-        // 4 KiB each way: the buffers grow and are kept while traffic goes on.
-        let payload = vec![5u8; 4096];
-        driver.ws_stream(client).unwrap().send(crate::proto::ws::Opcode::Binary, &payload).unwrap();
-        driver.ws_flush(client, &mut events);
-        pump_ws(&mut driver, &mut events, |e| e.contains(&ws::WsIo::Inbox { conn: server }));
-        let got = driver.ws_stream(server).unwrap().receive();
-        assert!(matches!(got, Some(ws::Received::Message(_, data)) if data.len() == 4096));
-        let trim_at = driver.ws_stream(server).unwrap().deadline().expect("a trim is planned");
-        assert!(trim_at > Instant::now() + ws::IDLE_TRIM / 2);
-
-        // Serviced after IDLE_TRIM of silence: trimmed, nothing left to plan.
-        driver.ws_service(server, Instant::now() + ws::IDLE_TRIM * 2, &mut events);
-        assert_eq!(driver.ws_stream(server).unwrap().deadline(), None);
-        assert!(driver.ws_stream(server).unwrap().is_open());
-    }
-}
+mod tests;

@@ -2,8 +2,11 @@
 
 use mio::Token;
 
+/// Generations wrap at 2^21, so a key fits in 53 bits: a Lua number holds it exactly.
+const GENERATION_MASK: u32 = (1 << 21) - 1;
+
 /// A handle to a slot: index plus the generation the slot had when the value was inserted.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Key {
     index: u32,
     generation: u32,
@@ -18,7 +21,17 @@ impl Key {
 
     /// The key encoded by [`Key::token`].
     pub fn from_token(token: Token) -> Key {
-        Key { index: token.0 as u32, generation: (token.0 >> 32) as u32 }
+        Key::from_u64(token.0 as u64)
+    }
+
+    /// The key as one integer below 2^53 (exact in a Lua number, LuaJIT's included).
+    pub fn to_u64(self) -> u64 {
+        (u64::from(self.generation) << 32) | u64::from(self.index)
+    }
+
+    /// The key [`Key::to_u64`] gave.
+    pub fn from_u64(v: u64) -> Key {
+        Key { index: v as u32, generation: (v >> 32) as u32 }
     }
 }
 
@@ -69,7 +82,7 @@ impl<T> Slots<T> {
             return None;
         }
         let value = slot.value.take()?;
-        slot.generation = slot.generation.wrapping_add(1);
+        slot.generation = slot.generation.wrapping_add(1) & GENERATION_MASK;
         self.free.push(key.index);
         self.len -= 1;
         Some(value)
@@ -81,6 +94,13 @@ impl<T> Slots<T> {
 
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+}
+
+#[cfg(test)]
+impl<T> Slots<T> {
+    fn set_generation(&mut self, index: u32, generation: u32) {
+        self.slots[index as usize].generation = generation;
     }
 }
 
@@ -98,6 +118,21 @@ mod tests {
         assert_eq!(slots.remove(a), None);
         assert_eq!(slots.get(b), Some(&"b"));
         assert_eq!(slots.len(), 1);
+    }
+
+    #[test]
+    fn keys_stay_exact_as_lua_numbers_when_generations_wrap() {
+        let mut slots = Slots::default();
+        let a = slots.insert(1);
+        slots.remove(a);
+        slots.set_generation(0, GENERATION_MASK);
+        let old = slots.insert(2);
+        assert_eq!(Key::from_u64(old.to_u64() as f64 as u64), old);
+        slots.remove(old);
+        let wrapped = slots.insert(3);
+        assert_eq!(wrapped.generation, 0);
+        assert!(old.to_u64() < 1 << 53 && wrapped.to_u64() < 1 << 53);
+        assert_eq!(slots.get(old), None);
     }
 
     #[test]

@@ -1,4 +1,11 @@
 //! Protocol state machines: no sockets, no clock, no Lua, no randomness source.
+//!
+//! [`stream`] is the contract with the driver; every protocol implements it: [`raw`] (bytes for
+//! Lua), [`ws`] (WebSocket sessions), [`rpc`] (reliable UDP sessions). [`tls`] is the TLS pump the
+//! driver runs under any stream.
 
+pub mod raw;
 pub mod rpc;
+pub mod stream;
+pub mod tls;
 pub mod ws;

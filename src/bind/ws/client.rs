@@ -13,10 +13,10 @@ use super::super::error::{bad_arg, message, misuse};
 use super::super::options::Options;
 use super::super::policy::Policy;
 use super::super::{runtime, Runtime};
+use super::TAG;
 use super::{close_code, opcode_arg, opcodes, policy, send, settings, with_data, with_stream, Client};
-use crate::driver::ws::{Received, Stream};
-use crate::driver::{Key, Lookup};
-use crate::proto::ws::{self as proto, WsConfig, WsUrl};
+use crate::driver::{ClientTls, ConnectOptions, Key, Lookup, Target};
+use crate::proto::ws::{Received, WsConfig, WsSession, WsUrl};
 
 pub(super) const ON_CONNECT: usize = 0;
 const ON_MESSAGE: usize = 1;
@@ -72,9 +72,9 @@ impl UserData for WsClient {
                     (b"opcodes", _) => return Ok(Value::Table(opcodes(lua)?)),
                     (b"name", _) => return lua.create_string(&ud.borrow::<WsClient>()?.1).map(Value::String),
                     (b"connected", c) => {
-                        let open = c
-                            .and_then(|c| c.stream)
-                            .is_some_and(|k| rt.driver.borrow_mut().ws_stream(k).is_ok_and(|s| s.is_open()));
+                        let open = c.and_then(|c| c.stream).is_some_and(|k| {
+                            rt.driver.borrow_mut().proto::<WsSession>(k).is_some_and(|s| s.is_open())
+                        });
                         return Ok(Value::Boolean(open));
                     }
                     _ => {}
@@ -120,16 +120,12 @@ fn connect_to_web_app(lua: &Lua, config: Value) -> Result<AnyUserData> {
             }
             None => (None, true),
         };
-        let cached = rt.ws.borrow().tls_clients.get(&(ca.clone(), verify)).cloned();
-        Some(match cached {
-            Some(config) => config,
-            None => {
-                let config = proto::client_config(ca.as_deref().map(std::path::Path::new), verify)
-                    .map_err(|e| misuse(call, format!("ssl: {e}")))?;
-                rt.ws.borrow_mut().tls_clients.insert((ca, verify), config.clone());
-                config
-            }
-        })
+        Some(
+            rt.tls
+                .borrow_mut()
+                .client("ssl", ca.as_deref(), verify, &[b"http/1.1"])
+                .map_err(|e| misuse(call, e))?,
+        )
     } else {
         None
     };
@@ -148,7 +144,7 @@ fn connect_to_web_app(lua: &Lua, config: Value) -> Result<AnyUserData> {
         url,
         protocols,
         tls,
-        settings,
+        settings: std::sync::Arc::new(settings),
         stream: None,
         callbacks,
     };
@@ -175,8 +171,14 @@ pub(super) fn start_client(rt: &Runtime, id: u64, now: Instant) {
         return rt.ws.borrow_mut().failed.push((id, "no randomness for the WebSocket key".into()));
     }
     let protocols: Vec<&str> = protocols.iter().map(String::as_str).collect();
-    let started = Stream::connect(SocketAddr::new(ip, url.port), &url, &protocols, key, tls, settings, now)
-        .and_then(|stream| rt.driver.borrow_mut().ws_connect(stream).map_err(|e| e.to_string()));
+    let started = WsSession::client(&url, &protocols, key, settings, now)
+        .map_err(|e| e.to_string())
+        .and_then(|session| {
+            let tls = tls.map(|config| ClientTls { config, server_name: url.host.clone() });
+            let options = ConnectOptions { tls, ..ConnectOptions::default() };
+            let target = Target::Tcp(SocketAddr::new(ip, url.port));
+            rt.driver.borrow_mut().connect(&target, Box::new(session), options, TAG)
+        });
     let mut ws = rt.ws.borrow_mut();
     match started {
         Ok(key) => {
@@ -253,7 +255,7 @@ fn call_back(
 
 pub(super) fn client_inbox(lua: &Lua, rt: &Runtime, id: u64, conn: Key) -> Result<()> {
     loop {
-        let received = rt.driver.borrow_mut().ws_stream(conn).ok().and_then(|s| s.receive());
+        let received = rt.driver.borrow_mut().proto::<WsSession>(conn).and_then(|s| s.receive());
         match received {
             None => return Ok(()),
             Some(Received::Message(op, data)) => {

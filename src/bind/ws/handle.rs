@@ -7,17 +7,14 @@
 //! finds nothing to receive parks itself with a flag on its connection, and the next message is
 //! passed to it as resume values (`DELIVERED, message, opcode`) without a further call.
 
-use std::ffi::c_int;
-
 use mlua::{Lua, Result, Thread, ThreadStatus, Value};
 
-use super::super::raw::{RawFn, Stack};
+use super::super::raw::{self, Out, RawFn, Stack};
 use super::super::sched::{self, delivered_value, park_value};
-use super::super::{canonical, runtime, Runtime};
+use super::super::{handle_number, runtime, Runtime};
 use super::{close_code, opcode_arg, opcode_number, send, with_data, with_stream, OPCODE_EXPECTED};
-use crate::driver::ws::Received;
-use crate::driver::Key;
-use crate::proto::ws::{self as proto, Opcode};
+use crate::driver::{Address, Key};
+use crate::proto::ws::{self as proto, Opcode, Received, WsSession};
 
 /// The connection behind a handle number, if it is still known.
 fn handle_key(rt: &Runtime, handle: Option<i64>) -> Option<Key> {
@@ -26,11 +23,7 @@ fn handle_key(rt: &Runtime, handle: Option<i64>) -> Option<Key> {
 
 /// [`handle_key`] for a handle passed through mlua.
 fn conn_key(rt: &Runtime, handle: &Value) -> Option<Key> {
-    match handle {
-        Value::Integer(i) => handle_key(rt, Some(*i)),
-        Value::Number(n) => handle_key(rt, Some(*n as i64)),
-        _ => None,
-    }
+    handle_key(rt, handle_number(handle).map(|h| h as i64))
 }
 
 /// How `receive` ends once the connection is gone from the runtime.
@@ -40,24 +33,18 @@ fn released() -> Received {
 
 /// `ws.raw_socket`: addresses, descriptor, upgrade request details and TLS parameters.
 fn peer_info(lua: &Lua, rt: &Runtime, key: Key) -> Result<Value> {
-    let driver = rt.driver.borrow();
-    let Some(crate::driver::Entry::Ws(stream)) = driver.entry(key) else { return Ok(Value::Nil) };
+    let mut driver = rt.driver.borrow_mut();
+    let Some(stream) = driver.stream(key) else { return Ok(Value::Nil) };
     let t = lua.create_table()?;
-    t.set("peer_ip", canonical(stream.peer).ip().to_string())?;
-    t.set("peer_port", stream.peer.port())?;
-    if let Some(local) = stream.local {
-        t.set("local_ip", canonical(local).ip().to_string())?;
+    if let Address::Ip(peer) = &stream.peer {
+        t.set("peer_ip", peer.ip().to_string())?;
+        t.set("peer_port", peer.port())?;
+    }
+    if let Some(Address::Ip(local)) = &stream.local {
+        t.set("local_ip", local.ip().to_string())?;
         t.set("local_port", local.port())?;
     }
     t.set("fd", stream.fd())?;
-    t.set("protocol", stream.upgrade.protocol.clone())?;
-    t.set("path", stream.upgrade.path.clone())?;
-    t.set("query", stream.upgrade.query.clone())?;
-    let headers = lua.create_table()?;
-    for (name, value) in &stream.upgrade.headers {
-        headers.set(name.as_str(), value.as_str())?;
-    }
-    t.set("headers", headers)?;
     if let Some(tls) = stream.tls() {
         let info = lua.create_table()?;
         info.set("version", tls.protocol_version())?;
@@ -65,6 +52,16 @@ fn peer_info(lua: &Lua, rt: &Runtime, key: Key) -> Result<Value> {
         info.set("sni", tls.sni_hostname())?;
         t.set("tls", info)?;
     }
+    let Some(session) = driver.proto::<WsSession>(key) else { return Ok(Value::Table(t)) };
+    let upgrade = session.upgrade();
+    t.set("protocol", upgrade.protocol.clone())?;
+    t.set("path", upgrade.path.clone())?;
+    t.set("query", upgrade.query.clone())?;
+    let headers = lua.create_table()?;
+    for (name, value) in &upgrade.headers {
+        headers.set(name.as_str(), value.as_str())?;
+    }
+    t.set("headers", headers)?;
     Ok(Value::Table(t))
 }
 
@@ -73,8 +70,9 @@ pub(super) struct Send;
 
 impl RawFn for Send {
     const NAME: &'static str = "ws:send(data, opcode)";
+    const STRINGS: &'static [std::ffi::c_int] = &[2];
 
-    fn call(rt: &Runtime, st: &mut Stack) -> std::result::Result<c_int, String> {
+    fn call(rt: &Runtime, st: &Stack) -> std::result::Result<Out, String> {
         let op = if st.is_nil(3) {
             Opcode::Text
         } else {
@@ -86,36 +84,33 @@ impl RawFn for Send {
         let Some(data) = st.bytes(2) else {
             return Err(format!("{}: 'data' must be a string, got {}", Self::NAME, st.type_name(2)));
         };
-        let (ok, err) = match key {
+        let sent = match key {
             Some(key) => send(rt, key, op, data),
             None => (None, Some("the connection is closed".to_owned())),
         };
-        match (ok, err) {
-            (Some(ok), _) => st.push_bool(ok),
+        Ok(match sent {
+            (Some(ok), _) => Out::one(raw::Value::Bool(ok)),
             (None, err) => {
-                st.push_nil();
-                st.push_bytes(err.unwrap_or_default().as_bytes());
-                return Ok(2);
+                let mut out = Out::one(raw::Value::Nil);
+                out.push(raw::Value::Owned(err.unwrap_or_default().into_bytes()));
+                out
             }
-        }
-        Ok(1)
+        })
     }
 }
 
-/// Pops the next received message (or peeks at the end) of a stream; `None` while nothing is
+/// Pops the next received message (or peeks at the end) of a session; `None` while nothing is
 /// there. A stream gone from the driver ends with 1006.
 fn take_received(rt: &Runtime, key: Key) -> Option<Received> {
     let mut driver = rt.driver.borrow_mut();
-    match driver.ws_stream(key) {
-        Ok(stream) => {
-            let received = stream.receive();
-            if stream.should_resume_reading() {
-                rt.service.borrow_mut().push_back(key);
-            }
-            received
-        }
-        Err(_) => Some(released()),
+    let received = match driver.proto::<WsSession>(key) {
+        Some(session) => session.receive(),
+        None => return Some(released()),
+    };
+    if driver.should_resume_reading(key) {
+        rt.service.borrow_mut().push_back(key);
     }
+    received
 }
 
 /// `core.ws_receive(h)` → `message, opcode`; `nil, nil, clean, code, reason` once the connection
@@ -126,8 +121,8 @@ pub(super) struct Receive;
 impl RawFn for Receive {
     const NAME: &'static str = "ws:receive()";
 
-    fn call(rt: &Runtime, st: &mut Stack) -> std::result::Result<c_int, String> {
-        let Some(key) = handle_key(rt, st.integer(1)) else { return Ok(push_received(st, &released())) };
+    fn call(rt: &Runtime, st: &Stack) -> std::result::Result<Out, String> {
+        let Some(key) = handle_key(rt, st.integer(1)) else { return Ok(received_values(released())) };
         // Whatever resumed the handler, it is not parked until it says so again.
         let is_handler = match rt.ws.borrow_mut().conns.get_mut(&key) {
             Some(c) if c.handler_ptr == st.thread() => {
@@ -137,39 +132,35 @@ impl RawFn for Receive {
             _ => false,
         };
         match take_received(rt, key) {
-            Some(received) => Ok(push_received(st, &received)),
+            Some(received) => Ok(received_values(received)),
             None if is_handler => {
                 if let Some(c) = rt.ws.borrow_mut().conns.get_mut(&key) {
                     c.parked = true;
                 }
-                st.push_light(park_value().0);
-                Ok(1)
+                Ok(Out::one(raw::Value::Light(park_value().0)))
             }
-            None => {
-                st.push_bool(false);
-                Ok(1)
-            }
+            None => Ok(Out::one(raw::Value::Bool(false))),
         }
     }
 }
 
-/// Pushes what `receive` returns for `received`; the count of values.
-fn push_received(st: &mut Stack, received: &Received) -> c_int {
+/// What `receive` returns for `received`.
+fn received_values(received: Received) -> Out {
+    let mut out = Out::new();
     match received {
         Received::Message(op, data) => {
-            st.push_bytes(data);
-            st.push_int(op.as_u8().into());
-            2
+            out.push(raw::Value::Bytes(data));
+            out.push(raw::Value::Int(op.as_u8().into()));
         }
         Received::Closed { code, reason, clean } => {
-            st.push_nil();
-            st.push_nil();
-            st.push_bool(*clean);
-            st.push_int((*code).into());
-            st.push_bytes(reason.as_bytes());
-            5
+            out.push(raw::Value::Nil);
+            out.push(raw::Value::Nil);
+            out.push(raw::Value::Bool(clean));
+            out.push(raw::Value::Int(code.into()));
+            out.push(raw::Value::Owned(reason.into_bytes()));
         }
     }
+    out
 }
 
 /// `core.ws_wait(h, co)`: parks a coroutine other than the handler until the connection has
@@ -187,7 +178,7 @@ fn ws_wait(lua: &Lua, (h, thread): (Value, Thread)) -> Result<bool> {
 /// code, reason`).
 pub(super) fn deliver(lua: &Lua, rt: &Runtime, conn: Key) -> Result<()> {
     let thread = match rt.ws.borrow().conns.get(&conn) {
-        Some(c) if c.parked => c.handler.clone(),
+        Some(c) if c.parked => lua.registry_value::<Thread>(&c.handler)?,
         _ => return Ok(()),
     };
     if thread.status() != ThreadStatus::Resumable {
@@ -244,10 +235,10 @@ fn ws_broadcast(lua: &Lua, (h, data, op): (Value, Value, Value)) -> Result<usize
 fn ws_peer(lua: &Lua, h: Value) -> Result<(Option<String>, Option<u16>)> {
     let rt = runtime(lua)?;
     let Some(key) = conn_key(&rt, &h) else { return Ok((None, None)) };
-    let mut driver = rt.driver.borrow_mut();
-    Ok(match driver.ws_stream(key) {
-        Ok(stream) => (Some(canonical(stream.peer).ip().to_string()), Some(stream.peer.port())),
-        Err(_) => (None, None),
+    let peer = rt.driver.borrow_mut().stream(key).and_then(|s| s.peer.ip());
+    Ok(match peer {
+        Some(peer) => (Some(peer.ip().to_string()), Some(peer.port())),
+        None => (None, None),
     })
 }
 

@@ -8,7 +8,6 @@ mod handle;
 mod server;
 
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
@@ -20,11 +19,13 @@ use super::error::bad_arg;
 use super::options::Options;
 use super::policy::Policy;
 use super::{Runtime, Side};
-use crate::driver::ws::{Settings, Stream, WsEvents, WsIo};
-use crate::driver::{Key, Lookup};
-use crate::proto::ws::{self as proto, Opcode, WsConfig, WsUrl};
+use crate::driver::{Event, EventKind, Key, Tag};
+use crate::proto::ws::{self as proto, Opcode, Settings, WsConfig, WsSession, WsUrl};
 use client::{client_callback, client_closed, client_inbox, disconnect, start_client, ON_CONNECT};
-use server::{accepted, bind_listener, remove_server, server_inbox};
+use server::{accepted, remove_server, server_inbox};
+
+/// The tag of every entry this module opens.
+pub(crate) const TAG: Tag = 1;
 
 struct Server {
     name: String,
@@ -33,8 +34,6 @@ struct Server {
     /// Open connections by handler name (`broadcast` goes to one group).
     groups: HashMap<String, HashSet<Key>>,
     listener: Option<Key>,
-    /// Host name still being resolved before the listener can bind.
-    pending: Option<(String, u16, Settings, Option<Arc<rustls::ServerConfig>>)>,
     app: RegistryKey,
 }
 
@@ -44,8 +43,9 @@ struct Conn {
     handle: u64,
     object: RegistryKey,
     group: String,
-    /// The handler coroutine, and its `Thread::to_pointer` (what raw functions compare).
-    handler: mlua::Thread,
+    /// The handler coroutine, and its `Thread::to_pointer` (what raw functions compare). A
+    /// registry key, not a `Thread`: mlua handles are limited to a few thousand on LuaJIT.
+    handler: RegistryKey,
     handler_ptr: usize,
     /// The handler waits in `ws:receive()` for this connection's next message.
     parked: bool,
@@ -60,7 +60,7 @@ struct Client {
     url: WsUrl,
     protocols: Vec<String>,
     tls: Option<Arc<rustls::ClientConfig>>,
-    settings: Settings,
+    settings: Arc<Settings>,
     stream: Option<Key>,
     callbacks: [Option<RegistryKey>; 3],
 }
@@ -77,9 +77,6 @@ pub(crate) struct WsState {
     next_id: u64,
     /// Client failures found outside `update` (bad address…), reported by the next `update`.
     failed: Vec<(u64, String)>,
-    /// Stream events not dispatched yet (sends and closes outside `update` add to them too).
-    deferred: WsEvents,
-    tls_clients: HashMap<(Option<String>, bool), Arc<rustls::ClientConfig>>,
 }
 
 impl WsState {
@@ -146,16 +143,15 @@ fn close_code(call: &str, value: &Value) -> Result<u16> {
     }
 }
 
-/// Changes a stream (send, close) and writes: at once outside `update`, at the end of it inside
-/// (`flush_queued`). Events it causes wait for the next update.
-fn with_stream<R>(rt: &Runtime, key: Key, f: impl FnOnce(&mut Stream) -> R) -> Option<R> {
+/// Changes a session (send, close) and writes: at once outside `update`, at the end of it inside
+/// (the driver's end-of-update flush). Events it causes wait for the next dispatch.
+fn with_stream<R>(rt: &Runtime, key: Key, f: impl FnOnce(&mut WsSession) -> R) -> Option<R> {
     let mut driver = rt.driver.borrow_mut();
-    let result = f(driver.ws_stream(key).ok()?);
-    let io = &mut rt.ws.borrow_mut().deferred;
+    let result = f(driver.proto::<WsSession>(key)?);
     if rt.in_update() {
-        driver.ws_queued(key, io);
+        driver.queue_flush(key);
     } else {
-        driver.ws_flush(key, io);
+        driver.flush(key);
     }
     Some(result)
 }
@@ -182,52 +178,11 @@ fn settings(opts: &Options, ws_default: WsConfig) -> Result<Settings> {
 }
 
 fn policy(opts: &Options, lua: &Lua, label: String) -> Result<Rc<Policy>> {
-    Ok(Rc::new(Policy {
-        label,
-        no_errors: opts.boolean("no_errors")?.unwrap_or(false),
-        handler: opts.function("error_handler")?.map(|f| lua.create_registry_value(f)).transpose()?,
-        debug: opts.boolean("debug")?.unwrap_or(true),
-    }))
+    Ok(Rc::new(Policy::from_options(lua, opts, label)?))
 }
 
-/// A host name a server or client was waiting for has resolved.
-pub(crate) fn resolved(lua: &Lua, rt: &Runtime, host: &str, now: Instant) -> Result<()> {
-    let waiting: Vec<u64> = {
-        let ws = rt.ws.borrow();
-        ws.servers
-            .iter()
-            .filter(|(_, s)| s.pending.as_ref().is_some_and(|p| p.0 == host))
-            .map(|(id, _)| *id)
-            .collect()
-    };
-    for id in waiting {
-        let Some((host, port, settings, tls)) =
-            rt.ws.borrow_mut().servers.get_mut(&id).and_then(|s| s.pending.take())
-        else {
-            continue;
-        };
-        let lookup = rt.driver.borrow_mut().lookup(&host, now);
-        let result = match lookup {
-            Lookup::Done(ips) => {
-                let addrs: Vec<SocketAddr> = ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect();
-                let names = rt.ws.borrow().servers[&id].handlers.keys().cloned().collect();
-                bind_listener(rt, &addrs, tls, names, settings).map(|(key, _)| key)
-            }
-            Lookup::Failed(e) => Err(e),
-            Lookup::Pending => continue,
-        };
-        let policy = rt.ws.borrow().servers[&id].policy.clone();
-        match result {
-            Ok(key) => {
-                let mut ws = rt.ws.borrow_mut();
-                ws.listeners.insert(key, id);
-                if let Some(server) = ws.servers.get_mut(&id) {
-                    server.listener = Some(key);
-                }
-            }
-            Err(e) => policy.report(lua, &e)?,
-        }
-    }
+/// A host name a client was waiting for has resolved.
+pub(crate) fn resolved(_lua: &Lua, rt: &Runtime, host: &str, now: Instant) -> Result<()> {
     let clients: Vec<u64> = {
         let ws = rt.ws.borrow();
         ws.clients
@@ -239,7 +194,7 @@ pub(crate) fn resolved(lua: &Lua, rt: &Runtime, host: &str, now: Instant) -> Res
     for id in clients {
         start_client(rt, id, now);
     }
-    dispatch_deferred(lua, rt)
+    Ok(())
 }
 
 /// `luna.close()` / `lunac.close()`: every server or client WebSocket app.
@@ -264,64 +219,67 @@ pub(crate) fn close_all(lua: &Lua, rt: &Runtime, side: Side) -> Result<()> {
     }
 }
 
-/// Writes what sends during this update queued (the end of every update).
-pub(crate) fn flush_queued(rt: &Runtime) {
-    rt.driver.borrow_mut().ws_flush_queued(&mut rt.ws.borrow_mut().deferred);
+/// A driver event for one of this module's entries.
+pub(crate) fn event(lua: &Lua, rt: &Runtime, event: Event) -> Result<()> {
+    match event.kind {
+        EventKind::News => news(lua, rt, event.key),
+        EventKind::Accepted { .. } | EventKind::Drained | EventKind::Wake => Ok(()),
+    }
 }
 
-/// Services a listener or stream and reacts to what happened.
-pub(crate) fn service(lua: &Lua, rt: &Runtime, key: Key, now: Instant) -> Result<()> {
-    rt.driver.borrow_mut().ws_service(key, now, &mut rt.ws.borrow_mut().deferred);
-    dispatch_deferred(lua, rt)
-}
-
-/// Dispatches queued stream events and client failures.
-pub(crate) fn dispatch_deferred(lua: &Lua, rt: &Runtime) -> Result<()> {
+/// Client failures found outside `update` are reported by it.
+pub(crate) fn report_failures(lua: &Lua, rt: &Runtime) -> Result<()> {
     loop {
         let failed = rt.ws.borrow_mut().failed.pop();
-        let Some((id, reason)) = failed else { break };
+        let Some((id, reason)) = failed else { return Ok(()) };
         client_closed(lua, rt, id, 1006, &reason)?;
-    }
-    loop {
-        let next = rt.ws.borrow_mut().deferred.pop_front();
-        let Some(event) = next else { return Ok(()) };
-        handle(lua, rt, event)?;
     }
 }
 
-fn handle(lua: &Lua, rt: &Runtime, event: WsIo) -> Result<()> {
-    match event {
-        WsIo::Accepted { conn, listener } => accepted(lua, rt, conn, listener),
-        WsIo::Rejected { listener, peer, reason } => {
-            let policy = {
-                let ws = rt.ws.borrow();
-                ws.listeners.get(&listener).and_then(|id| ws.servers.get(id)).map(|s| s.policy.clone())
-            };
-            match policy {
-                Some(policy) => {
-                    policy.network(lua, &format!("refused upgrade from {}: {reason}", super::canonical(peer)))
-                }
-                None => Ok(()),
-            }
+/// A session has news: an upgrade finished or was refused, messages or the end arrived.
+fn news(lua: &Lua, rt: &Runtime, key: Key) -> Result<()> {
+    let (upgraded, rejection, opened) = {
+        let mut driver = rt.driver.borrow_mut();
+        let Some(session) = driver.proto::<WsSession>(key) else { return Ok(()) };
+        (session.take_upgraded(), session.take_rejection(), session.take_opened())
+    };
+    let client = rt.ws.borrow().client_streams.get(&key).copied();
+    if let Some(id) = client {
+        if opened {
+            client_callback(lua, rt, id, ON_CONNECT, MultiValue::new())?;
         }
-        WsIo::Opened { conn } => {
-            let id = rt.ws.borrow().client_streams.get(&conn).copied();
-            match id {
-                Some(id) => client_callback(lua, rt, id, ON_CONNECT, MultiValue::new()),
-                None => Ok(()),
-            }
+        return client_inbox(lua, rt, id, key);
+    }
+    if let Some(reason) = rejection {
+        let listener = rt.driver.borrow().listener_of(key);
+        let policy = {
+            let ws = rt.ws.borrow();
+            listener
+                .and_then(|l| ws.listeners.get(&l))
+                .and_then(|id| ws.servers.get(id))
+                .map(|s| s.policy.clone())
+        };
+        if let Some(policy) = policy {
+            let peer = rt.driver.borrow_mut().stream(key).map(|s| s.peer.to_string()).unwrap_or_default();
+            policy.network(lua, &format!("refused upgrade from {peer}: {reason}"))?;
         }
-        WsIo::Inbox { conn } => {
-            rt.sched.borrow_mut().wake(conn);
-            let client = rt.ws.borrow().client_streams.get(&conn).copied();
-            match client {
-                Some(id) => client_inbox(lua, rt, id, conn),
-                // `on_close` first (as before the handler sees the end); the handler gets its
-                // message even if `on_close` raised.
-                None => server_inbox(lua, rt, conn).and(handle::deliver(lua, rt, conn)),
+    }
+    if upgraded {
+        let listener = rt.driver.borrow().listener_of(key);
+        match listener {
+            Some(listener) => accepted(lua, rt, key, listener)?,
+            None => {
+                rt.driver.borrow_mut().close(key);
             }
         }
     }
+    if !rt.ws.borrow().conns.contains_key(&key) {
+        return Ok(()); // not upgraded (yet): the driver forgets it if it closes
+    }
+    rt.sched.borrow_mut().wake(key);
+    // `on_close` first (as before the handler sees the end); the handler gets its message even
+    // if `on_close` raised.
+    server_inbox(lua, rt, key).and(handle::deliver(lua, rt, key))
 }
 
 /// Adds the WebSocket functions of one side to its module table.

@@ -2,19 +2,18 @@
 //! life (handler coroutine, `on_close`, release).
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
 
 use mlua::{Function, Lua, Result, Table, Value};
 
 use super::super::error::{bad_arg, lua_type, message, misuse};
 use super::super::options::Options;
-use super::super::{canonical, runtime, sched, Runtime};
-use super::{opcodes, policy, settings, with_stream, Conn, Server};
-use crate::driver::ws::Settings;
-use crate::driver::{parse_ip, Key, Lookup};
-use crate::proto::ws::{self as proto, WsConfig};
+use super::super::{addr, runtime, sched, Runtime};
+use super::{opcodes, policy, settings, with_stream, Conn, Server, TAG};
+use crate::driver::net::{self, ListenOptions};
+use crate::driver::{Key, ListenerConfig};
+use crate::proto::ws::{Settings, WsConfig, WsSession};
 
 const SERVER_KEYS: &[&str] = &[
     "name",
@@ -30,36 +29,40 @@ const SERVER_KEYS: &[&str] = &[
     "ping_timeout",
 ];
 
-/// The address a server binds: `*` is every interface (IPv6 socket that also takes IPv4).
-fn bind_addresses(host: &str, port: u16) -> Option<Vec<SocketAddr>> {
-    match host {
-        "*" => Some(vec![
-            SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port),
-            SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
-        ]),
-        "localhost" => Some(vec![SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port)]),
-        other => parse_ip(other).map(|ip| vec![SocketAddr::new(ip, port)]),
-    }
-}
-
-pub(super) fn bind_listener(
+/// Listens on the first of `addrs` that works; accepted connections run WebSocket sessions
+/// waiting for an upgrade to one of `handlers`.
+fn bind_listener(
     rt: &Runtime,
     addrs: &[SocketAddr],
     tls: Option<Arc<rustls::ServerConfig>>,
     handlers: Vec<String>,
     settings: Settings,
 ) -> std::result::Result<(Key, SocketAddr), String> {
-    let mut driver = rt.driver.borrow_mut();
-    let mut last = String::new();
+    let handlers: Arc<[String]> = handlers.into();
+    let settings = Arc::new(settings);
+    let mut last = String::from("no address to listen on");
     for addr in addrs {
-        match driver.ws_listen(*addr, tls.clone(), handlers.clone(), settings.clone()) {
-            Ok(key) => {
-                let Some(crate::driver::Entry::WsListener(l)) = driver.entry(key) else { unreachable!() };
-                let local = l.socket.local_addr().map_err(|e| e.to_string())?;
-                return Ok((key, local));
+        let socket = match net::tcp_listen(*addr, ListenOptions::default()) {
+            Ok(socket) => socket,
+            Err(e) => {
+                last = format!("cannot listen on {}: {e}", addr::show(*addr));
+                continue;
             }
-            Err(e) => last = format!("cannot listen on {addr}: {e}"),
-        }
+        };
+        let local = socket.local_address().ok().and_then(|a| a.ip()).unwrap_or(*addr);
+        let (handlers, settings) = (handlers.clone(), settings.clone());
+        let config = ListenerConfig {
+            tls: tls.clone(),
+            make: Box::new(move |now| Box::new(WsSession::server(handlers.clone(), settings.clone(), now))),
+            max_connections: None,
+            nodelay: true,
+        };
+        return rt
+            .driver
+            .borrow_mut()
+            .listen(socket, config, TAG)
+            .map(|key| (key, local))
+            .map_err(|e| e.to_string());
     }
     Err(last)
 }
@@ -110,8 +113,8 @@ fn new_web_app(lua: &Lua, config: Value) -> Result<Table> {
                 return Err(misuse(call, "'ssl' needs both 'cert' and 'key' (PEM file paths)"));
             };
             Some(
-                proto::TlsServerConfig::from_pem_files(&cert, &key)
-                    .map_err(|e| misuse(call, format!("ssl: {e}")))?,
+                super::super::tls::server_config("ssl", &cert, &key, &[b"http/1.1"])
+                    .map_err(|e| misuse(call, e))?,
             )
         }
     };
@@ -123,39 +126,47 @@ fn new_web_app(lua: &Lua, config: Value) -> Result<Table> {
     app.set("name", name.as_str())?;
     app.set("host", host.as_str())?;
     app.set("opcodes", opcodes(lua)?)?;
-    let (listener, pending) = match bind_addresses(&host, port) {
-        Some(addrs) => {
-            let (key, local) =
-                bind_listener(&rt, &addrs, tls, names, settings).map_err(|e| misuse(call, e))?;
-            app.set("port", local.port())?;
-            (Some(key), None)
-        }
-        None => {
-            app.set("port", port)?;
-            match rt.driver.borrow_mut().lookup(&host, Instant::now()) {
-                Lookup::Failed(e) => return Err(misuse(call, e)),
-                Lookup::Done(ips) => {
-                    let addrs: Vec<SocketAddr> =
-                        ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect();
-                    let (key, _) =
-                        bind_listener(&rt, &addrs, tls, names, settings).map_err(|e| misuse(call, e))?;
-                    (Some(key), None)
+    let id = rt.ws.borrow_mut().id();
+    let app_key = lua.create_registry_value(&app)?;
+    rt.ws.borrow_mut().servers.insert(
+        id,
+        Server {
+            name,
+            policy: policy.clone(),
+            handlers,
+            groups: HashMap::new(),
+            listener: None,
+            app: app_key,
+        },
+    );
+    let shown = host.clone();
+    let bind: addr::Continuation = Box::new(move |lua, rt, ips| {
+        let Some(app) = rt.ws.borrow().servers.get(&id).map(|s| lua.registry_value::<Table>(&s.app)) else {
+            return Ok(()); // removed while its host name resolved
+        };
+        let app = app?;
+        let bound = ips.and_then(|ips| bind_listener(rt, &addr::with_port(&ips, port), tls, names, settings));
+        match bound {
+            Ok((key, local)) => {
+                let mut ws = rt.ws.borrow_mut();
+                ws.listeners.insert(key, id);
+                if let Some(server) = ws.servers.get_mut(&id) {
+                    server.listener = Some(key);
                 }
-                Lookup::Pending => (None, Some((host.clone(), port, settings, tls))),
+                drop(ws);
+                app.set("port", local.port())?;
+                policy.log(lua, &format!("listening on {shown}:{}", local.port()))
+            }
+            Err(e) => {
+                if let Some(server) = rt.ws.borrow_mut().servers.remove(&id) {
+                    lua.remove_registry_value(server.app)?;
+                }
+                Err(misuse(call, e))
             }
         }
-    };
-    policy.log(lua, &format!("listening on {host}:{}", app.get::<u16>("port")?))?;
-    let mut ws = rt.ws.borrow_mut();
-    let id = ws.id();
-    if let Some(key) = listener {
-        ws.listeners.insert(key, id);
-    }
-    let app_key = lua.create_registry_value(&app)?;
-    ws.servers.insert(
-        id,
-        Server { name, policy, handlers, groups: HashMap::new(), listener, pending, app: app_key },
-    );
+    });
+    app.set("port", port)?;
+    addr::resolve_then(lua, &rt, &host, true, bind)?;
     Ok(app)
 }
 
@@ -201,10 +212,12 @@ pub(super) fn accepted(lua: &Lua, rt: &Runtime, conn: Key, listener: Key) -> Res
         rt.driver.borrow_mut().close(conn);
         return Ok(());
     };
+    rt.driver.borrow_mut().adopt(conn);
     let (handler_name, peer) = {
         let mut driver = rt.driver.borrow_mut();
-        let stream = driver.ws_stream(conn)?;
-        (stream.upgrade.handler.clone(), canonical(stream.peer))
+        let peer = driver.stream(conn).map(|s| s.peer.to_string()).unwrap_or_default();
+        let Some(session) = driver.proto::<WsSession>(conn) else { return Ok(()) };
+        (session.upgrade().handler.clone(), peer)
     };
     let (handler, policy) = {
         let ws = rt.ws.borrow();
@@ -228,7 +241,7 @@ pub(super) fn accepted(lua: &Lua, rt: &Runtime, conn: Key, listener: Key) -> Res
                 object: object_key,
                 group: handler_name.clone(),
                 handler_ptr: thread.to_pointer() as usize,
-                handler: thread.clone(),
+                handler: lua.create_registry_value(&thread)?,
                 parked: false,
                 handler_done: false,
                 closed_seen: false,
@@ -260,7 +273,7 @@ fn handler_end(conn: Key, policy: std::rc::Rc<super::super::policy::Policy>) -> 
 }
 
 pub(super) fn server_inbox(lua: &Lua, rt: &Runtime, conn: Key) -> Result<()> {
-    let closed = rt.driver.borrow_mut().ws_stream(conn).is_ok_and(|s| s.is_closed());
+    let closed = rt.driver.borrow_mut().proto::<WsSession>(conn).is_some_and(|s| s.is_closed());
     let first_close = {
         let mut ws = rt.ws.borrow_mut();
         match ws.conns.get_mut(&conn) {
@@ -283,8 +296,11 @@ pub(super) fn server_inbox(lua: &Lua, rt: &Runtime, conn: Key) -> Result<()> {
         let c = &ws.conns[&conn];
         (lua.registry_value::<Table>(&c.object)?, ws.servers.get(&c.server).map(|s| s.policy.clone()))
     };
-    let end =
-        rt.driver.borrow_mut().ws_stream(conn)?.end().map(|(code, reason, _)| (code, reason.to_owned()));
+    let end = rt
+        .driver
+        .borrow_mut()
+        .proto::<WsSession>(conn)
+        .and_then(|s| s.end().map(|(code, reason, _)| (code, reason.to_owned())));
     if let (Some((code, reason)), Value::Function(on_close)) = (end, object.raw_get::<Value>("on_close")?) {
         if let Err(e) = on_close.call::<()>((code, reason)) {
             if let Some(policy) = &policy {
@@ -297,7 +313,7 @@ pub(super) fn server_inbox(lua: &Lua, rt: &Runtime, conn: Key) -> Result<()> {
 
 /// Forgets a server connection once its handler ended and the stream is closed.
 fn release_if_done(lua: &Lua, rt: &Runtime, conn: Key) -> Result<()> {
-    let closed = rt.driver.borrow_mut().ws_stream(conn).map_or(true, |s| s.is_closed());
+    let closed = rt.driver.borrow_mut().proto::<WsSession>(conn).is_none_or(|s| s.is_closed());
     let done = rt.ws.borrow().conns.get(&conn).is_some_and(|c| c.handler_done && (closed || c.closed_seen));
     if !done {
         return Ok(());

@@ -347,3 +347,26 @@ impl Client {
         self.events.push_back(ClientEvent::Connected);
     }
 }
+
+impl crate::proto::stream::DatagramProtocol for Client {
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        Client::handle_datagram(self, now, from, data)
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        Client::handle_timeout(self, now)
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        Client::poll_timeout(self)
+    }
+
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<SocketAddr> {
+        Client::poll_transmit(self, now, buf)
+    }
+
+    /// Events are waiting for [`Client::poll_event`].
+    fn take_news(&mut self) -> bool {
+        !self.events.is_empty()
+    }
+}

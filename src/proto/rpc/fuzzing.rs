@@ -45,7 +45,6 @@ pub(crate) struct Pair {
     pub server_msgs: Vec<Vec<u8>>,
     pub client_msgs: Vec<Vec<u8>>,
     pub client_events: Vec<ClientEvent>,
-    pub rng: SystemRandom,
     buf: Vec<u8>,
 }
 
@@ -55,7 +54,7 @@ impl Pair {
         let now = Instant::now();
         let server_addr: SocketAddr = "10.0.0.1:4000".parse().unwrap_or_else(|_| unreachable!());
         let client_addr: SocketAddr = "10.0.0.2:5000".parse().unwrap_or_else(|_| unreachable!());
-        let server = Server::new(config.clone(), [1; 32], [2; 32]);
+        let server = Server::new(config.clone(), [1; 32], [2; 32], Box::new(SystemRandom::new()));
         let client = match Client::new(config, server_addr, Some(server.public_key()), now, &rng) {
             Ok(c) => c,
             Err(e) => panic!("client: {e}"),
@@ -70,7 +69,6 @@ impl Pair {
             server_msgs: Vec::new(),
             client_msgs: Vec::new(),
             client_events: Vec::new(),
-            rng,
             buf: Vec::with_capacity(MAX_DATAGRAM),
         }
     }
@@ -82,7 +80,7 @@ impl Pair {
             while let Some(to) = self.client.poll_transmit(self.now, &mut self.buf) {
                 assert!(self.buf.len() <= MAX_DATAGRAM);
                 assert_eq!(to, self.server_addr);
-                self.server.handle_datagram(self.now, self.client_addr, &self.buf, &self.rng);
+                self.server.handle_datagram(self.now, self.client_addr, &self.buf);
                 moved = true;
             }
             while let Some(to) = self.server.poll_transmit(self.now, &mut self.buf) {
@@ -158,7 +156,7 @@ pub fn handshake(data: &[u8]) {
                 // Stranger from one of four spoofed addresses.
                 let from: SocketAddr = SocketAddr::from(([192, 0, 2, op >> 6], 1000 + u16::from(op & 0x30)));
                 let before = p.server.session_count();
-                p.server.handle_datagram(p.now, from, body, &p.rng);
+                p.server.handle_datagram(p.now, from, body);
                 while let Some(to) = p.server.poll_transmit(p.now, &mut buf) {
                     if to == from && before == p.server.session_count() && p.server.session_count() == 0 {
                         assert!(buf.len() <= body.len(), "amplification: {} > {}", buf.len(), body.len());
@@ -175,7 +173,7 @@ pub fn handshake(data: &[u8]) {
                             buf[i as usize % n] ^= x;
                         }
                     }
-                    p.server.handle_datagram(p.now, p.client_addr, &buf, &p.rng);
+                    p.server.handle_datagram(p.now, p.client_addr, &buf);
                 }
             }
             4 => {
@@ -216,7 +214,7 @@ pub fn session(data: &[u8]) {
     let mut buf = Vec::new();
     for (op, body) in records(data.get(1..).unwrap_or(&[])) {
         match op % 8 {
-            0 => p.server.handle_datagram(p.now, p.client_addr, body, &p.rng),
+            0 => p.server.handle_datagram(p.now, p.client_addr, body),
             1 => p.client.handle_datagram(p.now, p.server_addr, body),
             2 => p.advance(Duration::from_millis(u64::from(body.first().copied().unwrap_or(1)) * 20)),
             3 => {
@@ -239,12 +237,12 @@ pub fn session(data: &[u8]) {
             _ => {
                 // Duplicate/replay the client's next datagram, possibly corrupted.
                 if p.client.poll_transmit(p.now, &mut buf).is_some() {
-                    p.server.handle_datagram(p.now, p.client_addr, &buf, &p.rng);
+                    p.server.handle_datagram(p.now, p.client_addr, &buf);
                     if let (Some(&i), Some(&x)) = (body.first(), body.get(1)) {
                         let n = buf.len();
                         buf[i as usize % n] ^= x;
                     }
-                    p.server.handle_datagram(p.now, p.client_addr, &buf, &p.rng);
+                    p.server.handle_datagram(p.now, p.client_addr, &buf);
                 }
             }
         }
@@ -289,7 +287,7 @@ mod corpus {
         for _ in 0..6 {
             while p.client.poll_transmit(p.now, &mut buf).is_some() {
                 captured.push(buf.clone());
-                p.server.handle_datagram(p.now, p.client_addr, &buf, &p.rng);
+                p.server.handle_datagram(p.now, p.client_addr, &buf);
             }
             while p.server.poll_transmit(p.now, &mut buf).is_some() {
                 captured.push(buf.clone());

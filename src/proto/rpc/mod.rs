@@ -8,13 +8,15 @@
 //! down in `docs/protocol.md`.
 //!
 //! Nothing here touches a socket, reads a clock or draws randomness on its own: the caller passes
-//! `now: Instant` and a `&dyn SecureRandom` in, and takes datagrams, deadlines and events out
-//! (quinn-proto's convention: `handle_*` for input, `poll_*` for output).
+//! `now: Instant` in (and a `SecureRandom` when creating a server or client), and takes
+//! datagrams, deadlines and events out (quinn-proto's convention: `handle_*` for input, `poll_*`
+//! for output). Both sides implement [`DatagramProtocol`](crate::proto::stream::DatagramProtocol),
+//! which is how the driver runs them.
 //!
 //! # Driving a [`Server`] (one per listening UDP socket)
 //!
 //! ```text
-//! on readable:   for each datagram: server.handle_datagram(now, from, &bytes, &rng)
+//! on readable:   for each datagram: server.handle_datagram(now, from, &bytes)
 //! on timer:      server.handle_timeout(now)
 //! then always:   while let Some(ev) = server.poll_event() { … }           // Connected / Message / Disconnected
 //!                while let Some(to) = server.poll_transmit(now, &mut buf) { socket.send_to(&buf, to) }

@@ -88,12 +88,20 @@ pub struct Server {
     replies: VecDeque<Reply>,
     events: VecDeque<ServerEvent>,
     stats: Stats,
+    /// Randomness for the handshake's ephemeral keys (passed in: tests use their own).
+    rng: Box<dyn SecureRandom>,
 }
 
 impl Server {
-    /// A server with the given long-term Ed25519 seed (its public key is what clients pin) and
-    /// cookie MAC secret (random; rotating it invalidates outstanding cookies only).
-    pub fn new(config: Config, identity_seed: [u8; 32], cookie_secret: [u8; 32]) -> Self {
+    /// A server with the given long-term Ed25519 seed (its public key is what clients pin),
+    /// cookie MAC secret (random; rotating it invalidates outstanding cookies only) and source
+    /// of randomness for ephemeral keys.
+    pub fn new(
+        config: Config,
+        identity_seed: [u8; 32],
+        cookie_secret: [u8; 32],
+        rng: Box<dyn SecureRandom>,
+    ) -> Self {
         Server {
             config,
             identity: Identity::from_seed(&identity_seed),
@@ -111,6 +119,7 @@ impl Server {
             replies: VecDeque::new(),
             events: VecDeque::new(),
             stats: Stats::default(),
+            rng,
         }
     }
 
@@ -336,7 +345,7 @@ impl Server {
     }
 
     /// Feeds one received datagram. Never panics; anything unusable is dropped and counted.
-    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8], rng: &dyn SecureRandom) {
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
         self.stats.datagrams_in += 1;
         let Some(kind) = self.stats.packet_kind(data) else { return };
         match kind {
@@ -344,7 +353,7 @@ impl Server {
                 Some(&index) => self.handle_session_packet(index, now, data),
                 None => self.stats.unknown_peer += 1,
             },
-            wire::T_HELLO => self.handle_hello(now, from, data, rng),
+            wire::T_HELLO => self.handle_hello(now, from, data),
             _ => self.stats.malformed += 1,
         }
     }
@@ -396,7 +405,7 @@ impl Server {
         self.push_reply(to, &out);
     }
 
-    fn handle_hello(&mut self, now: Instant, from: SocketAddr, data: &[u8], rng: &dyn SecureRandom) {
+    fn handle_hello(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
         let Some(h) = wire::decode_hello(data) else {
             self.stats.malformed += 1;
             return;
@@ -439,7 +448,7 @@ impl Server {
         {
             return self.reject(from, wire::REJECT_BUSY, &h.client_key);
         }
-        let Ok(eph) = EphemeralPrivateKey::generate(&X25519, rng) else {
+        let Ok(eph) = EphemeralPrivateKey::generate(&X25519, &*self.rng) else {
             self.stats.handshake_dropped += 1;
             return;
         };
@@ -493,5 +502,28 @@ impl Server {
         self.pending += 1;
         self.push_reply(from, &sh);
         self.after_change(index);
+    }
+}
+
+impl crate::proto::stream::DatagramProtocol for Server {
+    fn handle_datagram(&mut self, now: Instant, from: SocketAddr, data: &[u8]) {
+        Server::handle_datagram(self, now, from, data)
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        Server::handle_timeout(self, now)
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        Server::poll_timeout(self)
+    }
+
+    fn poll_transmit(&mut self, now: Instant, buf: &mut Vec<u8>) -> Option<SocketAddr> {
+        Server::poll_transmit(self, now, buf)
+    }
+
+    /// Events are waiting for [`Server::poll_event`].
+    fn take_news(&mut self) -> bool {
+        !self.events.is_empty()
     }
 }

@@ -34,7 +34,6 @@ struct Sim {
     now: Instant,
     start: Instant,
     rng: Rng,
-    crypto_rng: SystemRandom,
     server_addr: SocketAddr,
     client_addr: SocketAddr,
     loss: f64,
@@ -56,7 +55,7 @@ impl Sim {
         let now = Instant::now();
         let server_addr: SocketAddr = "192.168.1.1:433".parse().unwrap();
         let client_addr: SocketAddr = "192.168.1.2:50000".parse().unwrap();
-        let server = Server::new(config.clone(), [3; 32], [4; 32]);
+        let server = Server::new(config.clone(), [3; 32], [4; 32], Box::new(SystemRandom::new()));
         let client = Client::new(config, server_addr, Some(server.public_key()), now, &crypto_rng).unwrap();
         Sim {
             server,
@@ -64,7 +63,6 @@ impl Sim {
             now,
             start: now,
             rng: Rng(seed | 1),
-            crypto_rng,
             server_addr,
             client_addr,
             loss: 0.0,
@@ -123,7 +121,7 @@ impl Sim {
             if self.wire[i].0 <= now {
                 let (_, to_server, data) = self.wire.swap_remove(i);
                 if to_server {
-                    self.server.handle_datagram(now, self.client_addr, &data, &self.crypto_rng);
+                    self.server.handle_datagram(now, self.client_addr, &data);
                 } else {
                     self.client.handle_datagram(now, self.server_addr, &data);
                 }
@@ -353,7 +351,7 @@ fn close_by_server_seen_by_client() {
 #[test]
 fn hello_flood_from_spoofed_addresses_creates_no_state_and_no_amplification() {
     let rng = SystemRandom::new();
-    let mut server = Server::new(Config::default(), [1; 32], [2; 32]);
+    let mut server = Server::new(Config::default(), [1; 32], [2; 32], Box::new(SystemRandom::new()));
     server.set_max_per_ip(2);
     let now = Instant::now();
     let mut r = Rng(42);
@@ -375,9 +373,9 @@ fn hello_flood_from_spoofed_addresses_creates_no_state_and_no_amplification() {
             &key,
             if i % 2 == 0 { None } else { Some(&forged) },
         );
-        server.handle_datagram(now, from, &hello, &rng);
+        server.handle_datagram(now, from, &hello);
         // Also short junk and truncated hellos.
-        server.handle_datagram(now, from, &hello[..100], &rng);
+        server.handle_datagram(now, from, &hello[..100]);
         while let Some(to) = server.poll_transmit(now, &mut out) {
             assert_eq!(to, from);
             assert!(out.len() <= 100, "reply of {} bytes to a spoofed hello", out.len());
@@ -414,7 +412,7 @@ fn per_ip_limit_counts_only_proven_clients() {
     let mut rejected = false;
     for _ in 0..10 {
         while c2.poll_transmit(sim.now, &mut buf).is_some() {
-            sim.server.handle_datagram(sim.now, c2_addr, &buf, &rng);
+            sim.server.handle_datagram(sim.now, c2_addr, &buf);
         }
         while let Some(to) = sim.server.poll_transmit(sim.now, &mut buf) {
             if to == c2_addr {
@@ -437,11 +435,11 @@ fn replayed_forged_tampered_and_misaddressed_packets_are_dropped() {
     p.client.send(b"pay 10 coins").unwrap();
     let mut pkt = Vec::new();
     assert!(p.client.poll_transmit(p.now, &mut pkt).is_some());
-    p.server.handle_datagram(p.now, p.client_addr, &pkt, &p.rng);
+    p.server.handle_datagram(p.now, p.client_addr, &pkt);
     p.drain_events();
     assert_eq!(p.server_msgs, vec![b"pay 10 coins".to_vec()]);
     // Replay.
-    p.server.handle_datagram(p.now, p.client_addr, &pkt, &p.rng);
+    p.server.handle_datagram(p.now, p.client_addr, &pkt);
     assert_eq!(p.server.stats().replayed, 1);
     // A second packet, tampered before delivery: ciphertext, tag, packet number (nonce/AAD).
     p.client.send(b"pay 20 coins").unwrap();
@@ -450,10 +448,10 @@ fn replayed_forged_tampered_and_misaddressed_packets_are_dropped() {
     for pos in [pkt2.len() - 20, pkt2.len() - 1, 2] {
         let mut t = pkt2.clone();
         t[pos] ^= 0x01;
-        p.server.handle_datagram(p.now, p.client_addr, &t, &p.rng);
+        p.server.handle_datagram(p.now, p.client_addr, &t);
     }
     assert_eq!(p.server.stats().auth_failed, 3);
-    p.server.handle_datagram(p.now, p.client_addr, &pkt2, &p.rng);
+    p.server.handle_datagram(p.now, p.client_addr, &pkt2);
     p.drain_events();
     assert_eq!(p.server_msgs.len(), 2, "the untampered original is still accepted");
     // Forged from scratch.
@@ -461,18 +459,18 @@ fn replayed_forged_tampered_and_misaddressed_packets_are_dropped() {
     wire::put_data_header(&mut forged, 1000);
     wire::put_msg(&mut forged, 1, b"pay 1000 coins");
     forged.extend_from_slice(&[0u8; 16]);
-    p.server.handle_datagram(p.now, p.client_addr, &forged, &p.rng);
+    p.server.handle_datagram(p.now, p.client_addr, &forged);
     assert_eq!(p.server.stats().auth_failed, 4);
     // Truncated, unknown version, unknown type, from another address.
-    p.server.handle_datagram(p.now, p.client_addr, &pkt[..12], &p.rng);
-    p.server.handle_datagram(p.now, p.client_addr, &[], &p.rng);
+    p.server.handle_datagram(p.now, p.client_addr, &pkt[..12]);
+    p.server.handle_datagram(p.now, p.client_addr, &[]);
     let mut v = pkt.clone();
     v[0] = 9;
-    p.server.handle_datagram(p.now, p.client_addr, &v, &p.rng);
+    p.server.handle_datagram(p.now, p.client_addr, &v);
     let mut ty = pkt.clone();
     ty[1] = 0x7e;
-    p.server.handle_datagram(p.now, p.client_addr, &ty, &p.rng);
-    p.server.handle_datagram(p.now, "10.9.9.9:1".parse().unwrap(), &pkt, &p.rng);
+    p.server.handle_datagram(p.now, p.client_addr, &ty);
+    p.server.handle_datagram(p.now, "10.9.9.9:1".parse().unwrap(), &pkt);
     let st = p.server.stats().clone();
     assert_eq!(st.auth_failed, 4);
     assert_eq!(st.replayed, 2, "a truncated copy of a received packet is caught as a replay first");
@@ -515,7 +513,7 @@ fn forged_server_hello_is_ignored() {
     let mut buf = Vec::new();
     // Get a cookie.
     p.client.poll_transmit(p.now, &mut buf);
-    p.server.handle_datagram(p.now, p.client_addr, &buf, &rng);
+    p.server.handle_datagram(p.now, p.client_addr, &buf);
     p.server.poll_transmit(p.now, &mut buf);
     p.client.handle_datagram(p.now, p.server_addr, &buf);
     let fake = wire::encode_server_hello(&wire::ServerHello {
@@ -622,7 +620,7 @@ fn round_trip_costs_two_datagrams_plus_one_coalesced_ack() {
     for i in 0..1000 {
         while p.client.poll_transmit(p.now, &mut buf).is_some() {
             datagrams += 1;
-            p.server.handle_datagram(p.now, p.client_addr, &buf, &p.rng);
+            p.server.handle_datagram(p.now, p.client_addr, &buf);
         }
         while p.server.poll_event().is_some() {
             p.server.send(conn, b"resp").unwrap();
@@ -659,7 +657,7 @@ fn many_messages_are_aggregated_per_datagram() {
     let mut n = 0;
     while p.client.poll_transmit(p.now, &mut buf).is_some() {
         assert!(buf.len() <= MAX_DATAGRAM);
-        p.server.handle_datagram(p.now, p.client_addr, &buf, &p.rng);
+        p.server.handle_datagram(p.now, p.client_addr, &buf);
         n += 1;
     }
     assert!(n <= 3, "{n} datagrams for 100 small messages");
@@ -673,7 +671,7 @@ fn timers_of_idle_sessions_are_not_scanned() {
     // poll_timeout is the heap minimum.
     let rng = SystemRandom::new();
     let cfg = Config::default();
-    let mut server = Server::new(cfg.clone(), [1; 32], [2; 32]);
+    let mut server = Server::new(cfg.clone(), [1; 32], [2; 32], Box::new(SystemRandom::new()));
     let now = Instant::now();
     let saddr: SocketAddr = "10.0.0.1:1".parse().unwrap();
     let mut buf = Vec::new();
@@ -682,7 +680,7 @@ fn timers_of_idle_sessions_are_not_scanned() {
         let mut c = Client::new(cfg.clone(), saddr, None, now, &rng).unwrap();
         for _ in 0..4 {
             while c.poll_transmit(now, &mut buf).is_some() {
-                server.handle_datagram(now, caddr, &buf, &rng);
+                server.handle_datagram(now, caddr, &buf);
             }
             while server.poll_transmit(now, &mut buf).is_some() {
                 c.handle_datagram(now, saddr, &buf);
@@ -723,7 +721,7 @@ fn bench_round_trips() {
         p.client.send(&req).unwrap();
         for _ in 0..n {
             while p.client.poll_transmit(p.now, &mut buf).is_some() {
-                p.server.handle_datagram(p.now, p.client_addr, &buf, &p.rng);
+                p.server.handle_datagram(p.now, p.client_addr, &buf);
             }
             while let Some(e) = p.server.poll_event() {
                 if let ServerEvent::Message { data, .. } = e {

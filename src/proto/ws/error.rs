@@ -1,20 +1,11 @@
-//! The one error type of the WebSocket/TLS layer.
+//! The one error type of the WebSocket layer.
 
 use std::fmt;
 
 /// Everything that can go wrong in `proto::ws`. Messages are meant to be shown to users as is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
-    /// A certificate, key or CA file could not be used: missing/unreadable file, no certificate
-    /// in it, no (or an unsupported) private key, or a key that does not match the certificate.
-    /// The message names the file and the problem.
-    TlsConfig(String),
-    /// The TLS session failed (handshake, certificate verification, a received alert, a
-    /// corrupt record). Certificate problems read like
-    /// `certificate verify failed: UnknownIssuer`.
-    Tls(String),
-    /// The string is not a usable `ws://` / `wss://` URL (or the host is not a valid TLS
-    /// server name).
+    /// The string is not a usable `ws://` / `wss://` URL.
     InvalidUrl(String),
     /// The client-side upgrade failed: the server refused it (non-101 status) or its response
     /// is malformed or does not match our request (accept key, protocol, extensions).
@@ -46,8 +37,6 @@ pub enum Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::TlsConfig(m) => write!(f, "TLS configuration error: {m}"),
-            Error::Tls(m) => write!(f, "TLS error: {m}"),
             Error::InvalidUrl(m) => write!(f, "invalid WebSocket URL: {m}"),
             Error::Handshake(m) => write!(f, "WebSocket handshake failed: {m}"),
             Error::Backpressure { queued, limit } => {

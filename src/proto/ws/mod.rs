@@ -4,7 +4,8 @@
 //! - [`upgrade`]: the HTTP/1.1 upgrade, server ([`ServerHandshake`]) and client
 //!   ([`ClientHandshake`], [`WsUrl`]).
 //! - [`conn`]: a WebSocket connection after the upgrade ([`WsConn`]).
-//! - [`tls`]: rustls configs and the TLS pump ([`Tls`]).
+//! - [`session`]: the upgrade, the connection, the inbox and the clocks of one session, as a
+//!   stream protocol ([`WsSession`]).
 //! - [`fuzzing`]: entry points shared by the fuzz targets and the seed-replay test.
 //!
 //! Nothing here touches sockets, clocks or randomness: the driver passes bytes (and the
@@ -14,13 +15,13 @@ pub mod conn;
 mod error;
 pub mod fuzzing;
 pub mod pipe;
-pub mod tls;
+pub mod session;
 pub mod upgrade;
 
 pub use conn::{encode_frame, Opcode, Role, WsConfig, WsConn, WsEvent};
 pub use error::Error;
 pub use pipe::Pipe;
-pub use tls::{client_config, Tls, TlsServerConfig};
+pub use session::{Received, Settings, UpgradeInfo, WsSession};
 pub use upgrade::{
     AcceptedUpgrade, ClientHandshake, ClientUpgrade, Rejection, ServerHandshake, ServerUpgrade,
     UpgradeLimits, WsUrl,

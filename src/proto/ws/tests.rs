@@ -2,8 +2,6 @@
 
 use super::conn::is_sendable_close_code;
 use super::*;
-use std::path::PathBuf;
-use std::sync::Arc;
 
 // ---------------------------------------------------------------------------------------------
 // Helpers.
@@ -725,155 +723,53 @@ fn client_response_validation() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// TLS.
-
-fn data(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name)
-}
-
-fn server_config() -> Arc<rustls::ServerConfig> {
-    TlsServerConfig::from_pem_files(data("server.pem"), data("server.key")).unwrap()
-}
-
-/// Run the TLS handshake between two pumps, `step` ciphertext bytes at a time.
-/// Returns the first error.
-fn tls_pump(a: &mut Tls, b: &mut Tls, step: usize) -> Result<(), Error> {
-    for _ in 0..100 {
-        let mut ab = Vec::new();
-        a.take_ciphertext(&mut ab);
-        let mut ba = Vec::new();
-        b.take_ciphertext(&mut ba);
-        if ab.is_empty() && ba.is_empty() {
-            return Ok(());
-        }
-        for p in ab.chunks(step) {
-            b.handle_ciphertext(p)?;
-        }
-        for p in ba.chunks(step) {
-            a.handle_ciphertext(p)?;
-        }
-    }
-    panic!("TLS pump did not settle");
-}
+// Over TLS.
 
 #[test]
-fn wss_end_to_end_with_test_ca_one_byte_at_a_time() {
-    let client_cfg = tls::client_config(Some(&data("ca.pem")), true).unwrap();
-    for host in ["localhost", "127.0.0.1", "::1", "[::1]"] {
-        let mut ct = Tls::client(client_cfg.clone(), host).unwrap();
-        let mut st = Tls::server(server_config()).unwrap();
-        // The client can queue its upgrade request before the handshake completes.
-        let url = WsUrl::parse("wss://localhost:9443/secure").unwrap();
-        let (mut ch, req) = ClientHandshake::new(&url, &["chat"], KEY).unwrap();
-        ct.write_plaintext(&req).unwrap();
-        tls_pump(&mut ct, &mut st, 1).unwrap();
-        assert!(ct.is_handshake_complete() && st.is_handshake_complete());
-        assert_eq!(st.sni_hostname(), (host == "localhost").then_some("localhost"));
-        assert!(st.protocol_version().unwrap().contains("TLS"));
-        assert!(ct.cipher_suite().is_some());
+fn wss_end_to_end_one_byte_at_a_time() {
+    use crate::proto::tls::tests::{pump, test_client_config, test_server_config};
+    use crate::proto::tls::Tls;
+    let mut ct = Tls::client(test_client_config(), "localhost").unwrap();
+    let mut st = Tls::server(test_server_config()).unwrap();
+    // The client can queue its upgrade request before the handshake completes.
+    let url = WsUrl::parse("wss://localhost:9443/secure").unwrap();
+    let (mut ch, req) = ClientHandshake::new(&url, &["chat"], KEY).unwrap();
+    ct.write_plaintext(&req).unwrap();
+    pump(&mut ct, &mut st, 1).unwrap();
 
-        let mut plain = Vec::new();
-        st.read_plaintext(&mut plain);
-        let a = server_accept(&plain, &["chat"]).unwrap();
-        assert_eq!(a.path, "/secure");
-        st.write_plaintext(&a.response).unwrap();
-        let mut server = WsConn::new(Role::Server, WsConfig::default(), &a.leftover);
-        server.send(Opcode::Text, b"welcome").unwrap();
-        let mut out = Vec::new();
-        server.take_outgoing(&mut out);
-        st.write_plaintext(&out).unwrap();
-        tls_pump(&mut ct, &mut st, 1).unwrap();
+    let mut plain = Vec::new();
+    st.read_plaintext(&mut plain);
+    let a = server_accept(&plain, &["chat"]).unwrap();
+    assert_eq!(a.path, "/secure");
+    st.write_plaintext(&a.response).unwrap();
+    let mut server = WsConn::new(Role::Server, WsConfig::default(), &a.leftover);
+    server.send(Opcode::Text, b"welcome").unwrap();
+    let mut out = Vec::new();
+    server.take_outgoing(&mut out);
+    st.write_plaintext(&out).unwrap();
+    pump(&mut ct, &mut st, 1).unwrap();
 
-        let mut plain = Vec::new();
-        ct.read_plaintext(&mut plain);
-        let up = ch.handle_bytes(&plain).unwrap().unwrap();
-        assert_eq!(up.protocol.as_deref(), Some("chat"));
-        let mut client = WsConn::new(Role::Client, WsConfig::default(), &up.leftover);
-        assert_eq!(client.poll_event(), Some(msg(Opcode::Text, b"welcome")));
+    let mut plain = Vec::new();
+    ct.read_plaintext(&mut plain);
+    let up = ch.handle_bytes(&plain).unwrap().unwrap();
+    assert_eq!(up.protocol.as_deref(), Some("chat"));
+    let mut client = WsConn::new(Role::Client, WsConfig::default(), &up.leftover);
+    assert_eq!(client.poll_event(), Some(msg(Opcode::Text, b"welcome")));
 
-        // A large message written before any ciphertext is taken.
-        let big = vec![5u8; 200_000];
-        server.send(Opcode::Binary, &big).unwrap();
-        let mut out = Vec::new();
-        server.take_outgoing(&mut out);
-        st.write_plaintext(&out).unwrap();
-        tls_pump(&mut ct, &mut st, 7000).unwrap();
-        let mut plain = Vec::new();
-        ct.read_plaintext(&mut plain);
-        assert_eq!(feed(&mut client, &plain), vec![msg(Opcode::Binary, &big)]);
-
-        // Close over TLS, then close_notify.
-        client.close(1000, "done").unwrap();
-        let mut out = Vec::new();
-        client.take_outgoing(&mut out);
-        ct.write_plaintext(&out).unwrap();
-        ct.send_close_notify();
-        tls_pump(&mut ct, &mut st, 3).unwrap();
-        let mut plain = Vec::new();
-        st.read_plaintext(&mut plain);
-        assert_eq!(
-            feed(&mut server, &plain),
-            vec![WsEvent::Closed { code: 1000, reason: "done".into(), clean: true }]
-        );
-        assert!(st.peer_closed());
-    }
-}
-
-#[test]
-fn tls_unknown_issuer_is_readable() {
-    let client_cfg = tls::client_config(None, true).unwrap();
-    let mut ct = Tls::client(client_cfg, "localhost").unwrap();
-    let mut st = Tls::server(server_config()).unwrap();
-    let err = tls_pump(&mut ct, &mut st, 16).unwrap_err();
-    assert_eq!(err, Error::Tls("certificate verify failed: UnknownIssuer".into()));
-    assert_eq!(ct.error(), Some(&err));
-    // The client's alert reaches the server as a readable error too.
-    let mut alert = Vec::new();
-    ct.take_ciphertext(&mut alert);
-    let server_err = st.handle_ciphertext(&alert).unwrap_err();
-    assert!(server_err.to_string().contains("alert"), "{server_err}");
-    assert!(ct.write_plaintext(b"x").is_err());
-}
-
-#[test]
-fn tls_wrong_name_and_insecure_opt_out() {
-    let cfg = tls::client_config_only_ca(&data("ca.pem")).unwrap();
-    let mut ct = Tls::client(cfg, "example.com").unwrap();
-    let mut st = Tls::server(server_config()).unwrap();
-    let err = tls_pump(&mut ct, &mut st, 100).unwrap_err().to_string();
-    assert!(err.contains("certificate verify failed") && err.contains("example.com"), "{err}");
-
-    let insecure = tls::client_config(None, false).unwrap();
-    let mut ct = Tls::client(insecure, "example.com").unwrap();
-    let mut st = Tls::server(server_config()).unwrap();
-    tls_pump(&mut ct, &mut st, 100).unwrap();
-    assert!(ct.is_handshake_complete());
-    assert!(Tls::client(tls::client_config(None, false).unwrap(), "bad host!").is_err());
-}
-
-#[test]
-fn tls_config_errors_are_clear() {
-    let err = |c: &str, k: &str| TlsServerConfig::from_pem_files(data(c), data(k)).unwrap_err().to_string();
-    let e = err("missing.pem", "server.key");
-    assert!(e.contains("cannot read certificate file") && e.contains("missing.pem"), "{e}");
-    let e = err("server.pem", "missing.key");
-    assert!(e.contains("cannot read private key file"), "{e}");
-    let e = err("server.key", "server.key");
-    assert!(e.contains("no certificate found"), "{e}");
-    let e = err("server.pem", "server.pem");
-    assert!(e.contains("no private key found"), "{e}");
-    let e = err("server.pem", "other.key");
-    assert!(e.contains("does not match the certificate"), "{e}");
-    // Encrypted and unsupported keys.
-    let cert = std::fs::read(data("server.pem")).unwrap();
-    let enc = b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n";
-    let e = TlsServerConfig::from_pem(&cert, enc, "c".as_ref(), "k".as_ref()).unwrap_err().to_string();
-    assert!(e.contains("encrypted"), "{e}");
-    let junk = b"-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n";
-    let e = TlsServerConfig::from_pem(&cert, junk, "c".as_ref(), "k".as_ref()).unwrap_err().to_string();
-    assert!(e.contains("unsupported private key"), "{e}");
-    let e = tls::client_config(Some(&data("nope.pem")), true).unwrap_err().to_string();
-    assert!(e.contains("cannot read CA certificate file"), "{e}");
+    // Close over TLS, then close_notify.
+    client.close(1000, "done").unwrap();
+    let mut out = Vec::new();
+    client.take_outgoing(&mut out);
+    ct.write_plaintext(&out).unwrap();
+    ct.send_close_notify();
+    pump(&mut ct, &mut st, 3).unwrap();
+    let mut plain = Vec::new();
+    st.read_plaintext(&mut plain);
+    assert_eq!(
+        feed(&mut server, &plain),
+        vec![WsEvent::Closed { code: 1000, reason: "done".into(), clean: true }]
+    );
+    assert!(st.peer_closed());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,0 +1,509 @@
+//! A WebSocket session as a stream protocol: the upgrade (either side), the connection, the
+//! inbox of received messages, and the session's clocks (upgrade and connect timeouts, the
+//! closing handshake's timeout, keep-alive pings, giving back buffers once idle). The driver
+//! runs it like any [`StreamProtocol`]; the layer above reads the inbox with
+//! [`WsSession::receive`] and sends with [`WsSession::send`].
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{
+    AcceptedUpgrade, ClientHandshake, Opcode, Role, ServerHandshake, ServerUpgrade, UpgradeLimits, WsConfig,
+    WsConn, WsEvent, WsUrl,
+};
+use crate::proto::stream::{Flow, StreamProtocol};
+
+/// A client that has not finished its upgrade request by then is dropped (slowloris).
+pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The upgrade of a client (after connecting) must finish by then.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a closing handshake may take before the connection is cut.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that moved nothing for this long gives back the buffers it kept for traffic.
+pub const IDLE_TRIM: Duration = Duration::from_secs(2);
+/// Received data held for a handler that is not receiving; past it the socket is left unread
+/// and TCP flow control pushes back on the peer.
+const INBOX_LIMIT: usize = 1 << 20;
+
+/// Per-app settings shared by a server's sessions.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub ws: WsConfig,
+    /// Send a ping after this much silence from the peer (`None`: no keep-alive).
+    pub ping_interval: Option<Duration>,
+    /// A peer that sends nothing for this long after our ping is dead.
+    pub ping_timeout: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { ws: WsConfig::default(), ping_interval: None, ping_timeout: Duration::from_secs(20) }
+    }
+}
+
+/// What an accepted upgrade told us, kept for the layer above (handler choice, `raw_socket`).
+#[derive(Clone, Debug, Default)]
+pub struct UpgradeInfo {
+    pub handler: String,
+    pub protocol: Option<String>,
+    pub path: String,
+    pub query: Option<String>,
+    pub headers: Vec<(String, String)>,
+}
+
+/// A received message or the end of the session, in arrival order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    Message(Opcode, tungstenite::Bytes),
+    Closed { code: u16, reason: String, clean: bool },
+}
+
+enum Phase {
+    /// A client waiting for its transport; the request goes out once it is ready.
+    Connecting {
+        request: Vec<u8>,
+        handshake: ClientHandshake,
+    },
+    ClientUpgrade(ClientHandshake),
+    ServerUpgrade(ServerHandshake),
+    Open(Box<WsConn>),
+    /// Nothing more is read; the transport closes once the pending bytes are out.
+    Finished,
+    /// Close the transport at once (a half-open upgrade gets no answer).
+    Dropped,
+}
+
+/// A WebSocket session. See the module documentation.
+pub struct WsSession {
+    phase: Phase,
+    /// Bytes for the peer ahead of the connection's (upgrade request or response).
+    head: Vec<u8>,
+    head_pos: usize,
+    inbox: VecDeque<Received>,
+    inbox_bytes: usize,
+    upgrade: UpgradeInfo,
+    /// Server: the handler names an upgrade may ask for.
+    handlers: Arc<[String]>,
+    settings: Arc<Settings>,
+    started: Instant,
+    last_rx: Instant,
+    /// Something was sent since the last idle check.
+    sent: bool,
+    quiet_since: Instant,
+    /// When to look at trimming the connection's buffers ([`IDLE_TRIM`]).
+    trim_at: Option<Instant>,
+    ping_sent: Option<Instant>,
+    closing_since: Option<Instant>,
+    closed: bool,
+    /// The connection stopped reading input because the peer does not read its output.
+    stalled: bool,
+    /// The upgrade completed (and stays true after the session ended).
+    established: bool,
+    /// Server: the upgrade completed (`true` once; see [`WsSession::take_upgraded`]).
+    upgraded: bool,
+    /// Client: the upgrade completed since the last [`WsSession::take_opened`].
+    opened: bool,
+    /// Server: why an upgrade was refused (for the app's log).
+    rejection: Option<String>,
+    news: bool,
+}
+
+impl WsSession {
+    fn new(phase: Phase, settings: Arc<Settings>, now: Instant) -> WsSession {
+        WsSession {
+            phase,
+            head: Vec::new(),
+            head_pos: 0,
+            inbox: VecDeque::new(),
+            inbox_bytes: 0,
+            upgrade: UpgradeInfo::default(),
+            handlers: Arc::from(Vec::new()),
+            settings,
+            started: now,
+            last_rx: now,
+            sent: false,
+            quiet_since: now,
+            trim_at: None,
+            ping_sent: None,
+            closing_since: None,
+            closed: false,
+            stalled: false,
+            established: false,
+            upgraded: false,
+            opened: false,
+            rejection: None,
+            news: false,
+        }
+    }
+
+    /// A server session waiting for an upgrade request naming one of `handlers`.
+    pub fn server(handlers: Arc<[String]>, settings: Arc<Settings>, now: Instant) -> WsSession {
+        let phase = Phase::ServerUpgrade(ServerHandshake::new(UpgradeLimits::default()));
+        let mut session = WsSession::new(phase, settings, now);
+        session.handlers = handlers;
+        session
+    }
+
+    /// A client session that sends its upgrade request once the transport is ready.
+    pub fn client(
+        url: &WsUrl,
+        protocols: &[&str],
+        key: [u8; 16],
+        settings: Arc<Settings>,
+        now: Instant,
+    ) -> Result<WsSession, super::Error> {
+        let (handshake, request) = ClientHandshake::new(url, protocols, key)?;
+        Ok(WsSession::new(Phase::Connecting { request, handshake }, settings, now))
+    }
+
+    /// The upgrade's details (server: once [`take_upgraded`](Self::take_upgraded) said so).
+    pub fn upgrade(&self) -> &UpgradeInfo {
+        &self.upgrade
+    }
+
+    /// Server: true once, after the upgrade completed.
+    pub fn take_upgraded(&mut self) -> bool {
+        std::mem::take(&mut self.upgraded)
+    }
+
+    /// Client: true once, after the upgrade completed.
+    pub fn take_opened(&mut self) -> bool {
+        std::mem::take(&mut self.opened)
+    }
+
+    /// Server: why the upgrade was refused (once).
+    pub fn take_rejection(&mut self) -> Option<String> {
+        self.rejection.take()
+    }
+
+    /// Whether the upgrade completed at some point.
+    pub fn is_established(&self) -> bool {
+        self.established
+    }
+
+    pub fn is_open(&self) -> bool {
+        matches!(&self.phase, Phase::Open(conn) if conn.can_send())
+    }
+
+    /// Whether the session ended (its `Closed` is in the inbox).
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    /// The next received message or the end of the session (which stays, so every later call
+    /// sees it too). `None` while nothing is there.
+    pub fn receive(&mut self) -> Option<Received> {
+        let received = match self.inbox.front()? {
+            Received::Closed { .. } => return self.inbox.front().cloned(),
+            Received::Message(_, data) => {
+                self.inbox_bytes -= data.len();
+                self.inbox.pop_front()
+            }
+        };
+        if self.inbox.is_empty() {
+            // Room again: move what the connection holds into the inbox.
+            self.pump();
+        }
+        received
+    }
+
+    /// How the session ended (code, reason, clean), once it has; messages received before the
+    /// end stay in the inbox.
+    pub fn end(&self) -> Option<(u16, &str, bool)> {
+        match self.inbox.back()? {
+            Received::Closed { code, reason, clean } => Some((*code, reason, *clean)),
+            Received::Message(..) => None,
+        }
+    }
+
+    /// Queues a message; `Err` carries a readable reason (closed, backpressure).
+    pub fn send(&mut self, opcode: Opcode, data: &[u8]) -> Result<(), String> {
+        match &mut self.phase {
+            Phase::Open(conn) => {
+                self.sent = true;
+                conn.send(opcode, data).map_err(|e| e.to_string())
+            }
+            _ => Err("the connection is not open".into()),
+        }
+    }
+
+    /// Queues a frame encoded once for many connections (server side only).
+    pub fn send_encoded(&mut self, frame: &[u8]) -> Result<(), String> {
+        match &mut self.phase {
+            Phase::Open(conn) => {
+                self.sent = true;
+                conn.send_encoded(frame).map_err(|e| e.to_string())
+            }
+            _ => Err("the connection is not open".into()),
+        }
+    }
+
+    /// Starts the closing handshake (or drops a session that is not open yet).
+    pub fn close(&mut self, code: u16, reason: &str) {
+        match &mut self.phase {
+            Phase::Open(conn) => {
+                if conn.close(code, reason).is_err() {
+                    conn.abort(reason);
+                }
+                self.pump();
+            }
+            _ => self.fail(code, reason),
+        }
+    }
+
+    /// Plaintext for the peer outside the WebSocket stream (upgrade request/response).
+    fn queue_head(&mut self, data: &[u8]) {
+        self.head.extend_from_slice(data);
+    }
+
+    fn accept(&mut self, up: AcceptedUpgrade) {
+        self.queue_head(&up.response);
+        self.phase = Phase::Open(Box::new(WsConn::new(Role::Server, self.settings.ws, &up.leftover)));
+        self.upgrade = UpgradeInfo {
+            handler: up.handler,
+            protocol: up.protocol,
+            path: up.path,
+            query: up.query,
+            headers: up.headers,
+        };
+        self.upgraded = true;
+        self.established = true;
+        self.news = true;
+    }
+
+    /// Ends the session with a close code that only this side knows (transport or handshake
+    /// failure).
+    fn fail(&mut self, code: u16, reason: &str) {
+        if let Phase::Open(conn) = &mut self.phase {
+            conn.abort(reason);
+            self.pump();
+            return;
+        }
+        if !self.closed {
+            self.inbox.push_back(Received::Closed { code, reason: reason.to_owned(), clean: false });
+            self.closed = true;
+            self.news = true;
+        }
+        self.phase = Phase::Finished;
+        self.head.clear();
+        self.head_pos = 0;
+    }
+
+    /// Moves events from the connection into the inbox while it has room.
+    fn pump(&mut self) {
+        let Phase::Open(conn) = &mut self.phase else { return };
+        while self.inbox_bytes < INBOX_LIMIT {
+            match conn.poll_event() {
+                Some(WsEvent::Message { opcode, data }) => {
+                    self.inbox_bytes += data.len();
+                    self.inbox.push_back(Received::Message(opcode, data));
+                    self.news = true;
+                }
+                Some(WsEvent::Closed { code, reason, clean }) => {
+                    self.inbox.push_back(Received::Closed { code, reason, clean });
+                    self.closed = true;
+                    self.news = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        self.stalled = conn.outgoing_len() > conn.config().max_outgoing_buffer.saturating_mul(2);
+        if conn.is_closed() && !conn.wants_write() {
+            self.phase = Phase::Finished;
+        }
+    }
+
+    /// Plans a look at the buffers once traffic made them grow.
+    fn arm_trim(&mut self, now: Instant) {
+        if self.trim_at.is_none() && matches!(&self.phase, Phase::Open(conn) if conn.has_spare_buffers()) {
+            self.trim_at = Some(now + IDLE_TRIM);
+        }
+    }
+}
+
+impl StreamProtocol for WsSession {
+    fn handle_ready(&mut self, now: Instant) {
+        if let Phase::Connecting { .. } = self.phase {
+            let Phase::Connecting { request, handshake } =
+                std::mem::replace(&mut self.phase, Phase::Finished)
+            else {
+                unreachable!()
+            };
+            self.phase = Phase::ClientUpgrade(handshake);
+            self.queue_head(&request);
+            self.last_rx = now;
+        }
+    }
+
+    fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        self.last_rx = now;
+        self.quiet_since = now;
+        match &mut self.phase {
+            Phase::ServerUpgrade(handshake) => {
+                let handlers = self.handlers.clone();
+                match handshake.handle_bytes(data, |name| handlers.iter().any(|h| h == name)) {
+                    ServerUpgrade::Incomplete => {}
+                    ServerUpgrade::Accept(up) => self.accept(*up),
+                    ServerUpgrade::Reject(rejection) => {
+                        self.queue_head(&rejection.response);
+                        self.phase = Phase::Finished;
+                        self.rejection = Some(rejection.reason);
+                        self.news = true;
+                    }
+                }
+            }
+            Phase::ClientUpgrade(handshake) => match handshake.handle_bytes(data) {
+                Ok(None) => {}
+                Ok(Some(up)) => {
+                    self.upgrade.protocol = up.protocol;
+                    self.upgrade.headers = up.headers;
+                    self.phase =
+                        Phase::Open(Box::new(WsConn::new(Role::Client, self.settings.ws, &up.leftover)));
+                    self.opened = true;
+                    self.established = true;
+                    self.news = true;
+                }
+                Err(e) => self.fail(1006, &format!("upgrade failed: {e}")),
+            },
+            Phase::Open(conn) => conn.handle_bytes(data),
+            Phase::Connecting { .. } | Phase::Finished | Phase::Dropped => {}
+        }
+        self.pump();
+        self.arm_trim(now);
+    }
+
+    fn handle_eof(&mut self, _now: Instant) {
+        match &mut self.phase {
+            Phase::Open(conn) => conn.handle_eof(),
+            Phase::Finished | Phase::Dropped => {}
+            _ => self.fail(1006, "connection closed during the handshake"),
+        }
+        self.pump();
+    }
+
+    fn handle_error(&mut self, _now: Instant, error: &str) {
+        self.fail(1006, error);
+        self.phase = Phase::Dropped;
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        match &mut self.phase {
+            Phase::ServerUpgrade(_) if now >= self.started + UPGRADE_TIMEOUT => {
+                self.phase = Phase::Dropped;
+                self.head.clear();
+                self.news = true;
+            }
+            Phase::Connecting { .. } | Phase::ClientUpgrade(_) if now >= self.started + CONNECT_TIMEOUT => {
+                self.fail(1006, "connect timed out")
+            }
+            Phase::Open(conn) => {
+                if std::mem::take(&mut self.sent) {
+                    self.quiet_since = now;
+                }
+                if self.trim_at.is_some_and(|at| now >= at) {
+                    if now >= self.quiet_since + IDLE_TRIM {
+                        conn.trim();
+                        self.trim_at = None;
+                    } else {
+                        self.trim_at = Some(self.quiet_since + IDLE_TRIM);
+                    }
+                }
+                if conn.is_closing() {
+                    let since = *self.closing_since.get_or_insert(now);
+                    if now >= since + CLOSE_TIMEOUT {
+                        conn.abort("closing handshake timed out");
+                    }
+                } else if let Some(interval) = self.settings.ping_interval {
+                    match self.ping_sent {
+                        Some(sent) if self.last_rx > sent => self.ping_sent = None,
+                        Some(sent) if now >= sent + self.settings.ping_timeout => {
+                            conn.abort("keep-alive timeout: no answer to ping")
+                        }
+                        Some(_) => {}
+                        None if now >= self.last_rx + interval && conn.ping(b"luna").is_ok() => {
+                            self.ping_sent = Some(now);
+                        }
+                        None => {}
+                    }
+                }
+                self.pump();
+            }
+            Phase::Finished if now >= self.started.max(self.last_rx) + CLOSE_TIMEOUT => {
+                // The peer stopped reading: give up on the last bytes.
+                self.phase = Phase::Dropped;
+            }
+            _ => {}
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        match &self.phase {
+            Phase::ServerUpgrade(_) => Some(self.started + UPGRADE_TIMEOUT),
+            Phase::Connecting { .. } | Phase::ClientUpgrade(_) => Some(self.started + CONNECT_TIMEOUT),
+            Phase::Open(conn) if conn.is_closing() => {
+                Some(self.closing_since.unwrap_or(self.last_rx) + CLOSE_TIMEOUT)
+            }
+            Phase::Open(_) => {
+                let ping = self.settings.ping_interval.map(|interval| match self.ping_sent {
+                    Some(sent) if self.last_rx <= sent => sent + self.settings.ping_timeout,
+                    _ => self.last_rx + interval,
+                });
+                [ping, self.trim_at].into_iter().flatten().min()
+            }
+            Phase::Finished => Some(self.started.max(self.last_rx) + CLOSE_TIMEOUT),
+            Phase::Dropped => None,
+        }
+    }
+
+    fn wants_input(&self) -> bool {
+        match &self.phase {
+            Phase::Connecting { .. } | Phase::Finished | Phase::Dropped => false,
+            Phase::Open(conn) => !self.stalled && conn.wants_input() && self.inbox_bytes < INBOX_LIMIT,
+            Phase::ClientUpgrade(_) | Phase::ServerUpgrade(_) => true,
+        }
+    }
+
+    fn outgoing(&self) -> &[u8] {
+        if self.head_pos < self.head.len() {
+            return &self.head[self.head_pos..];
+        }
+        match &self.phase {
+            Phase::Open(conn) => conn.outgoing(),
+            _ => &[],
+        }
+    }
+
+    fn consume_outgoing(&mut self, n: usize) {
+        if self.head_pos < self.head.len() {
+            self.head_pos += n;
+            if self.head_pos >= self.head.len() {
+                self.head = Vec::new();
+                self.head_pos = 0;
+            }
+            return;
+        }
+        if let Phase::Open(conn) = &mut self.phase {
+            conn.consume_outgoing(n);
+            if self.stalled || (conn.is_closed() && !conn.wants_write()) {
+                self.pump();
+            }
+        }
+    }
+
+    fn flow(&self) -> Flow {
+        match self.phase {
+            Phase::Finished => Flow::Finish,
+            Phase::Dropped => Flow::Abort,
+            _ => Flow::Open,
+        }
+    }
+
+    fn take_news(&mut self) -> bool {
+        std::mem::take(&mut self.news)
+    }
+}
