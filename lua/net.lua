@@ -58,6 +58,9 @@ end
 -- any other coroutine is woken and reads again.
 local function read(s, mode, arg, max, call)
   local co = need_coroutine(call)
+  if rawget(s, "on_data") then
+    error(call .. ": this stream delivers to s.on_data; set s.on_data = nil to read instead", 3)
+  end
   local h = s.__h
   while true do
     local data, err, partial = net_read(h, mode, arg, max)
@@ -78,6 +81,9 @@ function stream_methods:read(max)
 end
 
 function stream_methods:read_until(delimiter, max)
+  if type(delimiter) == "number" then
+    delimiter = tostring(delimiter)
+  end
   return read(self, 1, delimiter, max, "s:read_until(delimiter[, max])")
 end
 

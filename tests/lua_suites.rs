@@ -46,6 +46,11 @@ fn ws_suite() {
 }
 
 #[test]
+fn net_suite() {
+    run_suite("net_suite");
+}
+
+#[test]
 fn rpc_suite() {
     run_suite("rpc_suite");
 }

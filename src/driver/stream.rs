@@ -81,6 +81,8 @@ pub struct Stream {
     finish_since: Option<Instant>,
     /// The protocol heard `handle_ready` for the current transport.
     ready_told: bool,
+    /// It did since the last [`Outcome`].
+    just_ready: bool,
     close_notify_sent: bool,
     pub peer: Address,
     pub local: Option<Address>,
@@ -115,6 +117,7 @@ impl Stream {
             ready_by: None,
             finish_since: None,
             ready_told: false,
+            just_ready: false,
             close_notify_sent: false,
             peer,
             writable: false,
@@ -276,7 +279,8 @@ impl Stream {
         if self.proto.poll_timeout().is_some_and(|at| now >= at) {
             self.proto.handle_timeout(now);
         }
-        outcome.ready = self.check_ready(now);
+        self.check_ready(now);
+        outcome.ready = std::mem::take(&mut self.just_ready);
         self.write(registry, token, now, &mut outcome);
         outcome.news = self.proto.take_news();
         outcome
@@ -322,19 +326,17 @@ impl Stream {
         self.phase = if self.tls.is_some() { Phase::Handshaking } else { Phase::Ready };
     }
 
-    /// Tells the protocol once the transport is ready (connected, TLS handshake done); true if
-    /// it just became so.
-    fn check_ready(&mut self, now: Instant) -> bool {
+    /// Tells the protocol once the transport is ready (connected, TLS handshake done).
+    fn check_ready(&mut self, now: Instant) {
         if self.phase == Phase::Handshaking && self.tls.as_ref().is_some_and(|t| t.is_handshake_complete()) {
             self.phase = Phase::Ready;
         }
-        if self.phase != Phase::Ready || self.ready_told {
-            return false;
+        if self.phase == Phase::Ready && !self.ready_told {
+            self.ready_told = true;
+            self.just_ready = true;
+            self.ready_by = None;
+            self.proto.handle_ready(now);
         }
-        self.ready_told = true;
-        self.ready_by = None;
-        self.proto.handle_ready(now);
-        true
     }
 
     fn wants_input(&self) -> bool {

@@ -30,6 +30,8 @@ pub(crate) struct NetState {
     /// Streams whose peer finished: they finish at the end of the update, after the handlers
     /// that heard of it had their say.
     finishing: Vec<u64>,
+    /// Streams that ended during the update: released at its end (once their input was read).
+    ended: Vec<u64>,
 }
 
 impl NetState {
@@ -77,11 +79,18 @@ pub(crate) fn event(lua: &Lua, rt: &Runtime, ev: Event) -> Result<()> {
     }
 }
 
-/// The end of an update: streams whose peer finished finish too (unless half-open).
+/// The end of an update: streams whose peer finished finish too (unless half-open), streams
+/// that ended are released.
 pub(crate) fn end_of_update(rt: &Runtime) {
-    let finishing = std::mem::take(&mut rt.net.borrow_mut().finishing);
+    let (finishing, ended) = {
+        let mut net = rt.net.borrow_mut();
+        (std::mem::take(&mut net.finishing), std::mem::take(&mut net.ended))
+    };
     for h in finishing {
         stream::finish(rt, h);
+    }
+    for h in ended {
+        stream::release_if_read(rt, h);
     }
 }
 

@@ -228,7 +228,6 @@ pub(super) struct Read;
 
 impl RawFn for Read {
     const NAME: &'static str = "s:read()";
-    const STRINGS: &'static [c_int] = &[3];
 
     fn call(rt: &Runtime, st: &Stack) -> std::result::Result<Out, String> {
         let call = read_call(st);
@@ -545,16 +544,17 @@ pub(super) fn end(lua: &Lua, rt: &Runtime, h: u64, why: Option<String>) -> Resul
     if let Some(key) = rt.net.borrow().streams.get(&h).and_then(|r| r.key) {
         deliver(lua, rt, h, key)?;
     }
-    let result = match callback(&object, "on_close")? {
+    // Kept to the end of the update: the coroutines just woken read the reason.
+    rt.net.borrow_mut().ended.push(h);
+    match callback(&object, "on_close")? {
         Some(on_close) => call_back(lua, rt, &on_close, (object, why)).map(|_| ()),
         None => Ok(()),
-    };
-    release_if_read(rt, h);
-    result
+    }
 }
 
-/// Forgets an ended stream once nothing is left to read in it.
-fn release_if_read(rt: &Runtime, h: u64) {
+/// Forgets an ended stream once nothing is left to read in it (the rest goes when a read takes
+/// it, or at `close`).
+pub(super) fn release_if_read(rt: &Runtime, h: u64) {
     let unread = {
         let net = rt.net.borrow();
         let Some(rec) = net.streams.get(&h) else { return };
