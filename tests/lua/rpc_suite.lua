@@ -588,6 +588,13 @@ return function(T, luna, lunac)
 
   T.main("misuse errors name the call and the problem", function()
     T.raises({ "luna.new_app(config)", "unknown option 'prot'" }, luna.new_app, { port = 0, prot = 1 })
+    -- Several mistakes: always the same one is named (the first in sorted order).
+    for _, keys in ipairs({ { "zz", "aa", "mm", "qq" }, { "yy", "bb", "xx", "cc", "ab" } }) do
+      local config = { port = 0 }
+      for _, k in ipairs(keys) do config[k] = 1 end
+      table.sort(keys)
+      T.raises({ "unknown option '" .. keys[1] .. "'" }, luna.new_app, config)
+    end
     T.raises({ "luna.new_app(config)", "'port' must be a number, got string" }, luna.new_app, { port = "x" })
     T.raises({ "luna.new_app(config)", "'port' is required" }, luna.new_app, { name = "x" })
     T.raises({ "luna.new_app(config)", "'new_client' must be a function, got number" }, luna.new_app,
@@ -601,6 +608,10 @@ return function(T, luna, lunac)
     local r = app:new_router({ prefix = "m" })
     T.raises({ "router:new(config)", "'fun' is required" }, r.new, r, { prefix = "x" })
     T.raises({ "router:new(config)", "unknown option 'fn'" }, r.new, r, { prefix = "x", fn = print })
+    T.raises({ "router:new(config)", "'validate' entries must be lists of type names, got number" }, r.new, r,
+      { prefix = "x", fun = print, validate = { zeta = "x", alpha = 5, mu = true, beta = 7 } })
+    T.raises({ "router:new(config)", "'validate' entry for a must list type names" }, r.new, r,
+      { prefix = "x", fun = print, validate = { z = { 1 }, a = { "nope" }, q = { false } } })
     T.raises({ "router:new(config)", "'message_penalty' must be" }, r.new, r,
       { prefix = "x", fun = print, message_penalty = "jail" })
     T.raises({ "app:new_router(config)", "unknown option 'prefx'" }, app.new_router, app, { prefx = "a" })
