@@ -390,6 +390,21 @@ return function(T, luna, lunac)
     lunac.disconnect_to_app(client)
   end)
 
+  T.test("calls pending at disconnect_to_app end with 'Disconnected: Close server'", function()
+    local app = server()
+    app:new_router({ prefix = "s" }):new({ prefix = "slow", async = true, fun = function() luna.sleep(1) end })
+    local client = connected(connect(app))
+    local waited, called
+    luna.spawn(function() waited = { client:fetch("s/slow", {}) } end)
+    client:noawait_fetch("s/slow", function(_, err) called = err end, {})
+    luna.sleep(0.05)
+    lunac.disconnect_to_app(client)
+    T.wait_until(function() return waited and called end, 1, "both calls ended")
+    T.eq(waited[2], "Disconnected: Close server", "fetch")
+    T.eq(called, "Disconnected: Close server", "noawait_fetch callback")
+    luna.remove_app(app)
+  end)
+
   T.test("disconnect_to_app tells the server (close_client fires)", function()
     local closed
     local app = server({ close_client = function(c) closed = c end })
