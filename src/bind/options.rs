@@ -10,9 +10,12 @@ pub(crate) struct Options {
 }
 
 impl Options {
-    /// Checks that `value` is a table whose keys are all in `known`.
+    /// Checks that `value` is a table whose keys are all in `known`. With several unknown keys
+    /// the error names the first in sorted order, so the same config always gets the same
+    /// message (`pairs` order varies from run to run).
     pub fn new(call: &'static str, value: Value, known: &[&str]) -> mlua::Result<Options> {
         let Value::Table(table) = value else { return Err(bad_arg(call, "config", "a table", &value)) };
+        let mut unknown = None::<String>;
         for pair in table.pairs::<Value, Value>() {
             let (key, _) = pair?;
             let name = match &key {
@@ -21,9 +24,12 @@ impl Options {
                     return Err(misuse(call, format!("config keys must be strings, got {}", lua_type(other))))
                 }
             };
-            if !known.contains(&name.as_str()) {
-                return Err(misuse(call, format!("unknown option '{name}' (known: {})", known.join(", "))));
+            if !known.contains(&name.as_str()) && unknown.as_ref().is_none_or(|first| name < *first) {
+                unknown = Some(name);
             }
+        }
+        if let Some(name) = unknown {
+            return Err(misuse(call, format!("unknown option '{name}' (known: {})", known.join(", "))));
         }
         Ok(Options { call, table })
     }

@@ -390,6 +390,21 @@ return function(T, luna, lunac)
     lunac.disconnect_to_app(client)
   end)
 
+  T.test("calls pending at disconnect_to_app end with 'Disconnected: Close server'", function()
+    local app = server()
+    app:new_router({ prefix = "s" }):new({ prefix = "slow", async = true, fun = function() luna.sleep(1) end })
+    local client = connected(connect(app))
+    local waited, called
+    luna.spawn(function() waited = { client:fetch("s/slow", {}) } end)
+    client:noawait_fetch("s/slow", function(_, err) called = err end, {})
+    luna.sleep(0.05)
+    lunac.disconnect_to_app(client)
+    T.wait_until(function() return waited and called end, 1, "both calls ended")
+    T.eq(waited[2], "Disconnected: Close server", "fetch")
+    T.eq(called, "Disconnected: Close server", "noawait_fetch callback")
+    luna.remove_app(app)
+  end)
+
   T.test("disconnect_to_app tells the server (close_client fires)", function()
     local closed
     local app = server({ close_client = function(c) closed = c end })
@@ -588,6 +603,13 @@ return function(T, luna, lunac)
 
   T.main("misuse errors name the call and the problem", function()
     T.raises({ "luna.new_app(config)", "unknown option 'prot'" }, luna.new_app, { port = 0, prot = 1 })
+    -- Several mistakes: always the same one is named (the first in sorted order).
+    for _, keys in ipairs({ { "zz", "aa", "mm", "qq" }, { "yy", "bb", "xx", "cc", "ab" } }) do
+      local config = { port = 0 }
+      for _, k in ipairs(keys) do config[k] = 1 end
+      table.sort(keys)
+      T.raises({ "unknown option '" .. keys[1] .. "'" }, luna.new_app, config)
+    end
     T.raises({ "luna.new_app(config)", "'port' must be a number, got string" }, luna.new_app, { port = "x" })
     T.raises({ "luna.new_app(config)", "'port' is required" }, luna.new_app, { name = "x" })
     T.raises({ "luna.new_app(config)", "'new_client' must be a function, got number" }, luna.new_app,
@@ -601,6 +623,10 @@ return function(T, luna, lunac)
     local r = app:new_router({ prefix = "m" })
     T.raises({ "router:new(config)", "'fun' is required" }, r.new, r, { prefix = "x" })
     T.raises({ "router:new(config)", "unknown option 'fn'" }, r.new, r, { prefix = "x", fn = print })
+    T.raises({ "router:new(config)", "'validate' entries must be lists of type names, got number" }, r.new, r,
+      { prefix = "x", fun = print, validate = { zeta = "x", alpha = 5, mu = true, beta = 7 } })
+    T.raises({ "router:new(config)", "'validate' entry for a must list type names" }, r.new, r,
+      { prefix = "x", fun = print, validate = { z = { 1 }, a = { "nope" }, q = { false } } })
     T.raises({ "router:new(config)", "'message_penalty' must be" }, r.new, r,
       { prefix = "x", fun = print, message_penalty = "jail" })
     T.raises({ "app:new_router(config)", "unknown option 'prefx'" }, app.new_router, app, { prefx = "a" })

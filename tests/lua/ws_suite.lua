@@ -389,5 +389,8 @@ return function(T, luna, lunac)
       { name = "x", port = 0, ssl = { cert = "nope.pem", key = "nope.key" }, protocols = { default = print } })
     T.raises({ "lunac.connect_to_web_app(config)", "'url'" }, lunac.connect_to_web_app, { url = "http://x" })
     T.raises({ "'port' must be a port number" }, luna.new_web_app, { port = 70000, protocols = {} })
+    T.raises({ "'protocols' maps protocol names to handler functions; got number = function" }, luna.new_web_app,
+      { port = 0, protocols = { default = print, x = 5, [1] = print, y = true, [2] = "s" } })
+    T.raises({ "unknown option 'aa'" }, lunac.connect_to_web_app, { url = "ws://127.0.0.1:1", zz = 1, aa = 1, mm = 1 })
   end)
 end

@@ -588,16 +588,21 @@ fn check(_lua: &Lua, (call, config): (String, Value)) -> Result<()> {
         Ok(())
     };
     if let Some(v) = o.table("validate")? {
+        // In sorted order, so the same config always gets the same error (like lua/rpc.lua).
+        let mut entries = Vec::new();
         for pair in v.pairs::<Value, Value>() {
             let (k, types) = pair?;
+            entries.push((k.to_string()?, types));
+        }
+        entries.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, types) in entries {
             let Value::Table(types) = types else {
                 return Err(misuse(
                     CALL,
                     format!("'validate' entries must be lists of type names, got {}", lua_type(&types)),
                 ));
             };
-            let label = format!("'validate' entry for {}", k.to_string()?);
-            check_types(&label, &types)?;
+            check_types(&format!("'validate' entry for {name}"), &types)?;
         }
     }
     if let Some(v) = o.table("response_validate")? {

@@ -85,22 +85,24 @@ fn new_web_app(lua: &Lua, config: Value) -> Result<Table> {
         return Err(misuse(call, format!("a web app named '{name}' already exists")));
     }
     let mut handlers = HashMap::new();
+    let mut wrong = Vec::new();
     for pair in protocols.pairs::<Value, Value>() {
         match pair? {
             (Value::String(k), Value::Function(f)) => {
                 handlers.insert(k.to_str()?.to_owned(), lua.create_registry_value(f)?);
             }
-            (k, v) => {
-                return Err(misuse(
-                    call,
-                    format!(
-                        "'protocols' maps protocol names to handler functions; got {} = {}",
-                        lua_type(&k),
-                        lua_type(&v)
-                    ),
-                ))
-            }
+            (k, v) => wrong.push(format!("{} = {}", lua_type(&k), lua_type(&v))),
         }
+    }
+    // The first in sorted order, so the same config always gets the same error.
+    if let Some(first) = wrong.iter().min() {
+        for (_, key) in handlers {
+            lua.remove_registry_value(key)?;
+        }
+        return Err(misuse(
+            call,
+            format!("'protocols' maps protocol names to handler functions; got {first}"),
+        ));
     }
     if handlers.is_empty() {
         return Err(misuse(call, "'protocols' has no handler"));
