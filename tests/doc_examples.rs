@@ -2,7 +2,7 @@
 //! A block's info string says how (documented at the top of docs/api.md):
 //! - `lua runnable`: a chunk at top level;
 //! - `lua runnable=<context>`: spliced into one of the contexts below, which give it the
-//!   variables it uses (`ws`, `app`, `client`, `api`);
+//!   variables it uses (`ws`, `app`, `client`, `api`, `s`);
 //! - `lua fragment`: not run (a block with neither marker fails this test).
 //!
 //! Each block gets a fresh Lua state with `luna` and `lunac` as globals and an empty `love`
@@ -92,6 +92,12 @@ fn context(name: &str) -> Option<(&'static str, &'static str)> {
         // "api/echo" and "default/ping".
         "rpc-client" => (
             r#"local app = luna.new_app({ name = "doc app", port = 0, debug = false }); app:new_router({ prefix = "api" }):new({ prefix = "echo", fun = function(args) return args.text end }); app:new_router({ prefix = "default" }):new({ prefix = "ping", fun = function() end }); local client = lunac.connect_to_app({ name = "My Client", host = "127.0.0.1", port = app.port, debug = false }); luna.spawn(function() while not client:is_connected() do luna.sleep(0.01) end; __doc_started = true; "#,
+            r#"
+            __doc_done = true end)"#,
+        ),
+        // A coroutine in which `s` is a TCP stream connected to an echo server.
+        "stream" => (
+            r#"local echo = luna.tcp.listen({ host = "127.0.0.1", port = 0, on_connection = function(c) while true do local d = c:read(); if not d then return end; c:write(d) end end }); luna.spawn(function() local s = assert(luna.tcp.connect("127.0.0.1", echo.port)); __doc_started = true; "#,
             r#"
             __doc_done = true end)"#,
         ),

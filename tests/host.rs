@@ -219,3 +219,68 @@ fn websocket_example_talks_to_itself_and_exits() {
     }
     assert!(took < Duration::from_secs(5), "took {took:?}");
 }
+
+/// Starts an example with `PORT=0` and returns it with the port it printed after `prefix`.
+fn serve_example(args: &[&str], prefix: &str) -> (std::process::Child, u16, impl Iterator<Item = String>) {
+    let mut server = host().args(args).env("PORT", "0").stdout(Stdio::piped()).spawn().unwrap();
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(server.stdout.take().unwrap())).map(Result::unwrap);
+    let port = loop {
+        let line = lines.next().expect("the example printed its address");
+        if let Some(rest) = line.split(prefix).nth(1) {
+            let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            break digits.parse().unwrap();
+        }
+    };
+    (server, port, lines)
+}
+
+#[test]
+fn tcp_chat_example_relays_lines_between_netcat_like_clients() {
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpStream;
+    let (mut server, port, _lines) = serve_example(&["examples/tcp_chat.lua"], "]:");
+    let connect = || {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let reader = BufReader::new(s.try_clone().unwrap());
+        (s, reader)
+    };
+    let line = |r: &mut BufReader<TcpStream>| {
+        let mut l = String::new();
+        r.read_line(&mut l).unwrap();
+        l
+    };
+    let (mut alice, mut alice_in) = connect();
+    assert!(line(&mut alice_in).starts_with("welcome to the chat"));
+    let (_bob, mut bob_in) = connect();
+    assert!(line(&mut bob_in).contains("(2 here)"));
+    assert!(line(&mut alice_in).ends_with("joined\n"));
+    alice.write_all(b"/nick alice\r\nhello bob\n").unwrap();
+    assert!(line(&mut bob_in).ends_with("is now alice\n"));
+    assert_eq!(line(&mut bob_in), "<alice> hello bob\n");
+    alice.write_all(b"/quit\n").unwrap();
+    assert_eq!(line(&mut alice_in), "bye\n");
+    assert_eq!(line(&mut bob_in), "* alice left\n");
+    Command::new("kill").arg(server.id().to_string()).status().unwrap();
+    assert!(server.wait().unwrap().success(), "SIGTERM stops the chat cleanly");
+}
+
+#[test]
+fn udp_echo_example_pings_itself_and_serves_others() {
+    let (out, took) = run(host().arg("examples/udp_echo.lua"));
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("client: ping 3 in"), "{text}");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+
+    let (mut server, port, _lines) = serve_example(&["examples/udp_echo.lua", "--serve"], "127.0.0.1:");
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    socket.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    socket.send_to(b"from nc", ("127.0.0.1", port)).unwrap();
+    let mut buf = [0u8; 64];
+    let n = socket.recv(&mut buf).unwrap();
+    assert_eq!(&buf[..n], b"from nc");
+    Command::new("kill").arg(server.id().to_string()).status().unwrap();
+    assert!(server.wait().unwrap().success());
+}
