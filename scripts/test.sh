@@ -29,5 +29,8 @@ venv_python="${CARGO_TARGET_DIR:-target}/ci-venv/bin/python3"
 if [ -z "${LUNA_PYTHON:-}" ] && [ -x "$venv_python" ]; then python=$venv_python; fi
 LUNA_HOST="${CARGO_TARGET_DIR:-target}/release/luna-host" "$python" tests/peers/ws_peers.py 2>&1 | tee -a "$log"
 
+echo "== independent peers: Python socket/ssl, openssl s_client/s_server, hostile peers against luna-host"
+LUNA_HOST="${CARGO_TARGET_DIR:-target}/release/luna-host" "$python" tests/peers/net_peers.py 2>&1 | tee -a "$log"
+
 awk '/^test result: ok\./ { p += $4 } /^[0-9]+ passed, [0-9]+ failed$/ { p += $1; f += $3 }
      END { printf "summary: %d passed, %d failed\n", p, f; exit (f > 0) }' "$log"
