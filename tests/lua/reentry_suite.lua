@@ -263,6 +263,104 @@ return function(T, luna, lunac)
     end
   end
 
+  -- The same for sockets: a TCP server with one connection and a UDP socket; every callback a
+  -- socket has, each calling what may close it, its server, or everything; each stream's end is
+  -- reported once on both sides.
+  local function net_world()
+    local N = { hooks = {}, errors = {}, fired = {}, closes = {} }
+    local function event(name, ...)
+      N.fired[name] = (N.fired[name] or 0) + 1
+      local hook = N.hooks[name]
+      if hook then return hook(...) end
+    end
+    local function closed(side, name)
+      return function()
+        N.closes[side] = (N.closes[side] or 0) + 1
+        event(name)
+      end
+    end
+    function N.start()
+      N.udp = luna.udp.open({ host = "127.0.0.1", on_packet = function() event("on_packet") end })
+      N.srv = luna.tcp.listen({ host = "127.0.0.1", port = 0, on_connection = function(s)
+        N.server_s = s
+        s.on_close = closed("server", "server on_close")
+        s.on_data = function(st, d)
+          event("server on_data")
+          st:write(d)
+        end
+        while not N.client do luna.sleep(0) end -- the client object exists before the hook runs
+        event("on_connection")
+      end })
+      luna.tcp.connect("127.0.0.1", N.srv.port, {
+        on_connect = function(s)
+          N.client = s
+          event("on_connect")
+        end,
+        on_data = function() event("client on_data") end,
+        on_drain = function() event("on_drain") end,
+        on_close = closed("client", "client on_close"),
+      })
+    end
+    function N.finish()
+      luna.close()
+      T.wait_until(function() return N.closes.client and N.closes.server end, 3, "both ends reported")
+      luna.sleep(0.01)
+      T.eq(N.closes.client, 1, "client on_close calls")
+      T.eq(N.closes.server, 1, "server on_close calls")
+      T.eq(N.srv.running, false, "the server is closed")
+      T.eq(select(2, N.udp:receive()), "closed", "the UDP socket is closed")
+      if N.extra then T.eq(N.extra.running, false, "the server created inside is closed too") end
+    end
+    return N
+  end
+
+  local net_calls = {
+    { "luna.close()", function() luna.close() end },
+    { "lunac.close()", function() lunac.close() end },
+    { "srv:close(true)", function(N) N.srv:close(true) end },
+    { "s:close() of the client", function(N) N.client:close() end },
+    { "s:reset() of the server's end", function(N) if N.server_s then N.server_s:reset() end end },
+    { "u:close()", function(N) N.udp:close() end },
+    { "creating a new server", function(N)
+      N.extra = luna.tcp.listen({ host = "127.0.0.1", port = 0, on_connection = function() end })
+    end },
+  }
+  local net_callbacks = {
+    { "on_connection" },
+    { "on_connect" },
+    { "server on_data", trigger = function(N) N.client:write("x") end },
+    { "client on_data", trigger = function(N) N.client:write("x") end },
+    { "on_drain", trigger = function(N) N.client:write(("d"):rep(4 * 1024 * 1024)) end },
+    { "server on_close", trigger = function(N) N.client:close() end },
+    { "client on_close", trigger = function(N) N.srv:close(true) end },
+    { "on_packet", trigger = function(N)
+      local port = tonumber(N.udp.address:match(":(%d+)$"))
+      luna.udp.open({ host = "127.0.0.1" }):send("p", "127.0.0.1", port)
+    end },
+  }
+  for _, cb in ipairs(net_callbacks) do
+    for _, call in ipairs(net_calls) do
+      T.test("socket " .. cb[1] .. " calls " .. call[1], function()
+        local N = net_world()
+        local done = false
+        N.hooks[cb[1]] = function()
+          if not done then
+            done = true
+            call[2](N)
+          end
+        end
+        N.start()
+        if cb.trigger then
+          T.wait_until(function() return N.server_s and N.fired.on_connect end, 3, "connected")
+          cb.trigger(N)
+        end
+        T.wait_until(function() return done end, 3, cb[1] .. " to fire")
+        luna.sleep(0.01)
+        N.finish()
+      end)
+    end
+  end
+
   -- Item 2 of issue 13 in isolation: a session that already ended is not reported again by a
   -- later close, whatever ended it.
   T.test("disconnect_server is not repeated by lunac.close() after the session ended", function()
