@@ -16,9 +16,9 @@
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream as StdStream};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use hdrhistogram::Histogram;
+use loadgen::{read_until, write_pending, Meter, Run, STEP_TIMEOUT};
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use rustls::pki_types::ServerName;
@@ -28,59 +28,35 @@ const USAGE: &str =
     "usage: ws-load [--host IP] --port N [--conns 50] [--size 32] [--warmup 2] [--duration 5] \
 [--server-pid PID] [--tls --ca CA_PEM]";
 const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
-/// Longest blocking step anywhere (connect, handshake read, one poll).
-const STEP_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Options {
     addr: SocketAddr,
-    conns: usize,
-    size: usize,
-    warmup: Duration,
-    duration: Duration,
-    server_pid: Option<u32>,
+    run: Run,
     /// `--tls`: the client configuration (trusting `--ca`).
     tls: Option<Arc<ClientConfig>>,
 }
 
 fn parse_args() -> Result<Options, String> {
     let (mut host, mut port) = ("127.0.0.1".to_owned(), None);
-    let (mut conns, mut size, mut warmup, mut duration, mut server_pid) = (50, 32, 2.0, 5.0, None);
     let (mut tls, mut ca) = (false, None);
-    let mut args = std::env::args().skip(1);
-    while let Some(flag) = args.next() {
-        if flag == "--tls" {
-            tls = true;
-            continue;
+    let run = loadgen::parse_args(USAGE, 0..=65_535, |flag, value| {
+        match flag {
+            "--tls" => tls = true,
+            "--host" => host = value()?,
+            "--port" => port = Some(loadgen::number::<u16>(flag, value()?)?),
+            "--ca" => ca = Some(value()?),
+            _ => return Ok(false),
         }
-        let value = args.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
-        let bad = || format!("{flag}: bad value '{value}'");
-        match flag.as_str() {
-            "--host" => host = value.clone(),
-            "--port" => port = Some(value.parse::<u16>().map_err(|_| bad())?),
-            "--conns" => conns = value.parse().map_err(|_| bad())?,
-            "--size" => size = value.parse().map_err(|_| bad())?,
-            "--warmup" => warmup = value.parse().map_err(|_| bad())?,
-            "--duration" => duration = value.parse().map_err(|_| bad())?,
-            "--server-pid" => server_pid = Some(value.parse().map_err(|_| bad())?),
-            "--ca" => ca = Some(value),
-            _ => return Err(format!("unknown option '{flag}'\n{USAGE}")),
-        }
-    }
+        Ok(true)
+    })?;
     let port = port.ok_or(USAGE)?;
     let addr = format!("{host}:{port}").parse().map_err(|e| format!("--host: {e}"))?;
-    if conns == 0 || size > 65_535 || !(0.0..=3600.0).contains(&warmup) || !(0.1..=3600.0).contains(&duration)
-    {
-        return Err(
-            "need --conns > 0, --size <= 65535, --warmup in [0, 3600], --duration in [0.1, 3600]".into()
-        );
-    }
-    let (warmup, duration) = (Duration::from_secs_f64(warmup), Duration::from_secs_f64(duration));
     let tls = match (tls, ca) {
         (false, None) => None,
         (true, Some(ca)) => Some(client_config(&ca).map_err(|e| format!("--ca {ca}: {e}"))?),
         _ => return Err(format!("--tls and --ca go together\n{USAGE}")),
     };
-    Ok(Options { addr, conns, size, warmup, duration, server_pid, tls })
+    Ok(Options { addr, run, tls })
 }
 
 /// A rustls client configuration (ring provider) trusting only the CA certificates in `ca`.
@@ -187,26 +163,15 @@ struct Conn {
 impl Conn {
     /// The whole echo is in: checks it and records the round trip; returns the time to stamp
     /// the next message with.
-    fn finish_echo(&self, expected: &[u8], hist: &mut Histogram<u64>) -> io::Result<Instant> {
+    fn finish_echo(&self, expected: &[u8], meter: &mut Meter) -> io::Result<Instant> {
         if self.buf[..self.received] != expected[..] {
             return Err(io::Error::other("the echo differs from the message sent"));
         }
-        let now = Instant::now();
-        hist.saturating_record(now.duration_since(self.sent_at).as_nanos() as u64);
-        Ok(now)
+        Ok(meter.record(self.sent_at))
     }
 
     fn write_pending(&mut self, request: &[u8]) -> io::Result<()> {
-        while self.written < request.len() {
-            match self.stream.write(&request[self.written..]) {
-                Ok(0) => return Err(ErrorKind::WriteZero.into()),
-                Ok(n) => self.written += n,
-                Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(())
+        write_pending(&mut self.stream, request, &mut self.written)
     }
 
     fn send(&mut self, request: &[u8], now: Instant) -> io::Result<()> {
@@ -269,70 +234,21 @@ impl Conn {
     }
 }
 
-fn clock_ticks_per_second() -> f64 {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
-}
-
-/// Utime + stime of a process in seconds, from `/proc/PID/stat`.
-fn cpu_seconds(pid: &str) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let mut fields = stat.rsplit_once(')')?.1.split_whitespace().skip(11); // field 14: utime
-    let ticks = fields.next()?.parse::<u64>().ok()? + fields.next()?.parse::<u64>().ok()?;
-    Some(ticks as f64 / clock_ticks_per_second())
-}
-
-/// CPU time of the whole machine (all CPUs, stolen time included, idle and iowait not) in
-/// seconds, from `/proc/stat`.
-fn machine_busy_seconds() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/stat").ok()?;
-    let line = stat.lines().next()?.strip_prefix("cpu ")?;
-    let ticks: Vec<u64> = line.split_whitespace().take(8).map(|f| f.parse().ok()).collect::<Option<_>>()?;
-    let [user, nice, system, _idle, _iowait, irq, softirq, steal] = ticks[..] else { return None };
-    Some((user + nice + system + irq + softirq + steal) as f64 / clock_ticks_per_second())
-}
-
-/// CPU counters at one end of the measured window.
-struct Window {
-    at: Instant,
-    client: Option<f64>,
-    server: Option<f64>,
-    machine: Option<f64>,
-}
-
-impl Window {
-    fn now(server: &Option<String>) -> Self {
-        let server = server.as_deref().and_then(cpu_seconds);
-        Window { at: Instant::now(), client: cpu_seconds("self"), server, machine: machine_busy_seconds() }
-    }
-}
-
-/// CPU % (of one core) between two readings.
-fn percent(start: Option<f64>, end: Option<f64>, secs: f64) -> Option<f64> {
-    Some((100.0 * (end? - start?) / secs).round())
-}
-
-fn show(percent: Option<f64>) -> String {
-    percent.map_or_else(|| "na".into(), |p| format!("{p:.0}"))
-}
-
 fn run(o: Options) -> io::Result<()> {
-    let payload: Vec<u8> = (0..o.size).map(|i| b'a' + (i % 26) as u8).collect();
+    let payload: Vec<u8> = (0..o.run.size).map(|i| b'a' + (i % 26) as u8).collect();
     let (request, expected) = (frame(&payload, true), frame(&payload, false));
-    let server_pid = o.server_pid.map(|p| p.to_string());
 
     let mut poll = Poll::new()?;
-    let mut conns = Vec::with_capacity(o.conns);
-    for i in 0..o.conns {
+    let mut conns = Vec::with_capacity(o.run.conns);
+    for i in 0..o.run.conns {
         let (mut stream, tls) = connect(o.addr, o.tls.as_ref())
             .map_err(|e| io::Error::new(e.kind(), format!("connection {i}: {e}")))?;
         poll.registry().register(&mut stream, Token(i), Interest::READABLE | Interest::WRITABLE)?;
         let buf = vec![0; expected.len() + 512].into_boxed_slice();
         conns.push(Conn { stream, written: 0, received: 0, buf, sent_at: Instant::now(), tls });
     }
-    let mut hist =
-        Histogram::<u64>::new_with_bounds(1_000, 60_000_000_000, 3).expect("valid histogram bounds");
     let mut events = Events::with_capacity(1024);
+    let mut meter = Meter::start(&o.run);
     let start = Instant::now();
     for c in &mut conns {
         if c.tls.is_some() {
@@ -341,20 +257,8 @@ fn run(o: Options) -> io::Result<()> {
             c.send(&request, start)?;
         }
     }
-    let (warm_end, end) = (start + o.warmup, start + o.warmup + o.duration);
-    let (mut window, mut count) = (None, 0u64);
-    loop {
-        let now = Instant::now();
-        if window.is_none() && now >= warm_end {
-            hist.reset();
-            count = 0;
-            window = Some(Window::now(&server_pid));
-        }
-        if now >= end {
-            break;
-        }
-        let until = if window.is_none() { warm_end } else { end };
-        poll.poll(&mut events, Some((until - now).min(STEP_TIMEOUT)))?;
+    while let Some(wait) = meter.next_wait() {
+        poll.poll(&mut events, Some(wait))?;
         for event in &events {
             let c = &mut conns[event.token().0];
             if c.tls.is_some() {
@@ -364,8 +268,7 @@ fn run(o: Options) -> io::Result<()> {
                 }
                 c.receive_tls(expected.len())?;
                 if c.received >= expected.len() {
-                    let now = c.finish_echo(&expected, &mut hist)?;
-                    count += 1;
+                    let now = c.finish_echo(&expected, &mut meter)?;
                     c.send_tls(&request, now)?;
                 }
                 continue;
@@ -374,60 +277,22 @@ fn run(o: Options) -> io::Result<()> {
             if !event.is_readable() {
                 continue;
             }
-            loop {
-                match c.stream.read(&mut c.buf[c.received..]) {
-                    Ok(0) => {
-                        return Err(io::Error::new(
-                            ErrorKind::UnexpectedEof,
-                            "the server closed a connection",
-                        ))
-                    }
-                    Ok(n) => c.received += n,
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                }
-                if c.received >= expected.len() {
-                    let now = c.finish_echo(&expected, &mut hist)?;
-                    count += 1;
-                    c.send(&request, now)?;
-                    // Nothing more can arrive before the server has this message, and its echo
-                    // raises a new edge: skip the read that would only return WouldBlock.
-                    break;
-                }
+            read_until(&mut c.stream, &mut c.buf, &mut c.received, expected.len())?;
+            if c.received >= expected.len() {
+                let now = c.finish_echo(&expected, &mut meter)?;
+                // Nothing more can arrive before the server has this message, and its echo
+                // raises a new edge: the read that would only return WouldBlock is skipped.
+                c.send(&request, now)?;
             }
         }
     }
-    let first = window.expect("the measured window has started");
-    let last = Window::now(&server_pid);
-    let secs = last.at.duration_since(first.at).as_secs_f64();
-    let rate = count as f64 / secs;
-    let (p50, p99) = (hist.value_at_quantile(0.50) as f64 / 1e3, hist.value_at_quantile(0.99) as f64 / 1e3);
-    let (client, server) =
-        (percent(first.client, last.client, secs), percent(first.server, last.server, secs));
-    // Everything else the machine ran meanwhile (other processes, the hypervisor's steal time).
-    let others = percent(first.machine, last.machine, secs)
-        .map(|m| (m - client.unwrap_or(0.0) - server.unwrap_or(0.0)).max(0.0));
-    let (client, server, others) = (show(client), show(server), show(others));
-    println!(
-        "ws-load: {} conns x {} B, {secs:.2} s measured: {rate:.0} msgs/s, p50 {p50:.1} us, p99 {p99:.1} us, \
-         client CPU {client} %, server CPU {server} %, others {others} %",
-        o.conns, o.size
-    );
-    println!(
-        "RESULT msgs_per_s={rate:.0} p50_us={p50:.1} p99_us={p99:.1} client_cpu={client} server_cpu={server} \
-         others_cpu={others}"
-    );
+    meter.report("ws-load", &format!("{} conns x {} B", o.run.conns, o.run.size), &[]);
     Ok(())
 }
 
 fn main() {
-    let options = parse_args().unwrap_or_else(|e| {
-        eprintln!("{e}");
-        std::process::exit(2);
-    });
+    let options = parse_args().unwrap_or_else(|e| loadgen::fail("ws-load", e, true));
     if let Err(e) = run(options) {
-        eprintln!("ws-load: {e}");
-        std::process::exit(1);
+        loadgen::fail("ws-load", e, false);
     }
 }
