@@ -36,6 +36,7 @@ end
 -- Streams (TCP, TLS, Unix)
 
 local stream_methods = {}
+local net_on_data = core.net_on_data
 local STREAM = {
   __index = function(s, key)
     local method = stream_methods[key]
@@ -43,6 +44,14 @@ local STREAM = {
       return method
     end
     return core.net_prop(rawget(s, "__h"), key)
+  end,
+  -- Only new keys get here: Rust learns that the stream may have `on_data` (it then looks at the
+  -- field on each arrival instead of handing data to a parked read).
+  __newindex = function(s, key, value)
+    rawset(s, key, value)
+    if key == "on_data" and value ~= nil then
+      net_on_data(rawget(s, "__h"))
+    end
   end,
   __tostring = function(s)
     return ("luna.stream(%s)"):format(tostring(rawget(s, "peer_address") or rawget(s, "__h")))

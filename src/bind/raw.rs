@@ -14,6 +14,10 @@
 //! - the trampoline pushes the results (or raises the error) from `ManuallyDrop` storage, so an
 //!   allocation failure while pushing leaks that storage instead of skipping a destructor;
 //! - a panic becomes a Lua error instead of unwinding into C.
+//!
+//! [`resume`] is the other half: it hands values to a parked coroutine (a connection's handler
+//! waiting in `receive` or `read`) with `lua_resume` directly, in protected mode, instead of
+//! through mlua's handles (a registry lookup, an argument list, a result list per message).
 
 use std::ffi::{c_char, c_int, c_void};
 use std::mem::ManuallyDrop;
@@ -22,6 +26,7 @@ use std::rc::Rc;
 
 use mlua::{ffi, AnyUserData, Function, Lua, Result};
 
+use super::sched::park_value;
 use super::Runtime;
 
 /// The Lua stack of the thread that called a raw function (read-only for the body).
@@ -209,4 +214,94 @@ pub(crate) fn runtime_box(lua: &Lua, rt: &Rc<Runtime>) -> Result<AnyUserData> {
 pub(crate) fn function<F: RawFn>(lua: &Lua, boxed: &AnyUserData) -> Result<Function> {
     // SAFETY: pops the box pushed as the argument and pushes the closure over it.
     unsafe { lua.exec_raw(boxed, |state| ffi::lua_pushcclosure(state, trampoline::<F>, 1)) }
+}
+
+/// How a coroutine [`resume`] handed values to stopped.
+pub(crate) enum Outcome {
+    /// It waits again (yielded `PARK`).
+    Parked,
+    /// It yielded without parking (resume it next update).
+    Yielded(mlua::Thread),
+    /// It returned (its first result).
+    Finished(mlua::Value),
+    /// It raised (the message, with the coroutine's traceback).
+    Failed(mlua::Error),
+    /// It was not waiting (it died meanwhile, or something else resumed it).
+    Idle,
+}
+
+/// Resumes the suspended coroutine held in registry slot `thread` (a `RegistryKey::id`) with
+/// `args` (at most [`Out::MAX`]).
+pub(crate) fn resume(lua: &Lua, thread: c_int, args: &[Value]) -> Result<Outcome> {
+    const PARKED: i64 = 0;
+    const YIELDED: i64 = 1;
+    const FINISHED: i64 = 2;
+    const FAILED: i64 = 3;
+    const IDLE: i64 = 4;
+    let n = args.len() as c_int;
+    // SAFETY: runs in protected mode (exec_raw), so an allocation failure while pushing raises
+    // into mlua's pcall; the closure holds only references and integers (nothing to drop). It
+    // leaves two values on the main stack: an outcome code and its value.
+    let (code, value): (i64, mlua::Value) = unsafe {
+        lua.exec_raw((), move |state| {
+            ffi::luaL_checkstack(state, Out::MAX as c_int + 4, std::ptr::null());
+            ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, thread as _);
+            let co = ffi::lua_tothread(state, -1);
+            if co.is_null() || ffi::lua_status(co) != ffi::LUA_YIELD || ffi::lua_checkstack(co, n + 2) == 0 {
+                ffi::lua_pop(state, 1);
+                ffi::lua_pushinteger(state, IDLE as _);
+                ffi::lua_pushnil(state);
+                return;
+            }
+            // The thread stays at the bottom of what we push: the outcome's value may be it.
+            for value in args {
+                push(state, value);
+            }
+            ffi::lua_xmove(state, co, n);
+            let mut results = 0;
+            match ffi::lua_resume(co, state, n, &mut results) {
+                ffi::LUA_YIELD => {
+                    let first = ffi::lua_gettop(co) - results + 1;
+                    let parked = results >= 1 && ffi::lua_touserdata(co, first) == park_value().0;
+                    ffi::lua_settop(co, 0);
+                    if parked {
+                        ffi::lua_pop(state, 1);
+                        ffi::lua_pushinteger(state, PARKED as _);
+                        ffi::lua_pushnil(state);
+                    } else {
+                        ffi::lua_pushinteger(state, YIELDED as _);
+                        ffi::lua_insert(state, -2);
+                    }
+                }
+                ffi::LUA_OK => {
+                    ffi::lua_pop(state, 1);
+                    ffi::lua_pushinteger(state, FINISHED as _);
+                    if results >= 1 {
+                        ffi::lua_pushvalue(co, ffi::lua_gettop(co) - results + 1);
+                        ffi::lua_xmove(co, state, 1);
+                    } else {
+                        ffi::lua_pushnil(state);
+                    }
+                    ffi::lua_settop(co, 0);
+                }
+                _ => {
+                    // [thread] -> [FAILED, "message\ntraceback"]
+                    ffi::lua_xmove(co, state, 1);
+                    let text = ffi::luaL_tolstring(state, -1, std::ptr::null_mut());
+                    ffi::luaL_traceback(state, co, text, 0);
+                    ffi::lua_replace(state, -4);
+                    ffi::lua_pop(state, 2);
+                    ffi::lua_pushinteger(state, FAILED as _);
+                    ffi::lua_insert(state, -2);
+                }
+            }
+        })?
+    };
+    Ok(match (code, value) {
+        (PARKED, _) => Outcome::Parked,
+        (YIELDED, mlua::Value::Thread(t)) => Outcome::Yielded(t),
+        (FINISHED, v) => Outcome::Finished(v),
+        (FAILED, v) => Outcome::Failed(mlua::Error::RuntimeError(v.to_string().unwrap_or_default())),
+        _ => Outcome::Idle,
+    })
 }

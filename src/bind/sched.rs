@@ -7,14 +7,13 @@
 use std::collections::{HashMap, VecDeque};
 
 use rustc_hash::FxHashMap;
-use std::ffi::c_void;
+use std::ffi::{c_int, c_void};
 use std::time::Duration;
 
-use mlua::{
-    Function, IntoLuaMulti, LightUserData, Lua, MultiValue, RegistryKey, Result, Thread, ThreadStatus, Value,
-};
+use mlua::{Function, IntoLuaMulti, LightUserData, Lua, RegistryKey, Result, Thread, ThreadStatus, Value};
 
 use super::error::message;
+use super::raw;
 use super::Runtime;
 use crate::driver::{Key, TimerQueue};
 
@@ -26,9 +25,9 @@ pub(crate) enum TimerAction {
     Call { func: RegistryKey, every: Option<Duration> },
 }
 
-/// Runs when a library-owned coroutine finishes (`Ok` with its return values) or fails; an
-/// app uses it to send a handler's result or to apply its own error policy.
-pub(crate) type Hook = Box<dyn FnOnce(&Lua, &Runtime, Result<MultiValue>) -> Result<()>>;
+/// Runs when a library-owned coroutine finishes (`Ok` with its first return value) or fails;
+/// an app uses it to send a handler's result or to apply its own error policy.
+pub(crate) type Hook = Box<dyn FnOnce(&Lua, &Runtime, Result<Value>) -> Result<()>>;
 
 #[derive(Default)]
 pub(crate) struct Sched {
@@ -85,8 +84,8 @@ pub(crate) fn delivered_value() -> LightUserData {
     LightUserData(&DELIVERED_SENTINEL as *const u8 as *mut c_void)
 }
 
-fn is_park(values: &MultiValue) -> bool {
-    matches!(values.front(), Some(Value::LightUserData(ud)) if ud.0 == park_value().0)
+fn is_park(value: &Value) -> bool {
+    matches!(value, Value::LightUserData(ud) if ud.0 == park_value().0)
 }
 
 /// Resumes `thread` if it can be resumed. A yield without `PARK` schedules it for the next
@@ -96,7 +95,8 @@ pub(crate) fn resume(lua: &Lua, rt: &Runtime, thread: &Thread, args: impl IntoLu
     if thread.status() != ThreadStatus::Resumable {
         return Ok(());
     }
-    let result = thread.resume::<MultiValue>(args);
+    // Only the first value matters (`PARK`, or a finished coroutine's result): no list is built.
+    let result = thread.resume::<Value>(args);
     if let Ok(values) = &result {
         if thread.status() == ThreadStatus::Resumable {
             if !is_park(values) {
@@ -106,7 +106,13 @@ pub(crate) fn resume(lua: &Lua, rt: &Runtime, thread: &Thread, args: impl IntoLu
             return Ok(());
         }
     }
-    let hook = rt.sched.borrow_mut().hooks.remove(&(thread.to_pointer() as usize));
+    finished(lua, rt, thread.to_pointer() as usize, result)
+}
+
+/// A coroutine (by pointer) ended with `result`: its hook takes it, or an error goes to the
+/// error policy.
+fn finished(lua: &Lua, rt: &Runtime, thread: usize, result: Result<Value>) -> Result<()> {
+    let hook = rt.sched.borrow_mut().hooks.remove(&thread);
     match (hook, result) {
         (Some((key, hook)), result) => {
             lua.remove_registry_value(key)?;
@@ -114,6 +120,27 @@ pub(crate) fn resume(lua: &Lua, rt: &Runtime, thread: &Thread, args: impl IntoLu
         }
         (None, Ok(_)) => Ok(()),
         (None, Err(e)) => report(lua, rt, &e),
+    }
+}
+
+/// Hands `args` to a parked coroutine (its registry slot and pointer) with [`raw::resume`], then
+/// does what [`resume`] does after a resume.
+pub(crate) fn resume_parked(
+    lua: &Lua,
+    rt: &Runtime,
+    thread: c_int,
+    ptr: usize,
+    args: &[raw::Value],
+) -> Result<()> {
+    match raw::resume(lua, thread, args)? {
+        raw::Outcome::Parked | raw::Outcome::Idle => Ok(()),
+        raw::Outcome::Yielded(thread) => {
+            let key = lua.create_registry_value(thread)?;
+            rt.sched.borrow_mut().next_frame.push(key);
+            Ok(())
+        }
+        raw::Outcome::Finished(value) => finished(lua, rt, ptr, Ok(value)),
+        raw::Outcome::Failed(e) => finished(lua, rt, ptr, Err(e)),
     }
 }
 

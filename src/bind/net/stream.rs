@@ -58,6 +58,8 @@ pub(super) struct Record {
     /// Writes made before the stream existed (host name resolving).
     early: Vec<u8>,
     limits: RawLimits,
+    /// `on_data` may be set (the field is looked at on each arrival only then).
+    pub on_data: bool,
     pub half_open: bool,
     opened: bool,
     eof_seen: bool,
@@ -111,6 +113,7 @@ impl Record {
             connect: None,
             early: Vec::new(),
             limits,
+            on_data: false,
             half_open: false,
             opened: false,
             eof_seen: false,
@@ -432,50 +435,51 @@ pub(super) fn set_addresses(rt: &Runtime, object: &Table, key: Key) -> Result<()
 
 /// Hands received data to `on_data`, or to the connection's coroutine parked in `read`.
 fn deliver(lua: &Lua, rt: &Runtime, h: u64, key: Key) -> Result<()> {
-    let (object, owner) = {
+    let object = {
         let net = rt.net.borrow();
         let Some(rec) = net.streams.get(&h) else { return Ok(()) };
-        let owner = match (&rec.parked, &rec.owner) {
-            (Some(request), Some((thread, _))) => {
-                Some((request.clone(), lua.registry_value::<Thread>(thread)?))
-            }
-            _ => None,
-        };
-        (lua.registry_value::<Table>(&rec.object)?, owner)
+        rec.on_data.then(|| lua.registry_value::<Table>(&rec.object)).transpose()?
     };
-    if let Some(on_data) = callback(&object, "on_data")? {
-        return deliver_on_data(lua, rt, key, object, on_data);
+    if let Some(object) = object {
+        if let Some(on_data) = callback(&object, "on_data")? {
+            return deliver_on_data(lua, rt, key, object, on_data);
+        }
     }
-    let Some((request, thread)) = owner else { return Ok(()) };
-    let answer = {
+    let (answer, thread, ptr) = {
         let mut net = rt.net.borrow_mut();
+        let Some(rec) = net.streams.get_mut(&h) else { return Ok(()) };
+        let (Some(request), Some((thread, ptr))) = (&rec.parked, &rec.owner) else { return Ok(()) };
+        let (thread, ptr) = (thread.id(), *ptr);
         let mut driver = rt.driver.borrow_mut();
-        let (Some(rec), Some(proto)) = (net.streams.get_mut(&h), driver.proto::<RawStream>(key)) else {
-            return Ok(());
+        let Some(proto) = driver.proto::<RawStream>(key) else { return Ok(()) };
+        let answer = match take(proto, request) {
+            Some(data) => Ok(data),
+            None => match end_of(rec, Some(proto)) {
+                Some(why) => {
+                    let partial = proto.input().to_vec();
+                    proto.consume_input(partial.len());
+                    Err((why, partial))
+                }
+                None => return Ok(()),
+            },
         };
-        let answer = match take(proto, &request) {
-            Some(data) => Some(Ok(data)),
-            None => end_of(rec, Some(proto)).map(|why| {
-                let partial = proto.input().to_vec();
-                let n = partial.len();
-                proto.consume_input(n);
-                Err((why, partial))
-            }),
-        };
-        if answer.is_some() {
-            rec.parked = None;
-        }
-        answer
+        rec.parked = None;
+        (answer, thread, ptr)
     };
-    let tag = Value::LightUserData(delivered_value());
+    let tag = raw::Value::Light(delivered_value().0);
     match answer {
-        None => Ok(()),
-        Some(Ok(data)) => {
+        Ok(data) => {
             resume_reading(rt, key);
-            sched::resume(lua, rt, &thread, (tag, lua.create_string(&data)?))
+            sched::resume_parked(lua, rt, thread, ptr, &[tag, raw::Value::Owned(data)])
         }
-        Some(Err((why, partial))) => {
-            sched::resume(lua, rt, &thread, (tag, Value::Nil, reason(&why), lua.create_string(&partial)?))
+        Err((why, partial)) => {
+            let args = [
+                tag,
+                raw::Value::Nil,
+                raw::Value::Owned(reason(&why).into_bytes()),
+                raw::Value::Owned(partial),
+            ];
+            sched::resume_parked(lua, rt, thread, ptr, &args)
         }
     }
 }
@@ -541,7 +545,8 @@ pub(super) fn end(lua: &Lua, rt: &Runtime, h: u64, why: Option<String>) -> Resul
         }
         object
     };
-    if let Some(key) = rt.net.borrow().streams.get(&h).and_then(|r| r.key) {
+    let key = rt.net.borrow().streams.get(&h).and_then(|r| r.key);
+    if let Some(key) = key {
         deliver(lua, rt, h, key)?;
     }
     // Kept to the end of the update: the coroutines just woken read the reason.
@@ -717,6 +722,7 @@ pub(super) fn connect(
     }
     let mut rec = Record::new(lua.create_registry_value(&object)?, None, None, limits);
     rec.half_open = half_open;
+    rec.on_data = o.function("on_data")?.is_some();
     rt.net.borrow_mut().streams.insert(h, rec);
     if kind == "unix" {
         if let Err(e) = start(&rt, h, &Target::Unix(host.into()), &spec, limits) {
@@ -780,6 +786,16 @@ fn start(
 
 // ---------------------------------------------------------------------------------------------
 // The other primitives (through mlua)
+
+/// `core.net_on_data(h)`: the stream's `on_data` field was set.
+fn net_on_data(lua: &Lua, h: Value) -> Result<()> {
+    let rt = runtime(lua)?;
+    let mut net = rt.net.borrow_mut();
+    if let Some(rec) = handle_number(&h).and_then(|h| net.streams.get_mut(&h)) {
+        rec.on_data = true;
+    }
+    Ok(())
+}
 
 /// `core.net_wait(h, co)`: parks `co` until the stream has news; false if it is gone.
 fn net_wait(lua: &Lua, (h, thread): (Value, Thread)) -> Result<bool> {
@@ -986,6 +1002,7 @@ pub(super) fn register(lua: &Lua, rt: &std::rc::Rc<Runtime>, core: &Table) -> Re
     core.set("net_read", raw::function::<Read>(lua, &boxed)?)?;
     core.set("net_write", raw::function::<Write>(lua, &boxed)?)?;
     core.set("net_wait", lua.create_function(net_wait)?)?;
+    core.set("net_on_data", lua.create_function(net_on_data)?)?;
     core.set("net_status", lua.create_function(net_status)?)?;
     core.set("net_drained", lua.create_function(net_drained)?)?;
     core.set("net_close", lua.create_function(net_close)?)?;

@@ -526,7 +526,7 @@ fn spawn(lua: &Lua, (f, done, args, client): (Function, Function, Value, Value))
         let done_fn: Function = lua.registry_value(&done)?;
         lua.remove_registry_value(done)?;
         match result {
-            Ok(values) => done_fn.call::<()>((true, values.into_iter().next().unwrap_or(Value::Nil))),
+            Ok(value) => done_fn.call::<()>((true, value)),
             Err(e) => done_fn.call::<()>((false, message(&e))),
         }
     });

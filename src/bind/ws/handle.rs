@@ -7,7 +7,7 @@
 //! finds nothing to receive parks itself with a flag on its connection, and the next message is
 //! passed to it as resume values (`DELIVERED, message, opcode`) without a further call.
 
-use mlua::{Lua, Result, Thread, ThreadStatus, Value};
+use mlua::{Lua, Result, Thread, Value};
 
 use super::super::raw::{self, Out, RawFn, Stack};
 use super::super::sched::{self, delivered_value, park_value};
@@ -177,24 +177,30 @@ fn ws_wait(lua: &Lua, (h, thread): (Value, Thread)) -> Result<bool> {
 /// `receive`: it resumes with `DELIVERED, message, opcode` (or `DELIVERED, nil, nil, clean,
 /// code, reason`).
 pub(super) fn deliver(lua: &Lua, rt: &Runtime, conn: Key) -> Result<()> {
-    let thread = match rt.ws.borrow().conns.get(&conn) {
-        Some(c) if c.parked => lua.registry_value::<Thread>(&c.handler)?,
+    let (thread, ptr) = match rt.ws.borrow().conns.get(&conn) {
+        Some(c) if c.parked => (c.handler.id(), c.handler_ptr),
         _ => return Ok(()),
     };
-    if thread.status() != ThreadStatus::Resumable {
-        return Ok(());
-    }
     let Some(received) = take_received(rt, conn) else { return Ok(()) };
     if let Some(c) = rt.ws.borrow_mut().conns.get_mut(&conn) {
         c.parked = false;
     }
-    let tag = Value::LightUserData(delivered_value());
+    let tag = raw::Value::Light(delivered_value().0);
     match received {
         Received::Message(op, data) => {
-            sched::resume(lua, rt, &thread, (tag, lua.create_string(&data)?, op.as_u8()))
+            let args = [tag, raw::Value::Bytes(data), raw::Value::Int(op.as_u8().into())];
+            sched::resume_parked(lua, rt, thread, ptr, &args)
         }
         Received::Closed { code, reason, clean } => {
-            sched::resume(lua, rt, &thread, (tag, Value::Nil, Value::Nil, clean, code, reason))
+            let args = [
+                tag,
+                raw::Value::Nil,
+                raw::Value::Nil,
+                raw::Value::Bool(clean),
+                raw::Value::Int(code.into()),
+                raw::Value::Owned(reason.into_bytes()),
+            ];
+            sched::resume_parked(lua, rt, thread, ptr, &args)
         }
     }
 }
