@@ -1,6 +1,14 @@
-//! The only code that knows Lua: the `luna` / `lunac` module tables, userdata handles and the
-//! scheduler. All state lives in one [`Runtime`] per Lua state (mlua app data), so it dies with
-//! the state at `lua_close` (LÖVE's restart included).
+//! The only code that knows Lua: the `luna` / `lunac` module tables, the objects Lua holds and
+//! the scheduler. All state lives in one [`Runtime`] per Lua state (mlua app data), so it dies
+//! with the state at `lua_close` (LÖVE's restart included).
+//!
+//! One module per protocol, each owning the driver entries it opens (their `Tag`):
+//! `ws` (WebSocket apps), `rpc` (RPC apps), `net` (raw TCP/TLS/Unix/UDP sockets). `tick`
+//! polls the driver, services ready entries and hands each event to its module. Shared by all:
+//! `addr` (addresses and waiting for name resolution), `tls` (configs from PEM files and the
+//! system store), `options` and `policy` (config tables, error policy), `sched` and `time`
+//! (coroutines, timers), `raw` (hot-path C functions and resuming parked handlers),
+//! `msgpack`. A new protocol is one module here (plus its `proto::` type).
 
 mod addr;
 mod error;
