@@ -7,7 +7,7 @@ local PARK, DELIVERED = core.PARK, core.DELIVERED
 local yield, running = coroutine.yield, coroutine.running
 local now = core.now
 
-local api = {}
+local api = { now = now }
 
 -- The running coroutine, or an error naming the call and the fix.
 local function need_coroutine(call)

@@ -1,9 +1,9 @@
 -- The Lua half of RPC apps (luna.new_app / lunac.connect_to_app): app, router, handler and client
 -- objects, the request pipeline (middlewares, validate, handler, response_validate) and the
 -- waiting `fetch`. Sockets, sessions, encoding, idle clients and penalties live in Rust
--- (src/bind/rpc.rs); `core` is its table of primitives.
+-- (src/bind/rpc/); `core` is its table of primitives.
 local core = ...
-local PARK = core.PARK
+local PARK, DELIVERED = core.PARK, core.DELIVERED
 local yield, running = coroutine.yield, coroutine.running
 local unpack = table.unpack or unpack
 
@@ -150,28 +150,34 @@ local function answer(app, client, id, ok, value)
   if client.__closed then
     return
   end
-  core.respond(app.__id, client.__conn, id, ok, value)
+  local sent, err = core.respond(app.__id, client.__conn, id, ok, value)
+  if not sent then
+    core.report(app.__id, err)
+  end
 end
 
--- Post phase, response_validate, send. `ok`/`value`: the handler's outcome.
+-- Post phase, response_validate, send. `ok`/`value`: the handler's outcome. `context` is nil
+-- for a handler without middlewares.
 local function finish(app, router, handler, context, client, id, ok, value)
   if ok then
-    context.response = value
-    for _, mw in ipairs(handler.middlewares) do
-      local mok, replaced = pcall(mw, context, false)
-      if not mok then
-        local msg = "Middleware error: " .. tostring(replaced)
-        answer(app, client, id, false, msg)
-        return report(app, router, handler, msg)
+    if context then
+      context.response = value
+      for _, mw in ipairs(handler.middlewares) do
+        local mok, replaced = pcall(mw, context, false)
+        if not mok then
+          local msg = "Middleware error: " .. tostring(replaced)
+          answer(app, client, id, false, msg)
+          return report(app, router, handler, msg)
+        end
+        if replaced ~= nil then
+          context.response = replaced
+        end
+        if context.stop then
+          break
+        end
       end
-      if replaced ~= nil then
-        context.response = replaced
-      end
-      if context.stop then
-        break
-      end
+      value = context.response
     end
-    value = context.response
     if handler.response_validate then
       local err = check_response(handler.response_validate, value)
       if err then
@@ -187,11 +193,27 @@ local function finish(app, router, handler, context, client, id, ok, value)
   end
 end
 
+-- "router/handler" split once per distinct path (paths are interned strings); the cache is
+-- emptied when hostile clients fill it with made-up paths.
+local routes, route_count = {}, 0
+local function route(path)
+  local r = routes[path]
+  if r == nil then
+    local rname, hname = path:match("^([^/]*)/([^/]*)")
+    r = rname and { rname, hname } or false
+    if route_count >= 1024 then
+      routes, route_count = {}, 0
+    end
+    routes[path], route_count = r, route_count + 1
+  end
+  return r
+end
+
 -- One request from `client` (called by Rust for every request envelope).
 function R.request(app, client, id, path, args, size)
-  local rname, hname = path:match("^([^/]*)/([^/]*)")
-  local router = rname and app.__routers[rname]
-  local handler = router and router.handlers[hname]
+  local r = route(path)
+  local router = r and app.__routers[r[1]]
+  local handler = router and router.handlers[r[2]]
   if not handler then
     return answer(app, client, id, false, "Unknown route '" .. path .. "'")
   end
@@ -213,23 +235,26 @@ function R.request(app, client, id, path, args, size)
   if args == nil then
     args = {}
   end
-  local context = { request = { path = path, args = args }, client = client, ip = client.ip, port = client.port,
-                    stop = false }
-  for _, mw in ipairs(handler.middlewares) do
-    local ok, result = pcall(mw, context, true)
-    if not ok then
-      local msg = "Middleware error: " .. tostring(result)
-      answer(app, client, id, false, msg)
-      return report(app, router, handler, msg)
-    end
-    if context.stop then
-      if result ~= nil then
-        return answer(app, client, id, true, result)
+  local context
+  if handler.middlewares[1] ~= nil then
+    context = { request = { path = path, args = args }, client = client, ip = client.ip, port = client.port,
+                stop = false }
+    for _, mw in ipairs(handler.middlewares) do
+      local ok, result = pcall(mw, context, true)
+      if not ok then
+        local msg = "Middleware error: " .. tostring(result)
+        answer(app, client, id, false, msg)
+        return report(app, router, handler, msg)
       end
-      return answer(app, client, id, false, "Request stopped by middleware")
+      if context.stop then
+        if result ~= nil then
+          return answer(app, client, id, true, result)
+        end
+        return answer(app, client, id, false, "Request stopped by middleware")
+      end
     end
+    args = context.request.args
   end
-  args = context.request.args
   if handler.validate then
     local err = check_args(handler.validate, handler.validate_names, type(args) == "table" and args or {})
     if err then
@@ -310,11 +335,16 @@ local function fetch(id, path, args, timeout)
     return nil, err
   end
   while true do
-    local done, result, ferr = core.fetch_result(id, call)
+    -- The answer comes as resume values; any other wake-up (timeout, disconnect) asks.
+    local tag, result, ferr = yield(PARK)
+    if tag == DELIVERED then
+      return result, ferr
+    end
+    local done
+    done, result, ferr = core.fetch_result(id, call)
     if done then
       return result, ferr
     end
-    yield(PARK)
   end
 end
 

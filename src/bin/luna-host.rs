@@ -92,6 +92,8 @@ fn run(options: Options) -> mlua::Result<()> {
     let frame = Duration::from_secs_f64(1.0 / options.hz);
     let mut next_frame = Instant::now() + frame;
     let mut last_update = Instant::now();
+    // Looked up once a frame, not once a tick (the script may define or drop it at any time).
+    let mut update = global_function(&lua, "update")?;
     loop {
         if stop.load(Ordering::Relaxed) {
             if let Some(quit) = global_function(&lua, "quit")? {
@@ -100,9 +102,8 @@ fn run(options: Options) -> mlua::Result<()> {
             luna::bind::close(&lua)?;
             return Ok(());
         }
-        let update = global_function(&lua, "update")?;
-        let pending = luna::bind::pending(&lua)?;
-        if !pending && (update.is_none() || luna::bind::close_requested(&lua)?) {
+        let state = luna::bind::host_state(&lua)?;
+        if !state.pending && (update.is_none() || state.close_requested) {
             return Ok(());
         }
         let now = Instant::now();
@@ -110,14 +111,17 @@ fn run(options: Options) -> mlua::Result<()> {
         if update.is_some() {
             wake = wake.min(next_frame);
         }
-        if let Some(at) = luna::bind::next_wakeup(&lua)? {
+        if let Some(at) = state.wake {
             wake = wake.min(at);
         }
         luna::bind::tick(&lua, Some(wake.saturating_duration_since(now)))?;
         let now = Instant::now();
-        if let Some(update) = update.filter(|_| now >= next_frame) {
-            update.call::<()>((now - last_update).as_secs_f64())?;
-            last_update = now;
+        if now >= next_frame {
+            update = global_function(&lua, "update")?;
+            if let Some(update) = &update {
+                update.call::<()>((now - last_update).as_secs_f64())?;
+                last_update = now;
+            }
             next_frame += frame;
             if next_frame <= now {
                 // Fell behind (a slow frame): keep the rate, do not burst.

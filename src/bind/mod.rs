@@ -119,14 +119,14 @@ fn tick_inner(lua: &Lua, rt: &Runtime, timeout: Option<Duration>) -> Result<()> 
             match event {
                 Ready::Resolved(host) => {
                     let waiters = sched.dns_waiters.remove(&host).unwrap_or_default();
-                    sched.jobs.extend(waiters);
+                    sched.jobs.extend(waiters.into_iter().map(sched::Job::Key));
                     resolved.push(host);
                 }
                 Ready::Entry(key) => service.push_back(key),
             }
         }
         let yielded = std::mem::take(&mut sched.next_frame);
-        sched.jobs.extend(yielded);
+        sched.jobs.extend(yielded.into_iter().map(sched::Job::Key));
     }
     // Everything waiting for a host hears of it, even if one of them raises.
     let mut raised = Ok(());
@@ -162,18 +162,41 @@ fn dispatch(lua: &Lua, rt: &Runtime) -> Result<()> {
     }
 }
 
-/// When the standalone host must tick next: `None` if only I/O can wake anything.
-pub fn next_wakeup(lua: &Lua) -> Result<Option<Instant>> {
+/// What the standalone host needs between ticks.
+pub struct HostState {
+    /// Timers, waiting coroutines or open sockets can still call back into Lua.
+    pub pending: bool,
+    /// The script called `luna.close()` / `lunac.close()`.
+    pub close_requested: bool,
+    /// When to tick next at the latest (`None`: only I/O can wake anything).
+    pub wake: Option<Instant>,
+}
+
+/// The runtime's state for the standalone host's loop (one look, once per tick).
+pub fn host_state(lua: &Lua) -> Result<HostState> {
     let rt = runtime(lua)?;
+    let wake = wakeup(&rt);
+    let sched = rt.sched.borrow();
+    Ok(HostState {
+        pending: sched.pending() || rt.driver.borrow().pending() > 0 || !rt.resolving.borrow().is_empty(),
+        close_requested: sched.close_requested,
+        wake,
+    })
+}
+
+fn wakeup(rt: &Runtime) -> Option<Instant> {
     let mut sched = rt.sched.borrow_mut();
     if !sched.jobs.is_empty() || !sched.next_frame.is_empty() || !rt.service.borrow().is_empty() {
-        return Ok(Some(Instant::now()));
+        return Some(Instant::now());
     }
-    let driver = rt.driver.borrow_mut().next_deadline();
-    Ok(match (sched.timers.next_deadline(), driver) {
+    let mut driver = rt.driver.borrow_mut();
+    if driver.has_events() {
+        return Some(Instant::now());
+    }
+    match (sched.timers.next_deadline(), driver.next_deadline()) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
-    })
+    }
 }
 
 /// Runs `f` on this state's driver (embedding hosts and benchmarks open entries this way).
@@ -183,15 +206,7 @@ pub fn with_driver<R>(lua: &Lua, f: impl FnOnce(&mut Driver) -> R) -> Result<R> 
 
 /// True while timers, waiting coroutines or open sockets can still call back into Lua.
 pub fn pending(lua: &Lua) -> Result<bool> {
-    let rt = runtime(lua)?;
-    let busy =
-        rt.sched.borrow().pending() || rt.driver.borrow().pending() > 0 || !rt.resolving.borrow().is_empty();
-    Ok(busy)
-}
-
-/// True once the script called `luna.close()` / `lunac.close()`.
-pub fn close_requested(lua: &Lua) -> Result<bool> {
-    Ok(runtime(lua)?.sched.borrow().close_requested)
+    Ok(host_state(lua)?.pending)
 }
 
 /// `luna.close()` and `lunac.close()` together (the standalone host's shutdown).
@@ -255,7 +270,6 @@ fn fill_common(lua: &Lua, module: &Table, name: &'static str) -> Result<()> {
     module.set("spawn", lua.create_function(time::spawn)?)?;
     module.set("set_timeout", lua.create_function(time::set_timeout)?)?;
     module.set("set_interval", lua.create_function(time::set_interval)?)?;
-    module.set("now", lua.create_function(|lua, ()| Ok(runtime(lua)?.clock(Instant::now())))?)?;
     module.set(
         "set_error_handler",
         lua.create_function(|lua, handler: Value| {
@@ -286,10 +300,11 @@ fn lua_half(lua: &Lua) -> Result<Table> {
     let core = lua.create_table()?;
     core.set("PARK", Value::LightUserData(sched::park_value()))?;
     core.set("DELIVERED", Value::LightUserData(sched::delivered_value()))?;
-    core.set("now", lua.create_function(|lua, ()| Ok(runtime(lua)?.clock(Instant::now())))?)?;
+    let rt = runtime(lua)?;
+    let boxed = raw::runtime_box(lua, &rt)?;
+    core.set("now", raw::function::<time::Now>(lua, &boxed)?)?;
     core.set("sleep", lua.create_function(time::sleep)?)?;
     core.set("resolve", lua.create_function(resolve)?)?;
-    let rt = runtime(lua)?;
     ws::core(lua, &rt, &core)?;
     let (half, internal): (Table, Table) =
         lua.load(include_str!("../../lua/luna.lua")).set_name("=luna.lua").call(core.clone())?;

@@ -37,10 +37,15 @@ pub(crate) enum Value {
     Nil,
     Bool(bool),
     Int(i64),
+    Num(f64),
     Light(*mut c_void),
     Bytes(tungstenite::Bytes),
     Owned(Vec<u8>),
     Str(&'static str),
+    /// MessagePack that `msgpack::validate` accepted, pushed as the Lua value it encodes.
+    MsgPack(Vec<u8>),
+    /// The value in a registry slot (a `RegistryKey::id`).
+    Ref(c_int),
 }
 
 /// What a raw function returns: at most [`Out::MAX`] values (a C function may push
@@ -93,8 +98,42 @@ impl Stack {
         }
     }
 
+    /// The state itself, for readers that walk the stack (`msgpack::encode_stack`).
+    pub fn state(&self) -> *mut ffi::lua_State {
+        self.0
+    }
+
     pub fn is_nil(&self, idx: c_int) -> bool {
         unsafe { ffi::lua_type(self.0, idx) <= ffi::LUA_TNIL }
+    }
+
+    /// Argument `idx` if it is a coroutine: a [`ThreadRef`] keeping it alive. Call it before the
+    /// body creates anything with a destructor: registering it may raise (out of memory).
+    pub fn thread_ref(&self, idx: c_int) -> Option<ThreadRef> {
+        unsafe {
+            let co = ffi::lua_tothread(self.0, idx);
+            if co.is_null() {
+                return None;
+            }
+            ffi::lua_pushvalue(self.0, idx);
+            let id = ffi::luaL_ref(self.0, ffi::LUA_REGISTRYINDEX);
+            Some(ThreadRef { id, ptr: co as usize })
+        }
+    }
+
+    /// Argument `idx` as a number (integers included).
+    pub fn number(&self, idx: c_int) -> Option<f64> {
+        unsafe { (ffi::lua_type(self.0, idx) == ffi::LUA_TNUMBER).then(|| ffi::lua_tonumber(self.0, idx)) }
+    }
+
+    /// Whether argument `idx` is a table.
+    pub fn is_table(&self, idx: c_int) -> bool {
+        unsafe { ffi::lua_type(self.0, idx) == ffi::LUA_TTABLE }
+    }
+
+    /// Argument `idx` as Lua's truth (nil and false are false).
+    pub fn truthy(&self, idx: c_int) -> bool {
+        unsafe { ffi::lua_toboolean(self.0, idx) != 0 }
     }
 
     /// Argument `idx` if it is a number with an integral value.
@@ -130,10 +169,15 @@ unsafe fn push(state: *mut ffi::lua_State, value: &Value) {
         Value::Nil => ffi::lua_pushnil(state),
         Value::Bool(b) => ffi::lua_pushboolean(state, *b as c_int),
         Value::Int(n) => ffi::lua_pushinteger(state, *n as ffi::lua_Integer),
+        Value::Num(n) => ffi::lua_pushnumber(state, *n),
         Value::Light(p) => ffi::lua_pushlightuserdata(state, *p),
         Value::Bytes(b) => push_bytes(state, b),
         Value::Owned(v) => push_bytes(state, v),
         Value::Str(s) => push_bytes(state, s.as_bytes()),
+        Value::MsgPack(data) => super::msgpack::push_valid(state, data),
+        Value::Ref(id) => {
+            ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, *id as _);
+        }
     }
 }
 
@@ -304,4 +348,37 @@ pub(crate) fn resume(lua: &Lua, thread: c_int, args: &[Value]) -> Result<Outcome
         (FAILED, v) => Outcome::Failed(mlua::Error::RuntimeError(v.to_string().unwrap_or_default())),
         _ => Outcome::Idle,
     })
+}
+
+/// Calls the function in registry slot `func` with `args` (at most [`Out::MAX`]), in protected
+/// mode; errors come back as mlua errors, with the traceback.
+pub(crate) fn call(lua: &Lua, func: c_int, args: &[Value]) -> Result<()> {
+    let n = args.len() as c_int;
+    // SAFETY: protected (exec_raw); the closure holds references and integers only.
+    unsafe {
+        lua.exec_raw::<()>((), move |state| {
+            ffi::luaL_checkstack(state, n + 1, std::ptr::null());
+            ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, func as _);
+            for value in args {
+                push(state, value);
+            }
+            ffi::lua_call(state, n, 0);
+        })
+    }
+}
+
+/// A coroutine kept alive in a registry slot of ours (made by [`Stack::thread_ref`]): its slot and
+/// its pointer (what `Thread::to_pointer` gives). [`ThreadRef::release`] frees the slot.
+#[derive(Debug)]
+pub(crate) struct ThreadRef {
+    pub id: c_int,
+    pub ptr: usize,
+}
+
+impl ThreadRef {
+    /// Frees the registry slot (the coroutine may then be collected).
+    pub fn release(self, lua: &Lua) {
+        // SAFETY: luaL_unref only writes existing registry slots (no allocation, nothing raises).
+        lua.exec_raw_lua(|raw| unsafe { ffi::luaL_unref(raw.state(), ffi::LUA_REGISTRYINDEX, self.id) });
+    }
 }

@@ -36,7 +36,7 @@ pub(crate) struct Sched {
     hooks: FxHashMap<usize, (RegistryKey, Hook)>,
     pub timers: TimerQueue<TimerAction>,
     /// Parked coroutines that are ready, resumed by the current or next update.
-    pub jobs: VecDeque<RegistryKey>,
+    pub jobs: VecDeque<Job>,
     /// Coroutines that yielded without parking: resumed by the next update.
     pub next_frame: Vec<RegistryKey>,
     /// Coroutines waiting for a host name, by host.
@@ -66,9 +66,16 @@ impl Sched {
     /// Makes every coroutine parked on `key` ready.
     pub fn wake(&mut self, key: Key) {
         if let Some(waiters) = self.waiters.remove(&key) {
-            self.jobs.extend(waiters);
+            self.jobs.extend(waiters.into_iter().map(Job::Key));
         }
     }
+}
+
+/// A coroutine to resume: held by an mlua registry key, or by a raw reference (coroutines that
+/// raw C functions parked, e.g. a waiting `fetch`).
+pub(crate) enum Job {
+    Key(RegistryKey),
+    Raw(raw::ThreadRef),
 }
 
 static PARK_SENTINEL: u8 = 0;
@@ -186,10 +193,19 @@ pub(crate) fn report(lua: &Lua, rt: &Runtime, e: &mlua::Error) -> Result<()> {
 pub(crate) fn run_jobs(lua: &Lua, rt: &Runtime) -> Result<()> {
     let count = rt.sched.borrow().jobs.len();
     for _ in 0..count {
-        let Some(key) = rt.sched.borrow_mut().jobs.pop_front() else { break };
-        let thread: Thread = lua.registry_value(&key)?;
-        lua.remove_registry_value(key)?;
-        resume(lua, rt, &thread, ())?;
+        let Some(job) = rt.sched.borrow_mut().jobs.pop_front() else { break };
+        match job {
+            Job::Key(key) => {
+                let thread: Thread = lua.registry_value(&key)?;
+                lua.remove_registry_value(key)?;
+                resume(lua, rt, &thread, ())?;
+            }
+            Job::Raw(thread) => {
+                let resumed = resume_parked(lua, rt, thread.id, thread.ptr, &[]);
+                thread.release(lua);
+                resumed?;
+            }
+        }
     }
     Ok(())
 }

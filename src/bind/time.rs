@@ -90,13 +90,25 @@ pub(crate) fn sleep(lua: &Lua, (thread, delay): (Thread, Value)) -> Result<f64> 
     Ok(rt.clock(deadline))
 }
 
+/// `luna.now()`: seconds on the runtime's monotonic clock (a raw C function: games call it
+/// every frame, benchmarks around every call).
+pub(crate) struct Now;
+
+impl super::raw::RawFn for Now {
+    const NAME: &'static str = "luna.now()";
+
+    fn call(rt: &Runtime, _: &super::raw::Stack) -> std::result::Result<super::raw::Out, String> {
+        Ok(super::raw::Out::one(super::raw::Value::Num(rt.clock(Instant::now()))))
+    }
+}
+
 /// Runs every timer due at `now`. Callbacks run in new coroutines, given the timer handle.
 pub(crate) fn fire_timers(lua: &Lua, rt: &Runtime, now: Instant) -> Result<()> {
     loop {
         let due = rt.sched.borrow_mut().timers.pop_due(now);
         let Some((id, at, action)) = due else { return Ok(()) };
         match action {
-            TimerAction::Wake(thread) => rt.sched.borrow_mut().jobs.push_back(thread),
+            TimerAction::Wake(thread) => rt.sched.borrow_mut().jobs.push_back(sched::Job::Key(thread)),
             TimerAction::Call { func, every } => {
                 let callback: Function = lua.registry_value(&func)?;
                 match every {

@@ -224,6 +224,11 @@ impl Driver {
         }
     }
 
+    /// Whether events wait for [`Driver::pop_event`].
+    pub fn has_events(&self) -> bool {
+        !self.out.is_empty()
+    }
+
     /// The next event for the layer above.
     pub fn pop_event(&mut self) -> Option<Event> {
         self.out.pop_front()

@@ -44,7 +44,7 @@ impl NetState {
 /// Wakes the coroutines in `waiters` (they look again at what they wait for).
 fn wake_all(rt: &Runtime, waiters: &mut Vec<RegistryKey>) {
     if !waiters.is_empty() {
-        rt.sched.borrow_mut().jobs.extend(waiters.drain(..));
+        rt.sched.borrow_mut().jobs.extend(waiters.drain(..).map(sched::Job::Key));
     }
 }
 

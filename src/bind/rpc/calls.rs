@@ -3,10 +3,11 @@
 
 use std::time::{Duration, Instant};
 
-use mlua::{Lua, RegistryKey, Result, Table, Thread, Value};
+use mlua::{Lua, RegistryKey, Result, Table, Value};
 
 use super::super::error::{bad_arg, message, misuse};
-use super::super::msgpack::{decode, encode_for};
+use super::super::msgpack::{decode, encode_for, encode_stack};
+use super::super::raw::{self, Out, RawFn, Stack, ThreadRef};
 use super::super::runtime;
 use super::super::Runtime;
 use super::client::Link;
@@ -19,8 +20,8 @@ const DEFAULT_FETCH_TIMEOUT: f64 = 5.0;
 
 /// A call in flight.
 pub(super) enum Call {
-    /// `fetch`: a coroutine to wake (none when blocking) and when to give up.
-    Waiting { thread: Option<RegistryKey>, deadline: Instant },
+    /// `fetch`: the coroutine to wake (none when blocking) and when to give up.
+    Waiting { thread: Option<ThreadRef>, deadline: Instant },
     /// `noawait_fetch` with a callback.
     Callback(RegistryKey),
     /// The answer, until the waiting `fetch` picks it up.
@@ -34,7 +35,51 @@ pub(super) fn arm_calls(rt: &Runtime, key: Key, at: Option<Instant>) {
     }
 }
 
-/// Starts a call; `Ok(Err(text))` when the client cannot send.
+/// Sends a call with its encoded arguments; `Err(text)` when the client cannot send. The entry
+/// to flush comes back with the call id (none while the host name resolves). Runs no Lua.
+fn send_call(
+    rt: &Runtime,
+    id: u32,
+    path: &str,
+    args: &[u8],
+    noawait: bool,
+    state: Call,
+) -> std::result::Result<(u32, Option<Key>), (String, Call)> {
+    let mut st = rt.rpc.borrow_mut();
+    let Some(c) = st.clients.get_mut(&id) else { return Err(("Not connected to server".into(), state)) };
+    if c.link == Link::Down {
+        return Err(("Not connected to server".into(), state));
+    }
+    c.next_call = c.next_call.wrapping_add(1);
+    let call = c.next_call;
+    let mut msg = Vec::new();
+    Envelope::Request { id: call, path, args, noawait }.encode(&mut msg);
+    let key = c.key;
+    match key {
+        None => c.early.push(msg),
+        Some(key) => {
+            let sent = match rt.driver.borrow_mut().datagram_proto::<Client>(key) {
+                Some(client) => client.send(&msg),
+                None => Err(rpc::Error::NotConnected),
+            };
+            if let Err(e) = sent {
+                return Err((e.to_string(), state));
+            }
+        }
+    }
+    let deadline = match &state {
+        Call::Waiting { deadline, .. } => Some(*deadline),
+        _ => None,
+    };
+    c.calls.insert(call, state);
+    drop(st);
+    if let (Some(key), Some(at)) = (key, deadline) {
+        wake_by(rt, key, at);
+    }
+    Ok((call, key))
+}
+
+/// Starts a call from mlua arguments; `Ok(Err(text))` when the client cannot send.
 fn start_call(
     lua: &Lua,
     call_name: &str,
@@ -49,44 +94,37 @@ fn start_call(
     if !matches!(args, Value::Nil | Value::Table(_)) {
         return Err(bad_arg(call_name, "args", "a table or nil", args));
     }
-    let encoded = encode_for(call_name, "args", args)?;
+    let encoded = encode_for(lua, call_name, "args", args)?;
     let rt = runtime(lua)?;
-    let rt = &*rt;
-    let mut st = rt.rpc.borrow_mut();
-    let Some(c) = st.clients.get_mut(&id) else { return Ok(Err("Not connected to server".into())) };
-    if c.link == Link::Down {
-        return Ok(Err("Not connected to server".into()));
-    }
-    c.next_call = c.next_call.wrapping_add(1);
-    let call = c.next_call;
-    let mut msg = Vec::new();
-    Envelope::Request { id: call, path: &path, args: &encoded, noawait }.encode(&mut msg);
-    let key = c.key;
-    match key {
-        None => c.early.push(msg),
-        Some(key) => {
-            let sent = match rt.driver.borrow_mut().datagram_proto::<Client>(key) {
-                Some(client) => client.send(&msg),
-                None => Err(rpc::Error::NotConnected),
-            };
-            if let Err(e) = sent {
-                return Ok(Err(e.to_string()));
+    match send_call(&rt, id, &path, &encoded, noawait, state) {
+        Ok((call, key)) => {
+            if let Some(key) = key {
+                flush(lua, &rt, key)?;
             }
+            Ok(Ok(call))
+        }
+        Err((e, state)) => {
+            forget(lua, state)?;
+            Ok(Err(e))
         }
     }
-    let deadline = match &state {
-        Call::Waiting { deadline, .. } => Some(*deadline),
-        _ => None,
-    };
-    c.calls.insert(call, state);
-    drop(st);
-    if let (Some(key), Some(at)) = (key, deadline) {
-        wake_by(rt, key, at);
+}
+
+/// Frees what a call that was never sent holds.
+fn forget(lua: &Lua, state: Call) -> Result<()> {
+    match state {
+        Call::Waiting { thread: Some(t), .. } => t.release(lua),
+        Call::Callback(f) => lua.remove_registry_value(f)?,
+        _ => {}
     }
-    if let Some(key) = key {
-        flush(lua, rt, key)?;
+    Ok(())
+}
+
+fn seconds(secs: f64) -> std::result::Result<Duration, String> {
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("{FETCH}: 'timeout' must be a number of seconds > 0, got {secs}"));
     }
-    Ok(Ok(call))
+    Ok(Duration::from_secs_f64(secs))
 }
 
 fn timeout_of(call: &str, v: &Value) -> Result<Duration> {
@@ -96,26 +134,78 @@ fn timeout_of(call: &str, v: &Value) -> Result<Duration> {
         Value::Number(n) => *n,
         other => return Err(bad_arg(call, "timeout", "a number of seconds or nil", other)),
     };
-    if !(secs.is_finite() && secs > 0.0) {
-        return Err(misuse(call, format!("'timeout' must be a number of seconds > 0, got {secs}")));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    seconds(secs).map_err(|e| misuse(call, e.trim_start_matches(&format!("{FETCH}: "))))
 }
 
 const FETCH: &str = "client:fetch(path, args, timeout)";
 
-/// `core.fetch_start(id, path, args, timeout, co)` → call id or `nil, err`.
-fn fetch_start(
-    lua: &Lua,
-    (id, path, args, timeout, co): (u32, Value, Value, Value, Thread),
-) -> Result<(Option<u32>, Option<String>)> {
-    let deadline = Instant::now() + timeout_of(FETCH, &timeout)?;
-    let thread = lua.create_registry_value(co)?;
-    let state = Call::Waiting { thread: Some(thread), deadline };
-    Ok(match start_call(lua, FETCH, id, &path, &args, false, state)? {
-        Ok(call) => (Some(call), None),
-        Err(e) => (None, Some(e)),
-    })
+/// `core.fetch_start(id, path, args, timeout, co)` → call id or `nil, err`: a raw C function
+/// (every `fetch` in a coroutine starts here). The answer is handed to `co` as resume values
+/// (`DELIVERED, result, err`).
+pub(super) struct FetchStart;
+
+impl RawFn for FetchStart {
+    const NAME: &'static str = FETCH;
+
+    fn call(rt: &Runtime, st: &Stack) -> std::result::Result<Out, String> {
+        let bad = |name: &str, expected: &str, idx| format!("{FETCH}: '{name}' must be {expected}, got {}", st.type_name(idx));
+        // First, while nothing with a destructor exists: registering the coroutine may raise.
+        let Some(thread) = st.thread_ref(5) else { return Err(bad("co", "a coroutine", 5)) };
+        let unref = |thread: ThreadRef| {
+            // SAFETY: luaL_unref writes an existing registry slot (nothing raises).
+            unsafe { mlua::ffi::luaL_unref(st.state(), mlua::ffi::LUA_REGISTRYINDEX, thread.id) }
+        };
+        let checked = (|| {
+            let id = st.integer(1).ok_or_else(|| bad("id", "an app id", 1))? as u32;
+            let path = st.bytes(2).ok_or_else(|| bad("path", "a string", 2))?;
+            let path = std::str::from_utf8(path).map_err(|_| format!("{FETCH}: 'path' must be UTF-8 text"))?;
+            if !(st.is_nil(3) || st.is_table(3)) {
+                return Err(bad("args", "a table or nil", 3));
+            }
+            let timeout = match st.is_nil(4) {
+                true => DEFAULT_FETCH_TIMEOUT,
+                false => st.number(4).ok_or_else(|| bad("timeout", "a number of seconds or nil", 4))?,
+            };
+            let deadline = Instant::now() + seconds(timeout)?;
+            let mut encoded = vec![0xc0]; // nil
+            if st.is_table(3) {
+                encoded.clear();
+                // SAFETY: index 3 is an argument of this call; encoding only reads the stack.
+                unsafe { encode_stack(st.state(), 3, &mut encoded) }
+                    .map_err(|e| format!("{FETCH}: cannot encode 'args': it contains {}", e.text()))?;
+            }
+            Ok((id, path, encoded, deadline))
+        })();
+        let (id, path, encoded, deadline) = match checked {
+            Ok(checked) => checked,
+            Err(e) => {
+                unref(thread);
+                return Err(e);
+            }
+        };
+        let state = Call::Waiting { thread: Some(thread), deadline };
+        match send_call(rt, id, path, &encoded, false, state) {
+            Ok((call, key)) => {
+                if let Some(key) = key {
+                    let mut driver = rt.driver.borrow_mut();
+                    if rt.in_update() {
+                        driver.queue_flush(key);
+                    } else {
+                        driver.flush(key);
+                    }
+                }
+                Ok(Out::one(raw::Value::Int(call.into())))
+            }
+            Err((e, state)) => {
+                if let Call::Waiting { thread: Some(thread), .. } = state {
+                    unref(thread);
+                }
+                let mut out = Out::one(raw::Value::Nil);
+                out.push(raw::Value::Owned(e.into_bytes()));
+                Ok(out)
+            }
+        }
+    }
 }
 
 /// `core.fetch_result(id, call)` → `done, result, err`.
@@ -139,7 +229,7 @@ fn fetch_result(lua: &Lua, (id, call): (u32, u32)) -> Result<(bool, Value, Optio
     match state {
         Call::Waiting { thread, .. } => {
             if let Some(t) = thread {
-                lua.remove_registry_value(t)?;
+                t.release(lua);
             }
             Ok((true, Value::Nil, Some("Request timed out".into())))
         }
@@ -217,7 +307,8 @@ fn is_connected(lua: &Lua, id: u32) -> Result<bool> {
 
 /// The client-side primitives of the Lua half.
 pub(super) fn core(lua: &Lua, core: &Table) -> Result<()> {
-    core.set("fetch_start", lua.create_function(fetch_start)?)?;
+    let boxed = raw::runtime_box(lua, &runtime(lua)?)?;
+    core.set("fetch_start", raw::function::<FetchStart>(lua, &boxed)?)?;
     core.set("fetch_result", lua.create_function(fetch_result)?)?;
     core.set("fetch_block", lua.create_function(fetch_block)?)?;
     core.set("noawait", lua.create_function(noawait)?)?;

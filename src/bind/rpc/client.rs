@@ -1,7 +1,7 @@
 //! Client apps: `lunac.connect_to_app` / `lunac.disconnect_to_app`, each app's session (name
 //! resolution, the handshake, reconnects), and what the server sends (answers, pushes).
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -10,7 +10,8 @@ use mlua::{Function, Lua, RegistryKey, Result, Table, Value};
 use ring::rand::SystemRandom;
 
 use super::super::error::{message, misuse};
-use super::super::msgpack::decode;
+use super::super::msgpack::{decode, validate};
+use super::super::{raw, sched};
 use super::super::options::Options;
 use super::super::policy::Policy;
 use super::super::{runtime, Runtime, Side};
@@ -46,7 +47,7 @@ pub(super) struct ClientApp {
     connect_server: Option<RegistryKey>,
     disconnect_server: Option<RegistryKey>,
     pub connected: bool,
-    pub calls: HashMap<u32, Call>,
+    pub calls: FxHashMap<u32, Call>,
     pub next_call: u32,
     /// Messages queued while the host name resolves.
     pub early: Vec<Vec<u8>>,
@@ -103,7 +104,7 @@ fn connect_to_app(lua: &Lua, config: Value) -> Result<Table> {
         connect_server: key_of(lua, o.function("connect_server")?)?,
         disconnect_server: key_of(lua, o.function("disconnect_server")?)?,
         connected: false,
-        calls: HashMap::new(),
+        calls: FxHashMap::default(),
         next_call: 0,
         early: Vec::new(),
     };
@@ -234,12 +235,12 @@ fn client_down(
         let mut st = rt.rpc.borrow_mut();
         let mut sched = rt.sched.borrow_mut();
         let c = st.clients.get_mut(&id);
-        let mut kept = HashMap::new();
+        let mut kept = FxHashMap::default();
         for (call, state) in calls {
             match state {
                 Call::Waiting { thread, .. } => {
                     if let Some(t) = thread {
-                        sched.jobs.push_back(t);
+                        sched.jobs.push_back(super::super::sched::Job::Raw(t));
                     }
                     kept.insert(call, Call::Done(Err(text.clone())));
                 }
@@ -328,10 +329,12 @@ pub(super) fn event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ClientEvent,
                     let Some(c) = st.clients.get_mut(&id) else { return Ok(()) };
                     let policy = c.policy.clone();
                     match c.calls.remove(&call) {
-                        Some(Call::Waiting { thread, .. }) => {
-                            if let Some(t) = thread {
-                                rt.sched.borrow_mut().jobs.push_back(t);
-                            }
+                        Some(Call::Waiting { thread: Some(thread), .. }) => {
+                            drop(st);
+                            return deliver(lua, rt, thread, result);
+                        }
+                        Some(Call::Waiting { thread: None, .. }) => {
+                            // A blocking fetch picks it up.
                             c.calls.insert(call, Call::Done(result));
                             return Ok(());
                         }
@@ -379,6 +382,20 @@ pub(super) fn event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ClientEvent,
     }
 }
 
+/// Hands the answer of a `fetch` to the coroutine waiting in it (`DELIVERED, result` or
+/// `DELIVERED, nil, error`), decoded straight onto its stack.
+fn deliver(lua: &Lua, rt: &Runtime, thread: raw::ThreadRef, result: std::result::Result<Vec<u8>, String>) -> Result<()> {
+    let tag = raw::Value::Light(sched::delivered_value().0);
+    let args = match result.map(|bytes| validate(&bytes).map(|()| bytes)) {
+        Ok(Ok(bytes)) => vec![tag, raw::Value::MsgPack(bytes)],
+        Ok(Err(e)) => vec![tag, raw::Value::Nil, raw::Value::Owned(message(&e).into_bytes())],
+        Err(e) => vec![tag, raw::Value::Nil, raw::Value::Owned(e.into_bytes())],
+    };
+    let resumed = sched::resume_parked(lua, rt, thread.id, thread.ptr, &args);
+    thread.release(lua);
+    resumed
+}
+
 /// A wake-up of the client entry: reconnect time, or a waiting `fetch` ran out of time.
 pub(super) fn wake(lua: &Lua, rt: &Runtime, id: u32, key: Key, now: Instant) -> Result<()> {
     let due =
@@ -399,7 +416,7 @@ pub(super) fn wake(lua: &Lua, rt: &Runtime, id: u32, key: Key, now: Instant) -> 
         if let Call::Waiting { thread, deadline } = call {
             if *deadline <= now {
                 if let Some(t) = thread.take() {
-                    rt.sched.borrow_mut().jobs.push_back(t);
+                    rt.sched.borrow_mut().jobs.push_back(sched::Job::Raw(t));
                 }
             } else {
                 next = Some(next.map_or(*deadline, |n| n.min(*deadline)));
@@ -446,7 +463,7 @@ pub(super) fn remove(lua: &Lua, rt: &Runtime, id: u32) -> Result<()> {
     let mut callbacks = Vec::new();
     for (_, call) in calls {
         match call {
-            Call::Waiting { thread: Some(t), .. } => rt.sched.borrow_mut().jobs.push_back(t),
+            Call::Waiting { thread: Some(t), .. } => rt.sched.borrow_mut().jobs.push_back(sched::Job::Raw(t)),
             Call::Callback(f) => callbacks.push(f),
             _ => {}
         }

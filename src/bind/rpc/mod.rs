@@ -9,7 +9,7 @@ mod calls;
 mod client;
 mod server;
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -32,9 +32,11 @@ const READ_BUDGET: usize = 4096;
 #[derive(Default)]
 pub(crate) struct RpcState {
     next_id: u32,
-    servers: HashMap<u32, server::ServerApp>,
-    clients: HashMap<u32, client::ClientApp>,
-    by_key: HashMap<Key, u32>,
+    servers: FxHashMap<u32, server::ServerApp>,
+    clients: FxHashMap<u32, client::ClientApp>,
+    by_key: FxHashMap<Key, u32>,
+    /// The Lua half's `request` (the pipeline every request goes through).
+    request: Option<RegistryKey>,
 }
 
 /// An event of an entry's protocol.
@@ -168,6 +170,7 @@ fn half(lua: &Lua) -> Result<Table> {
     }
     let core = lua.create_table()?;
     core.set("PARK", Value::LightUserData(sched::park_value()))?;
+    core.set("DELIVERED", Value::LightUserData(sched::delivered_value()))?;
     core.set("set", lua.create_function(set)?)?;
     server::core(lua, &core)?;
     calls::core(lua, &core)?;

@@ -2,6 +2,8 @@
 //! requests handed to the Lua pipeline, answers, pushes, penalties and idle timeouts.
 
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
@@ -11,7 +13,8 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use super::super::addr;
 use super::super::error::{lua_type, message, misuse};
-use super::super::msgpack::{decode, encode, encode_for};
+use super::super::msgpack::{encode_for, encode_stack, validate};
+use super::super::raw::{self, Out, RawFn, Stack};
 use super::super::options::Options;
 use super::super::policy::Policy;
 use super::super::{runtime, sched, Runtime, Side};
@@ -38,7 +41,7 @@ pub(super) struct ServerApp {
     close_client: Option<RegistryKey>,
     timeout_client: Option<RegistryKey>,
     pub disconnect_time: Duration,
-    clients: HashMap<ConnId, ClientRecord>,
+    clients: FxHashMap<ConnId, ClientRecord>,
     /// Requests from these IPs are refused until the instant (penalty `"timeout"`).
     blocked: HashMap<IpAddr, Instant>,
     /// Sessions from these IPs are closed at once until the instant (penalty `"closed"`).
@@ -144,7 +147,7 @@ fn new_app(lua: &Lua, config: Value) -> Result<Table> {
             close_client,
             timeout_client,
             disconnect_time,
-            clients: HashMap::new(),
+            clients: FxHashMap::default(),
             blocked: HashMap::new(),
             banned: HashMap::new(),
         },
@@ -287,21 +290,31 @@ pub(super) fn event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ServerEvent,
                 let Some(c) = app.clients.get_mut(&conn) else { return Ok(()) };
                 c.last_active = now;
                 let ip = c.addr.ip();
-                let client: Table = lua.registry_value(&c.handle)?;
-                app.blocked.retain(|_, until| *until > now);
+                let client = c.handle.id();
+                if !app.blocked.is_empty() {
+                    app.blocked.retain(|_, until| *until > now);
+                }
                 let blocked =
                     app.blocked.contains_key(&ip).then(|| format!("Client IP {ip} is temporarily blocked"));
-                (client, lua.registry_value::<Table>(&app.table)?, blocked)
+                (client, app.table.id(), blocked)
             };
             if let Some(msg) = blocked {
                 return send_response(lua, rt, id, conn, rid, Err(&msg));
             }
-            let args = match decode(lua, args) {
-                Ok(v) => v,
-                Err(e) => return send_response(lua, rt, id, conn, rid, Err(&message(&e))),
-            };
-            let request: Function = half(lua)?.get("request")?;
-            request.call::<()>((table, client, rid, path, args, data.len()))
+            if let Err(e) = if args.is_empty() { Ok(()) } else { validate(args) } {
+                return send_response(lua, rt, id, conn, rid, Err(&message(&e)));
+            }
+            // The request pipeline of lua/rpc.lua, called with the arguments decoded in place.
+            let request = request_fn(lua, rt)?;
+            let call = [
+                raw::Value::Ref(table),
+                raw::Value::Ref(client),
+                raw::Value::Int(rid.into()),
+                raw::Value::Owned(path.as_bytes().to_vec()),
+                raw::Value::MsgPack(args.to_vec()),
+                raw::Value::Int(data.len() as i64),
+            ];
+            raw::call(lua, request, &call)
         }
         ServerEvent::Disconnected { conn, reason } => {
             let (c, cb, policy) = {
@@ -313,6 +326,18 @@ pub(super) fn event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ServerEvent,
             client_left(lua, &policy, cb.as_ref(), c, &reason.to_string())
         }
     }
+}
+
+/// The registry slot of the Lua half's request pipeline (looked up once).
+fn request_fn(lua: &Lua, rt: &Runtime) -> Result<std::ffi::c_int> {
+    if let Some(key) = &rt.rpc.borrow().request {
+        return Ok(key.id());
+    }
+    let f: Function = half(lua)?.get("request")?;
+    let key = lua.create_registry_value(&f)?;
+    let id = key.id();
+    rt.rpc.borrow_mut().request = Some(key);
+    Ok(id)
 }
 
 /// Offers idle clients to `timeout_client` and closes the ones it does not keep.
@@ -384,45 +409,72 @@ fn send_response(
     rid: u32,
     result: std::result::Result<&[u8], &str>,
 ) -> Result<()> {
-    let Some(key) = server_key(rt, id) else { return Ok(()) };
+    if let Some(key) = queue_response(rt, id, conn, rid, result) {
+        flush(lua, rt, key)?;
+    }
+    Ok(())
+}
+
+/// Queues the answer to request `rid` of client `conn` of app `id`; the entry to flush.
+fn queue_response(rt: &Runtime, id: u32, conn: ConnId, rid: u32, result: std::result::Result<&[u8], &str>) -> Option<Key> {
+    let key = server_key(rt, id)?;
     let mut msg = Vec::new();
     Envelope::Response { id: rid, result }.encode(&mut msg);
     if let Some(s) = rt.driver.borrow_mut().datagram_proto::<Server>(key) {
         let _ = s.send(conn, &msg);
     }
-    flush(lua, rt, key)
+    Some(key)
 }
 
-/// `core.respond(app, conn, id, ok, value)`: the answer to a request.
-fn respond(lua: &Lua, (id, conn, rid, ok, value): (u32, u64, u32, bool, Value)) -> Result<()> {
-    let rt = runtime(lua)?;
-    let conn = ConnId::from_u64(conn);
-    if !ok {
-        let text = match &value {
-            Value::String(s) => s.to_string_lossy(),
-            other => format!("{other:?}"),
+/// `core.respond(app, conn, id, ok, value)`: the answer to a request (`ok`: `value` is the
+/// result, else an error text) → `true`, or `nil, why` when the result could not be encoded
+/// (the client got that error; the Lua half reports it to the app's policy). A raw C function:
+/// every request ends here.
+pub(super) struct Respond;
+
+impl RawFn for Respond {
+    const NAME: &'static str = "core.respond";
+
+    fn call(rt: &Runtime, st: &Stack) -> std::result::Result<Out, String> {
+        let int = |i| st.integer(i).ok_or_else(|| format!("core.respond: argument {i} must be an integer"));
+        let (id, conn, rid) = (int(1)? as u32, ConnId::from_u64(int(2)? as u64), int(3)? as u32);
+        let mut encoded = Vec::new();
+        let failed = if st.truthy(4) {
+            // SAFETY: index 5 is an argument of this call; encoding only reads the stack.
+            unsafe { encode_stack(st.state(), 5, &mut encoded) }.err().map(|e| e.text())
+        } else {
+            None
         };
-        return send_response(lua, &rt, id, conn, rid, Err(&text));
-    }
-    let mut out = Vec::new();
-    match encode(&value, &mut out) {
-        Ok(()) => send_response(lua, &rt, id, conn, rid, Ok(&out)),
-        Err(e) => {
-            let msg = format!("cannot encode the result: it contains {e}");
-            send_response(lua, &rt, id, conn, rid, Err(&msg))?;
-            let policy = rt.rpc.borrow().servers.get(&id).map(|a| a.policy.clone());
-            match policy {
-                Some(p) => p.report(lua, &msg),
-                None => Ok(()),
+        let result = match (&failed, st.truthy(4)) {
+            (Some(e), _) => Err(format!("cannot encode the result: it contains {e}")),
+            (None, true) => Ok(encoded.as_slice()),
+            (None, false) => Err(String::from_utf8_lossy(st.bytes(5).unwrap_or(b"error")).into_owned()),
+        };
+        let result = result.as_ref().map(|v| *v).map_err(String::as_str);
+        if let Some(key) = queue_response(rt, id, conn, rid, result) {
+            let mut driver = rt.driver.borrow_mut();
+            // Inside an update (where requests are answered) this joins the end-of-update write.
+            if rt.in_update() {
+                driver.queue_flush(key);
+            } else {
+                driver.flush(key);
             }
         }
+        Ok(match result {
+            Err(e) if failed.is_some() => {
+                let mut out = Out::one(raw::Value::Nil);
+                out.push(raw::Value::Owned(e.as_bytes().to_vec()));
+                out
+            }
+            _ => Out::one(raw::Value::Bool(true)),
+        })
     }
 }
 
 /// `client:send(message)`.
 fn push(lua: &Lua, (id, conn, value): (u32, u64, Value)) -> Result<(bool, Option<String>)> {
     let rt = runtime(lua)?;
-    let payload = encode_for("client:send(message)", "message", &value)?;
+    let payload = encode_for(lua, "client:send(message)", "message", &value)?;
     let Some(key) = server_key(&rt, id) else { return Ok((false, Some("app removed".into()))) };
     let mut msg = Vec::new();
     Envelope::Push(&payload).encode(&mut msg);
@@ -638,7 +690,8 @@ pub(super) fn core(lua: &Lua, core: &Table) -> Result<()> {
     core.set("check", lua.create_function(check)?)?;
     core.set("report", lua.create_function(report)?)?;
     core.set("spawn", lua.create_function(spawn)?)?;
-    core.set("respond", lua.create_function(respond)?)?;
+    let boxed = raw::runtime_box(lua, &runtime(lua)?)?;
+    core.set("respond", raw::function::<Respond>(lua, &boxed)?)?;
     core.set("push", lua.create_function(push)?)?;
     core.set("close_conn", lua.create_function(close_conn)?)?;
     core.set("penalty", lua.create_function(penalty)?)?;

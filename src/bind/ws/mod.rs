@@ -7,13 +7,13 @@ mod client;
 mod handle;
 mod server;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Instant;
 
 use mlua::{Lua, MultiValue, RegistryKey, Result, Table, Value};
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use super::error::bad_arg;
 use super::options::Options;
@@ -32,7 +32,7 @@ struct Server {
     policy: Rc<Policy>,
     handlers: HashMap<String, RegistryKey>,
     /// Open connections by handler name (`broadcast` goes to one group).
-    groups: HashMap<String, HashSet<Key>>,
+    groups: HashMap<String, FxHashSet<Key>>,
     listener: Option<Key>,
     app: RegistryKey,
 }
@@ -67,12 +67,12 @@ struct Client {
 
 #[derive(Default)]
 pub(crate) struct WsState {
-    servers: HashMap<u64, Server>,
-    listeners: HashMap<Key, u64>,
+    servers: FxHashMap<u64, Server>,
+    listeners: FxHashMap<Key, u64>,
     conns: FxHashMap<Key, Conn>,
     /// Server connections by the handle their `ws` object holds.
     handles: FxHashMap<u64, Key>,
-    clients: HashMap<u64, Client>,
+    clients: FxHashMap<u64, Client>,
     client_streams: FxHashMap<Key, u64>,
     next_id: u64,
     /// Client failures found outside `update` (bad address…), reported by the next `update`.
