@@ -57,13 +57,18 @@ pub(crate) fn encode(lua: &Lua, value: &Value, out: &mut Vec<u8>) -> std::result
 /// Encodes a call's `what` argument, or raises naming the call.
 pub(crate) fn encode_for(lua: &Lua, call: &str, what: &str, value: &Value) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    encode(lua, value, &mut out).map_err(|e| misuse(call, format!("cannot encode '{what}': it contains {e}")))?;
+    encode(lua, value, &mut out)
+        .map_err(|e| misuse(call, format!("cannot encode '{what}': it contains {e}")))?;
     Ok(out)
 }
 
 /// Encodes the value at stack index `idx` (absolute) of `state` into `out`. Raises no Lua error
 /// (it only reads the stack and grows it with `lua_checkstack`), so raw C functions may call it.
-pub(crate) unsafe fn encode_stack(state: *mut ffi::lua_State, idx: c_int, out: &mut Vec<u8>) -> std::result::Result<(), EncodeError> {
+pub(crate) unsafe fn encode_stack(
+    state: *mut ffi::lua_State,
+    idx: c_int,
+    out: &mut Vec<u8>,
+) -> std::result::Result<(), EncodeError> {
     let mut path = [std::ptr::null(); MAX_DEPTH];
     encode_at(state, idx, out, &mut path, 0)
 }
@@ -228,7 +233,9 @@ fn check(rd: &mut &[u8], depth: usize) -> std::result::Result<(), DecodeError> {
             }
             for _ in 0..n {
                 let nan = match rd.first() {
-                    Some(0xca) => rd.get(1..5).is_some_and(|b| f32::from_be_bytes([b[0], b[1], b[2], b[3]]).is_nan()),
+                    Some(0xca) => {
+                        rd.get(1..5).is_some_and(|b| f32::from_be_bytes([b[0], b[1], b[2], b[3]]).is_nan())
+                    }
                     Some(0xcb) => rd
                         .get(1..9)
                         .is_some_and(|b| f64::from_be_bytes(b.try_into().unwrap_or([0; 8])).is_nan()),
@@ -308,7 +315,11 @@ unsafe fn push_int(state: *mut ffi::lua_State, i: i64) {
 }
 
 /// Decodes one value from `rd` and pushes it.
-unsafe fn push_decoded(state: *mut ffi::lua_State, rd: &mut &[u8], depth: usize) -> std::result::Result<(), DecodeError> {
+unsafe fn push_decoded(
+    state: *mut ffi::lua_State,
+    rd: &mut &[u8],
+    depth: usize,
+) -> std::result::Result<(), DecodeError> {
     if depth > MAX_DEPTH {
         return Err(DecodeError::TooDeep);
     }
@@ -374,7 +385,9 @@ unsafe fn push_decoded(state: *mut ffi::lua_State, rd: &mut &[u8], depth: usize)
                 match ffi::lua_type(state, -2) {
                     // A nil key cannot be stored: the pair is skipped.
                     ffi::LUA_TNIL => ffi::lua_pop(state, 2),
-                    ffi::LUA_TNUMBER if ffi::lua_tonumber(state, -2).is_nan() => return Err(DecodeError::NanKey),
+                    ffi::LUA_TNUMBER if ffi::lua_tonumber(state, -2).is_nan() => {
+                        return Err(DecodeError::NanKey)
+                    }
                     _ => ffi::lua_rawset(state, -3),
                 }
             }

@@ -148,7 +148,9 @@ impl RawFn for FetchStart {
     const NAME: &'static str = FETCH;
 
     fn call(rt: &Runtime, st: &Stack) -> std::result::Result<Out, String> {
-        let bad = |name: &str, expected: &str, idx| format!("{FETCH}: '{name}' must be {expected}, got {}", st.type_name(idx));
+        let bad = |name: &str, expected: &str, idx| {
+            format!("{FETCH}: '{name}' must be {expected}, got {}", st.type_name(idx))
+        };
         // First, while nothing with a destructor exists: registering the coroutine may raise.
         let Some(thread) = st.thread_ref(5) else { return Err(bad("co", "a coroutine", 5)) };
         let unref = |thread: ThreadRef| {
@@ -158,7 +160,8 @@ impl RawFn for FetchStart {
         let checked = (|| {
             let id = st.integer(1).ok_or_else(|| bad("id", "an app id", 1))? as u32;
             let path = st.bytes(2).ok_or_else(|| bad("path", "a string", 2))?;
-            let path = std::str::from_utf8(path).map_err(|_| format!("{FETCH}: 'path' must be UTF-8 text"))?;
+            let path =
+                std::str::from_utf8(path).map_err(|_| format!("{FETCH}: 'path' must be UTF-8 text"))?;
             if !(st.is_nil(3) || st.is_table(3)) {
                 return Err(bad("args", "a table or nil", 3));
             }

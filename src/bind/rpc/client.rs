@@ -11,9 +11,9 @@ use ring::rand::SystemRandom;
 
 use super::super::error::{message, misuse};
 use super::super::msgpack::{decode, validate};
-use super::super::{raw, sched};
 use super::super::options::Options;
 use super::super::policy::Policy;
+use super::super::{raw, sched};
 use super::super::{runtime, Runtime, Side};
 use super::calls::{arm_calls, Call};
 use super::{app_id, flush, from_hex, func, half, key_of, open_socket};
@@ -384,7 +384,12 @@ pub(super) fn event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ClientEvent,
 
 /// Hands the answer of a `fetch` to the coroutine waiting in it (`DELIVERED, result` or
 /// `DELIVERED, nil, error`), decoded straight onto its stack.
-fn deliver(lua: &Lua, rt: &Runtime, thread: raw::ThreadRef, result: std::result::Result<Vec<u8>, String>) -> Result<()> {
+fn deliver(
+    lua: &Lua,
+    rt: &Runtime,
+    thread: raw::ThreadRef,
+    result: std::result::Result<Vec<u8>, String>,
+) -> Result<()> {
     let tag = raw::Value::Light(sched::delivered_value().0);
     let args = match result.map(|bytes| validate(&bytes).map(|()| bytes)) {
         Ok(Ok(bytes)) => vec![tag, raw::Value::MsgPack(bytes)],

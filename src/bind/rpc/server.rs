@@ -14,9 +14,9 @@ use ring::rand::{SecureRandom, SystemRandom};
 use super::super::addr;
 use super::super::error::{lua_type, message, misuse};
 use super::super::msgpack::{encode_for, encode_stack, validate};
-use super::super::raw::{self, Out, RawFn, Stack};
 use super::super::options::Options;
 use super::super::policy::Policy;
+use super::super::raw::{self, Out, RawFn, Stack};
 use super::super::{runtime, sched, Runtime, Side};
 use super::{
     app_id, drain_events, flush, from_hex, func, half, handle_events, key_of, open_socket, to_hex, wake_by,
@@ -416,7 +416,13 @@ fn send_response(
 }
 
 /// Queues the answer to request `rid` of client `conn` of app `id`; the entry to flush.
-fn queue_response(rt: &Runtime, id: u32, conn: ConnId, rid: u32, result: std::result::Result<&[u8], &str>) -> Option<Key> {
+fn queue_response(
+    rt: &Runtime,
+    id: u32,
+    conn: ConnId,
+    rid: u32,
+    result: std::result::Result<&[u8], &str>,
+) -> Option<Key> {
     let key = server_key(rt, id)?;
     let mut msg = Vec::new();
     Envelope::Response { id: rid, result }.encode(&mut msg);
