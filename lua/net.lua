@@ -32,31 +32,37 @@ local function wait(h, co, waiter)
   return false
 end
 
+-- The metatable of a handle object: `methods` first, then the Rust property getter `prop`;
+-- printed as luna.<kind>(<the raw field `shown`, or the handle>).
+local function handle_class(kind, methods, prop, shown)
+  return {
+    __index = function(obj, key)
+      local method = methods[key]
+      if method ~= nil then
+        return method
+      end
+      return prop(rawget(obj, "__h"), key)
+    end,
+    __tostring = function(obj)
+      return ("luna.%s(%s)"):format(kind, tostring(rawget(obj, shown) or rawget(obj, "__h")))
+    end,
+  }
+end
+
 ---------------------------------------------------------------------------------------------
 -- Streams (TCP, TLS, Unix)
 
 local stream_methods = {}
 local net_on_data = core.net_on_data
-local STREAM = {
-  __index = function(s, key)
-    local method = stream_methods[key]
-    if method ~= nil then
-      return method
-    end
-    return core.net_prop(rawget(s, "__h"), key)
-  end,
-  -- Only new keys get here: Rust learns that the stream may have `on_data` (it then looks at the
-  -- field on each arrival instead of handing data to a parked read).
-  __newindex = function(s, key, value)
-    rawset(s, key, value)
-    if key == "on_data" and value ~= nil then
-      net_on_data(rawget(s, "__h"))
-    end
-  end,
-  __tostring = function(s)
-    return ("luna.stream(%s)"):format(tostring(rawget(s, "peer_address") or rawget(s, "__h")))
-  end,
-}
+local STREAM = handle_class("stream", stream_methods, core.net_prop, "peer_address")
+-- Only new keys get here: Rust learns that the stream may have `on_data` (it then looks at the
+-- field on each arrival instead of handing data to a parked read).
+STREAM.__newindex = function(s, key, value)
+  rawset(s, key, value)
+  if key == "on_data" and value ~= nil then
+    net_on_data(rawget(s, "__h"))
+  end
+end
 
 function internal.net_stream(h)
   return setmetatable({ __h = h }, STREAM)
@@ -184,18 +190,7 @@ end
 -- Servers
 
 local server_methods = {}
-local SERVER = {
-  __index = function(srv, key)
-    local method = server_methods[key]
-    if method ~= nil then
-      return method
-    end
-    return core.server_prop(rawget(srv, "__h"), key)
-  end,
-  __tostring = function(srv)
-    return ("luna.server(%s)"):format(tostring(rawget(srv, "address")))
-  end,
-}
+local SERVER = handle_class("server", server_methods, core.server_prop, "address")
 
 function internal.net_server(h)
   return setmetatable({ __h = h }, SERVER)
@@ -213,18 +208,7 @@ end
 -- UDP sockets
 
 local udp_methods = {}
-local UDP = {
-  __index = function(u, key)
-    local method = udp_methods[key]
-    if method ~= nil then
-      return method
-    end
-    return core.udp_prop(rawget(u, "__h"), key)
-  end,
-  __tostring = function(u)
-    return ("luna.udp(%s)"):format(tostring(rawget(u, "address")))
-  end,
-}
+local UDP = handle_class("udp", udp_methods, core.udp_prop, "address")
 
 function internal.net_udp(h)
   return setmetatable({ __h = h }, UDP)

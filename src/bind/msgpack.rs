@@ -212,25 +212,11 @@ fn check(rd: &mut &[u8], depth: usize) -> std::result::Result<(), DecodeError> {
             skip(rd, n)
         }
         0x90..=0x9f | 0xdc | 0xdd => {
-            let n = match marker {
-                0x90..=0x9f => (marker & 0x0f) as usize,
-                0xdc => length(rd, 2)?,
-                _ => length(rd, 4)?,
-            };
-            if n > rd.len() {
-                return Err(DecodeError::LongArray);
-            }
+            let n = array_len(marker, rd)?;
             (0..n).try_for_each(|_| check(rd, depth + 1))
         }
         0x80..=0x8f | 0xde | 0xdf => {
-            let n = match marker {
-                0x80..=0x8f => (marker & 0x0f) as usize,
-                0xde => length(rd, 2)?,
-                _ => length(rd, 4)?,
-            };
-            if n > rd.len() / 2 {
-                return Err(DecodeError::LongMap);
-            }
+            let n = map_len(marker, rd)?;
             for _ in 0..n {
                 let nan = match rd.first() {
                     Some(0xca) => {
@@ -302,6 +288,32 @@ fn be<const N: usize>(rd: &mut &[u8]) -> std::result::Result<[u8; N], DecodeErro
 }
 
 /// A length of 1, 2 or 4 big-endian bytes.
+/// The element count of an array header, checked against the bytes left (each element takes one).
+fn array_len(marker: u8, rd: &mut &[u8]) -> std::result::Result<usize, DecodeError> {
+    let n = match marker {
+        0x90..=0x9f => (marker & 0x0f) as usize,
+        0xdc => length(rd, 2)?,
+        _ => length(rd, 4)?,
+    };
+    if n > rd.len() {
+        return Err(DecodeError::LongArray);
+    }
+    Ok(n)
+}
+
+/// The pair count of a map header, checked against the bytes left (each pair takes two).
+fn map_len(marker: u8, rd: &mut &[u8]) -> std::result::Result<usize, DecodeError> {
+    let n = match marker {
+        0x80..=0x8f => (marker & 0x0f) as usize,
+        0xde => length(rd, 2)?,
+        _ => length(rd, 4)?,
+    };
+    if n > rd.len() / 2 {
+        return Err(DecodeError::LongMap);
+    }
+    Ok(n)
+}
+
 fn length(rd: &mut &[u8], bytes: usize) -> std::result::Result<usize, DecodeError> {
     Ok(match bytes {
         1 => be::<1>(rd)?[0] as usize,
@@ -355,14 +367,7 @@ unsafe fn push_decoded(
             ffi::lua_pushlstring(state, bytes.as_ptr() as *const _, bytes.len());
         }
         0x90..=0x9f | 0xdc | 0xdd => {
-            let n = match marker {
-                0x90..=0x9f => (marker & 0x0f) as usize,
-                0xdc => length(rd, 2)?,
-                _ => length(rd, 4)?,
-            };
-            if n > rd.len() {
-                return Err(DecodeError::LongArray);
-            }
+            let n = array_len(marker, rd)?;
             ffi::lua_createtable(state, n as c_int, 0);
             for i in 1..=n {
                 push_decoded(state, rd, depth + 1)?;
@@ -370,14 +375,7 @@ unsafe fn push_decoded(
             }
         }
         0x80..=0x8f | 0xde | 0xdf => {
-            let n = match marker {
-                0x80..=0x8f => (marker & 0x0f) as usize,
-                0xde => length(rd, 2)?,
-                _ => length(rd, 4)?,
-            };
-            if n > rd.len() / 2 {
-                return Err(DecodeError::LongMap);
-            }
+            let n = map_len(marker, rd)?;
             ffi::lua_createtable(state, 0, n as c_int);
             for _ in 0..n {
                 push_decoded(state, rd, depth + 1)?;

@@ -2,8 +2,10 @@
 //!
 //! [`stream`] is the contract with the driver; every protocol implements it: [`raw`] (bytes for
 //! Lua), [`ws`] (WebSocket sessions), [`rpc`] (reliable UDP sessions). [`tls`] is the TLS pump the
-//! driver runs under any stream.
+//! driver runs under any stream. [`fuzzing`] drives any stream protocol through the driver's
+//! contract for the fuzz targets.
 
+pub mod fuzzing;
 pub mod raw;
 pub mod rpc;
 pub mod stream;

@@ -1,5 +1,5 @@
 //! Entry points for the fuzz targets (`fuzz/fuzz_targets/ws_*.rs`) and the stable test that
-//! replays their seed corpus (`tests/fuzz_seeds_ws.rs`). Each takes arbitrary bytes, must
+//! replays their seed corpus (`tests/fuzz_seeds_streams.rs`). Each takes arbitrary bytes, must
 //! never panic, and checks a few invariants with `assert!` (a failed assertion is a bug).
 
 use super::conn::{Opcode, Role, WsConfig, WsConn, WsEvent};

@@ -22,9 +22,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection that moved nothing for this long gives back the buffers it kept for traffic.
 pub const IDLE_TRIM: Duration = Duration::from_secs(2);
-/// Received data held for a handler that is not receiving; past it the socket is left unread
-/// and TCP flow control pushes back on the peer.
-const INBOX_LIMIT: usize = 1 << 20;
+/// Received data held for a handler that is not receiving (the default of
+/// [`Settings::inbox_limit`]).
+pub const INBOX_LIMIT: usize = 1 << 20;
 
 /// Per-app settings shared by a server's sessions.
 #[derive(Clone, Debug)]
@@ -34,11 +34,19 @@ pub struct Settings {
     pub ping_interval: Option<Duration>,
     /// A peer that sends nothing for this long after our ping is dead.
     pub ping_timeout: Duration,
+    /// Received bytes held for a handler that is not receiving; past it the socket is left
+    /// unread and TCP flow control pushes back on the peer.
+    pub inbox_limit: usize,
 }
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { ws: WsConfig::default(), ping_interval: None, ping_timeout: Duration::from_secs(20) }
+        Settings {
+            ws: WsConfig::default(),
+            ping_interval: None,
+            ping_timeout: Duration::from_secs(20),
+            inbox_limit: INBOX_LIMIT,
+        }
     }
 }
 
@@ -242,12 +250,10 @@ impl WsSession {
     /// Starts the closing handshake (or drops a session that is not open yet).
     pub fn close(&mut self, code: u16, reason: &str) {
         match &mut self.phase {
-            Phase::Open(conn) => {
-                if conn.close(code, reason).is_err() {
-                    conn.abort(reason);
-                }
-                self.pump();
-            }
+            Phase::Open(conn) => match conn.close(code, reason) {
+                Ok(()) => self.pump(),
+                Err(_) => self.abort(reason),
+            },
             _ => self.fail(code, reason),
         }
     }
@@ -272,14 +278,9 @@ impl WsSession {
         self.news = true;
     }
 
-    /// Ends the session with a close code that only this side knows (transport or handshake
-    /// failure).
+    /// Ends a session that is not open with a close code only this side knows (handshake
+    /// failure); what is queued is dropped, the transport closes.
     fn fail(&mut self, code: u16, reason: &str) {
-        if let Phase::Open(conn) = &mut self.phase {
-            conn.abort(reason);
-            self.pump();
-            return;
-        }
         if !self.closed {
             self.inbox.push_back(Received::Closed { code, reason: reason.to_owned(), clean: false });
             self.closed = true;
@@ -290,10 +291,28 @@ impl WsSession {
         self.head_pos = 0;
     }
 
+    /// Gives up on the session now (transport failure, keep-alive or closing timeout, a close
+    /// that cannot be sent) and drops the transport. The connection's events all go to the
+    /// inbox, past its limit (they are bounded by the connection's own buffers), so the end is
+    /// reported after every message received before it.
+    fn abort(&mut self, reason: &str) {
+        if let Phase::Open(conn) = &mut self.phase {
+            conn.abort(reason);
+            self.pump_up_to(usize::MAX);
+        } else {
+            self.fail(1006, reason);
+        }
+        self.phase = Phase::Dropped;
+    }
+
     /// Moves events from the connection into the inbox while it has room.
     fn pump(&mut self) {
+        self.pump_up_to(self.settings.inbox_limit);
+    }
+
+    fn pump_up_to(&mut self, limit: usize) {
         let Phase::Open(conn) = &mut self.phase else { return };
-        while self.inbox_bytes < INBOX_LIMIT {
+        while self.inbox_bytes < limit {
             match conn.poll_event() {
                 Some(WsEvent::Message { opcode, data }) => {
                     self.inbox_bytes += data.len();
@@ -310,7 +329,10 @@ impl WsSession {
             }
         }
         self.stalled = conn.outgoing_len() > conn.config().max_outgoing_buffer.saturating_mul(2);
-        if conn.is_closed() && !conn.wants_write() {
+        if conn.is_closed() && self.closed {
+            // The end is in the inbox. What the connection still owes the peer (the reply to
+            // its close) goes out first, within the Finished phase's deadline.
+            self.head.extend_from_slice(conn.outgoing());
             self.phase = Phase::Finished;
         }
     }
@@ -387,11 +409,11 @@ impl StreamProtocol for WsSession {
     }
 
     fn handle_error(&mut self, _now: Instant, error: &str) {
-        self.fail(1006, error);
-        self.phase = Phase::Dropped;
+        self.abort(error);
     }
 
     fn handle_timeout(&mut self, now: Instant) {
+        let mut give_up = None;
         match &mut self.phase {
             Phase::ServerUpgrade(_) if now >= self.started + UPGRADE_TIMEOUT => {
                 self.phase = Phase::Dropped;
@@ -416,16 +438,20 @@ impl StreamProtocol for WsSession {
                 if conn.is_closing() {
                     let since = *self.closing_since.get_or_insert(now);
                     if now >= since + CLOSE_TIMEOUT {
-                        conn.abort("closing handshake timed out");
+                        give_up = Some("closing handshake timed out");
                     }
                 } else if let Some(interval) = self.settings.ping_interval {
                     match self.ping_sent {
                         Some(sent) if self.last_rx > sent => self.ping_sent = None,
                         Some(sent) if now >= sent + self.settings.ping_timeout => {
-                            conn.abort("keep-alive timeout: no answer to ping")
+                            give_up = Some("keep-alive timeout: no answer to ping")
                         }
                         Some(_) => {}
-                        None if now >= self.last_rx + interval && conn.ping(b"luna").is_ok() => {
+                        None if now >= self.last_rx + interval => {
+                            // A ping refused for backpressure (the peer reads nothing) counts as
+                            // sent: the peer then has `ping_timeout` to send something, and the
+                            // deadline moves on instead of staying due.
+                            let _ = conn.ping(b"luna");
                             self.ping_sent = Some(now);
                         }
                         None => {}
@@ -438,6 +464,9 @@ impl StreamProtocol for WsSession {
                 self.phase = Phase::Dropped;
             }
             _ => {}
+        }
+        if let Some(reason) = give_up {
+            self.abort(reason);
         }
     }
 
@@ -463,7 +492,9 @@ impl StreamProtocol for WsSession {
     fn wants_input(&self) -> bool {
         match &self.phase {
             Phase::Connecting { .. } | Phase::Finished | Phase::Dropped => false,
-            Phase::Open(conn) => !self.stalled && conn.wants_input() && self.inbox_bytes < INBOX_LIMIT,
+            Phase::Open(conn) => {
+                !self.stalled && conn.wants_input() && self.inbox_bytes < self.settings.inbox_limit
+            }
             Phase::ClientUpgrade(_) | Phase::ServerUpgrade(_) => true,
         }
     }
@@ -489,7 +520,7 @@ impl StreamProtocol for WsSession {
         }
         if let Phase::Open(conn) = &mut self.phase {
             conn.consume_outgoing(n);
-            if self.stalled || (conn.is_closed() && !conn.wants_write()) {
+            if self.stalled {
                 self.pump();
             }
         }
@@ -505,5 +536,105 @@ impl StreamProtocol for WsSession {
 
     fn take_news(&mut self) -> bool {
         std::mem::take(&mut self.news)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::ws::encode_frame;
+
+    /// A client session past its upgrade, with `rest` arriving in the same read as the 101.
+    fn open_client(rest: &[u8], settings: Settings, now: Instant) -> WsSession {
+        let url = WsUrl::parse("ws://example.com/chat").unwrap();
+        let mut ws = WsSession::client(&url, &[], [7; 16], Arc::new(settings), now).unwrap();
+        ws.handle_ready(now);
+        let n = ws.outgoing().len();
+        ws.consume_outgoing(n);
+        let mut input = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+              Sec-WebSocket-Accept: CdXSYUsvsaMthlEXWDNURGWA/1o=\r\n\r\n"
+            .to_vec();
+        input.extend_from_slice(rest);
+        ws.handle_bytes(now, &input);
+        assert!(ws.take_opened());
+        ws
+    }
+
+    #[test]
+    fn a_close_behind_a_full_inbox_is_still_reported() {
+        let now = Instant::now();
+        let message = vec![7u8; 64 << 10];
+        let count = INBOX_LIMIT / message.len() + 4;
+        let mut input = Vec::new();
+        for _ in 0..count {
+            input.extend(encode_frame(Opcode::Binary, &message).unwrap());
+        }
+        input.extend_from_slice(b"\x88\x05\x03\xe8bye"); // close 1000 "bye"
+        let mut ws = open_client(&input, Settings::default(), now);
+        assert!(!ws.wants_input(), "a full inbox stops reading");
+        // The driver writes the close reply and sees the flow; the handler reads later.
+        while !ws.outgoing().is_empty() {
+            let n = ws.outgoing().len();
+            ws.consume_outgoing(n);
+        }
+        let mut messages = 0;
+        let end = loop {
+            match ws.receive() {
+                Some(Received::Message(_, data)) => {
+                    assert_eq!(data.len(), message.len());
+                    messages += 1;
+                }
+                Some(Received::Closed { code, .. }) => break code,
+                None => panic!("the session ended without reporting it after {messages} messages"),
+            }
+        };
+        assert_eq!((messages, end), (count, 1000));
+    }
+
+    #[test]
+    fn a_peer_that_reads_nothing_times_out_without_spinning() {
+        let now = Instant::now();
+        let settings = Settings {
+            ping_interval: Some(Duration::from_secs(1)),
+            ping_timeout: Duration::from_secs(2),
+            ..Settings::default()
+        };
+        let mut ws = open_client(&[], settings, now);
+        // The peer never reads: the queue fills until sends are refused (so is the ping).
+        while ws.send(Opcode::Binary, &[1; 4096]).is_ok() {}
+        let later = now + Duration::from_secs(3);
+        assert!(ws.poll_timeout().is_some_and(|at| at <= later));
+        ws.handle_timeout(later);
+        assert!(ws.poll_timeout().is_some_and(|at| at > later), "the keep-alive deadline must move on");
+        let dead = ws.poll_timeout().unwrap();
+        ws.handle_timeout(dead);
+        assert_eq!(ws.flow(), Flow::Abort, "the transport is dropped, not kept with its queue");
+        assert!(matches!(ws.receive(), Some(Received::Closed { code: 1006, .. })));
+        assert_eq!(ws.end().map(|(_, reason, _)| reason), Some("keep-alive timeout: no answer to ping"));
+    }
+
+    #[test]
+    fn an_abort_behind_a_full_inbox_reports_the_inbox_then_the_end() {
+        let now = Instant::now();
+        let mut input = Vec::new();
+        for _ in 0..8 {
+            input.extend(encode_frame(Opcode::Text, &[b'a'; 100]).unwrap());
+        }
+        let settings = Settings { inbox_limit: 250, ..Settings::default() };
+        let mut ws = open_client(&input, settings, now);
+        assert!(!ws.wants_input());
+        ws.handle_error(now, "connection reset by peer");
+        assert_eq!(ws.flow(), Flow::Abort);
+        let mut messages = 0;
+        while let Some(Received::Message(..)) = ws.receive() {
+            messages += 1;
+        }
+        // What the inbox held (3 × 100 B reach its 250 B limit); frames the connection had not
+        // parsed yet go with it.
+        assert_eq!(messages, 3);
+        assert_eq!(
+            ws.end().map(|(code, reason, _)| (code, reason)),
+            Some((1006, "connection reset by peer"))
+        );
     }
 }

@@ -1,5 +1,6 @@
-//! Replays the checked-in WebSocket fuzz corpus (`fuzz/corpus/ws_*`) through the same library
-//! entry points the fuzz targets call, on stable Rust.
+//! Replays the checked-in fuzz corpus of the stream protocols (`fuzz/corpus/ws_*`,
+//! `fuzz/corpus/stream_glue`) through the same library entry points the fuzz targets call, on
+//! stable Rust.
 
 use std::path::PathBuf;
 
@@ -72,4 +73,9 @@ fn ws_upgrade_seeds() {
 #[test]
 fn ws_connection_seeds() {
     replay("ws_connection", luna::proto::ws::fuzzing::connection);
+}
+
+#[test]
+fn stream_glue_seeds() {
+    replay("stream_glue", luna::proto::fuzzing::stream_glue);
 }

@@ -1,0 +1,316 @@
+//! Entry point for the `stream_glue` fuzz target and its seed replay (`tests/fuzz_seeds_streams.rs`):
+//! a stream protocol driven the way the driver drives it, by a script of transport events (bytes
+//! in chunks, end of stream, errors, readiness, partial writes, time passing) mixed with what the
+//! layer above does (reads, writes, closes), checking the [`StreamProtocol`] contract after each
+//! step. Arbitrary input must never panic; a failed assertion is a bug.
+//!
+//! Byte 0 picks the protocol: a raw stream (small limits), a WebSocket server session or a
+//! WebSocket client session (its upgrade key is fixed, so a seed can hold a valid 101 response).
+//! Every later byte is an operation: the top three bits say which, the low five its size.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::raw::{RawLimits, RawStream, WriteError};
+use super::stream::{Flow, StreamProtocol};
+use super::ws::{Opcode, Received, Settings, WsConfig, WsSession, WsUrl};
+
+/// The client session's upgrade key (a seed's 101 response answers it).
+pub const CLIENT_KEY: [u8; 16] = [7; 16];
+
+const RAW_LIMITS: RawLimits = RawLimits { max_input: 64, max_queued: 64 };
+/// Timeouts fired at one instant before the protocol must have moved its deadline on (more
+/// would be a host that wakes up for nothing, forever).
+const MAX_TIMEOUTS_AT_ONCE: usize = 3;
+
+enum Subject {
+    Raw(RawStream),
+    Ws(Box<WsSession>),
+}
+
+impl Subject {
+    fn proto(&mut self) -> &mut dyn StreamProtocol {
+        match self {
+            Subject::Raw(raw) => raw,
+            Subject::Ws(ws) => ws.as_mut(),
+        }
+    }
+
+    /// What the layer above does; `arg` picks the action and its size.
+    fn above(&mut self, arg: u8) {
+        let size = usize::from(arg >> 3) * 8 + 1;
+        match self {
+            Subject::Raw(raw) => match arg & 7 {
+                0 => raw.consume_input(size),
+                1 | 2 => {
+                    let before = raw.queued();
+                    match raw.write(&vec![b'x'; size]) {
+                        Ok(()) => assert_eq!(raw.queued(), before + size),
+                        Err(WriteError::Backpressure) => assert!(before >= RAW_LIMITS.max_queued),
+                        Err(WriteError::Closed) => assert!(!raw.is_open()),
+                    }
+                }
+                3 => raw.finish(),
+                4 => raw.abort(None),
+                5 => raw.abort(Some("reset".into())),
+                6 => {
+                    let _ = raw.take_ready();
+                }
+                _ => raw.consume_input(raw.input().len()),
+            },
+            Subject::Ws(ws) => match arg & 7 {
+                0 | 1 => {
+                    let _ = ws.receive();
+                }
+                2 => {
+                    let _ = ws.send(Opcode::Text, "hé".repeat(size).as_bytes());
+                }
+                3 => {
+                    let _ = ws.send(Opcode::Binary, &vec![0xa5; size * 16]);
+                }
+                4 => ws.close(1000, "bye"),
+                5 => ws.close(4000 + u16::from(arg), &"r".repeat(size * 4)),
+                6 => {
+                    let _ = (ws.take_upgraded(), ws.take_opened(), ws.take_rejection());
+                }
+                _ => while let Some(Received::Message(..)) = ws.receive() {},
+            },
+        }
+    }
+
+    /// Invariants that hold between any two steps.
+    fn check(&mut self, chunk: usize) {
+        match self {
+            Subject::Raw(raw) => {
+                // Input is fed only while it wants some; writes are taken whole below the limit.
+                assert!(raw.input().len() < RAW_LIMITS.max_input + chunk);
+                assert!(raw.queued() < RAW_LIMITS.max_queued + 256);
+                if raw.ended().is_some() {
+                    assert_eq!(raw.queued(), 0, "an ended stream keeps nothing to send");
+                    assert_eq!(raw.write(b"x"), Err(WriteError::Closed));
+                }
+            }
+            Subject::Ws(ws) => {
+                if let Some((code, _, _)) = ws.end() {
+                    assert!(ws.is_closed());
+                    assert!(code >= 1000);
+                    assert!(ws.send(Opcode::Text, b"late").is_err());
+                }
+            }
+        }
+    }
+
+    /// The transport is gone: what the layer above must have been told by now.
+    fn check_closed(&mut self) {
+        match self {
+            Subject::Raw(raw) => assert!(raw.ended().is_some(), "a closed transport ends the stream"),
+            Subject::Ws(ws) => {
+                if ws.is_established() {
+                    // The handler gets its end after the messages before it.
+                    let mut end = None;
+                    while let Some(r) = ws.receive() {
+                        if let Received::Closed { code, .. } = r {
+                            end = Some(code);
+                            break;
+                        }
+                    }
+                    assert!(end.is_some(), "an established session reports its end");
+                }
+            }
+        }
+    }
+}
+
+fn rank(flow: Flow) -> u8 {
+    match flow {
+        Flow::Open => 0,
+        Flow::Finish => 1,
+        Flow::Abort => 2,
+    }
+}
+
+/// The driver's side: what it has told the protocol, and the clock.
+struct Harness {
+    subject: Subject,
+    now: Instant,
+    /// Bytes can flow (an accepted stream is connected before it is told it is ready).
+    connected: bool,
+    ready: bool,
+    eof: bool,
+    closed: bool,
+    flow: Flow,
+    max_chunk: usize,
+}
+
+impl Harness {
+    fn proto(&mut self) -> &mut dyn StreamProtocol {
+        self.subject.proto()
+    }
+
+    /// What the driver does at the end of every service: fire due timers, act on the flow.
+    fn settle(&mut self) {
+        if self.closed {
+            return;
+        }
+        let now = self.now;
+        let mut fired = 0;
+        while self.proto().poll_timeout().is_some_and(|at| at <= now) {
+            assert!(fired < MAX_TIMEOUTS_AT_ONCE, "a deadline that stays due spins the host");
+            self.proto().handle_timeout(now);
+            fired += 1;
+        }
+        let flow = self.proto().flow();
+        assert!(rank(flow) >= rank(self.flow), "flow went back from {:?} to {flow:?}", self.flow);
+        self.flow = flow;
+        let done = match flow {
+            Flow::Open => false,
+            Flow::Finish => self.proto().outgoing().is_empty(),
+            Flow::Abort => true,
+        };
+        if done {
+            self.proto().handle_closed(now);
+            self.closed = true;
+        }
+        let _ = self.proto().take_news();
+        self.subject.check(self.max_chunk);
+        if self.closed {
+            self.subject.check_closed();
+        }
+    }
+
+    fn feed(&mut self, data: &[u8]) {
+        self.max_chunk = self.max_chunk.max(data.len());
+        if self.connected
+            && !self.closed
+            && !self.eof
+            && self.flow == Flow::Open
+            && self.proto().wants_input()
+        {
+            let now = self.now;
+            self.proto().handle_bytes(now, data);
+        }
+    }
+
+    /// The peer read `n` bytes of what is queued.
+    fn drain(&mut self, n: usize) {
+        if self.connected && !self.closed {
+            let n = n.min(self.proto().outgoing().len());
+            self.proto().consume_outgoing(n);
+        }
+    }
+
+    fn step(&mut self, op: u8, script: &mut &[u8]) {
+        let arg = op & 0x1f;
+        let now = self.now;
+        match op >> 5 {
+            0..=2 => {
+                let n = (usize::from(arg) + 1).min(script.len());
+                let (data, rest) = script.split_at(n);
+                *script = rest;
+                self.feed(data);
+            }
+            3 => self.drain(usize::from(arg) * 16 + 1),
+            4 => self.subject.above(arg),
+            5 => {
+                // Time passes: up to about 8 s in steps of 250 ms, or a minute.
+                let ms = if arg == 0x1f { 60_000 } else { u64::from(arg) * 250 };
+                self.now += Duration::from_millis(ms);
+            }
+            6 if !self.closed => match arg & 3 {
+                0 if !self.ready => {
+                    self.ready = true;
+                    self.connected = true;
+                    self.proto().handle_ready(now);
+                }
+                1 if self.connected && !self.eof => {
+                    self.eof = true;
+                    self.proto().handle_eof(now);
+                }
+                2 => {
+                    self.proto().handle_error(now, "connection reset by peer");
+                    self.closed = true;
+                    self.subject.check_closed();
+                }
+                _ => {}
+            },
+            _ => {
+                let n = self.proto().outgoing().len();
+                self.drain(n);
+            }
+        }
+        self.settle();
+    }
+
+    /// The peer reads everything and goes away; time passes. Every protocol must then end.
+    fn finish(&mut self) {
+        if !self.ready && !self.closed {
+            self.ready = true;
+            self.connected = true;
+            let now = self.now;
+            self.proto().handle_ready(now);
+        }
+        if !self.eof && !self.closed {
+            self.eof = true;
+            let now = self.now;
+            self.proto().handle_eof(now);
+        }
+        if let Subject::Raw(raw) = &mut self.subject {
+            // The layer above closes a raw stream once it read the end (bind does).
+            raw.finish();
+        }
+        for _ in 0..20 {
+            self.drain(usize::MAX);
+            self.settle();
+            if self.closed {
+                return;
+            }
+            self.now += Duration::from_secs(1);
+        }
+        panic!("the stream never closed after the peer went away (flow {:?})", self.flow);
+    }
+}
+
+/// See the module documentation.
+pub fn stream_glue(data: &[u8]) {
+    let Some((&ctl, mut script)) = data.split_first() else { return };
+    let now = Instant::now();
+    let settings = Arc::new(Settings {
+        ws: WsConfig {
+            read_buffer_size: 64,
+            max_message_size: 2048,
+            max_frame_size: 1024,
+            max_outgoing_buffer: 1024,
+            max_incoming_buffer: 4096,
+        },
+        ping_interval: Some(Duration::from_secs(1)),
+        ping_timeout: Duration::from_secs(2),
+        inbox_limit: 3000,
+    });
+    let subject = match ctl % 3 {
+        0 => Subject::Raw(RawStream::new(RAW_LIMITS)),
+        1 => Subject::Ws(Box::new(WsSession::server(Arc::from(vec!["chat".to_owned()]), settings, now))),
+        _ => {
+            let url = WsUrl::parse("ws://example.com/chat").expect("static URL");
+            let client =
+                WsSession::client(&url, &["chat"], CLIENT_KEY, settings, now).expect("static request");
+            Subject::Ws(Box::new(client))
+        }
+    };
+    // An accepted stream (raw or server) is connected from the start; a client once it is ready.
+    let connected = ctl % 3 != 2;
+    let mut h = Harness {
+        subject,
+        now,
+        connected,
+        ready: false,
+        eof: false,
+        closed: false,
+        flow: Flow::Open,
+        max_chunk: 0,
+    };
+    while let Some((&op, rest)) = script.split_first() {
+        script = rest;
+        h.step(op, &mut script);
+    }
+    h.finish();
+}
