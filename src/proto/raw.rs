@@ -333,7 +333,8 @@ impl DatagramProtocol for RawDatagrams {
 
     fn poll_transmit(&mut self, _now: Instant, buf: &mut Vec<u8>) -> Option<SocketAddr> {
         let (data, to) = self.outbox.pop_front()?;
-        buf.extend_from_slice(&data);
+        // Handed over, not copied (`buf` is empty).
+        *buf = data;
         Some(to)
     }
 

@@ -13,7 +13,7 @@ use super::super::options::Options;
 use super::super::{addr, handle_number, runtime, Runtime};
 use super::{call_back, callback, wake_all, TAG};
 use crate::driver::net::{self, UdpOptions};
-use crate::driver::{Key, Lookup};
+use crate::driver::{parse_ip, Key, Lookup};
 use crate::proto::raw::{DatagramLimits, RawDatagrams, WriteError};
 
 /// Datagrams read per update and socket.
@@ -135,9 +135,17 @@ fn send(
     (h, data, host, port): (Value, Value, Value, Value),
 ) -> Result<(Option<bool>, Option<String>)> {
     const CALL: &str = "u:send(data[, host, port])";
-    let data = match &data {
-        Value::String(s) => s.as_bytes().to_vec(),
-        Value::Integer(_) | Value::Number(_) => data.to_string()?.into_bytes(),
+    let text;
+    let bytes;
+    let data: &[u8] = match &data {
+        Value::String(s) => {
+            bytes = s.as_bytes();
+            &bytes
+        }
+        Value::Integer(_) | Value::Number(_) => {
+            text = data.to_string()?;
+            text.as_bytes()
+        }
         other => return Err(bad_arg(CALL, "data", "a string", other)),
     };
     if data.len() > MAX_PAYLOAD {
@@ -156,20 +164,26 @@ fn send(
         Value::Nil => {
             let peer = rt.net.borrow().udps.get(&h).and_then(|r| r.peer);
             return match peer {
-                Some(to) => Ok(answer(queue(&rt, h, &data, to))),
+                Some(to) => Ok(answer(queue(&rt, h, data, to))),
                 None => Err(misuse(
                     CALL,
                     "no destination: pass host and port, or call u:connect(host, port) first",
                 )),
             };
         }
-        Value::String(s) => s.to_str()?.to_owned(),
+        Value::String(s) => s,
         other => return Err(bad_arg(CALL, "host", "a string", &other)),
     };
+    let host = host.to_str()?;
+    let host: &str = &host;
     let port = port_arg(CALL, &port)?;
-    let lookup = rt.driver.borrow_mut().lookup(&host, Instant::now());
+    // An IP literal (the usual reply to a sender) needs no lookup.
+    if let Some(ip) = parse_ip(host) {
+        return Ok(answer(queue(&rt, h, data, SocketAddr::new(ip, port))));
+    }
+    let lookup = rt.driver.borrow_mut().lookup(host, Instant::now());
     match lookup {
-        Lookup::Done(ips) => Ok(answer(queue(&rt, h, &data, SocketAddr::new(ips[0], port)))),
+        Lookup::Done(ips) => Ok(answer(queue(&rt, h, data, SocketAddr::new(ips[0], port)))),
         Lookup::Failed(e) => Ok((None, Some(e))),
         Lookup::Pending => {
             {
@@ -180,6 +194,7 @@ fn send(
                 }
                 rec.resolving += 1;
             }
+            let data = data.to_vec();
             let then: addr::Continuation = Box::new(move |_, rt, ips| {
                 if let Some(rec) = rt.net.borrow_mut().udps.get_mut(&h) {
                     rec.resolving -= 1;
@@ -189,7 +204,7 @@ fn send(
                 }
                 Ok(())
             });
-            addr::resolve_then(lua, &rt, &host, false, then)?;
+            addr::resolve_then(lua, &rt, host, false, then)?;
             Ok((Some(true), None))
         }
     }
@@ -350,11 +365,20 @@ pub(super) fn news(lua: &Lua, rt: &Runtime, h: u64) -> Result<()> {
         (rec.key, lua.registry_value::<Table>(&rec.object)?)
     };
     let Some(on_packet) = callback(&object, "on_packet")? else { return Ok(()) };
+    // The sender's IP as text, kept while datagrams come from the same address.
+    let mut ip_text: Option<(IpAddr, mlua::String)> = None;
     loop {
         let got = rt.driver.borrow_mut().datagram_proto::<RawDatagrams>(key).and_then(|p| p.receive());
         let Some((data, from)) = got else { return Ok(()) };
-        let args =
-            (object.clone(), lua.create_string(&data)?, from.ip().to_canonical().to_string(), from.port());
+        let ip = match &ip_text {
+            Some((last, text)) if *last == from.ip() => text.clone(),
+            _ => {
+                let text = lua.create_string(from.ip().to_canonical().to_string())?;
+                ip_text = Some((from.ip(), text.clone()));
+                text
+            }
+        };
+        let args = (object.clone(), lua.create_string(&data)?, ip, from.port());
         call_back(lua, rt, &on_packet, args)?;
         if !rt.net.borrow().udps.contains_key(&h) {
             return Ok(()); // closed by the callback
