@@ -32,6 +32,8 @@ pub(crate) struct NetState {
     finishing: Vec<u64>,
     /// Streams that ended during the update: released at its end (once their input was read).
     ended: Vec<u64>,
+    /// The buffer that carries read data to a parked coroutine, reused from one read to the next.
+    read_buf: Vec<u8>,
 }
 
 impl NetState {

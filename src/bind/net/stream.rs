@@ -125,7 +125,16 @@ impl Record {
 
 /// Takes what `request` asks for from `input`, if it is there; at the end (`ended`) a request
 /// that cannot be met takes nothing.
+/// The largest read buffer kept for the next read.
+const READ_BUF_KEEP: usize = 64 * 1024;
+
 fn take(proto: &mut RawStream, request: &Request) -> Option<Vec<u8>> {
+    let mut out = Vec::new();
+    take_into(proto, request, &mut out).then_some(out)
+}
+
+/// [`take`] into `out` (cleared first); false when the request cannot be answered yet.
+fn take_into(proto: &mut RawStream, request: &Request, out: &mut Vec<u8>) -> bool {
     let input = proto.input();
     let n = match request {
         Request::Any(max) if !input.is_empty() => input.len().min(*max),
@@ -134,15 +143,16 @@ fn take(proto: &mut RawStream, request: &Request) -> Option<Vec<u8>> {
             match window.windows(delim.len()).position(|w| w == delim.as_slice()) {
                 Some(at) if at + delim.len() <= *max => at + delim.len(),
                 _ if input.len() >= *max => *max,
-                _ => return None,
+                _ => return false,
             }
         }
         Request::Exact(n) if input.len() >= *n => *n,
-        _ => return None,
+        _ => return false,
     };
-    let data = input[..n].to_vec();
+    out.clear();
+    out.extend_from_slice(&input[..n]);
     proto.consume_input(n);
-    Some(data)
+    true
 }
 
 /// Why reads end now, if they do: `Some(None)` for a clean end of stream.
@@ -447,14 +457,15 @@ fn deliver(lua: &Lua, rt: &Runtime, h: u64, key: Key) -> Result<()> {
     }
     let (answer, thread, ptr) = {
         let mut net = rt.net.borrow_mut();
+        let net = &mut *net;
         let Some(rec) = net.streams.get_mut(&h) else { return Ok(()) };
         let (Some(request), Some((thread, ptr))) = (&rec.parked, &rec.owner) else { return Ok(()) };
         let (thread, ptr) = (thread.id(), *ptr);
         let mut driver = rt.driver.borrow_mut();
         let Some(proto) = driver.proto::<RawStream>(key) else { return Ok(()) };
-        let answer = match take(proto, request) {
-            Some(data) => Ok(data),
-            None => match end_of(rec, Some(proto)) {
+        let answer = match take_into(proto, request, &mut net.read_buf) {
+            true => Ok(std::mem::take(&mut net.read_buf)),
+            false => match end_of(rec, Some(proto)) {
                 Some(why) => {
                     let partial = proto.input().to_vec();
                     proto.consume_input(partial.len());
@@ -470,7 +481,15 @@ fn deliver(lua: &Lua, rt: &Runtime, h: u64, key: Key) -> Result<()> {
     match answer {
         Ok(data) => {
             resume_reading(rt, key);
-            sched::resume_parked(lua, rt, thread, ptr, &[tag, raw::Value::Owned(data)])
+            let mut args = [tag, raw::Value::Owned(data)];
+            let resumed = sched::resume_parked(lua, rt, thread, ptr, &args);
+            // The buffer serves the next read (unless a large read grew it).
+            if let raw::Value::Owned(buf) = &mut args[1] {
+                if buf.capacity() <= READ_BUF_KEEP {
+                    rt.net.borrow_mut().read_buf = std::mem::take(buf);
+                }
+            }
+            resumed
         }
         Err((why, partial)) => {
             let args = [
