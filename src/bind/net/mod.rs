@@ -19,7 +19,8 @@ pub(crate) const TAG: Tag = 3;
 
 #[derive(Default)]
 pub(crate) struct NetState {
-    streams: FxHashMap<u64, stream::Record>,
+    /// Boxed: the table holds pointers, so its spare capacity costs little per connection.
+    streams: FxHashMap<u64, Box<stream::Record>>,
     stream_keys: FxHashMap<Key, u64>,
     servers: FxHashMap<u64, server::Record>,
     server_keys: FxHashMap<Key, u64>,

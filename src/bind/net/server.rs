@@ -190,7 +190,7 @@ pub(super) fn accepted(lua: &Lua, rt: &Runtime, key: Key, listener: Key) -> Resu
     {
         let mut net = rt.net.borrow_mut();
         net.stream_keys.insert(key, h);
-        net.streams.insert(h, record);
+        net.streams.insert(h, Box::new(record));
         if let Some(rec) = net.servers.get_mut(&server) {
             rec.conns.insert(h);
         }

@@ -52,11 +52,8 @@ pub(super) struct Record {
     /// The owner waits in `read` for this.
     parked: Option<Request>,
     waiters: Vec<RegistryKey>,
-    /// Client: addresses still to try if connecting fails, and how.
-    fallback: Vec<SocketAddr>,
-    connect: Option<ConnectPlan>,
-    /// Writes made before the stream existed (host name resolving).
-    early: Vec<u8>,
+    /// Client only (boxed: an accepted stream does not pay for it).
+    client: Option<Box<ClientPart>>,
     limits: RawLimits,
     /// `on_data` may be set (the field is looked at on each arrival only then).
     pub on_data: bool,
@@ -68,9 +65,14 @@ pub(super) struct Record {
     ended: Option<Option<String>>,
 }
 
-/// What a client needs to (re)connect.
-struct ConnectPlan {
-    options: ConnectOptionsSpec,
+/// What a client needs while it connects.
+#[derive(Default)]
+struct ClientPart {
+    /// Addresses still to try if connecting fails, and how.
+    fallback: Vec<SocketAddr>,
+    options: Option<ConnectOptionsSpec>,
+    /// Writes made before the stream existed (host name resolving).
+    early: Vec<u8>,
 }
 
 #[derive(Clone)]
@@ -109,9 +111,7 @@ impl Record {
             owner: None,
             parked: None,
             waiters: Vec::new(),
-            fallback: Vec::new(),
-            connect: None,
-            early: Vec::new(),
+            client: None,
             limits,
             on_data: false,
             half_open: false,
@@ -319,10 +319,11 @@ impl RawFn for Write {
         }
         let Some(key) = rec.key else {
             // Still resolving the host name: kept until the stream exists.
-            if rec.early.len() >= rec.limits.max_queued {
+            let early = &mut rec.client.get_or_insert_with(Box::default).early;
+            if early.len() >= rec.limits.max_queued {
                 return refused("backpressure");
             }
-            rec.early.extend_from_slice(data);
+            early.extend_from_slice(data);
             return Ok(Out::one(raw::Value::Bool(true)));
         };
         drop(net);
@@ -389,11 +390,11 @@ fn retry_connect(rt: &Runtime, h: u64, old: Key) -> bool {
     let (next, spec, limits) = {
         let mut net = rt.net.borrow_mut();
         let Some(rec) = net.streams.get_mut(&h) else { return false };
-        if rec.opened || rec.fallback.is_empty() {
+        let Some(client) = rec.client.as_mut().filter(|_| !rec.opened) else { return false };
+        let Some(options) = client.options.clone().filter(|_| !client.fallback.is_empty()) else {
             return false;
-        }
-        let Some(plan) = &rec.connect else { return false };
-        (rec.fallback.remove(0), plan.options.clone(), rec.limits)
+        };
+        (client.fallback.remove(0), options, rec.limits)
     };
     rt.driver.borrow_mut().close(old);
     rt.net.borrow_mut().stream_keys.remove(&old);
@@ -410,7 +411,8 @@ fn opened(lua: &Lua, rt: &Runtime, h: u64, key: Key) -> Result<()> {
             rec.upgrade = Upgrade::None;
         }
         let first = !std::mem::replace(&mut rec.opened, true);
-        let early = std::mem::take(&mut rec.early);
+        // Connected: what the client part held is done with.
+        let early = rec.client.take().map(|c| c.early).unwrap_or_default();
         wake_all(rt, &mut rec.waiters);
         if !early.is_empty() {
             if let Some(proto) = rt.driver.borrow_mut().proto::<RawStream>(key) {
@@ -742,7 +744,7 @@ pub(super) fn connect(
     let mut rec = Record::new(lua.create_registry_value(&object)?, None, None, limits);
     rec.half_open = half_open;
     rec.on_data = o.function("on_data")?.is_some();
-    rt.net.borrow_mut().streams.insert(h, rec);
+    rt.net.borrow_mut().streams.insert(h, Box::new(rec));
     if kind == "unix" {
         if let Err(e) = start(&rt, h, &Target::Unix(host.into()), &spec, limits) {
             release(&rt, h);
@@ -760,8 +762,9 @@ pub(super) fn connect(
         };
         let first = addrs.remove(0);
         if let Some(rec) = rt.net.borrow_mut().streams.get_mut(&h) {
-            rec.fallback = addrs;
-            rec.connect = Some(ConnectPlan { options: then_spec.clone() });
+            let client = rec.client.get_or_insert_with(Box::default);
+            client.fallback = addrs;
+            client.options = Some(then_spec.clone());
         }
         match start(rt, h, &Target::Tcp(first), &then_spec, limits) {
             Ok(()) => Ok(()),
@@ -852,8 +855,10 @@ fn net_drained(lua: &Lua, h: Value) -> Result<(Value, Option<String>)> {
     if let Some(why) = &rec.ended {
         return Ok((Value::Nil, Some(reason(why))));
     }
-    let queued =
-        rec.key.and_then(|k| rt.driver.borrow_mut().stream(k).map(|s| s.queued())).unwrap_or(rec.early.len());
+    let queued = rec
+        .key
+        .and_then(|k| rt.driver.borrow_mut().stream(k).map(|s| s.queued()))
+        .unwrap_or_else(|| rec.client.as_ref().map_or(0, |c| c.early.len()));
     Ok((Value::Boolean(queued == 0 && rec.opened), None))
 }
 
