@@ -46,6 +46,8 @@ pub(crate) struct Runtime {
     resolving: RefCell<addr::Waiting>,
     /// Entries that became ready and are not serviced yet (kept if a callback raises).
     service: RefCell<std::collections::VecDeque<Key>>,
+    /// The buffer `poll` reports readiness into, kept between ticks (a nested tick makes its own).
+    ready: RefCell<Vec<Ready>>,
     /// How many `tick`s are running (they nest: a blocking fetch or an update inside a coroutine).
     ticking: std::cell::Cell<u32>,
     /// Zero of the `luna.now()` clock.
@@ -87,6 +89,7 @@ pub(crate) fn runtime(lua: &Lua) -> Result<Rc<Runtime>> {
         tls: RefCell::new(tls::TlsCache::default()),
         resolving: RefCell::new(addr::Waiting::default()),
         service: RefCell::new(Default::default()),
+        ready: RefCell::new(Vec::new()),
         ticking: Default::default(),
         epoch: Instant::now(),
     });
@@ -108,14 +111,15 @@ pub fn tick(lua: &Lua, timeout: Option<Duration>) -> Result<()> {
 }
 
 fn tick_inner(lua: &Lua, rt: &Runtime, timeout: Option<Duration>) -> Result<()> {
-    let mut ready = Vec::new();
+    let mut ready = std::mem::take(&mut *rt.ready.borrow_mut());
+    ready.clear();
     rt.driver.borrow_mut().poll(timeout, &mut ready)?;
     let now = Instant::now();
     let mut resolved = Vec::new();
     {
         let mut sched = rt.sched.borrow_mut();
         let mut service = rt.service.borrow_mut();
-        for event in ready {
+        for event in ready.drain(..) {
             match event {
                 Ready::Resolved(host) => {
                     let waiters = sched.dns_waiters.remove(&host).unwrap_or_default();
@@ -125,6 +129,7 @@ fn tick_inner(lua: &Lua, rt: &Runtime, timeout: Option<Duration>) -> Result<()> 
                 Ready::Entry(key) => service.push_back(key),
             }
         }
+        *rt.ready.borrow_mut() = ready;
         let yielded = std::mem::take(&mut sched.next_frame);
         sched.jobs.extend(yielded.into_iter().map(sched::Job::Key));
     }

@@ -256,10 +256,10 @@ pub(crate) fn decode(lua: &Lua, data: &[u8]) -> Result<Value> {
         return Ok(Value::Nil);
     }
     let mut failed = None;
-    // SAFETY: protected (exec_raw); the closure holds references and integers only, and leaves
-    // exactly one value (the result, or nil after a failure) on the stack.
-    let value = unsafe {
-        lua.exec_raw::<Value>((), |state| {
+    // SAFETY: protected; the closure holds references and integers only, and leaves exactly one
+    // value (the result, or nil after a failure) on the stack.
+    let ((), value) = unsafe {
+        super::raw::protected(lua, |state| {
             let top = ffi::lua_gettop(state);
             let mut rd = data;
             if let Err(e) = push_decoded(state, &mut rd, 0) {
@@ -269,7 +269,7 @@ pub(crate) fn decode(lua: &Lua, data: &[u8]) -> Result<Value> {
             }
         })?
     };
-    failed.map_or(Ok(value), |e| Err(e.error()))
+    failed.map_or(Ok(value.unwrap_or(Value::Nil)), |e| Err(e.error()))
 }
 
 fn take<'a>(rd: &mut &'a [u8], n: usize) -> std::result::Result<&'a [u8], DecodeError> {

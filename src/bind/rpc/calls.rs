@@ -59,7 +59,7 @@ fn send_call(
         None => c.early.push(msg),
         Some(key) => {
             let sent = match rt.driver.borrow_mut().datagram_proto::<Client>(key) {
-                Some(client) => client.send(&msg),
+                Some(client) => client.send(msg),
                 None => Err(rpc::Error::NotConnected),
             };
             if let Err(e) = sent {

@@ -184,7 +184,7 @@ fn open_client(lua: &Lua, rt: &Runtime, id: u32, ip: IpAddr, now: Instant) -> Re
     arm_calls(rt, key, next);
     if let Some(c) = rt.driver.borrow_mut().datagram_proto::<Client>(key) {
         for msg in early {
-            let _ = c.send(&msg);
+            let _ = c.send(msg);
         }
     }
     flush(lua, rt, key)
@@ -392,7 +392,7 @@ fn deliver(
 ) -> Result<()> {
     let tag = raw::Value::Light(sched::delivered_value().0);
     let args = match result.map(|bytes| validate(&bytes).map(|()| bytes)) {
-        Ok(Ok(bytes)) => vec![tag, raw::Value::MsgPack(bytes)],
+        Ok(Ok(bytes)) => vec![tag, raw::Value::MsgPack(bytes.into())],
         Ok(Err(e)) => vec![tag, raw::Value::Nil, raw::Value::Owned(message(&e).into_bytes())],
         Err(e) => vec![tag, raw::Value::Nil, raw::Value::Owned(e.into_bytes())],
     };

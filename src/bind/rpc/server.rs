@@ -310,8 +310,8 @@ pub(super) fn event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ServerEvent,
                 raw::Value::Ref(table),
                 raw::Value::Ref(client),
                 raw::Value::Int(rid.into()),
-                raw::Value::Owned(path.as_bytes().to_vec()),
-                raw::Value::MsgPack(args.to_vec()),
+                raw::Value::Slice(path.as_bytes()),
+                raw::Value::MsgPack(args.into()),
                 raw::Value::Int(data.len() as i64),
             ];
             raw::call(lua, request, &call)
@@ -409,25 +409,19 @@ fn send_response(
     rid: u32,
     result: std::result::Result<&[u8], &str>,
 ) -> Result<()> {
-    if let Some(key) = queue_response(rt, id, conn, rid, result) {
+    let mut msg = Vec::new();
+    Envelope::Response { id: rid, result }.encode(&mut msg);
+    if let Some(key) = queue_message(rt, id, conn, msg) {
         flush(lua, rt, key)?;
     }
     Ok(())
 }
 
-/// Queues the answer to request `rid` of client `conn` of app `id`; the entry to flush.
-fn queue_response(
-    rt: &Runtime,
-    id: u32,
-    conn: ConnId,
-    rid: u32,
-    result: std::result::Result<&[u8], &str>,
-) -> Option<Key> {
+/// Queues an encoded message to client `conn` of app `id`; the entry to flush.
+fn queue_message(rt: &Runtime, id: u32, conn: ConnId, msg: Vec<u8>) -> Option<Key> {
     let key = server_key(rt, id)?;
-    let mut msg = Vec::new();
-    Envelope::Response { id: rid, result }.encode(&mut msg);
     if let Some(s) = rt.driver.borrow_mut().datagram_proto::<Server>(key) {
-        let _ = s.send(conn, &msg);
+        let _ = s.send(conn, msg);
     }
     Some(key)
 }
@@ -444,20 +438,24 @@ impl RawFn for Respond {
     fn call(rt: &Runtime, st: &Stack) -> std::result::Result<Out, String> {
         let int = |i| st.integer(i).ok_or_else(|| format!("core.respond: argument {i} must be an integer"));
         let (id, conn, rid) = (int(1)? as u32, ConnId::from_u64(int(2)? as u64), int(3)? as u32);
-        let mut encoded = Vec::new();
-        let failed = if st.truthy(4) {
+        // The envelope and the result are encoded into the one buffer the session keeps.
+        let mut msg = Vec::with_capacity(64);
+        let ok = st.truthy(4);
+        Envelope::response_head(rid, ok, &mut msg);
+        let failed = if ok {
             // SAFETY: index 5 is an argument of this call; encoding only reads the stack.
-            unsafe { encode_stack(st.state(), 5, &mut encoded) }.err().map(|e| e.text())
+            unsafe { encode_stack(st.state(), 5, &mut msg) }.err().map(|e| e.text())
         } else {
+            // Error texts travel as UTF-8 (the client drops a response whose text is not).
+            msg.extend_from_slice(String::from_utf8_lossy(st.bytes(5).unwrap_or(b"error")).as_bytes());
             None
         };
-        let result = match (&failed, st.truthy(4)) {
-            (Some(e), _) => Err(format!("cannot encode the result: it contains {e}")),
-            (None, true) => Ok(encoded.as_slice()),
-            (None, false) => Err(String::from_utf8_lossy(st.bytes(5).unwrap_or(b"error")).into_owned()),
-        };
-        let result = result.as_ref().map(|v| *v).map_err(String::as_str);
-        if let Some(key) = queue_response(rt, id, conn, rid, result) {
+        let failed = failed.map(|e| format!("cannot encode the result: it contains {e}"));
+        if let Some(e) = &failed {
+            msg.clear();
+            Envelope::Response { id: rid, result: Err(e) }.encode(&mut msg);
+        }
+        if let Some(key) = queue_message(rt, id, conn, msg) {
             let mut driver = rt.driver.borrow_mut();
             // Inside an update (where requests are answered) this joins the end-of-update write.
             if rt.in_update() {
@@ -466,13 +464,13 @@ impl RawFn for Respond {
                 driver.flush(key);
             }
         }
-        Ok(match result {
-            Err(e) if failed.is_some() => {
+        Ok(match failed {
+            Some(e) => {
                 let mut out = Out::one(raw::Value::Nil);
-                out.push(raw::Value::Owned(e.as_bytes().to_vec()));
+                out.push(raw::Value::Owned(e.into_bytes()));
                 out
             }
-            _ => Out::one(raw::Value::Bool(true)),
+            None => Out::one(raw::Value::Bool(true)),
         })
     }
 }
@@ -485,7 +483,7 @@ fn push(lua: &Lua, (id, conn, value): (u32, u64, Value)) -> Result<(bool, Option
     let mut msg = Vec::new();
     Envelope::Push(&payload).encode(&mut msg);
     let sent = match rt.driver.borrow_mut().datagram_proto::<Server>(key) {
-        Some(s) => s.send(ConnId::from_u64(conn), &msg),
+        Some(s) => s.send(ConnId::from_u64(conn), msg),
         None => Ok(()),
     };
     flush(lua, &rt, key)?;

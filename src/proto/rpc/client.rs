@@ -138,7 +138,8 @@ impl Client {
 
     /// Queues a reliable, ordered message (allowed during the handshake: it is sent once
     /// connected).
-    pub fn send(&mut self, msg: &[u8]) -> Result<(), Error> {
+    pub fn send(&mut self, msg: impl Into<Vec<u8>>) -> Result<(), Error> {
+        let msg = msg.into();
         match &mut self.state {
             State::Established(s) => s.send(&self.config, msg),
             State::Handshake(_) => {
@@ -149,7 +150,7 @@ impl Client {
                     return Err(Error::SendBufferFull);
                 }
                 self.early_bytes += msg.len();
-                self.early.push_back(msg.to_vec());
+                self.early.push_back(msg);
                 Ok(())
             }
             State::Closed => Err(Error::NotConnected),
@@ -338,7 +339,7 @@ impl Client {
         session.queue_ping(); // key confirmation even when there is nothing to send
         for m in self.early.drain(..) {
             // Limits were checked when queued; a lowered limit may refuse some now.
-            let _ = session.send(&self.config, &m);
+            let _ = session.send(&self.config, m);
         }
         self.early_bytes = 0;
         self.server_key = Some(sh.server_static);

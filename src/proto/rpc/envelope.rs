@@ -60,19 +60,21 @@ impl<'a> Envelope<'a> {
                 out.extend_from_slice(args);
             }
             Envelope::Response { id, result } => {
-                let (tag, body) = match result {
-                    Ok(b) => (T_RESPONSE_OK, b),
-                    Err(e) => (T_RESPONSE_ERR, e.as_bytes()),
-                };
-                out.push(tag);
-                put_varint(out, u64::from(id));
-                out.extend_from_slice(body);
+                Envelope::response_head(id, result.is_ok(), out);
+                out.extend_from_slice(result.map_or_else(str::as_bytes, |b| b));
             }
             Envelope::Push(p) => {
                 out.push(T_PUSH);
                 out.extend_from_slice(p);
             }
         }
+    }
+
+    /// The start of a response to request `id` (`ok`: a result follows, else an error text), for
+    /// a caller that writes the body straight after it.
+    pub fn response_head(id: u32, ok: bool, out: &mut Vec<u8>) {
+        out.push(if ok { T_RESPONSE_OK } else { T_RESPONSE_ERR });
+        put_varint(out, u64::from(id));
     }
 
     /// Exact size of the encoding.

@@ -218,11 +218,11 @@ pub fn session(data: &[u8]) {
             1 => p.client.handle_datagram(p.now, p.server_addr, body),
             2 => p.advance(Duration::from_millis(u64::from(body.first().copied().unwrap_or(1)) * 20)),
             3 => {
-                let _ = p.client.send(&body.repeat(usize::from(op >> 3) + 1));
+                let _ = p.client.send(body.repeat(usize::from(op >> 3) + 1));
             }
             4 => {
                 if let Some(c) = p.conn {
-                    let _ = p.server.send(c, &body.repeat(usize::from(op >> 3) + 1));
+                    let _ = p.server.send(c, body.repeat(usize::from(op >> 3) + 1));
                 }
             }
             5 => p.exchange(),
@@ -297,7 +297,7 @@ mod corpus {
             p.advance(Duration::from_millis(6));
             if let (Some(conn), true) = (p.conn, captured.len() < 12) {
                 let _ = p.client.send(b"\x01\x01\x08api/echo\xa2hi");
-                let _ = p.server.send(conn, &vec![7u8; 2500]);
+                let _ = p.server.send(conn, vec![7u8; 2500]);
             }
         }
         p.client.close("bye");

@@ -185,7 +185,7 @@ impl Server {
 
     /// Queues a reliable, ordered message on `conn`; `Err(UnknownConnection)` if `conn` is not
     /// a connected session (or it is closing).
-    pub fn send(&mut self, conn: ConnId, msg: &[u8]) -> Result<(), Error> {
+    pub fn send(&mut self, conn: ConnId, msg: impl Into<Vec<u8>>) -> Result<(), Error> {
         let cfg = &self.config;
         let s = self.slots.get_mut(conn.index as usize).ok_or(Error::UnknownConnection)?;
         if s.generation != conn.generation {
@@ -195,7 +195,7 @@ impl Server {
         if !c.connected || c.session.is_closing() {
             return Err(Error::UnknownConnection);
         }
-        c.session.send(cfg, msg)?;
+        c.session.send(cfg, msg.into())?;
         self.after_change(conn.index);
         Ok(())
     }

@@ -2,6 +2,7 @@
 //! retransmission, aggregation, fragmentation/reassembly, in-order exactly-once delivery,
 //! keep-alive and close. Shared by [`super::Server`] and [`super::Client`].
 
+use std::cell::Cell;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
@@ -105,6 +106,8 @@ pub(crate) struct Session {
     srtt: Option<Duration>,
     rttvar: Duration,
     backoff: u32,
+    /// `rto()` as last computed; emptied when `srtt`, `rttvar` or `backoff` change.
+    rto_cache: Cell<Option<Duration>>,
     last_eliciting_sent: Instant,
     ping_pending: bool,
     // ---- receiving
@@ -142,6 +145,7 @@ impl Session {
             srtt: None,
             rttvar: Duration::ZERO,
             backoff: 0,
+            rto_cache: Cell::new(None),
             last_eliciting_sent: now,
             ping_pending: false,
             largest_rx: None,
@@ -184,18 +188,23 @@ impl Session {
     /// Current retransmission timeout including backoff (RFC 6298 with a loopback-friendly
     /// minimum and `message_timeout` as the maximum).
     fn rto(&self, cfg: &Config) -> Duration {
+        if let Some(rto) = self.rto_cache.get() {
+            return rto;
+        }
         let max = cfg.message_timeout.max(cfg.min_rto);
         let base = match self.srtt {
             Some(s) => s + (self.rttvar * 4).max(Duration::from_millis(1)) + cfg.max_ack_delay,
             None => cfg.initial_rto,
         };
         let base = base.clamp(cfg.min_rto, max);
-        base.checked_mul(1u32 << self.backoff.min(16)).unwrap_or(max).min(max)
+        let rto = base.checked_mul(1u32 << self.backoff.min(16)).unwrap_or(max).min(max);
+        self.rto_cache.set(Some(rto));
+        rto
     }
 
     // ------------------------------------------------------------------ sending API
 
-    pub(crate) fn send(&mut self, cfg: &Config, msg: &[u8]) -> Result<(), Error> {
+    pub(crate) fn send(&mut self, cfg: &Config, msg: Vec<u8>) -> Result<(), Error> {
         if self.closing.is_some() {
             return Err(Error::NotConnected);
         }
@@ -208,14 +217,14 @@ impl Session {
         let nchunks = if msg.len() <= FRAGMENT_SIZE { 1 } else { msg.len().div_ceil(FRAGMENT_SIZE) };
         let Ok(nchunks) = u32::try_from(nchunks) else { return Err(Error::MessageTooLarge) };
         let acked_big = if nchunks > 64 { vec![0u64; nchunks.div_ceil(64) as usize] } else { Vec::new() };
+        self.send_buffered += msg.len();
         self.msgs.push_back(OutMsg {
-            data: msg.to_vec(),
+            data: msg,
             nchunks,
             remaining: nchunks,
             acked_small: 0,
             acked_big,
         });
-        self.send_buffered += msg.len();
         Ok(())
     }
 
@@ -336,6 +345,7 @@ impl Session {
         }
         self.trim_sent();
         self.backoff += 1;
+        self.rto_cache.set(None);
         if self.retx.is_empty() {
             // Nothing to resend (ping-only packets): probe with a ping so the timer keeps going.
             self.ping_pending = true;
@@ -748,10 +758,12 @@ impl Session {
                 }
             }
         }
-        if newly {
+        if newly && self.backoff != 0 {
             self.backoff = 0;
+            self.rto_cache.set(None);
         }
         if let Some(mut r) = sample {
+            self.rto_cache.set(None);
             let delay = Duration::from_micros(a.delay_us).min(cfg.max_ack_delay);
             if r > delay {
                 r -= delay;

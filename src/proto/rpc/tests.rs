@@ -197,8 +197,8 @@ fn lossy_transfer(seed: u64, encryption: bool, max_recv_buffer: usize) {
     while sent < n {
         for _ in 0..8 {
             if sent < n {
-                sim.client.send(&message(b'c', sent)).unwrap();
-                sim.server.send(conn, &message(b's', sent)).unwrap();
+                sim.client.send(message(b'c', sent)).unwrap();
+                sim.server.send(conn, message(b's', sent)).unwrap();
                 sent += 1;
             }
         }
@@ -247,7 +247,7 @@ fn lossy_link_with_tiny_receive_buffer_still_delivers() {
     let conn = sim.conn.unwrap();
     let big: Vec<Vec<u8>> = (0..6).map(|i| vec![i as u8; 20_000 + i * 1000]).collect();
     for m in &big {
-        sim.server.send(conn, m).unwrap();
+        sim.server.send(conn, m.as_slice()).unwrap();
     }
     assert!(sim.run_until(Duration::from_secs(300), |s| s.client_msgs().len() == big.len()));
     assert_eq!(sim.client_msgs(), big);
@@ -725,7 +725,7 @@ fn bench_round_trips() {
             }
             while let Some(e) = p.server.poll_event() {
                 if let ServerEvent::Message { data, .. } = e {
-                    p.server.send(conn, &data).unwrap();
+                    p.server.send(conn, data).unwrap();
                 }
             }
             while p.server.poll_transmit(p.now, &mut buf).is_some() {
@@ -733,7 +733,7 @@ fn bench_round_trips() {
             }
             while let Some(e) = p.client.poll_event() {
                 if let ClientEvent::Message(m) = e {
-                    p.client.send(&m).unwrap();
+                    p.client.send(m).unwrap();
                 }
             }
         }
