@@ -110,18 +110,23 @@ function stream_methods:write(data)
   return net_write(self.__h, data)
 end
 
-function stream_methods:drain()
-  local co = need_coroutine("s:drain()")
-  local h = self.__h
+-- Asks `check(h)` until it answers something other than false (its answer is returned),
+-- waiting for news of the stream between tries.
+local function wait_until(h, co, check)
   while true do
-    local done, err = core.net_drained(h)
-    if done ~= false then
-      return done, err
+    local answer, why = check(h)
+    if answer ~= false then
+      return answer, why
     end
     if not wait(h, co, net_wait) then
       return nil, "closed"
     end
   end
+end
+
+function stream_methods:drain()
+  local co = need_coroutine("s:drain()")
+  return wait_until(self.__h, co, core.net_drained)
 end
 
 function stream_methods:close()
@@ -139,15 +144,7 @@ function stream_methods:starttls(opts)
   if not ok then
     return nil, err
   end
-  while true do
-    local state, why = core.net_tls_state(h)
-    if state ~= false then
-      return state, why
-    end
-    if not wait(h, co, net_wait) then
-      return nil, "closed"
-    end
-  end
+  return wait_until(h, co, core.net_tls_state)
 end
 
 function stream_methods:getpeername()
@@ -160,18 +157,11 @@ end
 
 -- Waits until a new stream is connected: the stream, or nil and why not.
 local function connected(s, co)
-  local h = s.__h
-  while true do
-    local state, err = core.net_status(h)
-    if state == "open" then
-      return s
-    elseif state == nil then
-      return nil, err
-    end
-    if not wait(h, co, net_wait) then
-      return nil, "closed"
-    end
+  local open, err = wait_until(s.__h, co, core.net_status)
+  if open then
+    return s
   end
+  return nil, err
 end
 
 local function connect(kind, call, host, port, opts)

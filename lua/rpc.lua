@@ -156,6 +156,19 @@ local function answer(app, client, id, ok, value)
   end
 end
 
+-- Runs middleware `mw` (`pre`: before the handler) → true and its result; if it raises, the
+-- client gets the error, the app's policy hears of it, and false is returned.
+local function middleware(app, router, handler, client, id, mw, context, pre)
+  local ok, result = pcall(mw, context, pre)
+  if not ok then
+    local msg = "Middleware error: " .. tostring(result)
+    answer(app, client, id, false, msg)
+    report(app, router, handler, msg)
+    return false
+  end
+  return true, result
+end
+
 -- Post phase, response_validate, send. `ok`/`value`: the handler's outcome. `context` is nil
 -- for a handler without middlewares.
 local function finish(app, router, handler, context, client, id, ok, value)
@@ -163,11 +176,9 @@ local function finish(app, router, handler, context, client, id, ok, value)
     if context then
       context.response = value
       for _, mw in ipairs(handler.middlewares) do
-        local mok, replaced = pcall(mw, context, false)
+        local mok, replaced = middleware(app, router, handler, client, id, mw, context, false)
         if not mok then
-          local msg = "Middleware error: " .. tostring(replaced)
-          answer(app, client, id, false, msg)
-          return report(app, router, handler, msg)
+          return
         end
         if replaced ~= nil then
           context.response = replaced
@@ -240,11 +251,9 @@ function R.request(app, client, id, path, args, size)
     context = { request = { path = path, args = args }, client = client, ip = client.ip, port = client.port,
                 stop = false }
     for _, mw in ipairs(handler.middlewares) do
-      local ok, result = pcall(mw, context, true)
+      local ok, result = middleware(app, router, handler, client, id, mw, context, true)
       if not ok then
-        local msg = "Middleware error: " .. tostring(result)
-        answer(app, client, id, false, msg)
-        return report(app, router, handler, msg)
+        return
       end
       if context.stop then
         if result ~= nil then

@@ -453,7 +453,11 @@ unsafe fn run_protected(lua: &Lua, body: *mut c_void) -> Result<Option<Option<ml
                     std::ffi::CStr::from_ptr(text).to_string_lossy().into_owned()
                 };
                 ffi::lua_settop(state, base);
-                Err(if code == ffi::LUA_ERRMEM { Error::MemoryError(text) } else { Error::RuntimeError(text) })
+                Err(if code == ffi::LUA_ERRMEM {
+                    Error::MemoryError(text)
+                } else {
+                    Error::RuntimeError(text)
+                })
             }
         }
     })
@@ -528,7 +532,8 @@ mod tests {
         call(&lua, ok.id(), &[Value::Int(1), Value::Slice(b"x")]).unwrap();
 
         lua.set_memory_limit(lua.used_memory() + 64 * 1024).unwrap();
-        let hog: Function = lua.load("return function() local t = {} for i = 1, 1e7 do t[i] = i end end").eval().unwrap();
+        let hog: Function =
+            lua.load("return function() local t = {} for i = 1, 1e7 do t[i] = i end end").eval().unwrap();
         let hog = lua.create_registry_value(hog).unwrap();
         match call(&lua, hog.id(), &[]) {
             Err(Error::MemoryError(_)) => {}

@@ -831,8 +831,8 @@ fn net_wait(lua: &Lua, (h, thread): (Value, Thread)) -> Result<bool> {
     Ok(true)
 }
 
-/// `core.net_status(h)` → `"connecting"`, `"open"`, or `nil, reason`.
-fn net_status(lua: &Lua, h: Value) -> Result<(Option<&'static str>, Option<String>)> {
+/// `core.net_status(h)` → `true` (open), `false` (connecting), or `nil, reason`.
+fn net_status(lua: &Lua, h: Value) -> Result<(Option<bool>, Option<String>)> {
     let rt = runtime(lua)?;
     let net = rt.net.borrow();
     let Some(rec) = handle_number(&h).and_then(|h| net.streams.get(&h)) else {
@@ -841,7 +841,7 @@ fn net_status(lua: &Lua, h: Value) -> Result<(Option<&'static str>, Option<Strin
     if let Some(why) = &rec.ended {
         return Ok((None, Some(reason(why))));
     }
-    Ok((Some(if rec.opened { "open" } else { "connecting" }), None))
+    Ok((Some(rec.opened), None))
 }
 
 /// `core.net_drained(h)` → `true` once nothing is queued, `nil, reason` after the end, `false`

@@ -61,7 +61,7 @@ impl<'a> Envelope<'a> {
             }
             Envelope::Response { id, result } => {
                 Envelope::response_head(id, result.is_ok(), out);
-                out.extend_from_slice(result.map_or_else(str::as_bytes, |b| b));
+                out.extend_from_slice(result.unwrap_or_else(str::as_bytes));
             }
             Envelope::Push(p) => {
                 out.push(T_PUSH);

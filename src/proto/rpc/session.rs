@@ -218,13 +218,7 @@ impl Session {
         let Ok(nchunks) = u32::try_from(nchunks) else { return Err(Error::MessageTooLarge) };
         let acked_big = if nchunks > 64 { vec![0u64; nchunks.div_ceil(64) as usize] } else { Vec::new() };
         self.send_buffered += msg.len();
-        self.msgs.push_back(OutMsg {
-            data: msg,
-            nchunks,
-            remaining: nchunks,
-            acked_small: 0,
-            acked_big,
-        });
+        self.msgs.push_back(OutMsg { data: msg, nchunks, remaining: nchunks, acked_small: 0, acked_big });
         Ok(())
     }
 

@@ -573,7 +573,7 @@ fn handshake_times_out_without_server() {
 fn messages_queued_before_connect_are_sent() {
     let mut p = Pair::new(Config::default());
     p.client.send(b"early 1").unwrap();
-    p.client.send(&[1u8; 5000]).unwrap();
+    p.client.send([1u8; 5000]).unwrap();
     p.connect();
     assert_eq!(p.server_msgs, vec![b"early 1".to_vec(), vec![1u8; 5000]]);
 }
@@ -583,12 +583,12 @@ fn oversized_messages_are_refused_and_discarded() {
     let mut p = Pair::new(Config { max_message_size: 2000, ..Config::default() });
     p.connect();
     let conn = p.conn.unwrap();
-    assert_eq!(p.client.send(&[0; 2001]), Err(Error::MessageTooLarge));
+    assert_eq!(p.client.send([0; 2001]), Err(Error::MessageTooLarge));
     // The receiver's limit is lower than the sender's: the message is skipped, later ones flow.
     p.server.config_mut().max_message_size = 100;
-    p.client.send(&[1; 1500]).unwrap();
-    p.client.send(&[2; 200]).unwrap();
-    p.client.send(&[3; 50]).unwrap();
+    p.client.send([1; 1500]).unwrap();
+    p.client.send([2; 200]).unwrap();
+    p.client.send([3; 50]).unwrap();
     p.exchange();
     assert_eq!(p.server_msgs, vec![vec![3u8; 50]]);
     assert_eq!(p.server.stats().oversized_messages, 2);
@@ -601,10 +601,10 @@ fn oversized_messages_are_refused_and_discarded() {
 fn send_buffer_is_bounded() {
     let mut p = Pair::new(Config { max_send_buffer: 10_000, ..Config::default() });
     p.connect();
-    p.client.send(&[0; 6000]).unwrap();
-    assert_eq!(p.client.send(&[0; 6000]), Err(Error::SendBufferFull));
+    p.client.send([0; 6000]).unwrap();
+    assert_eq!(p.client.send([0; 6000]), Err(Error::SendBufferFull));
     p.exchange();
-    p.client.send(&[0; 6000]).unwrap();
+    p.client.send([0; 6000]).unwrap();
 }
 
 #[test]
@@ -651,7 +651,7 @@ fn many_messages_are_aggregated_per_datagram() {
     let mut p = Pair::new(Config::default());
     p.connect();
     for i in 0..100u8 {
-        p.client.send(&[i; 20]).unwrap();
+        p.client.send([i; 20]).unwrap();
     }
     let mut buf = Vec::new();
     let mut n = 0;
@@ -718,7 +718,7 @@ fn bench_round_trips() {
         let n = 200_000;
         let req = [7u8; 40];
         let t0 = std::time::Instant::now();
-        p.client.send(&req).unwrap();
+        p.client.send(req).unwrap();
         for _ in 0..n {
             while p.client.poll_transmit(p.now, &mut buf).is_some() {
                 p.server.handle_datagram(p.now, p.client_addr, &buf);
