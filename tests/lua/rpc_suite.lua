@@ -290,6 +290,40 @@ return function(T, luna, lunac)
     luna.remove_app(app)
   end)
 
+  T.test("a middleware that raises, before or after the handler, answers the error and reports it", function()
+    local app = server()
+    local calls, reported = 0, {}
+    app:new_router({ prefix = "mw" }):new({
+      prefix = "boom",
+      error_handler = function(msg) reported[#reported + 1] = msg end,
+      middlewares = {
+        function(ctx, is_pre)
+          if is_pre == (ctx.request.args.when == "pre") then
+            error("bad " .. ctx.request.args.when, 0)
+          end
+        end,
+      },
+      fun = function()
+        calls = calls + 1
+        return "ran"
+      end,
+    })
+    local client = connected(connect(app))
+    local res, err = client:fetch("mw/boom", { when = "pre" })
+    T.eq(res, nil, "no result before")
+    T.eq(err, "Middleware error: bad pre", "error before")
+    T.eq(calls, 0, "the handler did not run")
+    res, err = client:fetch("mw/boom", { when = "post" })
+    T.eq(res, nil, "no result after")
+    T.eq(err, "Middleware error: bad post", "error after")
+    T.eq(calls, 1, "the handler ran once")
+    T.eq(#reported, 2, "both reported")
+    T.eq(reported[1], "Middleware error: bad pre", "first report")
+    T.eq(reported[2], "Middleware error: bad post", "second report")
+    lunac.disconnect_to_app(client)
+    luna.remove_app(app)
+  end)
+
   T.test("async handler may fetch from another server while waiting", function()
     local back = server()
     back:new_router({ prefix = "b" }):new({ prefix = "v", fun = function(a) return a.x + 100 end })
