@@ -175,6 +175,10 @@ pub struct WsConn {
     state: State,
     pending: Option<WsEvent>,
     activity: bool,
+    /// The last read found nothing more to parse and no byte (nor the end of the stream) came
+    /// since, so reading again would find nothing either (a message is read in one call, then
+    /// the session asks again twice: after pumping it and once its inbox is empty).
+    starved: bool,
 }
 
 impl WsConn {
@@ -192,6 +196,7 @@ impl WsConn {
             state: State::Open,
             pending: None,
             activity: !leftover.is_empty(),
+            starved: false,
         }
     }
 
@@ -273,12 +278,14 @@ impl WsConn {
             return;
         }
         self.activity = true;
+        self.starved = false;
         self.ws.get_mut().push_incoming(data);
     }
 
     /// The transport reached end of stream (after the buffered bytes are processed, an
     /// unclosed connection reports `Closed { code: 1006, clean: false }`).
     pub fn handle_eof(&mut self) {
+        self.starved = false;
         self.ws.get_mut().set_eof();
     }
 
@@ -300,7 +307,7 @@ impl WsConn {
         if let Some(ev) = self.pending.take() {
             return Some(ev);
         }
-        if self.state == State::Closed {
+        if self.state == State::Closed || self.starved {
             return None;
         }
         loop {
@@ -331,6 +338,7 @@ impl WsConn {
                     return Some(WsEvent::Closed { code, reason, clean: true });
                 }
                 Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    self.starved = true;
                     self.maybe_refresh_reader();
                     return None;
                 }
@@ -461,6 +469,7 @@ impl WsConn {
         let frame = CloseFrame { code: code.into(), reason: reason.into() };
         let _ = self.ws.close(Some(frame));
         self.state = State::Closing;
+        self.starved = false;
         Ok(())
     }
 
