@@ -23,6 +23,7 @@
 //! C closures per call (its runner and its message handler) under LuaJIT and 5.1, where C
 //! functions are collectable objects; ours are made once per state and kept in the registry.
 
+use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void};
 use std::mem::ManuallyDrop;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -373,22 +374,66 @@ pub(crate) fn call(lua: &Lua, func: c_int, args: &[Value]) -> Result<()> {
     Ok(())
 }
 
-/// Registry keys (by address) of the two C functions [`protected`] runs through.
-static RUNNER_KEY: u8 = 0;
-static HANDLER_KEY: u8 = 0;
+/// The registry key (by address) under which a state keeps the slots of the two C functions
+/// [`protected`] runs through: a table `{handler slot, runner slot}`.
+static SLOTS_KEY: u8 = 0;
+
+thread_local! {
+    /// The body the next [`run_body`] runs: set just before its `lua_pcall`, read on entry (so
+    /// nested protected calls cannot mix them up), without a light userdata on the stack.
+    static BODY: Cell<*mut c_void> = const { Cell::new(std::ptr::null_mut()) };
+    /// `(main state, handler slot, runner slot)` last used, so a call costs two `lua_rawgeti`
+    /// (checked: the slots must hold our functions, whatever state now lives at that address).
+    static SLOTS: Cell<(usize, c_int, c_int)> = const { Cell::new((0, 0, 0)) };
+}
 
 /// Makes the C functions [`protected`] runs through (once per state, on first use).
 fn install_protected(lua: &Lua) -> Result<()> {
     // SAFETY: protected (exec_raw); pushes and stores two C functions, owns nothing.
     unsafe {
         lua.exec_raw::<()>((), |state| {
-            for (key, f) in [(&RUNNER_KEY, run_body as ffi::lua_CFunction), (&HANDLER_KEY, add_traceback)] {
-                ffi::lua_pushlightuserdata(state, key as *const u8 as *mut c_void);
+            ffi::lua_pushlightuserdata(state, &SLOTS_KEY as *const u8 as *mut c_void);
+            ffi::lua_createtable(state, 2, 0);
+            for (i, f) in [(1, add_traceback as ffi::lua_CFunction), (2, run_body)] {
                 ffi::lua_pushcfunction(state, f);
-                ffi::lua_rawset(state, ffi::LUA_REGISTRYINDEX);
+                let slot = ffi::luaL_ref(state, ffi::LUA_REGISTRYINDEX);
+                ffi::lua_pushinteger(state, slot as _);
+                ffi::lua_rawseti(state, -2, i);
             }
+            ffi::lua_rawset(state, ffi::LUA_REGISTRYINDEX);
         })
     }
+}
+
+/// Pushes the handler and the runner from slots `(handler, runner)`; false (nothing pushed) if
+/// they are not ours.
+unsafe fn push_protected_fns(state: *mut ffi::lua_State, (handler, runner): (c_int, c_int)) -> bool {
+    ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, handler as _);
+    ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, runner as _);
+    let is =
+        |idx, f: ffi::lua_CFunction| ffi::lua_tocfunction(state, idx).map(|g| g as usize) == Some(f as usize);
+    if is(-2, add_traceback) && is(-1, run_body) {
+        return true;
+    }
+    ffi::lua_pop(state, 2);
+    false
+}
+
+/// The slots this state keeps under [`SLOTS_KEY`], if it has them.
+unsafe fn protected_slots(state: *mut ffi::lua_State) -> Option<(c_int, c_int)> {
+    ffi::lua_pushlightuserdata(state, &SLOTS_KEY as *const u8 as *mut c_void);
+    ffi::lua_rawget(state, ffi::LUA_REGISTRYINDEX);
+    let slots = if ffi::lua_type(state, -1) == ffi::LUA_TTABLE {
+        ffi::lua_rawgeti(state, -1, 1);
+        ffi::lua_rawgeti(state, -2, 2);
+        let slots = (ffi::lua_tointeger(state, -2) as c_int, ffi::lua_tointeger(state, -1) as c_int);
+        ffi::lua_pop(state, 2);
+        Some(slots)
+    } else {
+        None
+    };
+    ffi::lua_pop(state, 1);
+    slots
 }
 
 /// Runs `f` on the main Lua stack in protected mode, as mlua's `exec_raw` does, without
@@ -430,16 +475,16 @@ unsafe fn run_protected(lua: &Lua, body: *mut c_void) -> Result<Option<Option<ml
             return Err(Error::StackError);
         }
         let base = ffi::lua_gettop(state);
-        for key in [&HANDLER_KEY, &RUNNER_KEY] {
-            ffi::lua_pushlightuserdata(state, key as *const u8 as *mut c_void);
-            ffi::lua_rawget(state, ffi::LUA_REGISTRYINDEX);
+        let (cached, handler, runner) = SLOTS.get();
+        if cached != state as usize || !push_protected_fns(state, (handler, runner)) {
+            let Some(slots) = protected_slots(state) else { return Ok(None) };
+            if !push_protected_fns(state, slots) {
+                return Ok(None);
+            }
+            SLOTS.set((state as usize, slots.0, slots.1));
         }
-        if ffi::lua_type(state, -1) != ffi::LUA_TFUNCTION {
-            ffi::lua_settop(state, base);
-            return Ok(None);
-        }
-        ffi::lua_pushlightuserdata(state, body);
-        match ffi::lua_pcall(state, 1, ffi::LUA_MULTRET, base + 1) {
+        BODY.set(body);
+        match ffi::lua_pcall(state, 0, ffi::LUA_MULTRET, base + 1) {
             ffi::LUA_OK => {
                 let value = (ffi::lua_gettop(state) > base + 1).then(|| raw.pop_value());
                 ffi::lua_settop(state, base);
@@ -463,11 +508,13 @@ unsafe fn run_protected(lua: &Lua, body: *mut c_void) -> Result<Option<Option<ml
     })
 }
 
-/// The function [`protected`] calls: runs the body its light userdata points to; what the body
-/// left on the stack is the result.
+/// The function [`protected`] calls: runs the body [`BODY`] points to; what the body left on
+/// the stack is the result.
 unsafe extern "C-unwind" fn run_body(state: *mut ffi::lua_State) -> c_int {
-    let body = ffi::lua_touserdata(state, 1) as *mut &mut dyn FnMut(*mut ffi::lua_State);
-    ffi::lua_settop(state, 0);
+    let body = BODY.replace(std::ptr::null_mut()) as *mut &mut dyn FnMut(*mut ffi::lua_State);
+    if body.is_null() {
+        return 0; // called from Lua somehow: nothing to run
+    }
     (*body)(state);
     ffi::lua_gettop(state)
 }
@@ -517,6 +564,25 @@ mod tests {
         let grown = lua.used_memory() - before;
         // mlua's exec_raw leaves two C closures per call for the collector (96 bytes a call).
         assert!(grown < 1024, "10,000 protected calls allocated {grown} bytes");
+    }
+
+    #[test]
+    fn protected_calls_follow_the_state_they_run_in() {
+        // Alternating states, and states dropped and made again (maybe at the same address):
+        // the cached slots are checked before use.
+        let push = |lua: &Lua, n| unsafe { protected(lua, move |state| ffi::lua_pushinteger(state, n)) };
+        for round in 0..20 {
+            let a = Lua::new();
+            let b = Lua::new();
+            // Different registry layouts, so the slots differ between the two states.
+            for _ in 0..round % 3 {
+                b.create_registry_value(round).unwrap();
+            }
+            for i in 0..3 {
+                assert_eq!(push(&a, i).unwrap().1, Some(mlua::Value::Integer(i)));
+                assert_eq!(push(&b, i + 10).unwrap().1, Some(mlua::Value::Integer(i + 10)));
+            }
+        }
     }
 
     #[test]
