@@ -484,7 +484,10 @@ unsafe fn run_protected(lua: &Lua, body: *mut c_void) -> Result<Option<Option<ml
             SLOTS.set((state as usize, slots.0, slots.1));
         }
         BODY.set(body);
-        match ffi::lua_pcall(state, 0, ffi::LUA_MULTRET, base + 1) {
+        let code = ffi::lua_pcall(state, 0, ffi::LUA_MULTRET, base + 1);
+        // Not left pointing at this frame if the call failed before the runner took it.
+        BODY.set(std::ptr::null_mut());
+        match code {
             ffi::LUA_OK => {
                 let value = (ffi::lua_gettop(state) > base + 1).then(|| raw.pop_value());
                 ffi::lua_settop(state, base);
