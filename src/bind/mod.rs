@@ -111,8 +111,8 @@ pub fn tick(lua: &Lua, timeout: Option<Duration>) -> Result<()> {
 }
 
 fn tick_inner(lua: &Lua, rt: &Runtime, timeout: Option<Duration>) -> Result<()> {
+    // Empty: the last tick drained it.
     let mut ready = std::mem::take(&mut *rt.ready.borrow_mut());
-    ready.clear();
     rt.driver.borrow_mut().poll(timeout, &mut ready)?;
     let now = Instant::now();
     let mut resolved = Vec::new();

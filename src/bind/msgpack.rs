@@ -287,33 +287,36 @@ fn be<const N: usize>(rd: &mut &[u8]) -> std::result::Result<[u8; N], DecodeErro
     Ok(b)
 }
 
-/// A length of 1, 2 or 4 big-endian bytes.
 /// The element count of an array header, checked against the bytes left (each element takes one).
 fn array_len(marker: u8, rd: &mut &[u8]) -> std::result::Result<usize, DecodeError> {
-    let n = match marker {
-        0x90..=0x9f => (marker & 0x0f) as usize,
-        0xdc => length(rd, 2)?,
-        _ => length(rd, 4)?,
-    };
-    if n > rd.len() {
-        return Err(DecodeError::LongArray);
-    }
-    Ok(n)
+    count(marker, rd, 1, DecodeError::LongArray)
 }
 
 /// The pair count of a map header, checked against the bytes left (each pair takes two).
 fn map_len(marker: u8, rd: &mut &[u8]) -> std::result::Result<usize, DecodeError> {
+    count(marker, rd, 2, DecodeError::LongMap)
+}
+
+/// The count of an array or map header (fix: low nibble; 16 or 32 bits after 0xdc/0xde or
+/// 0xdd/0xdf), at most the bytes left over `per_item`.
+fn count(
+    marker: u8,
+    rd: &mut &[u8],
+    per_item: usize,
+    too_long: DecodeError,
+) -> std::result::Result<usize, DecodeError> {
     let n = match marker {
-        0x80..=0x8f => (marker & 0x0f) as usize,
-        0xde => length(rd, 2)?,
+        0x80..=0x9f => (marker & 0x0f) as usize,
+        0xdc | 0xde => length(rd, 2)?,
         _ => length(rd, 4)?,
     };
-    if n > rd.len() / 2 {
-        return Err(DecodeError::LongMap);
+    if n > rd.len() / per_item {
+        return Err(too_long);
     }
     Ok(n)
 }
 
+/// A length of 1, 2 or 4 big-endian bytes.
 fn length(rd: &mut &[u8], bytes: usize) -> std::result::Result<usize, DecodeError> {
     Ok(match bytes {
         1 => be::<1>(rd)?[0] as usize,

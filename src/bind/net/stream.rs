@@ -123,11 +123,11 @@ impl Record {
     }
 }
 
-/// Takes what `request` asks for from `input`, if it is there; at the end (`ended`) a request
-/// that cannot be met takes nothing.
 /// The largest read buffer kept for the next read.
 const READ_BUF_KEEP: usize = 64 * 1024;
 
+/// Takes what `request` asks for from `input`, if it is there; at the end (`ended`) a request
+/// that cannot be met takes nothing.
 fn take(proto: &mut RawStream, request: &Request) -> Option<Vec<u8>> {
     let mut out = Vec::new();
     take_into(proto, request, &mut out).then_some(out)
@@ -465,16 +465,13 @@ fn deliver(lua: &Lua, rt: &Runtime, h: u64, key: Key) -> Result<()> {
         let (thread, ptr) = (thread.id(), *ptr);
         let mut driver = rt.driver.borrow_mut();
         let Some(proto) = driver.proto::<RawStream>(key) else { return Ok(()) };
-        let answer = match take_into(proto, request, &mut net.read_buf) {
-            true => Ok(std::mem::take(&mut net.read_buf)),
-            false => match end_of(rec, Some(proto)) {
-                Some(why) => {
-                    let partial = proto.input().to_vec();
-                    proto.consume_input(partial.len());
-                    Err((why, partial))
-                }
-                None => return Ok(()),
-            },
+        let answer = if take_into(proto, request, &mut net.read_buf) {
+            Ok(std::mem::take(&mut net.read_buf))
+        } else {
+            let Some(why) = end_of(rec, Some(proto)) else { return Ok(()) };
+            let partial = proto.input().to_vec();
+            proto.consume_input(partial.len());
+            Err((why, partial))
         };
         rec.parked = None;
         (answer, thread, ptr)

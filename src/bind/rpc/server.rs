@@ -444,13 +444,14 @@ impl RawFn for Respond {
         Envelope::response_head(rid, ok, &mut msg);
         let failed = if ok {
             // SAFETY: index 5 is an argument of this call; encoding only reads the stack.
-            unsafe { encode_stack(st.state(), 5, &mut msg) }.err().map(|e| e.text())
+            unsafe { encode_stack(st.state(), 5, &mut msg) }
+                .err()
+                .map(|e| format!("cannot encode the result: it contains {}", e.text()))
         } else {
             // Error texts travel as UTF-8 (the client drops a response whose text is not).
             msg.extend_from_slice(String::from_utf8_lossy(st.bytes(5).unwrap_or(b"error")).as_bytes());
             None
         };
-        let failed = failed.map(|e| format!("cannot encode the result: it contains {e}"));
         if let Some(e) = &failed {
             msg.clear();
             Envelope::Response { id: rid, result: Err(e) }.encode(&mut msg);
