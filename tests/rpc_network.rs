@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use mlua::{Lua, Table};
+use mlua::{Lua, ObjectLike, Table};
 
 fn lua() -> Lua {
     let lua = Lua::new();
@@ -47,11 +47,11 @@ impl Rng {
 /// A datagram held back until its time: (when, tie-break, destination, bytes).
 type Delayed = (Instant, u64, SocketAddr, Vec<u8>);
 
-/// Forwards datagrams between the first client that writes to it and `server`, dropping 20 %,
-/// duplicating 10 % and delaying each copy by 0–30 ms (which reorders them).
-/// Returns its address and (dropped, duplicated) counters.
-fn lossy_relay(server: SocketAddr, stop: Arc<AtomicBool>) -> (SocketAddr, Arc<[AtomicUsize; 2]>) {
-    let counts: Arc<[AtomicUsize; 2]> = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+/// Forwards datagrams between the first client that writes to it and `server`; when `lossy`,
+/// dropping 20 %, duplicating 10 % and delaying each copy by 0–30 ms (which reorders them).
+/// Returns its address and counters: dropped, duplicated, datagrams from the client.
+fn relay(server: SocketAddr, stop: Arc<AtomicBool>, lossy: bool) -> (SocketAddr, Arc<[AtomicUsize; 3]>) {
+    let counts: Arc<[AtomicUsize; 3]> = Arc::new(std::array::from_fn(|_| AtomicUsize::new(0)));
     let seen = counts.clone();
     let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
     socket.set_read_timeout(Some(Duration::from_millis(1))).unwrap();
@@ -68,10 +68,13 @@ fn lossy_relay(server: SocketAddr, stop: Arc<AtomicBool>) -> (SocketAddr, Arc<[A
                     client
                 } else {
                     client = Some(from);
+                    seen[2].fetch_add(1, Ordering::Relaxed);
                     Some(server)
                 };
                 if let Some(to) = to {
-                    let copies = if rng.chance(20) {
+                    let copies = if !lossy {
+                        1
+                    } else if rng.chance(20) {
                         0
                     } else if rng.chance(10) {
                         2
@@ -82,7 +85,8 @@ fn lossy_relay(server: SocketAddr, stop: Arc<AtomicBool>) -> (SocketAddr, Arc<[A
                         seen[copies / 2].fetch_add(1, Ordering::Relaxed);
                     }
                     for _ in 0..copies {
-                        let at = Instant::now() + Duration::from_millis(rng.next() % 30);
+                        let delay = if lossy { rng.next() % 30 } else { 0 };
+                        let at = Instant::now() + Duration::from_millis(delay);
                         seq += 1;
                         queue.push(Reverse((at, seq, to, buf[..n].to_vec())));
                     }
@@ -116,9 +120,10 @@ fn calls_complete_exactly_once_through_a_lossy_relay() {
             .eval()
             .unwrap();
         let stop = Arc::new(AtomicBool::new(false));
-        let (relay, counts) = lossy_relay(
+        let (relay, counts) = relay(
             format!("127.0.0.1:{}", server.get::<u16>("port").unwrap()).parse().unwrap(),
             stop.clone(),
+            true,
         );
         let client: Table = lua
             .load(format!(
@@ -153,6 +158,61 @@ fn calls_complete_exactly_once_through_a_lossy_relay() {
         let (dropped, duplicated) = (counts[0].load(Ordering::Relaxed), counts[1].load(Ordering::Relaxed));
         assert!(dropped >= 10 && duplicated >= 3, "the relay dropped {dropped} and duplicated {duplicated}");
     }
+}
+
+#[test]
+fn calls_made_between_updates_share_datagrams_and_leave_at_the_next_update_or_flush() {
+    let lua = lua();
+    let port: u16 = lua
+        .load(
+            r#"local luna = require("luna")
+            local app = luna.new_app({ name = "batch", host = "127.0.0.1", port = 0, debug = false })
+            app:new_router({ prefix = "t" }):new({ prefix = "echo", fun = function(args) return args[1] end })
+            return app.port"#,
+        )
+        .eval()
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (relay, counts) = relay(format!("127.0.0.1:{port}").parse().unwrap(), stop.clone(), false);
+    let client: Table = lua
+        .load(format!(
+            r#"local lunac = require("lunac")
+            local c = lunac.connect_to_app({{ name = "batch", host = "127.0.0.1", port = {port}, no_errors = true }})
+            local state = {{ answers = {{}}, client = c }}
+            function state.calls(from, to)
+              for i = from, to do
+                c:noawait_fetch("t/echo", function(r) state.answers[#state.answers + 1] = r end, {{ i }})
+              end
+            end
+            return state"#,
+            port = relay.port()
+        ))
+        .eval()
+        .unwrap();
+    let c: Table = client.get("client").unwrap();
+    drive(&lua, Duration::from_secs(10), || c.call_method::<bool>("is_connected", ()).unwrap());
+    let sent = || {
+        std::thread::sleep(Duration::from_millis(100)); // the relay counts what reached it
+        counts[2].load(Ordering::Relaxed)
+    };
+    let answers = || client.get::<Table>("answers").unwrap().raw_len();
+    for (from, to, leave) in [(1, 200, "update"), (201, 400, "flush")] {
+        let before = sent();
+        client.get::<mlua::Function>("calls").unwrap().call::<()>((from, to)).unwrap();
+        assert_eq!(sent(), before, "calls made between updates wait for the next one");
+        match leave {
+            "update" => luna::bind::tick(&lua, Some(Duration::ZERO)).unwrap(),
+            _ => lua.load(r#"require("lunac").flush()"#).exec().unwrap(),
+        }
+        // 200 calls of ~20 bytes each fill a handful of ~1200-byte datagrams.
+        let datagrams = sent() - before;
+        assert!((1..=8).contains(&datagrams), "200 calls left in {datagrams} datagrams ({leave})");
+        drive(&lua, Duration::from_secs(10), || answers() == to);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let got: Vec<i64> =
+        client.get::<Table>("answers").unwrap().sequence_values().map(Result::unwrap).collect();
+    assert_eq!(got, (1..=400).collect::<Vec<_>>(), "every call answered once, in order");
 }
 
 #[test]

@@ -111,6 +111,8 @@ pub fn tick(lua: &Lua, timeout: Option<Duration>) -> Result<()> {
 }
 
 fn tick_inner(lua: &Lua, rt: &Runtime, timeout: Option<Duration>) -> Result<()> {
+    // What the script queued since the last update (RPC calls and pushes) leaves first.
+    rt.driver.borrow_mut().flush_queued();
     // Empty: the last tick drained it.
     let mut ready = std::mem::take(&mut *rt.ready.borrow_mut());
     rt.driver.borrow_mut().poll(timeout, &mut ready)?;
@@ -266,6 +268,14 @@ fn fill_common(lua: &Lua, module: &Table, name: &'static str) -> Result<()> {
                 return Err(bad_arg(update_call, "dt", "a number or nil", &dt));
             }
             tick(lua, Some(Duration::ZERO))
+        })?,
+    )?;
+    // Sends what waits for the next update now (RPC calls and pushes made between updates).
+    module.set(
+        "flush",
+        lua.create_function(|lua, ()| {
+            runtime(lua)?.driver.borrow_mut().flush_queued();
+            Ok(())
         })?,
     )?;
     let side = if name == "luna" { Side::Server } else { Side::Client };

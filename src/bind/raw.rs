@@ -128,12 +128,35 @@ impl Stack {
         }
     }
 
+    /// Argument `idx` if it is a function: an [`FnRef`] keeping it alive. As for
+    /// [`Stack::thread_ref`], call it before the body creates anything with a destructor.
+    pub fn function_ref(&self, idx: c_int) -> Option<FnRef> {
+        unsafe {
+            if ffi::lua_type(self.0, idx) != ffi::LUA_TFUNCTION {
+                return None;
+            }
+            ffi::lua_pushvalue(self.0, idx);
+            Some(FnRef(ffi::luaL_ref(self.0, ffi::LUA_REGISTRYINDEX)))
+        }
+    }
+
+    /// Frees a registry slot made by [`Stack::thread_ref`] or [`Stack::function_ref`] (for a
+    /// body that gives up before the slot was handed on).
+    pub fn unref(&self, id: c_int) {
+        // SAFETY: luaL_unref only writes existing registry slots (nothing raises).
+        unsafe { ffi::luaL_unref(self.0, ffi::LUA_REGISTRYINDEX, id) }
+    }
+
     /// Argument `idx` as a number (integers included).
     pub fn number(&self, idx: c_int) -> Option<f64> {
         unsafe { (ffi::lua_type(self.0, idx) == ffi::LUA_TNUMBER).then(|| ffi::lua_tonumber(self.0, idx)) }
     }
 
     /// Whether argument `idx` is a table.
+    pub fn is_function(&self, idx: c_int) -> bool {
+        unsafe { ffi::lua_type(self.0, idx) == ffi::LUA_TFUNCTION }
+    }
+
     pub fn is_table(&self, idx: c_int) -> bool {
         unsafe { ffi::lua_type(self.0, idx) == ffi::LUA_TTABLE }
     }
@@ -543,9 +566,24 @@ pub(crate) struct ThreadRef {
 impl ThreadRef {
     /// Frees the registry slot (the coroutine may then be collected).
     pub fn release(self, lua: &Lua) {
-        // SAFETY: luaL_unref only writes existing registry slots (no allocation, nothing raises).
-        lua.exec_raw_lua(|raw| unsafe { ffi::luaL_unref(raw.state(), ffi::LUA_REGISTRYINDEX, self.id) });
+        unref(lua, self.id);
     }
+}
+
+/// A function kept alive in a registry slot of ours (made by [`Stack::function_ref`]), called
+/// with [`call`]; [`FnRef::release`] frees the slot.
+#[derive(Debug)]
+pub(crate) struct FnRef(pub c_int);
+
+impl FnRef {
+    pub fn release(self, lua: &Lua) {
+        unref(lua, self.0);
+    }
+}
+
+fn unref(lua: &Lua, id: c_int) {
+    // SAFETY: luaL_unref only writes existing registry slots (no allocation, nothing raises).
+    lua.exec_raw_lua(|raw| unsafe { ffi::luaL_unref(raw.state(), ffi::LUA_REGISTRYINDEX, id) });
 }
 
 #[cfg(test)]

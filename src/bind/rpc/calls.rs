@@ -3,15 +3,15 @@
 
 use std::time::{Duration, Instant};
 
-use mlua::{Lua, RegistryKey, Result, Table, Value};
+use mlua::{Lua, Result, Table, Value};
 
 use super::super::error::{bad_arg, message, misuse};
 use super::super::msgpack::{decode, encode_for, encode_stack};
-use super::super::raw::{self, Out, RawFn, Stack, ThreadRef};
+use super::super::raw::{self, FnRef, Out, RawFn, Stack, ThreadRef};
 use super::super::runtime;
 use super::super::Runtime;
 use super::client::Link;
-use super::{flush, wake_by};
+use super::{send_soon, wake_by};
 use crate::driver::Key;
 use crate::proto::rpc::{self, Client, Envelope};
 
@@ -23,7 +23,7 @@ pub(super) enum Call {
     /// `fetch`: the coroutine to wake (none when blocking) and when to give up.
     Waiting { thread: Option<ThreadRef>, deadline: Instant },
     /// `noawait_fetch` with a callback.
-    Callback(RegistryKey),
+    Callback(FnRef),
     /// The answer, until the waiting `fetch` picks it up.
     Done(std::result::Result<Vec<u8>, String>),
 }
@@ -99,7 +99,7 @@ fn start_call(
     match send_call(&rt, id, &path, &encoded, noawait, state) {
         Ok((call, key)) => {
             if let Some(key) = key {
-                flush(lua, &rt, key)?;
+                send_soon(&rt, key);
             }
             Ok(Ok(call))
         }
@@ -114,7 +114,7 @@ fn start_call(
 fn forget(lua: &Lua, state: Call) -> Result<()> {
     match state {
         Call::Waiting { thread: Some(t), .. } => t.release(lua),
-        Call::Callback(f) => lua.remove_registry_value(f)?,
+        Call::Callback(f) => f.release(lua),
         _ => {}
     }
     Ok(())
@@ -153,10 +153,7 @@ impl RawFn for FetchStart {
         };
         // First, while nothing with a destructor exists: registering the coroutine may raise.
         let Some(thread) = st.thread_ref(5) else { return Err(bad("co", "a coroutine", 5)) };
-        let unref = |thread: ThreadRef| {
-            // SAFETY: luaL_unref writes an existing registry slot (nothing raises).
-            unsafe { mlua::ffi::luaL_unref(st.state(), mlua::ffi::LUA_REGISTRYINDEX, thread.id) }
-        };
+        let unref = |thread: ThreadRef| st.unref(thread.id);
         let checked = (|| {
             let id = st.integer(1).ok_or_else(|| bad("id", "an app id", 1))? as u32;
             let path = st.bytes(2).ok_or_else(|| bad("path", "a string", 2))?;
@@ -190,12 +187,7 @@ impl RawFn for FetchStart {
         match send_call(rt, id, path, &encoded, false, state) {
             Ok((call, key)) => {
                 if let Some(key) = key {
-                    let mut driver = rt.driver.borrow_mut();
-                    if rt.in_update() {
-                        driver.queue_flush(key);
-                    } else {
-                        driver.flush(key);
-                    }
+                    send_soon(rt, key);
                 }
                 Ok(Out::one(raw::Value::Int(call.into())))
             }
@@ -242,7 +234,7 @@ fn fetch_result(lua: &Lua, (id, call): (u32, u32)) -> Result<(bool, Value, Optio
         },
         Call::Done(Err(e)) => Ok((true, Value::Nil, Some(e))),
         Call::Callback(f) => {
-            lua.remove_registry_value(f)?;
+            f.release(lua);
             Ok((true, Value::Nil, None))
         }
     }
@@ -272,37 +264,80 @@ fn fetch_block(
     }
 }
 
-/// `core.noawait(id, path, callback, args)` → call id or `nil, err`.
-fn noawait(
-    lua: &Lua,
-    (id, path, callback, args): (u32, Value, Value, Value),
-) -> Result<(Option<u32>, Option<String>)> {
-    const CALL: &str = "client:noawait_fetch(path, callback, args)";
-    let rt = runtime(lua)?;
-    // The documentation's own example passes the args in the callback's place.
-    let (callback, args) = match (callback, args) {
-        (Value::Table(t), Value::Nil) => (Value::Nil, Value::Table(t)),
-        other => other,
-    };
-    let state = match callback {
-        Value::Nil => None,
-        Value::Function(f) => Some(Call::Callback(lua.create_registry_value(f)?)),
-        other => return Err(bad_arg(CALL, "callback", "a function or nil", &other)),
-    };
-    let has_state = state.is_some();
-    let state = state.unwrap_or(Call::Done(Ok(Vec::new())));
-    let r = start_call(lua, CALL, id, &path, &args, true, state)?;
-    if let (Ok(call), false) = (&r, has_state) {
-        // Nobody waits for this answer.
-        if let Some(c) = rt.rpc.borrow_mut().clients.get_mut(&id) {
-            c.calls.remove(call);
+/// `core.noawait(id, path, callback, args)` → call id or `nil, err`: a raw C function (a game may
+/// make hundreds a frame). The answer, or the error, is handed to `callback` by `lunac.update`.
+struct Noawait;
+
+impl RawFn for Noawait {
+    const NAME: &'static str = NOAWAIT;
+
+    fn call(rt: &Runtime, st: &Stack) -> std::result::Result<Out, String> {
+        let bad = |name: &str, expected: &str, idx| {
+            format!("{NOAWAIT}: '{name}' must be {expected}, got {}", st.type_name(idx))
+        };
+        // The documentation's own example passes the args in the callback's place.
+        let (cb, args) = if st.is_table(3) && st.is_nil(4) { (4, 3) } else { (3, 4) };
+        if !(st.is_nil(cb) || st.is_function(cb)) {
+            return Err(bad("callback", "a function or nil", cb));
+        }
+        // First, while nothing with a destructor exists: registering it may raise.
+        let state = match st.function_ref(cb) {
+            Some(f) => Call::Callback(f),
+            None => Call::Done(Ok(Vec::new())),
+        };
+        let checked = (|| {
+            let id = st.integer(1).ok_or_else(|| bad("id", "an app id", 1))? as u32;
+            let path = st.bytes(2).ok_or_else(|| bad("path", "a string", 2))?;
+            let path =
+                std::str::from_utf8(path).map_err(|_| format!("{NOAWAIT}: 'path' must be UTF-8 text"))?;
+            if !(st.is_nil(args) || st.is_table(args)) {
+                return Err(bad("args", "a table or nil", args));
+            }
+            let mut encoded = vec![0xc0]; // nil
+            if st.is_table(args) {
+                encoded.clear();
+                // SAFETY: `args` is an argument of this call; encoding only reads the stack.
+                unsafe { encode_stack(st.state(), args, &mut encoded) }
+                    .map_err(|e| format!("{NOAWAIT}: cannot encode 'args': it contains {}", e.text()))?;
+            }
+            Ok((id, path, encoded))
+        })();
+        let (id, path, encoded) = match checked {
+            Ok(checked) => checked,
+            Err(e) => {
+                if let Call::Callback(f) = state {
+                    st.unref(f.0);
+                }
+                return Err(e);
+            }
+        };
+        let has_callback = matches!(state, Call::Callback(_));
+        match send_call(rt, id, path, &encoded, true, state) {
+            Ok((call, key)) => {
+                if let Some(key) = key {
+                    send_soon(rt, key);
+                }
+                if !has_callback {
+                    // Nobody waits for this answer.
+                    if let Some(c) = rt.rpc.borrow_mut().clients.get_mut(&id) {
+                        c.calls.remove(&call);
+                    }
+                }
+                Ok(Out::one(raw::Value::Int(call.into())))
+            }
+            Err((e, state)) => {
+                if let Call::Callback(f) = state {
+                    st.unref(f.0);
+                }
+                let mut out = Out::one(raw::Value::Nil);
+                out.push(raw::Value::Owned(e.into_bytes()));
+                Ok(out)
+            }
         }
     }
-    Ok(match r {
-        Ok(call) => (Some(call), None),
-        Err(e) => (None, Some(e)),
-    })
 }
+
+const NOAWAIT: &str = "client:noawait_fetch(path, callback, args)";
 
 fn is_connected(lua: &Lua, id: u32) -> Result<bool> {
     Ok(runtime(lua)?.rpc.borrow().clients.get(&id).is_some_and(|c| c.connected))
@@ -314,6 +349,6 @@ pub(super) fn core(lua: &Lua, core: &Table) -> Result<()> {
     core.set("fetch_start", raw::function::<FetchStart>(lua, &boxed)?)?;
     core.set("fetch_result", lua.create_function(fetch_result)?)?;
     core.set("fetch_block", lua.create_function(fetch_block)?)?;
-    core.set("noawait", lua.create_function(noawait)?)?;
+    core.set("noawait", raw::function::<Noawait>(lua, &boxed)?)?;
     core.set("is_connected", lua.create_function(is_connected)?)
 }

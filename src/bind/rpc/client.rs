@@ -13,7 +13,8 @@ use super::super::error::{message, misuse};
 use super::super::msgpack::{decode, validate};
 use super::super::options::Options;
 use super::super::policy::Policy;
-use super::super::{raw, sched};
+use super::super::raw::{self, FnRef};
+use super::super::sched;
 use super::super::{runtime, Runtime, Side};
 use super::calls::{arm_calls, Call};
 use super::{app_id, flush, from_hex, func, half, key_of, open_socket};
@@ -281,18 +282,15 @@ fn client_down(
 fn report_down(
     lua: &Lua,
     policy: &Policy,
-    callbacks: Vec<RegistryKey>,
+    callbacks: Vec<FnRef>,
     disconnect_server: Option<Function>,
     reason: &str,
 ) -> Result<()> {
     let text = format!("Disconnected: {reason}");
     let mut result = policy.log(lua, &format!("disconnected: {reason}"));
     for f in callbacks {
-        let cb: Function = lua.registry_value(&f)?;
-        lua.remove_registry_value(f)?;
-        if let Err(e) = cb.call::<()>((Value::Nil, text.as_str())) {
-            result = result.and(policy.report(lua, &format!("noawait_fetch callback: {}", message(&e))));
-        }
+        result =
+            result.and(call_back(lua, policy, f, &[raw::Value::Nil, raw::Value::Slice(text.as_bytes())]));
     }
     if let Some(cb) = disconnect_server {
         if let Err(e) = cb.call::<()>(reason) {
@@ -346,19 +344,12 @@ pub(super) fn event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ClientEvent,
                         None => return Ok(()),
                     }
                 };
-                let f: Function = lua.registry_value(&cb)?;
-                lua.remove_registry_value(cb)?;
-                let r = match result {
-                    Ok(bytes) => match decode(lua, &bytes) {
-                        Ok(v) => f.call::<()>(v),
-                        Err(e) => f.call::<()>((Value::Nil, message(&e))),
-                    },
-                    Err(e) => f.call::<()>((Value::Nil, e)),
+                let args = match result.map(|bytes| validate(&bytes).map(|()| bytes)) {
+                    Ok(Ok(bytes)) => vec![raw::Value::MsgPack(bytes.into())],
+                    Ok(Err(e)) => vec![raw::Value::Nil, raw::Value::Owned(message(&e).into_bytes())],
+                    Err(e) => vec![raw::Value::Nil, raw::Value::Owned(e.into_bytes())],
                 };
-                if let Err(e) = r {
-                    policy.report(lua, &format!("noawait_fetch callback: {}", message(&e)))?;
-                }
-                Ok(())
+                call_back(lua, &policy, cb, &args)
             }
             Ok(Envelope::Push(payload)) => {
                 let (cb, policy) = {
@@ -379,6 +370,17 @@ pub(super) fn event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ClientEvent,
             }
             _ => Ok(()),
         },
+    }
+}
+
+/// Calls a `noawait_fetch` callback with `args` and frees its slot; what it raises goes to the
+/// app's policy.
+fn call_back(lua: &Lua, policy: &Policy, f: FnRef, args: &[raw::Value]) -> Result<()> {
+    let called = raw::call(lua, f.0, args);
+    f.release(lua);
+    match called {
+        Ok(()) => Ok(()),
+        Err(e) => policy.report(lua, &format!("noawait_fetch callback: {}", message(&e))),
     }
 }
 
@@ -475,7 +477,8 @@ pub(super) fn remove(lua: &Lua, rt: &Runtime, id: u32) -> Result<()> {
     }
     if link == Link::Down {
         // Its end was reported when the session ended (no call was accepted since).
-        return callbacks.into_iter().try_for_each(|f| lua.remove_registry_value(f));
+        callbacks.into_iter().for_each(|f| f.release(lua));
+        return Ok(());
     }
     report_down(lua, &policy, callbacks, cb, "Close server")
 }

@@ -93,6 +93,13 @@ pub(crate) fn event(lua: &Lua, rt: &Runtime, ev: Event) -> Result<()> {
     }
 }
 
+/// Marks `key`'s queued messages to leave with the next batch: at the end of this update, or
+/// at the start of the next one (or `luna.flush()`) when called between updates, so the many
+/// calls or pushes a frame makes share datagrams instead of costing one `sendto` each.
+fn send_soon(rt: &Runtime, key: Key) {
+    rt.driver.borrow_mut().queue_flush(key);
+}
+
 /// Sends what `key` has queued: at the end of the current update when inside one, else now.
 fn flush(lua: &Lua, rt: &Runtime, key: Key) -> Result<()> {
     if rt.in_update() {

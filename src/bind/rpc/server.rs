@@ -19,8 +19,8 @@ use super::super::policy::Policy;
 use super::super::raw::{self, Out, RawFn, Stack};
 use super::super::{runtime, sched, Runtime, Side};
 use super::{
-    app_id, drain_events, flush, from_hex, func, half, handle_events, key_of, open_socket, to_hex, wake_by,
-    RpcEvent,
+    app_id, drain_events, flush, from_hex, func, half, handle_events, key_of, open_socket, send_soon, to_hex,
+    wake_by, RpcEvent,
 };
 use crate::driver::Key;
 use crate::proto::rpc::{self, ConnId, Envelope, Server, ServerEvent};
@@ -299,10 +299,10 @@ pub(super) fn event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ServerEvent,
                 (client, app.table.id(), blocked)
             };
             if let Some(msg) = blocked {
-                return send_response(lua, rt, id, conn, rid, Err(&msg));
+                return send_response(rt, id, conn, rid, Err(&msg));
             }
             if let Err(e) = if args.is_empty() { Ok(()) } else { validate(args) } {
-                return send_response(lua, rt, id, conn, rid, Err(&message(&e)));
+                return send_response(rt, id, conn, rid, Err(&message(&e)));
             }
             // The request pipeline of lua/rpc.lua, called with the arguments decoded in place.
             let request = request_fn(lua, rt)?;
@@ -402,7 +402,6 @@ fn server_key(rt: &Runtime, id: u32) -> Option<Key> {
 }
 
 fn send_response(
-    lua: &Lua,
     rt: &Runtime,
     id: u32,
     conn: ConnId,
@@ -412,7 +411,7 @@ fn send_response(
     let mut msg = Vec::new();
     Envelope::Response { id: rid, result }.encode(&mut msg);
     if let Some(key) = queue_message(rt, id, conn, msg) {
-        flush(lua, rt, key)?;
+        send_soon(rt, key);
     }
     Ok(())
 }
@@ -457,13 +456,7 @@ impl RawFn for Respond {
             Envelope::Response { id: rid, result: Err(e) }.encode(&mut msg);
         }
         if let Some(key) = queue_message(rt, id, conn, msg) {
-            let mut driver = rt.driver.borrow_mut();
-            // Inside an update (where requests are answered) this joins the end-of-update write.
-            if rt.in_update() {
-                driver.queue_flush(key);
-            } else {
-                driver.flush(key);
-            }
+            send_soon(rt, key);
         }
         Ok(match failed {
             Some(e) => {
@@ -487,7 +480,7 @@ fn push(lua: &Lua, (id, conn, value): (u32, u64, Value)) -> Result<(bool, Option
         Some(s) => s.send(ConnId::from_u64(conn), msg),
         None => Ok(()),
     };
-    flush(lua, &rt, key)?;
+    send_soon(&rt, key);
     Ok(match sent {
         Ok(()) => (true, None),
         Err(e) => (false, Some(e.to_string())),
