@@ -102,6 +102,10 @@ function ws_methods:broadcast(data, opcode)
   return core.ws_broadcast(self.__h, data, opcode)
 end
 
+function ws_methods:stats(t)
+  return core.ws_stats(self.__h, t)
+end
+
 function ws_methods:getpeername()
   return core.ws_peer(self.__h)
 end

@@ -329,6 +329,9 @@ function R.client_object(app_id, conn, ip, port)
   client.send = method(client, function(message)
     return core.push(app_id, conn, message)
   end)
+  client.rtt = method(client, function()
+    return core.rtt(app_id, conn)
+  end)
   return client
 end
 
@@ -373,6 +376,9 @@ function R.client_app(id, info)
   end
   app.is_connected = method(app, function()
     return core.is_connected(id)
+  end)
+  app.rtt = method(app, function()
+    return core.client_rtt(id)
   end)
   return app
 end

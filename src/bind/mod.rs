@@ -11,6 +11,7 @@
 //! `msgpack`. A new protocol is one module here (plus its `proto::` type).
 
 mod addr;
+mod budget;
 mod error;
 mod msgpack;
 mod net;
@@ -19,17 +20,19 @@ mod policy;
 mod raw;
 mod rpc;
 mod sched;
+mod stats;
 mod time;
 mod tls;
 mod ws;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use mlua::{Function, Lua, Result, Table, Thread, Value};
 
 use crate::driver::{Driver, Key, Lookup, Ready};
+use budget::Budget;
 use error::bad_arg;
 pub use error::message as error_text;
 use sched::Sched;
@@ -49,7 +52,13 @@ pub(crate) struct Runtime {
     /// The buffer `poll` reports readiness into, kept between ticks (a nested tick makes its own).
     ready: RefCell<Vec<Ready>>,
     /// How many `tick`s are running (they nest: a blocking fetch or an update inside a coroutine).
-    ticking: std::cell::Cell<u32>,
+    ticking: Cell<u32>,
+    /// The running tick's limits and what it did.
+    budget: Cell<Budget>,
+    /// What `luna.stats()` reports.
+    counters: RefCell<stats::Counters>,
+    /// The phase (index in [`PHASES`]) the next tick starts with (0 unless a budget cut one short).
+    phase: Cell<usize>,
     /// Zero of the `luna.now()` clock.
     epoch: Instant,
 }
@@ -58,6 +67,23 @@ impl Runtime {
     /// True while an update runs (output can wait for its end and go out together).
     fn in_update(&self) -> bool {
         self.ticking.get() > 0
+    }
+
+    /// Whether one more unit of work may run in this tick (counted if so).
+    fn take_unit(&self) -> bool {
+        let mut budget = self.budget.get();
+        let ok = budget.take();
+        self.budget.set(budget);
+        ok
+    }
+
+    /// Work waiting for the next update: driver events, ready sockets, coroutines, due timers.
+    fn deferred(&self) -> usize {
+        let sched = self.sched.borrow();
+        self.driver.borrow().events_waiting()
+            + self.service.borrow().len()
+            + sched.jobs.len()
+            + sched.timers.due(Instant::now())
     }
 
     /// Seconds since the runtime started, on the monotonic clock.
@@ -91,6 +117,9 @@ pub(crate) fn runtime(lua: &Lua) -> Result<Rc<Runtime>> {
         service: RefCell::new(Default::default()),
         ready: RefCell::new(Vec::new()),
         ticking: Default::default(),
+        budget: Default::default(),
+        counters: Default::default(),
+        phase: Default::default(),
         epoch: Instant::now(),
     });
     lua.set_app_data(rt.clone());
@@ -100,15 +129,45 @@ pub(crate) fn runtime(lua: &Lua) -> Result<Rc<Runtime>> {
 /// One tick: wait up to `timeout` for I/O (`Some(ZERO)` in `update`), then resume whatever became
 /// ready and run due timers. Work is proportional to ready events and due timers.
 pub fn tick(lua: &Lua, timeout: Option<Duration>) -> Result<()> {
+    tick_within(lua, timeout, Budget::unlimited()).map(drop)
+}
+
+/// A tick that stops dispatching once `budget` is spent; returns what it did.
+fn tick_within(lua: &Lua, timeout: Option<Duration>, budget: Budget) -> Result<Budget> {
     let rt = runtime(lua)?;
+    // Only an outermost tick (an update) is timed for `luna.stats()`.
+    let started = (!rt.in_update()).then(Instant::now);
     rt.ticking.set(rt.ticking.get() + 1);
+    // A nested tick (a blocking fetch) runs under its own budget; the outer one's resumes after.
+    let outer = rt.budget.replace(budget);
     let result = tick_inner(lua, &rt, timeout);
+    let mut done = rt.budget.replace(outer);
     rt.ticking.set(rt.ticking.get() - 1);
     // Output queued by this update goes out even when a callback raised.
     net::end_of_update(&rt);
     rt.driver.borrow_mut().flush_queued();
-    result
+    if done.cut {
+        done.deferred = rt.deferred() as u64;
+    }
+    if let Some(started) = started {
+        rt.counters.borrow_mut().update_done(started.elapsed(), done.handled, done.deferred);
+    }
+    result.map(|()| done)
 }
+
+/// The kinds of work a tick dispatches, in order (each kind oldest first). A budgeted tick that
+/// stops in one starts the next tick with the one after it.
+#[derive(Clone, Copy)]
+enum Phase {
+    /// Driver events left by an earlier tick (cut short, or a callback raised).
+    Events,
+    /// Entries that became ready: their I/O, then their events.
+    Sockets,
+    Timers,
+    Coroutines,
+}
+
+const PHASES: [Phase; 4] = [Phase::Events, Phase::Sockets, Phase::Timers, Phase::Coroutines];
 
 fn tick_inner(lua: &Lua, rt: &Runtime, timeout: Option<Duration>) -> Result<()> {
     // What the script queued since the last update (RPC calls and pushes) leaves first.
@@ -116,7 +175,7 @@ fn tick_inner(lua: &Lua, rt: &Runtime, timeout: Option<Duration>) -> Result<()> 
     // Empty: the last tick drained it.
     let mut ready = std::mem::take(&mut *rt.ready.borrow_mut());
     rt.driver.borrow_mut().poll(timeout, &mut ready)?;
-    let now = Instant::now();
+    let now = rt.driver.borrow().now();
     let mut resolved = Vec::new();
     {
         let mut sched = rt.sched.borrow_mut();
@@ -145,21 +204,56 @@ fn tick_inner(lua: &Lua, rt: &Runtime, timeout: Option<Duration>) -> Result<()> 
     }
     raised?;
     ws::report_failures(lua, rt)?;
-    dispatch(lua, rt)?;
-    loop {
-        let Some(key) = rt.service.borrow_mut().pop_front() else { break };
-        rt.driver.borrow_mut().service(key, now);
-        dispatch(lua, rt)?;
+    let start = rt.phase.get();
+    for i in 0..PHASES.len() {
+        let at = (start + i) % PHASES.len();
+        let finished = match PHASES[at] {
+            Phase::Events => dispatch(lua, rt)?,
+            Phase::Sockets => service_ready(lua, rt, now)?,
+            Phase::Timers => time::fire_timers(lua, rt, now)?,
+            Phase::Coroutines => sched::run_jobs(lua, rt)?,
+        };
+        if !finished {
+            // The next tick starts with the kind after this one: each gets the first turn in
+            // turn, so a flood of one kind cannot hold the others back.
+            rt.phase.set((at + 1) % PHASES.len());
+            return Ok(());
+        }
     }
-    time::fire_timers(lua, rt, now)?;
-    sched::run_jobs(lua, rt)
+    rt.phase.set(0);
+    Ok(())
 }
 
-/// Hands every driver event to the module that owns the entry (by its tag). Events not handled
-/// when a callback raises stay queued for the next update.
-fn dispatch(lua: &Lua, rt: &Runtime) -> Result<()> {
+/// Services the entries that became ready, oldest first, and hands out their events; false when
+/// the budget ran out first.
+fn service_ready(lua: &Lua, rt: &Runtime, now: Instant) -> Result<bool> {
     loop {
-        let Some(event) = rt.driver.borrow_mut().pop_event() else { return Ok(()) };
+        if rt.service.borrow().is_empty() {
+            return Ok(true);
+        }
+        if !rt.take_unit() {
+            return Ok(false);
+        }
+        let Some(key) = rt.service.borrow_mut().pop_front() else { return Ok(true) };
+        rt.driver.borrow_mut().service(key, now);
+        if !dispatch(lua, rt)? {
+            return Ok(false);
+        }
+    }
+}
+
+/// Hands every driver event to the module that owns the entry (by its tag); false when the
+/// budget ran out first. Events not handled (budget, or a callback raised) stay queued for the
+/// next update.
+fn dispatch(lua: &Lua, rt: &Runtime) -> Result<bool> {
+    loop {
+        if !rt.driver.borrow().has_events() {
+            return Ok(true);
+        }
+        if !rt.take_unit() {
+            return Ok(false);
+        }
+        let Some(event) = rt.driver.borrow_mut().pop_event() else { return Ok(true) };
         match event.tag {
             ws::TAG => ws::event(lua, rt, event)?,
             rpc::TAG => rpc::event(lua, rt, event)?,
@@ -263,13 +357,19 @@ fn fill_common(lua: &Lua, module: &Table, name: &'static str) -> Result<()> {
     let update_call = if name == "luna" { "luna.update(dt)" } else { "lunac.update(dt)" };
     module.set(
         "update",
-        lua.create_function(move |lua, dt: Value| {
+        lua.create_function(move |lua, (dt, opts): (Value, Option<Table>)| {
             if !matches!(dt, Value::Nil | Value::Number(_) | Value::Integer(_)) {
                 return Err(bad_arg(update_call, "dt", "a number or nil", &dt));
             }
-            tick(lua, Some(Duration::ZERO))
+            let budget = match opts {
+                None => Budget::unlimited(),
+                Some(opts) => Budget::from_options(update_call, &opts, Instant::now())?,
+            };
+            let done = tick_within(lua, Some(Duration::ZERO), budget)?;
+            Ok((done.handled, done.deferred))
         })?,
     )?;
+    module.set("stats", raw::function::<stats::Stats>(lua, &raw::runtime_box(lua, &runtime(lua)?)?)?)?;
     // Sends what waits for the next update now (RPC calls and pushes made between updates).
     module.set(
         "flush",

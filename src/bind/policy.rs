@@ -25,6 +25,9 @@ impl Policy {
     /// An error in user code: raises (out of `update`) unless `no_errors`, in which case it goes to
     /// `error_handler` (default: printed).
     pub fn report(&self, lua: &Lua, msg: &str) -> Result<()> {
+        if let Ok(rt) = super::runtime(lua) {
+            rt.counters.borrow_mut().handler_errors += 1;
+        }
         if !self.no_errors {
             return Err(mlua::Error::external(format!("Error in {}: {msg}", self.label)));
         }

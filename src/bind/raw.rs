@@ -25,7 +25,7 @@
 
 use std::cell::Cell;
 use std::ffi::{c_char, c_int, c_void};
-use std::mem::ManuallyDrop;
+use std::mem::{ManuallyDrop, MaybeUninit};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 
@@ -34,7 +34,8 @@ use mlua::{ffi, AnyUserData, Error, Function, Lua, Result};
 use super::sched::park_value;
 use super::Runtime;
 
-/// The Lua stack of the thread that called a raw function (read-only for the body).
+/// The Lua stack of the thread that called a raw function: read-only for the body, apart from
+/// the report writers ([`Stack::table_arg`] and the fills after it).
 pub(crate) struct Stack(*mut ffi::lua_State);
 
 /// A value for the trampoline (or [`call`], [`resume`]) to push; `'a` is what a borrowed one
@@ -53,12 +54,16 @@ pub(crate) enum Value<'a> {
     MsgPack(std::borrow::Cow<'a, [u8]>),
     /// The value in a registry slot (a `RegistryKey::id`).
     Ref(c_int),
+    /// The value at this (positive) index of the caller's stack: an argument.
+    Arg(c_int),
 }
 
 /// What a raw function returns: at most [`Out::MAX`] values (a C function may push
 /// `LUA_MINSTACK` without checking the stack).
 pub(crate) struct Out {
-    values: [Value<'static>; Out::MAX],
+    /// The first `len` are written (nothing is initialised or dropped for the rest: every call
+    /// returns one of these).
+    values: [MaybeUninit<Value<'static>>; Out::MAX],
     len: usize,
 }
 
@@ -66,7 +71,7 @@ impl Out {
     pub const MAX: usize = 6;
 
     pub fn new() -> Out {
-        Out { values: std::array::from_fn(|_| Value::Nil), len: 0 }
+        Out { values: [const { MaybeUninit::uninit() }; Out::MAX], len: 0 }
     }
 
     pub fn one(value: Value<'static>) -> Out {
@@ -77,8 +82,22 @@ impl Out {
 
     pub fn push(&mut self, value: Value<'static>) {
         assert!(self.len < Out::MAX, "a raw function returns at most {} values", Out::MAX);
-        self.values[self.len] = value;
+        self.values[self.len].write(value);
         self.len += 1;
+    }
+
+    fn values(&self) -> &[Value<'static>] {
+        // SAFETY: the first `len` values were written by `push`.
+        unsafe { std::slice::from_raw_parts(self.values.as_ptr().cast(), self.len) }
+    }
+}
+
+impl Drop for Out {
+    fn drop(&mut self) {
+        for value in &mut self.values[..self.len] {
+            // SAFETY: written by `push`, dropped once.
+            unsafe { value.assume_init_drop() }
+        }
     }
 }
 
@@ -147,6 +166,55 @@ impl Stack {
         unsafe { ffi::luaL_unref(self.0, ffi::LUA_REGISTRYINDEX, id) }
     }
 
+    /// Makes argument `idx` (positive) a table: kept if it is one, else a new table takes its
+    /// place, so a report fills the caller's table when it passes one. Like the fills below it
+    /// may raise (out of memory): the body must own nothing with a destructor when it calls them.
+    pub fn table_arg(&self, idx: c_int) {
+        unsafe {
+            if ffi::lua_gettop(self.0) < idx {
+                ffi::lua_settop(self.0, idx);
+            }
+            if ffi::lua_type(self.0, idx) != ffi::LUA_TTABLE {
+                ffi::lua_createtable(self.0, 0, 16);
+                ffi::lua_replace(self.0, idx);
+            }
+        }
+    }
+
+    /// Pushes field `name` of the table at `idx`, made a new table first unless it is one;
+    /// returns its index. [`Stack::pop`] it when filled.
+    pub fn sub_table(&self, idx: c_int, name: &str) -> c_int {
+        unsafe {
+            ffi::luaL_checkstack(self.0, 3, std::ptr::null());
+            push_bytes(self.0, name.as_bytes());
+            ffi::lua_rawget(self.0, idx);
+            if ffi::lua_type(self.0, -1) != ffi::LUA_TTABLE {
+                ffi::lua_pop(self.0, 1);
+                ffi::lua_createtable(self.0, 0, 8);
+                push_bytes(self.0, name.as_bytes());
+                ffi::lua_pushvalue(self.0, -2);
+                ffi::lua_rawset(self.0, idx);
+            }
+            ffi::lua_gettop(self.0)
+        }
+    }
+
+    /// Sets `t[name] = value` (raw) in the table at `idx` for each pair.
+    pub fn set_numbers(&self, idx: c_int, fields: &[(&str, f64)]) {
+        unsafe {
+            ffi::luaL_checkstack(self.0, 2, std::ptr::null());
+            for (name, value) in fields {
+                push_bytes(self.0, name.as_bytes());
+                ffi::lua_pushnumber(self.0, *value);
+                ffi::lua_rawset(self.0, idx);
+            }
+        }
+    }
+
+    pub fn pop(&self, n: c_int) {
+        unsafe { ffi::lua_pop(self.0, n) }
+    }
+
     /// Argument `idx` as a number (integers included).
     pub fn number(&self, idx: c_int) -> Option<f64> {
         unsafe { (ffi::lua_type(self.0, idx) == ffi::LUA_TNUMBER).then(|| ffi::lua_tonumber(self.0, idx)) }
@@ -209,6 +277,7 @@ unsafe fn push(state: *mut ffi::lua_State, value: &Value) {
         Value::Ref(id) => {
             ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, *id as _);
         }
+        Value::Arg(idx) => ffi::lua_pushvalue(state, *idx),
     }
 }
 
@@ -240,7 +309,7 @@ unsafe extern "C-unwind" fn trampoline<F: RawFn>(state: *mut ffi::lua_State) -> 
     match outcome {
         Ok(out) => {
             let out = ManuallyDrop::new(out);
-            for value in &out.values[..out.len] {
+            for value in out.values() {
                 push(state, value);
             }
             let n = out.len as c_int;

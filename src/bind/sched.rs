@@ -176,6 +176,7 @@ pub(crate) fn spawn_owned(
 /// The error policy for library-owned coroutines: the error handler if one is set, otherwise
 /// the error raises out of the call that resumed the coroutine (`update`, `spawn`).
 pub(crate) fn report(lua: &Lua, rt: &Runtime, e: &mlua::Error) -> Result<()> {
+    rt.counters.borrow_mut().handler_errors += 1;
     let text = message(e);
     let handler = match &rt.sched.borrow().error_handler {
         Some(key) => Some(lua.registry_value::<Function>(key)?),
@@ -188,11 +189,14 @@ pub(crate) fn report(lua: &Lua, rt: &Runtime, e: &mlua::Error) -> Result<()> {
 }
 
 /// Resumes every coroutine that was ready when called. Ones made ready meanwhile wait for the
-/// next update, so a coroutine that keeps waking itself cannot stall a frame. On error the
-/// remaining jobs stay queued.
-pub(crate) fn run_jobs(lua: &Lua, rt: &Runtime) -> Result<()> {
+/// next update, so a coroutine that keeps waking itself cannot stall a frame. On error, or when
+/// the budget runs out (false), the remaining jobs stay queued.
+pub(crate) fn run_jobs(lua: &Lua, rt: &Runtime) -> Result<bool> {
     let count = rt.sched.borrow().jobs.len();
     for _ in 0..count {
+        if !rt.take_unit() {
+            return Ok(false);
+        }
         let Some(job) = rt.sched.borrow_mut().jobs.pop_front() else { break };
         match job {
             Job::Key(key) => {
@@ -207,5 +211,5 @@ pub(crate) fn run_jobs(lua: &Lua, rt: &Runtime) -> Result<()> {
             }
         }
     }
-    Ok(())
+    Ok(true)
 }

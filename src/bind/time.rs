@@ -103,10 +103,16 @@ impl super::raw::RawFn for Now {
 }
 
 /// Runs every timer due at `now`. Callbacks run in new coroutines, given the timer handle.
-pub(crate) fn fire_timers(lua: &Lua, rt: &Runtime, now: Instant) -> Result<()> {
+pub(crate) fn fire_timers(lua: &Lua, rt: &Runtime, now: Instant) -> Result<bool> {
     loop {
+        if rt.sched.borrow_mut().timers.next_deadline().is_none_or(|at| at > now) {
+            return Ok(true);
+        }
+        if !rt.take_unit() {
+            return Ok(false);
+        }
         let due = rt.sched.borrow_mut().timers.pop_due(now);
-        let Some((id, at, action)) = due else { return Ok(()) };
+        let Some((id, at, action)) = due else { return Ok(true) };
         match action {
             TimerAction::Wake(thread) => rt.sched.borrow_mut().jobs.push_back(sched::Job::Key(thread)),
             TimerAction::Call { func, every } => {

@@ -26,8 +26,15 @@ pub struct Datagram {
     backlog: bool,
     /// The buffer outgoing datagrams are encoded into.
     send_buf: Vec<u8>,
-    pub datagrams_in: u64,
-    pub datagrams_out: u64,
+    pub received: Moved,
+    pub sent: Moved,
+}
+
+/// Datagrams and their bytes moved one way.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Moved {
+    pub datagrams: u64,
+    pub bytes: u64,
 }
 
 impl Datagram {
@@ -45,8 +52,8 @@ impl Datagram {
             writable: false,
             backlog: false,
             send_buf: Vec::with_capacity(2048),
-            datagrams_in: 0,
-            datagrams_out: 0,
+            received: Moved::default(),
+            sent: Moved::default(),
         })
     }
 
@@ -59,6 +66,11 @@ impl Datagram {
     pub fn set_proto(&mut self, proto: Option<Box<dyn DatagramProtocol>>) {
         self.proto = proto;
         self.unsent = None;
+    }
+
+    /// Bytes of the datagram the socket refused, waiting for WRITABLE.
+    pub fn unsent_len(&self) -> usize {
+        self.unsent.as_ref().map_or(0, |(data, _)| data.len())
     }
 
     pub fn socket(&self) -> &UdpSocket {
@@ -90,7 +102,8 @@ impl Datagram {
             }
             match self.socket.recv_from(buf) {
                 Ok((n, from)) => {
-                    self.datagrams_in += 1;
+                    self.received.datagrams += 1;
+                    self.received.bytes += n as u64;
                     if let Some(proto) = &mut self.proto {
                         proto.handle_datagram(now, from, &buf[..n]);
                     }
@@ -112,12 +125,12 @@ impl Datagram {
         let Some(proto) = &mut self.proto else { return false };
         let mut blocked = false;
         if let Some((data, to)) = self.unsent.take() {
-            blocked = !send(&self.socket, &data, to, &mut self.unsent, &mut self.datagrams_out);
+            blocked = !send(&self.socket, &data, to, &mut self.unsent, &mut self.sent);
         }
         while !blocked {
             self.send_buf.clear();
             let Some(to) = proto.poll_transmit(now, &mut self.send_buf) else { break };
-            blocked = !send(&self.socket, &self.send_buf, to, &mut self.unsent, &mut self.datagrams_out);
+            blocked = !send(&self.socket, &self.send_buf, to, &mut self.unsent, &mut self.sent);
         }
         if blocked != self.writable {
             self.writable = blocked;
@@ -142,12 +155,13 @@ fn send(
     data: &[u8],
     to: SocketAddr,
     unsent: &mut Option<(Vec<u8>, SocketAddr)>,
-    count: &mut u64,
+    sent: &mut Moved,
 ) -> bool {
     loop {
         match socket.send_to(data, to) {
-            Ok(_) => {
-                *count += 1;
+            Ok(n) => {
+                sent.datagrams += 1;
+                sent.bytes += n as u64;
                 return true;
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -148,6 +148,40 @@ pub struct Driver {
     now: Instant,
     /// The one buffer sockets are read into (they are serviced one at a time).
     read_buf: Box<[u8]>,
+    /// What every entry moved, open and closed ones.
+    pub traffic: Traffic,
+}
+
+/// Totals since the driver started, over every entry (for `luna.stats()`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Traffic {
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub datagrams_in: u64,
+    pub datagrams_out: u64,
+    /// Streams a TLS listener accepted whose handshake failed.
+    pub tls_failures: u64,
+}
+
+impl Traffic {
+    /// Adds what an entry moved between two readings of [`Io::moved`].
+    fn add(&mut self, before: [u64; 4], after: [u64; 4]) {
+        self.bytes_in += after[0] - before[0];
+        self.bytes_out += after[1] - before[1];
+        self.datagrams_in += after[2] - before[2];
+        self.datagrams_out += after[3] - before[3];
+    }
+}
+
+impl Io {
+    /// Bytes in, bytes out, datagrams in, datagrams out, so far.
+    fn moved(&self) -> [u64; 4] {
+        match self {
+            Io::Stream(s) => [s.bytes_in, s.bytes_out, 0, 0],
+            Io::Datagram(d) => [d.received.bytes, d.sent.bytes, d.received.datagrams, d.sent.datagrams],
+            Io::Listener(_) => [0; 4],
+        }
+    }
 }
 
 impl Driver {
@@ -165,6 +199,7 @@ impl Driver {
             to_flush: Vec::new(),
             now: Instant::now(),
             read_buf: vec![0; 64 * 1024].into_boxed_slice(),
+            traffic: Traffic::default(),
         })
     }
 
@@ -234,6 +269,16 @@ impl Driver {
         self.out.pop_front()
     }
 
+    /// Puts an event back at the front (its handler stopped part-way: budget spent).
+    pub fn unpop_event(&mut self, event: Event) {
+        self.out.push_front(event);
+    }
+
+    /// How many events wait for [`Driver::pop_event`].
+    pub fn events_waiting(&self) -> usize {
+        self.out.len()
+    }
+
     /// Services a ready or due entry: I/O, protocol timers, output; events go to
     /// [`Driver::pop_event`].
     pub fn service(&mut self, key: Key, now: Instant) {
@@ -241,6 +286,7 @@ impl Driver {
         let Some(entry) = self.entries.get_mut(key) else { return };
         let tag = entry.tag;
         let mut accepted = Vec::new();
+        let before = entry.io.moved();
         match &mut entry.io {
             Io::Stream(stream) => {
                 let outcome = stream.service(registry, key.token(), now, &mut self.read_buf);
@@ -263,12 +309,14 @@ impl Driver {
                         Ok(stream) => accepted.push(stream),
                         Err(_) => {
                             listener.stats.tls_failures += 1;
+                            self.traffic.tls_failures += 1;
                             listener.children -= 1;
                         }
                     }
                 }
             }
         }
+        self.traffic.add(before, entry.io.moved());
         if entry.wake.is_some_and(|at| at <= now) {
             entry.wake = None;
             self.out.push_back(Event { key, tag, kind: EventKind::Wake });
@@ -332,6 +380,7 @@ impl Driver {
         let listener = self.entries.get(key).and_then(|e| e.listener);
         if let Some(Entry { io: Io::Listener(l), .. }) = listener.and_then(|k| self.entries.get_mut(k)) {
             l.stats.tls_failures += 1;
+            self.traffic.tls_failures += 1;
         }
     }
 
@@ -348,6 +397,7 @@ impl Driver {
         let Some(entry) = self.entries.get_mut(key) else { return };
         entry.flush_due = false;
         let tag = entry.tag;
+        let before = entry.io.moved();
         match &mut entry.io {
             Io::Stream(stream) => {
                 let outcome = stream.flush(registry, key.token(), now);
@@ -359,6 +409,7 @@ impl Driver {
             }
             Io::Listener(_) => {}
         }
+        self.traffic.add(before, entry.io.moved());
         self.after_io(key, now);
     }
 
@@ -548,6 +599,17 @@ impl Driver {
     }
 
     /// Open entries plus lookups still running.
+    /// Bytes written by the layer above and not yet taken by the kernel (streams' queues and
+    /// datagrams the socket refused). O(entries): for reports.
+    pub fn queued_bytes(&self) -> u64 {
+        let queued = |e: &Entry| match &e.io {
+            Io::Stream(s) => s.queued(),
+            Io::Datagram(d) => d.unsent_len(),
+            Io::Listener(_) => 0,
+        };
+        self.entries.values().map(|e| queued(e) as u64).sum()
+    }
+
     pub fn pending(&self) -> usize {
         self.entries.len() + self.dns.in_flight()
     }

@@ -92,6 +92,10 @@ impl<T> Slots<T> {
         self.len
     }
 
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.slots.iter().filter_map(|s| s.value.as_ref())
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -66,6 +66,11 @@ impl<T> TimerQueue<T> {
         Some((id, at, value))
     }
 
+    /// How many timers are due at `now` (O(n): for reports, not for the hot path).
+    pub fn due(&self, now: Instant) -> usize {
+        self.live.values().filter(|(at, _)| *at <= now).count()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.live.is_empty()
     }

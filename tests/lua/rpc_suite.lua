@@ -678,4 +678,40 @@ return function(T, luna, lunac)
     lunac.disconnect_to_app(client)
     luna.remove_app(app)
   end)
+
+  T.test("luna.stats counts calls, bytes, sessions and handler errors; client:rtt is measured on both ends", function()
+    local app = server()
+    local seen_client
+    app:new_router({ prefix = "s" }):new({ prefix = "echo", fun = function(args, client)
+      seen_client = client
+      if args[1] == "boom" then error("boom") end
+      return args[1]
+    end })
+    local client = connected(connect(app))
+    T.eq(client:rtt(), nil, "no RTT before the first answer")
+    local before = luna.stats()
+    T.eq(type(before.update.count), "number", "update.count")
+    for i = 1, 20 do
+      T.eq(client:fetch("s/echo", { i }), i, "echo " .. i)
+    end
+    T.eq(client:fetch("s/echo", { "boom" }), nil, "a raising handler answers nil, err")
+    local t = {}
+    local after = lunac.stats(t)
+    T.eq(after, t, "stats fills the table it is given")
+    T.ok(after.rpc.messages_out - before.rpc.messages_out >= 42, "calls and answers out: " .. after.rpc.messages_out)
+    T.ok(after.rpc.messages_in - before.rpc.messages_in >= 42, "requests and answers in")
+    T.ok(after.messages_in >= after.rpc.messages_in, "messages_in covers RPC")
+    T.ok(after.datagrams_in > before.datagrams_in and after.bytes_out > before.bytes_out, "datagrams and bytes")
+    T.ok(after.connections.rpc_sessions >= 1 and after.connections.rpc_clients >= 1, "sessions and clients")
+    T.eq(after.handler_errors - before.handler_errors, 1, "the raising handler counted once")
+    T.ok(after.update.max >= after.update.avg, "update times since the last call")
+    T.eq(type(after.dropped.oversize), "number", "dropped.oversize")
+    local srtt, rttvar = client:rtt()
+    T.ok(srtt > 0 and srtt < 1 and rttvar >= 0, "client RTT " .. tostring(srtt) .. " / " .. tostring(rttvar))
+    local s_srtt = seen_client:rtt()
+    T.ok(s_srtt and s_srtt > 0 and s_srtt < 1, "server-side RTT " .. tostring(s_srtt))
+    T.eq(luna.stats(t).update.count >= 0, true, "a second call reuses the table")
+    lunac.disconnect_to_app(client)
+    luna.remove_app(app)
+  end)
 end

@@ -393,4 +393,33 @@ return function(T, luna, lunac)
       { port = 0, protocols = { default = print, x = 5, [1] = print, y = true, [2] = "s" } })
     T.raises({ "unknown option 'aa'" }, lunac.connect_to_web_app, { url = "ws://127.0.0.1:1", zz = 1, aa = 1, mm = 1 })
   end)
+
+  T.test("ws:stats counts one connection's messages and bytes; luna.stats counts WebSocket traffic", function()
+    local stats
+    local app = luna.new_web_app({
+      name = "ws stats", host = "127.0.0.1", port = 0, debug = false,
+      protocols = {
+        default = function(ws)
+          for _ = 1, 3 do
+            ws:send(ws:receive())
+          end
+          stats = ws:stats()
+          ws:close(1000, "done")
+        end,
+      },
+    })
+    local before = luna.stats()
+    local c, log = client("ws://127.0.0.1:" .. app.port)
+    T.wait_until(function() return log.connected end, 2, "connect")
+    T.eq(luna.stats().connections.ws_clients - before.connections.ws_clients, 1, "one client connection")
+    for i = 1, 3 do c:send("m" .. i) end
+    T.wait_until(function() return log.closed end, 2, "echoes and close")
+    T.eq(stats.messages_in, 3, "messages in")
+    T.eq(stats.messages_out, 3, "messages out")
+    T.ok(stats.bytes_in > 0 and stats.bytes_out > 0 and stats.queued_bytes >= 0, "bytes")
+    local after = luna.stats()
+    T.ok(after.ws.messages_in - before.ws.messages_in >= 6, "server and client messages in")
+    T.ok(after.ws.messages_out - before.ws.messages_out >= 6, "server and client messages out")
+    luna.remove_web_app(app)
+  end)
 end

@@ -84,6 +84,22 @@ pub(crate) fn event(lua: &Lua, rt: &Runtime, ev: Event) -> Result<()> {
 
 /// The end of an update: streams whose peer finished finish too (unless half-open), streams
 /// that ended are released.
+/// Open sockets and dropped datagrams, for `luna.stats()`.
+pub(crate) fn census(rt: &Runtime, c: &mut super::stats::Census) {
+    let st = rt.net.borrow();
+    c.streams += st.streams.len() as u64;
+    c.udp += st.udps.len() as u64;
+    c.listeners += st.servers.len() as u64;
+    let mut driver = rt.driver.borrow_mut();
+    for key in st.udp_keys.keys() {
+        if let Some(p) = driver.datagram_proto::<crate::proto::raw::RawDatagrams>(*key) {
+            let d = p.dropped();
+            c.oversize += d.oversize;
+            c.flood += d.inbox_full;
+        }
+    }
+}
+
 pub(crate) fn end_of_update(rt: &Runtime) {
     let (finishing, ended) = {
         let mut net = rt.net.borrow_mut();

@@ -1,6 +1,7 @@
 //! The calls a client app makes: `fetch` (waits in a coroutine, blocks outside one), its result,
 //! `noawait_fetch` (a callback or nothing), and the deadlines of waiting calls.
 
+use std::ffi::c_int;
 use std::time::{Duration, Instant};
 
 use mlua::{Lua, Result, Table, Value};
@@ -65,6 +66,7 @@ fn send_call(
             if let Err(e) = sent {
                 return Err((e.to_string(), state));
             }
+            rt.counters.borrow_mut().rpc_out += 1;
         }
     }
     let deadline = match &state {
@@ -139,6 +141,21 @@ fn timeout_of(call: &str, v: &Value) -> Result<Duration> {
 
 const FETCH: &str = "client:fetch(path, args, timeout)";
 
+/// Argument `idx` (a table or nil) of `call` as MessagePack, in the state's reused buffer (the
+/// caller puts it back after sending). Encoding only reads the stack: nothing raises.
+fn args_of(rt: &Runtime, st: &Stack, idx: c_int, call: &str) -> std::result::Result<Vec<u8>, String> {
+    let mut encoded = std::mem::take(&mut rt.rpc.borrow_mut().args);
+    encoded.clear();
+    if !st.is_table(idx) {
+        encoded.push(0xc0); // nil
+        return Ok(encoded);
+    }
+    // SAFETY: `idx` is an argument of the running call.
+    unsafe { encode_stack(st.state(), idx, &mut encoded) }
+        .map_err(|e| format!("{call}: cannot encode 'args': it contains {}", e.text()))?;
+    Ok(encoded)
+}
+
 /// `core.fetch_start(id, path, args, timeout, co)` → call id or `nil, err`: a raw C function
 /// (every `fetch` in a coroutine starts here). The answer is handed to `co` as resume values
 /// (`DELIVERED, result, err`).
@@ -167,13 +184,7 @@ impl RawFn for FetchStart {
                 false => st.number(4).ok_or_else(|| bad("timeout", "a number of seconds or nil", 4))?,
             };
             let deadline = Instant::now() + seconds(timeout)?;
-            let mut encoded = vec![0xc0]; // nil
-            if st.is_table(3) {
-                encoded.clear();
-                // SAFETY: index 3 is an argument of this call; encoding only reads the stack.
-                unsafe { encode_stack(st.state(), 3, &mut encoded) }
-                    .map_err(|e| format!("{FETCH}: cannot encode 'args': it contains {}", e.text()))?;
-            }
+            let encoded = args_of(rt, st, 3, FETCH)?;
             Ok((id, path, encoded, deadline))
         })();
         let (id, path, encoded, deadline) = match checked {
@@ -184,7 +195,9 @@ impl RawFn for FetchStart {
             }
         };
         let state = Call::Waiting { thread: Some(thread), deadline };
-        match send_call(rt, id, path, &encoded, false, state) {
+        let sent = send_call(rt, id, path, &encoded, false, state);
+        rt.rpc.borrow_mut().args = encoded;
+        match sent {
             Ok((call, key)) => {
                 if let Some(key) = key {
                     send_soon(rt, key);
@@ -293,13 +306,7 @@ impl RawFn for Noawait {
             if !(st.is_nil(args) || st.is_table(args)) {
                 return Err(bad("args", "a table or nil", args));
             }
-            let mut encoded = vec![0xc0]; // nil
-            if st.is_table(args) {
-                encoded.clear();
-                // SAFETY: `args` is an argument of this call; encoding only reads the stack.
-                unsafe { encode_stack(st.state(), args, &mut encoded) }
-                    .map_err(|e| format!("{NOAWAIT}: cannot encode 'args': it contains {}", e.text()))?;
-            }
+            let encoded = args_of(rt, st, args, NOAWAIT)?;
             Ok((id, path, encoded))
         })();
         let (id, path, encoded) = match checked {
@@ -312,7 +319,9 @@ impl RawFn for Noawait {
             }
         };
         let has_callback = matches!(state, Call::Callback(_));
-        match send_call(rt, id, path, &encoded, true, state) {
+        let sent = send_call(rt, id, path, &encoded, true, state);
+        rt.rpc.borrow_mut().args = encoded;
+        match sent {
             Ok((call, key)) => {
                 if let Some(key) = key {
                     send_soon(rt, key);
@@ -339,6 +348,14 @@ impl RawFn for Noawait {
 
 const NOAWAIT: &str = "client:noawait_fetch(path, callback, args)";
 
+/// `core.client_rtt(id)` → smoothed RTT and its variation in seconds, nil before the first sample.
+fn client_rtt(lua: &Lua, id: u32) -> Result<(Option<f64>, Option<f64>)> {
+    let rt = runtime(lua)?;
+    let key = rt.rpc.borrow().clients.get(&id).and_then(|c| c.key);
+    let rtt = key.and_then(|k| rt.driver.borrow_mut().datagram_proto::<Client>(k).and_then(|c| c.rtt()));
+    Ok(super::seconds(rtt))
+}
+
 fn is_connected(lua: &Lua, id: u32) -> Result<bool> {
     Ok(runtime(lua)?.rpc.borrow().clients.get(&id).is_some_and(|c| c.connected))
 }
@@ -350,5 +367,6 @@ pub(super) fn core(lua: &Lua, core: &Table) -> Result<()> {
     core.set("fetch_result", lua.create_function(fetch_result)?)?;
     core.set("fetch_block", lua.create_function(fetch_block)?)?;
     core.set("noawait", raw::function::<Noawait>(lua, &boxed)?)?;
+    core.set("client_rtt", lua.create_function(client_rtt)?)?;
     core.set("is_connected", lua.create_function(is_connected)?)
 }

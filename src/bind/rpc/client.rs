@@ -319,57 +319,68 @@ pub(super) fn event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ClientEvent,
             Ok(())
         }
         ClientEvent::Disconnected(reason) => client_down(lua, rt, id, Some(key), reason.to_string(), now),
-        ClientEvent::Message(data) => match Envelope::decode(&data) {
-            Ok(Envelope::Response { id: call, result }) => {
-                let result = result.map(<[u8]>::to_vec).map_err(str::to_owned);
-                let (cb, policy) = {
-                    let mut st = rt.rpc.borrow_mut();
-                    let Some(c) = st.clients.get_mut(&id) else { return Ok(()) };
-                    let policy = c.policy.clone();
-                    match c.calls.remove(&call) {
-                        Some(Call::Waiting { thread: Some(thread), .. }) => {
-                            drop(st);
-                            return deliver(lua, rt, thread, result);
-                        }
-                        Some(Call::Waiting { thread: None, .. }) => {
-                            // A blocking fetch picks it up.
-                            c.calls.insert(call, Call::Done(result));
-                            return Ok(());
-                        }
-                        Some(Call::Callback(f)) => (f, policy),
-                        Some(done @ Call::Done(_)) => {
-                            c.calls.insert(call, done);
-                            return Ok(());
-                        }
-                        None => return Ok(()),
+        ClientEvent::Message(data) => message_in(lua, rt, id, &data),
+    }
+}
+
+/// An answer or a push from the server.
+fn message_in(lua: &Lua, rt: &Runtime, id: u32, data: &[u8]) -> Result<()> {
+    rt.counters.borrow_mut().rpc_in += 1;
+    match Envelope::decode(data) {
+        Ok(Envelope::Response { id: call, result }) => {
+            let (cb, policy) = {
+                let mut st = rt.rpc.borrow_mut();
+                let Some(c) = st.clients.get_mut(&id) else { return Ok(()) };
+                let policy = c.policy.clone();
+                match c.calls.remove(&call) {
+                    Some(Call::Waiting { thread: Some(thread), .. }) => {
+                        drop(st);
+                        return deliver(lua, rt, thread, result);
                     }
-                };
-                let args = match result.map(|bytes| validate(&bytes).map(|()| bytes)) {
-                    Ok(Ok(bytes)) => vec![raw::Value::MsgPack(bytes.into())],
-                    Ok(Err(e)) => vec![raw::Value::Nil, raw::Value::Owned(message(&e).into_bytes())],
-                    Err(e) => vec![raw::Value::Nil, raw::Value::Owned(e.into_bytes())],
-                };
-                call_back(lua, &policy, cb, &args)
-            }
-            Ok(Envelope::Push(payload)) => {
-                let (cb, policy) = {
-                    let st = rt.rpc.borrow();
-                    let Some(c) = st.clients.get(&id) else { return Ok(()) };
-                    (func(lua, &c.listener)?, c.policy.clone())
-                };
-                if let Some(cb) = cb {
-                    let value = match decode(lua, payload) {
-                        Ok(v) => v,
-                        Err(e) => return policy.network(lua, &message(&e)),
-                    };
-                    if let Err(e) = cb.call::<()>(value) {
-                        policy.report(lua, &format!("listener: {}", message(&e)))?;
+                    Some(Call::Waiting { thread: None, .. }) => {
+                        // A blocking fetch picks it up.
+                        c.calls.insert(call, Call::Done(result.map(<[u8]>::to_vec).map_err(str::to_owned)));
+                        return Ok(());
                     }
+                    Some(Call::Callback(f)) => (f, policy),
+                    Some(done @ Call::Done(_)) => {
+                        c.calls.insert(call, done);
+                        return Ok(());
+                    }
+                    None => return Ok(()),
                 }
-                Ok(())
+            };
+            let (args, n) = answer(result);
+            call_back(lua, &policy, cb, &args[..n])
+        }
+        Ok(Envelope::Push(payload)) => {
+            let (cb, policy) = {
+                let st = rt.rpc.borrow();
+                let Some(c) = st.clients.get(&id) else { return Ok(()) };
+                (func(lua, &c.listener)?, c.policy.clone())
+            };
+            if let Some(cb) = cb {
+                let value = match decode(lua, payload) {
+                    Ok(v) => v,
+                    Err(e) => return policy.network(lua, &message(&e)),
+                };
+                if let Err(e) = cb.call::<()>(value) {
+                    policy.report(lua, &format!("listener: {}", message(&e)))?;
+                }
             }
-            _ => Ok(()),
-        },
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// An answer as the values Lua gets: `result`, or `nil, error` (also when the result is not
+/// valid MessagePack), borrowed from the message; the count says how many of the two.
+fn answer<'a>(result: std::result::Result<&'a [u8], &'a str>) -> ([raw::Value<'a>; 2], usize) {
+    match result.map(|bytes| validate(bytes).map(|()| bytes)) {
+        Ok(Ok(bytes)) => ([raw::Value::MsgPack(bytes.into()), raw::Value::Nil], 1),
+        Ok(Err(e)) => ([raw::Value::Nil, raw::Value::Owned(message(&e).into_bytes())], 2),
+        Err(e) => ([raw::Value::Nil, raw::Value::Slice(e.as_bytes())], 2),
     }
 }
 
@@ -390,15 +401,11 @@ fn deliver(
     lua: &Lua,
     rt: &Runtime,
     thread: raw::ThreadRef,
-    result: std::result::Result<Vec<u8>, String>,
+    result: std::result::Result<&[u8], &str>,
 ) -> Result<()> {
-    let tag = raw::Value::Light(sched::delivered_value().0);
-    let args = match result.map(|bytes| validate(&bytes).map(|()| bytes)) {
-        Ok(Ok(bytes)) => vec![tag, raw::Value::MsgPack(bytes.into())],
-        Ok(Err(e)) => vec![tag, raw::Value::Nil, raw::Value::Owned(message(&e).into_bytes())],
-        Err(e) => vec![tag, raw::Value::Nil, raw::Value::Owned(e.into_bytes())],
-    };
-    let resumed = sched::resume_parked(lua, rt, thread.id, thread.ptr, &args);
+    let ([a, b], n) = answer(result);
+    let args = [raw::Value::Light(sched::delivered_value().0), a, b];
+    let resumed = sched::resume_parked(lua, rt, thread.id, thread.ptr, &args[..n + 1]);
     thread.release(lua);
     resumed
 }

@@ -37,6 +37,9 @@ pub(crate) struct RpcState {
     by_key: FxHashMap<Key, u32>,
     /// The Lua half's `request` (the pipeline every request goes through).
     request: Option<RegistryKey>,
+    /// The buffer a call's arguments are encoded into before they join its message (kept, so
+    /// a call allocates only its message).
+    args: Vec<u8>,
 }
 
 /// An event of an entry's protocol.
@@ -53,6 +56,13 @@ fn next_event(driver: &mut Driver, key: Key) -> Option<RpcEvent> {
     driver.datagram_proto::<Client>(key)?.poll_event().map(RpcEvent::Client)
 }
 
+fn has_events(driver: &mut Driver, key: Key) -> bool {
+    if let Some(server) = driver.datagram_proto::<Server>(key) {
+        return server.has_events();
+    }
+    driver.datagram_proto::<Client>(key).is_some_and(|c| c.has_events())
+}
+
 /// Every event `key`'s protocol has (for callers that must not run Lua yet).
 fn drain_events(driver: &mut Driver, key: Key) -> Vec<RpcEvent> {
     std::iter::from_fn(|| next_event(driver, key)).collect()
@@ -62,8 +72,17 @@ fn drain_events(driver: &mut Driver, key: Key) -> Vec<RpcEvent> {
 /// everything, the app's existence included).
 fn handle_events(lua: &Lua, rt: &Runtime, key: Key, now: Instant) -> Result<()> {
     let mut first_error = None;
+    let mut first = true;
     loop {
         let Some(id) = rt.rpc.borrow().by_key.get(&key).copied() else { break };
+        // One socket carries every client of a server: the budget is counted per message (the
+        // first one on the driver event's account), and what is left is this entry's news
+        // again, first in the next update.
+        let limited = !std::mem::take(&mut first) && rt.budget.get().limited();
+        if limited && has_events(&mut rt.driver.borrow_mut(), key) && !rt.take_unit() {
+            rt.driver.borrow_mut().unpop_event(Event { key, tag: TAG, kind: EventKind::News });
+            break;
+        }
         let Some(ev) = next_event(&mut rt.driver.borrow_mut(), key) else { break };
         let r = match ev {
             RpcEvent::Server(ev) => server::event(lua, rt, id, key, ev, now),
@@ -91,6 +110,36 @@ pub(crate) fn event(lua: &Lua, rt: &Runtime, ev: Event) -> Result<()> {
         }
         EventKind::Accepted { .. } | EventKind::Drained => Ok(()),
     }
+}
+
+/// Sessions, connected clients, retransmissions and dropped input, for `luna.stats()`.
+pub(crate) fn census(rt: &Runtime, c: &mut super::stats::Census) {
+    let st = rt.rpc.borrow();
+    let mut driver = rt.driver.borrow_mut();
+    let mut add = |s: &rpc::Stats| {
+        c.rpc_retransmits += s.retransmits;
+        c.oversize += s.oversized_messages;
+        c.malformed +=
+            s.malformed + s.bad_version + s.auth_failed + s.bad_signature + s.bad_cookie + s.unknown_peer;
+        c.flood += s.handshake_dropped + s.buffer_full + s.reply_queue_full;
+    };
+    for app in st.servers.values() {
+        if let Some(s) = driver.datagram_proto::<Server>(app.key) {
+            add(s.stats());
+        }
+    }
+    for app in st.clients.values() {
+        if let Some(client) = app.key.and_then(|k| driver.datagram_proto::<Client>(k)) {
+            add(client.stats());
+        }
+    }
+    c.rpc_sessions += st.servers.values().map(|a| a.session_count() as u64).sum::<u64>();
+    c.rpc_clients += st.clients.values().filter(|a| a.connected).count() as u64;
+}
+
+/// An RTT and its variation as seconds for Lua.
+fn seconds(rtt: Option<(Duration, Duration)>) -> (Option<f64>, Option<f64>) {
+    rtt.map_or((None, None), |(srtt, var)| (Some(srtt.as_secs_f64()), Some(var.as_secs_f64())))
 }
 
 /// Marks `key`'s queued messages to leave with the next batch: at the end of this update, or

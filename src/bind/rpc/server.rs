@@ -281,6 +281,7 @@ pub(super) fn event(lua: &Lua, rt: &Runtime, id: u32, key: Key, ev: ServerEvent,
             Ok(())
         }
         ServerEvent::Message { conn, data } => {
+            rt.counters.borrow_mut().rpc_in += 1;
             let Ok(Envelope::Request { id: rid, path, args, .. }) = Envelope::decode(&data) else {
                 return Ok(());
             };
@@ -397,6 +398,13 @@ pub(super) fn idle_scan(lua: &Lua, rt: &Runtime, id: u32, key: Key, now: Instant
     result
 }
 
+impl ServerApp {
+    /// Connected clients.
+    pub fn session_count(&self) -> usize {
+        self.clients.len()
+    }
+}
+
 fn server_key(rt: &Runtime, id: u32) -> Option<Key> {
     rt.rpc.borrow().servers.get(&id).map(|a| a.key)
 }
@@ -420,7 +428,9 @@ fn send_response(
 fn queue_message(rt: &Runtime, id: u32, conn: ConnId, msg: Vec<u8>) -> Option<Key> {
     let key = server_key(rt, id)?;
     if let Some(s) = rt.driver.borrow_mut().datagram_proto::<Server>(key) {
-        let _ = s.send(conn, msg);
+        if s.send(conn, msg).is_ok() {
+            rt.counters.borrow_mut().rpc_out += 1;
+        }
     }
     Some(key)
 }
@@ -480,11 +490,23 @@ fn push(lua: &Lua, (id, conn, value): (u32, u64, Value)) -> Result<(bool, Option
         Some(s) => s.send(ConnId::from_u64(conn), msg),
         None => Ok(()),
     };
+    if sent.is_ok() {
+        rt.counters.borrow_mut().rpc_out += 1;
+    }
     send_soon(&rt, key);
     Ok(match sent {
         Ok(()) => (true, None),
         Err(e) => (false, Some(e.to_string())),
     })
+}
+
+/// `core.rtt(app, conn)` → smoothed RTT and its variation in seconds, nil before the first sample.
+fn rtt(lua: &Lua, (id, conn): (u32, u64)) -> Result<(Option<f64>, Option<f64>)> {
+    let rt = runtime(lua)?;
+    let Some(key) = server_key(&rt, id) else { return Ok((None, None)) };
+    let rtt =
+        rt.driver.borrow_mut().datagram_proto::<Server>(key).and_then(|s| s.rtt(ConnId::from_u64(conn)));
+    Ok(super::seconds(rtt))
 }
 
 /// `client:close()` on the server.
@@ -692,6 +714,7 @@ pub(super) fn core(lua: &Lua, core: &Table) -> Result<()> {
     core.set("respond", raw::function::<Respond>(lua, &boxed)?)?;
     core.set("push", lua.create_function(push)?)?;
     core.set("close_conn", lua.create_function(close_conn)?)?;
+    core.set("rtt", lua.create_function(rtt)?)?;
     core.set("penalty", lua.create_function(penalty)?)?;
     core.set("get_clients", lua.create_function(get_clients)?)
 }

@@ -259,10 +259,12 @@ pub(super) fn client_inbox(lua: &Lua, rt: &Runtime, id: u64, conn: Key) -> Resul
         match received {
             None => return Ok(()),
             Some(Received::Message(op, data)) => {
+                rt.counters.borrow_mut().ws_in += 1;
                 let args = (lua.create_string(&data)?, op.as_u8()).into_lua_multi(lua)?;
                 client_callback(lua, rt, id, ON_MESSAGE, args)?;
             }
-            Some(Received::Closed { code, reason, .. }) => {
+            Some(Received::Closed { code, reason, clean }) => {
+                super::count_end(rt, code, clean);
                 rt.driver.borrow_mut().close(conn);
                 rt.ws.borrow_mut().client_streams.remove(&conn);
                 return client_closed(lua, rt, id, code, &reason);

@@ -7,7 +7,7 @@
 //! finds nothing to receive parks itself with a flag on its connection, and the next message is
 //! passed to it as resume values (`DELIVERED, message, opcode`) without a further call.
 
-use mlua::{Lua, Result, Thread, Value};
+use mlua::{Lua, Result, Table, Thread, Value};
 
 use super::super::raw::{self, Out, RawFn, Stack};
 use super::super::sched::{self, delivered_value, park_value};
@@ -109,6 +109,9 @@ fn take_received(rt: &Runtime, key: Key) -> Option<Received> {
     };
     if driver.should_resume_reading(key) {
         rt.service.borrow_mut().push_back(key);
+    }
+    if let Some(Received::Message(..)) = &received {
+        rt.counters.borrow_mut().ws_in += 1;
     }
     received
 }
@@ -234,10 +237,39 @@ fn ws_broadcast(lua: &Lua, (h, data, op): (Value, Value, Value)) -> Result<usize
             sent += 1;
         }
     }
+    rt.counters.borrow_mut().ws_out += sent as u64;
     Ok(sent)
 }
 
 /// `core.ws_peer(h)` → ip, port (nil once released).
+/// `core.ws_stats(h, t)` → `t` (or a new table) filled with the connection's counts; nil once
+/// it is gone.
+fn ws_stats(lua: &Lua, (h, t): (Value, Option<Table>)) -> Result<Option<Table>> {
+    let rt = runtime(lua)?;
+    let Some(key) = conn_key(&rt, &h) else { return Ok(None) };
+    let counts = {
+        let mut driver = rt.driver.borrow_mut();
+        let messages = driver.proto::<WsSession>(key).map(|s| (s.messages_in, s.messages_out));
+        let stream = driver.stream(key).map(|s| (s.bytes_in, s.bytes_out, s.queued() as u64));
+        messages.zip(stream)
+    };
+    let Some(((messages_in, messages_out), (bytes_in, bytes_out, queued))) = counts else { return Ok(None) };
+    let t = match t {
+        Some(t) => t,
+        None => lua.create_table()?,
+    };
+    for (name, n) in [
+        ("messages_in", messages_in),
+        ("messages_out", messages_out),
+        ("bytes_in", bytes_in),
+        ("bytes_out", bytes_out),
+        ("queued_bytes", queued),
+    ] {
+        t.raw_set(name, n)?;
+    }
+    Ok(Some(t))
+}
+
 fn ws_peer(lua: &Lua, h: Value) -> Result<(Option<String>, Option<u16>)> {
     let rt = runtime(lua)?;
     let Some(key) = conn_key(&rt, &h) else { return Ok((None, None)) };
@@ -266,5 +298,6 @@ pub(super) fn register(lua: &Lua, rt: &std::rc::Rc<Runtime>, core: &mlua::Table)
     core.set("ws_close", lua.create_function(ws_close)?)?;
     core.set("ws_broadcast", lua.create_function(ws_broadcast)?)?;
     core.set("ws_peer", lua.create_function(ws_peer)?)?;
+    core.set("ws_stats", lua.create_function(ws_stats)?)?;
     core.set("ws_info", lua.create_function(ws_info)?)
 }

@@ -158,7 +158,10 @@ fn with_stream<R>(rt: &Runtime, key: Key, f: impl FnOnce(&mut WsSession) -> R) -
 
 fn send(rt: &Runtime, key: Key, op: Opcode, data: &[u8]) -> (Option<bool>, Option<String>) {
     match with_stream(rt, key, |s| s.send(op, data)) {
-        Some(Ok(())) => (Some(true), None),
+        Some(Ok(())) => {
+            rt.counters.borrow_mut().ws_out += 1;
+            (Some(true), None)
+        }
         Some(Err(e)) => (None, Some(e)),
         None => (None, Some("the connection is closed".into())),
     }
@@ -220,6 +223,24 @@ pub(crate) fn close_all(lua: &Lua, rt: &Runtime, side: Side) -> Result<()> {
 }
 
 /// A driver event for one of this module's entries.
+/// Open connections and listeners, for `luna.stats()`.
+pub(crate) fn census(rt: &Runtime, c: &mut super::stats::Census) {
+    let st = rt.ws.borrow();
+    c.ws += st.conns.len() as u64;
+    c.ws_clients += st.client_streams.len() as u64;
+    c.listeners += st.listeners.len() as u64;
+}
+
+/// A connection ended with `code`: counts the ones we closed for the peer's input.
+pub(super) fn count_end(rt: &Runtime, code: u16, clean: bool) {
+    let mut counters = rt.counters.borrow_mut();
+    match (clean, code) {
+        (false, 1009) => counters.ws_oversize += 1,
+        (false, 1002 | 1007) => counters.ws_malformed += 1,
+        _ => {}
+    }
+}
+
 pub(crate) fn event(lua: &Lua, rt: &Runtime, event: Event) -> Result<()> {
     match event.kind {
         EventKind::News => news(lua, rt, event.key),

@@ -10,7 +10,7 @@ use mlua::{Function, Lua, Result, Table, Value};
 use super::super::error::{bad_arg, lua_type, message, misuse};
 use super::super::options::Options;
 use super::super::{addr, runtime, sched, Runtime};
-use super::{opcodes, policy, settings, with_stream, Conn, Server, TAG};
+use super::{count_end, opcodes, policy, settings, with_stream, Conn, Server, TAG};
 use crate::driver::net::{self, ListenOptions};
 use crate::driver::{Key, ListenerConfig};
 use crate::proto::ws::{Settings, WsConfig, WsSession};
@@ -302,7 +302,11 @@ pub(super) fn server_inbox(lua: &Lua, rt: &Runtime, conn: Key) -> Result<()> {
         .driver
         .borrow_mut()
         .proto::<WsSession>(conn)
-        .and_then(|s| s.end().map(|(code, reason, _)| (code, reason.to_owned())));
+        .and_then(|s| s.end().map(|(code, reason, clean)| (code, reason.to_owned(), clean)));
+    if let Some((code, _, clean)) = &end {
+        count_end(rt, *code, *clean);
+    }
+    let end = end.map(|(code, reason, _)| (code, reason));
     if let (Some((code, reason)), Value::Function(on_close)) = (end, object.raw_get::<Value>("on_close")?) {
         if let Err(e) = on_close.call::<()>((code, reason)) {
             if let Some(policy) = &policy {

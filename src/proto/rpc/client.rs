@@ -115,8 +115,8 @@ impl Client {
         &self.stats
     }
 
-    /// The smoothed round-trip time, once measured.
-    pub fn rtt(&self) -> Option<Duration> {
+    /// The smoothed round-trip time and its variation, once measured.
+    pub fn rtt(&self) -> Option<(Duration, Duration)> {
         match &self.state {
             State::Established(s) => s.rtt(),
             _ => None,
@@ -172,6 +172,11 @@ impl Client {
     /// Next event, if any.
     pub fn poll_event(&mut self) -> Option<ClientEvent> {
         self.events.pop_front()
+    }
+
+    /// Whether [`Self::poll_event`] has something.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
     }
 
     /// Earliest instant at which `handle_timeout` has work.

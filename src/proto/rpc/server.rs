@@ -158,8 +158,8 @@ impl Server {
         self.get(conn).filter(|c| c.connected).map(|c| c.addr)
     }
 
-    /// The smoothed round-trip time of a connected session, once measured.
-    pub fn rtt(&self, conn: ConnId) -> Option<Duration> {
+    /// The smoothed round-trip time of a connected session and its variation, once measured.
+    pub fn rtt(&self, conn: ConnId) -> Option<(Duration, Duration)> {
         self.get(conn).and_then(|c| c.session.rtt())
     }
 
@@ -218,6 +218,11 @@ impl Server {
     /// Next event, if any.
     pub fn poll_event(&mut self) -> Option<ServerEvent> {
         self.events.pop_front()
+    }
+
+    /// Whether [`Self::poll_event`] has something.
+    pub fn has_events(&self) -> bool {
+        !self.events.is_empty()
     }
 
     /// Earliest instant at which `handle_timeout` has work (a heap peek; may be early, never

@@ -172,9 +172,9 @@ impl Session {
         self.ping_pending = true;
     }
 
-    /// Smoothed RTT, if measured.
-    pub(crate) fn rtt(&self) -> Option<Duration> {
-        self.srtt
+    /// Smoothed RTT and its variation (RFC 6298's SRTT and RTTVAR), once measured.
+    pub(crate) fn rtt(&self) -> Option<(Duration, Duration)> {
+        self.srtt.map(|srtt| (srtt, self.rttvar))
     }
 
     fn tag_len(&self) -> usize {

@@ -115,6 +115,9 @@ pub struct WsSession {
     /// Server: why an upgrade was refused (for the app's log).
     rejection: Option<String>,
     news: bool,
+    /// Messages taken from the inbox and messages queued to send, for `ws:stats()`.
+    pub messages_in: u64,
+    pub messages_out: u64,
 }
 
 impl WsSession {
@@ -142,6 +145,8 @@ impl WsSession {
             opened: false,
             rejection: None,
             news: false,
+            messages_in: 0,
+            messages_out: 0,
         }
     }
 
@@ -206,6 +211,7 @@ impl WsSession {
             Received::Closed { .. } => return self.inbox.front().cloned(),
             Received::Message(_, data) => {
                 self.inbox_bytes -= data.len();
+                self.messages_in += 1;
                 self.inbox.pop_front()
             }
         };
@@ -230,7 +236,9 @@ impl WsSession {
         match &mut self.phase {
             Phase::Open(conn) => {
                 self.sent = true;
-                conn.send(opcode, data).map_err(|e| e.to_string())
+                conn.send(opcode, data).map_err(|e| e.to_string())?;
+                self.messages_out += 1;
+                Ok(())
             }
             _ => Err("the connection is not open".into()),
         }
@@ -241,7 +249,9 @@ impl WsSession {
         match &mut self.phase {
             Phase::Open(conn) => {
                 self.sent = true;
-                conn.send_encoded(frame).map_err(|e| e.to_string())
+                conn.send_encoded(frame).map_err(|e| e.to_string())?;
+                self.messages_out += 1;
+                Ok(())
             }
             _ => Err("the connection is not open".into()),
         }

@@ -24,6 +24,26 @@ if f then f:close() end
 
 local T, fds_now
 local frames, smoke = 0, {}
+-- The second run calls luna.stats every frame, as a game's debug overlay would, into one table.
+local stats, stats_frames, stats_time, stats_error = nil, 0, 0, nil
+local last_in, last_bytes, slowest_update = 0, 0, 0
+
+local function check_stats()
+  local t0 = luna.now()
+  stats = luna.stats(stats)
+  stats_time = stats_time + (luna.now() - t0)
+  stats_frames = stats_frames + 1
+  local u = stats.update
+  if u.count < 1 or u.max < u.avg or u.last > u.max then
+    stats_error = stats_error or ("update figures inconsistent: count %d, last %g, avg %g, max %g"):format(
+      u.count, u.last, u.avg, u.max)
+  end
+  if stats.messages_in < last_in or stats.bytes_in < last_bytes then
+    stats_error = stats_error or "a counter went down"
+  end
+  last_in, last_bytes = stats.messages_in, stats.bytes_in
+  slowest_update = math.max(slowest_update, u.max)
+end
 
 function love.load()
   if first_run then
@@ -55,9 +75,19 @@ function love.update(dt)
       print(("first run ok after %d frames: spawn, sleep, timers; restarting"):format(frames))
       love.event.quit("restart")
     end
-  elseif T.finished then
+  elseif not T.finished then
+    check_stats()
+  else
     local fds = fds_now
     local ok = T.failed == 0 and T.passed > 0
+    if stats_error or stats_frames < 10 or stats.messages_in == 0 or stats.bytes_in == 0 then
+      print(("not ok - luna.stats every frame: %s (%d frames, %d messages in)"):format(
+        stats_error or "nothing counted", stats_frames, stats and stats.messages_in or 0))
+      ok = false
+    else
+      print(("ok - luna.stats every frame: %d frames, %.1f us per call, %d messages and %d bytes in, slowest update %.1f ms"):format(
+        stats_frames, stats_time / stats_frames * 1e6, stats.messages_in, stats.bytes_in, slowest_update * 1e3))
+    end
     if fds > fds_before then
       print(("not ok - the first state's runtime leaked: %d descriptors open, %d before restart"):format(fds, fds_before))
       ok = false
