@@ -1,8 +1,10 @@
 -- Frame-paced RPC load for benches/rpc_frames.sh (issue 14), run by Debian's luajit with the
 -- built module, the way a LÖVE game runs: a 60 Hz loop that calls update once a frame and sleeps
--- until the next frame.
+-- until the next frame. Under luna-host (Lua 5.4: no ffi) it waits for the next frame in a busy
+-- loop instead (the process has its core to itself; nothing else is timed meanwhile).
 --   luajit benches/rpc_frames.lua MODULE_DIR server PORT SECONDS
 --   luajit benches/rpc_frames.lua MODULE_DIR client PORT SECONDS N WARMUP
+--   luna-host benches/rpc_frames.lua - server|client ... (the same arguments)
 -- The server answers "bench/echo" with its argument {"hello world"}[1] and times every luna.update. The client
 -- issues N client:noawait_fetch calls per frame (an 11-byte string argument, encrypted) and times
 -- its frame's networking: the N calls plus lunac.update (which runs the answers' callbacks).
@@ -10,9 +12,20 @@
 -- frames after its first 1.5 s), the client also calls issued and answered.
 local dir, role, port, seconds = arg[1], arg[2], tonumber(arg[3]), tonumber(arg[4])
 package.cpath = dir .. "/?.so;" .. package.cpath
-local ffi = require("ffi")
-ffi.cdef("int usleep(unsigned int usec);")
+local has_ffi, ffi = pcall(require, "ffi")
+if has_ffi then
+  ffi.cdef("int usleep(unsigned int usec);")
+end
 local luna, lunac = require("luna"), require("lunac")
+
+local function usleep(us)
+  if has_ffi then
+    ffi.C.usleep(us)
+  else
+    local until_ = luna.now() + us / 1e6
+    repeat until luna.now() >= until_
+  end
+end
 
 local FRAME = 1 / 60
 local samples = {}
@@ -28,7 +41,7 @@ end
 -- Sleeps until `t` (luna.now() seconds).
 local function sleep_until(t)
   local left = t - luna.now()
-  if left > 0 then ffi.C.usleep(math.floor(left * 1e6)) end
+  if left > 0 then usleep(math.floor(left * 1e6)) end
 end
 
 if role == "server" then
@@ -59,7 +72,7 @@ local client = lunac.connect_to_app({ name = "frames", host = "127.0.0.1", port 
 local deadline = luna.now() + 10
 while not client:is_connected() do
   lunac.update(FRAME)
-  ffi.C.usleep(1000)
+  usleep(1000)
   if luna.now() > deadline then error("rpc_frames: no connection") end
 end
 local ARGS = { "hello world" } -- an 11-byte string
@@ -84,7 +97,7 @@ end
 deadline = luna.now() + 2
 while answered + failed < issued and luna.now() < deadline do
   lunac.update(FRAME)
-  ffi.C.usleep(1000)
+  usleep(1000)
 end
 report((" issued=%d answered=%d failed=%d"):format(issued, answered, failed))
 lunac.close()

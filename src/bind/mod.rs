@@ -149,7 +149,11 @@ fn tick_within(lua: &Lua, timeout: Option<Duration>, budget: Budget) -> Result<B
     if done.cut {
         done.deferred = rt.deferred() as u64;
     }
-    if let Some(started) = started {
+    if let Some(mut started) = started {
+        // A tick that may wait (the standalone host's) is timed from the end of its wait.
+        if timeout != Some(Duration::ZERO) {
+            started = started.max(rt.driver.borrow().now());
+        }
         rt.counters.borrow_mut().update_done(started.elapsed(), done.handled, done.deferred);
     }
     result.map(|()| done)
