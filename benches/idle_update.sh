@@ -8,6 +8,6 @@ echo "date: $(date -u +%F)"
 for flavour in "luajit,vendored" "lua54,vendored"; do
   # Built with the bench profile; the executable's name carries a hash, so ask Cargo for it.
   exe=$(cargo bench --quiet --no-run --no-default-features --features "$flavour" --bench idle_update \
-    --message-format=json | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
+    --message-format=json | grep '"name":"idle_update"' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
   taskset -c 0 "$exe"
 done

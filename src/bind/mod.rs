@@ -135,8 +135,7 @@ pub fn tick(lua: &Lua, timeout: Option<Duration>) -> Result<()> {
 /// A tick that stops dispatching once `budget` is spent; returns what it did.
 fn tick_within(lua: &Lua, timeout: Option<Duration>, budget: Budget) -> Result<Budget> {
     let rt = runtime(lua)?;
-    // Only an outermost tick (an update) is timed for `luna.stats()`.
-    let started = (!rt.in_update()).then(Instant::now);
+    let outermost = !rt.in_update();
     rt.ticking.set(rt.ticking.get() + 1);
     // A nested tick (a blocking fetch) runs under its own budget; the outer one's resumes after.
     let outer = rt.budget.replace(budget);
@@ -149,12 +148,11 @@ fn tick_within(lua: &Lua, timeout: Option<Duration>, budget: Budget) -> Result<B
     if done.cut {
         done.deferred = rt.deferred() as u64;
     }
-    if let Some(mut started) = started {
-        // A tick that may wait (the standalone host's) is timed from the end of its wait.
-        if timeout != Some(Duration::ZERO) {
-            started = started.max(rt.driver.borrow().now());
-        }
-        rt.counters.borrow_mut().update_done(started.elapsed(), done.handled, done.deferred);
+    if outermost {
+        // Timed for `luna.stats()` from the poll's return: a tick that waits (the standalone
+        // host's) counts its work, not its wait.
+        let took = rt.driver.borrow().now().elapsed();
+        rt.counters.borrow_mut().update_done(took, done.handled, done.deferred);
     }
     result.map(|()| done)
 }
@@ -174,11 +172,18 @@ enum Phase {
 const PHASES: [Phase; 4] = [Phase::Events, Phase::Sockets, Phase::Timers, Phase::Coroutines];
 
 fn tick_inner(lua: &Lua, rt: &Runtime, timeout: Option<Duration>) -> Result<()> {
-    // What the script queued since the last update (RPC calls and pushes) leaves first.
-    rt.driver.borrow_mut().flush_queued();
+    // What the script queued since the last update (RPC calls and pushes) leaves first: before
+    // a wait (a blocking fetch's request), else right after the poll, inside the timed part.
+    let waits = timeout != Some(Duration::ZERO);
+    if waits {
+        rt.driver.borrow_mut().flush_queued();
+    }
     // Empty: the last tick drained it.
     let mut ready = std::mem::take(&mut *rt.ready.borrow_mut());
     rt.driver.borrow_mut().poll(timeout, &mut ready)?;
+    if !waits {
+        rt.driver.borrow_mut().flush_queued();
+    }
     let now = rt.driver.borrow().now();
     let mut resolved = Vec::new();
     {
