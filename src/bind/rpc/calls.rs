@@ -36,16 +36,17 @@ pub(super) fn arm_calls(rt: &Runtime, key: Key, at: Option<Instant>) {
     }
 }
 
-/// Sends a call with its encoded arguments; `Err(text)` when the client cannot send. The entry
-/// to flush comes back with the call id (none while the host name resolves). Runs no Lua.
+/// Sends a call with its encoded arguments and keeps `state` for its answer (none: nobody waits
+/// for it); `Err(text)` when the client cannot send. The entry to flush comes back with the call
+/// id (none while the host name resolves). Runs no Lua.
 fn send_call(
     rt: &Runtime,
     id: u32,
     path: &str,
     args: &[u8],
     noawait: bool,
-    state: Call,
-) -> std::result::Result<(u32, Option<Key>), (String, Call)> {
+    state: Option<Call>,
+) -> std::result::Result<(u32, Option<Key>), (String, Option<Call>)> {
     let mut st = rt.rpc.borrow_mut();
     let Some(c) = st.clients.get_mut(&id) else { return Err(("Not connected to server".into(), state)) };
     if c.link == Link::Down {
@@ -70,10 +71,12 @@ fn send_call(
         }
     }
     let deadline = match &state {
-        Call::Waiting { deadline, .. } => Some(*deadline),
+        Some(Call::Waiting { deadline, .. }) => Some(*deadline),
         _ => None,
     };
-    c.calls.insert(call, state);
+    if let Some(state) = state {
+        c.calls.insert(call, state);
+    }
     drop(st);
     if let (Some(key), Some(at)) = (key, deadline) {
         wake_by(rt, key, at);
@@ -81,45 +84,35 @@ fn send_call(
     Ok((call, key))
 }
 
-/// Starts a call from mlua arguments; `Ok(Err(text))` when the client cannot send.
-fn start_call(
-    lua: &Lua,
-    call_name: &str,
-    id: u32,
-    path: &Value,
-    args: &Value,
+/// Sends a call for a raw function and gives its answer: the call id, or `nil, why` (the
+/// registry slot `state` holds is freed then). `encoded` goes back to the runtime's buffer.
+fn issue(
+    rt: &Runtime,
+    st: &Stack,
+    (id, path, encoded): (u32, &str, Vec<u8>),
     noawait: bool,
-    state: Call,
-) -> Result<std::result::Result<u32, String>> {
-    let Value::String(path) = path else { return Err(bad_arg(call_name, "path", "a string", path)) };
-    let path = path.to_str()?.to_owned();
-    if !matches!(args, Value::Nil | Value::Table(_)) {
-        return Err(bad_arg(call_name, "args", "a table or nil", args));
-    }
-    let encoded = encode_for(lua, call_name, "args", args)?;
-    let rt = runtime(lua)?;
-    match send_call(&rt, id, &path, &encoded, noawait, state) {
+    state: Option<Call>,
+) -> Out {
+    let sent = send_call(rt, id, path, &encoded, noawait, state);
+    rt.rpc.borrow_mut().args = encoded;
+    match sent {
         Ok((call, key)) => {
             if let Some(key) = key {
-                send_soon(&rt, key);
+                send_soon(rt, key);
             }
-            Ok(Ok(call))
+            Out::one(raw::Value::Int(call.into()))
         }
         Err((e, state)) => {
-            forget(lua, state)?;
-            Ok(Err(e))
+            match state {
+                Some(Call::Waiting { thread: Some(t), .. }) => st.unref(t.id),
+                Some(Call::Callback(f)) => st.unref(f.0),
+                _ => {}
+            }
+            let mut out = Out::one(raw::Value::Nil);
+            out.push(raw::Value::Owned(e.into_bytes()));
+            out
         }
     }
-}
-
-/// Frees what a call that was never sent holds.
-fn forget(lua: &Lua, state: Call) -> Result<()> {
-    match state {
-        Call::Waiting { thread: Some(t), .. } => t.release(lua),
-        Call::Callback(f) => f.release(lua),
-        _ => {}
-    }
-    Ok(())
 }
 
 fn seconds(secs: f64) -> std::result::Result<Duration, String> {
@@ -195,24 +188,7 @@ impl RawFn for FetchStart {
             }
         };
         let state = Call::Waiting { thread: Some(thread), deadline };
-        let sent = send_call(rt, id, path, &encoded, false, state);
-        rt.rpc.borrow_mut().args = encoded;
-        match sent {
-            Ok((call, key)) => {
-                if let Some(key) = key {
-                    send_soon(rt, key);
-                }
-                Ok(Out::one(raw::Value::Int(call.into())))
-            }
-            Err((e, state)) => {
-                if let Call::Waiting { thread: Some(thread), .. } = state {
-                    unref(thread);
-                }
-                let mut out = Out::one(raw::Value::Nil);
-                out.push(raw::Value::Owned(e.into_bytes()));
-                Ok(out)
-            }
-        }
+        Ok(issue(rt, st, (id, path, encoded), false, Some(state)))
     }
 }
 
@@ -259,12 +235,23 @@ fn fetch_block(
     lua: &Lua,
     (id, path, args, timeout): (u32, Value, Value, Value),
 ) -> Result<(Value, Option<String>)> {
-    let rt = runtime(lua)?;
     let deadline = Instant::now() + timeout_of(FETCH, &timeout)?;
+    let Value::String(path) = &path else { return Err(bad_arg(FETCH, "path", "a string", &path)) };
+    let path = path.to_str()?.to_owned();
+    if !matches!(args, Value::Nil | Value::Table(_)) {
+        return Err(bad_arg(FETCH, "args", "a table or nil", &args));
+    }
+    let encoded = encode_for(lua, FETCH, "args", &args)?;
     let state = Call::Waiting { thread: None, deadline };
-    let call = match start_call(lua, FETCH, id, &path, &args, false, state)? {
-        Ok(call) => call,
-        Err(e) => return Ok((Value::Nil, Some(e))),
+    let rt = runtime(lua)?;
+    let call = match send_call(&rt, id, &path, &encoded, false, Some(state)) {
+        Ok((call, key)) => {
+            if let Some(key) = key {
+                send_soon(&rt, key);
+            }
+            call
+        }
+        Err((e, _)) => return Ok((Value::Nil, Some(e))),
     };
     drop(rt);
     loop {
@@ -294,10 +281,7 @@ impl RawFn for Noawait {
             return Err(bad("callback", "a function or nil", cb));
         }
         // First, while nothing with a destructor exists: registering it may raise.
-        let state = match st.function_ref(cb) {
-            Some(f) => Call::Callback(f),
-            None => Call::Done(Ok(Vec::new())),
-        };
+        let state = st.function_ref(cb).map(Call::Callback);
         let checked = (|| {
             let id = st.integer(1).ok_or_else(|| bad("id", "an app id", 1))? as u32;
             let path = st.bytes(2).ok_or_else(|| bad("path", "a string", 2))?;
@@ -312,37 +296,13 @@ impl RawFn for Noawait {
         let (id, path, encoded) = match checked {
             Ok(checked) => checked,
             Err(e) => {
-                if let Call::Callback(f) = state {
+                if let Some(Call::Callback(f)) = state {
                     st.unref(f.0);
                 }
                 return Err(e);
             }
         };
-        let has_callback = matches!(state, Call::Callback(_));
-        let sent = send_call(rt, id, path, &encoded, true, state);
-        rt.rpc.borrow_mut().args = encoded;
-        match sent {
-            Ok((call, key)) => {
-                if let Some(key) = key {
-                    send_soon(rt, key);
-                }
-                if !has_callback {
-                    // Nobody waits for this answer.
-                    if let Some(c) = rt.rpc.borrow_mut().clients.get_mut(&id) {
-                        c.calls.remove(&call);
-                    }
-                }
-                Ok(Out::one(raw::Value::Int(call.into())))
-            }
-            Err((e, state)) => {
-                if let Call::Callback(f) = state {
-                    st.unref(f.0);
-                }
-                let mut out = Out::one(raw::Value::Nil);
-                out.push(raw::Value::Owned(e.into_bytes()));
-                Ok(out)
-            }
-        }
+        Ok(issue(rt, st, (id, path, encoded), true, state))
     }
 }
 
