@@ -236,10 +236,70 @@ async def our_client_against_python_server():
     check("our client exits cleanly", proc.returncode == 0, proc.returncode)
 
 
+def read_message(s, limit):
+    """Reads server frames (unmasked) until one with FIN; returns the payload length, or None
+    when the connection ends or `limit` seconds pass first."""
+    buf, got = b"", 0
+    s.settimeout(limit)
+    try:
+        while True:
+            while len(buf) < 10 and (len(buf) < 2 or len(buf) < 2 + {126: 2, 127: 8}.get(buf[1] & 0x7F, 0)):
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    return None
+                buf += chunk
+            n, off = buf[1] & 0x7F, 2
+            if n == 126:
+                n, off = struct.unpack("!H", buf[2:4])[0], 4
+            elif n == 127:
+                n, off = struct.unpack("!Q", buf[2:10])[0], 10
+            while len(buf) < off + n:
+                chunk = s.recv(1 << 20)
+                if not chunk:
+                    return None
+                buf += chunk
+            fin = buf[0] & 0x80
+            got += n
+            buf = buf[off + n:]
+            if fin:
+                return got
+    except socket.timeout:
+        return None
+
+
+async def large_checks(port):
+    """4 MiB messages as one frame and in fragments of 64 KiB, 1 KiB and (sent in one burst, as
+    Autobahn's 9.* cases do) 64 B, to a server whose max_message_size is 64 MiB: each echo must
+    come back whole and soon (a stall shows as a timeout). A frame declared over the limit is
+    refused with 1009 before its payload arrives."""
+    size = 4 << 20
+    data = os.urandom(size)
+    async with websockets.connect(f"ws://127.0.0.1:{port}/", max_size=None, compression=None) as ws:
+        for frag in [size, 65536, 1024]:
+            t = time.time()
+            await ws.send(data if frag == size else [data[i:i + frag] for i in range(0, size, frag)])
+            got = await asyncio.wait_for(ws.recv(), 20)
+            check(f"4 MiB message in {frag}-byte frames echoed ({time.time() - t:.2f} s)", got == data)
+    s, head = raw_upgrade(port)
+    burst = b"".join(
+        bytes([(0x80 if i == size // 64 - 1 else 0) | (2 if i == 0 else 0), 0x80 | 64]) + b"\0\0\0\0" + b"y" * 64
+        for i in range(size // 64))
+    t = time.time()
+    s.sendall(burst)
+    got = read_message(s, 20)
+    check(f"4 MiB message in 65,536 frames of 64 B sent in one burst echoed ({time.time() - t:.2f} s)",
+          got == size, f"{got} bytes")
+    s.close()
+    s, head = raw_upgrade(port)
+    s.sendall(bytes([0x82, 0x80 | 127]) + struct.pack("!Q", (64 << 20) + 1) + b"\0\0\0\0" + b"z" * 1000)
+    check("a frame declared over max_message_size is refused with 1009", read_close_code(s) == 1009)
+    s.close()
+
+
 def main():
-    port, tls_port, keepalive_port = free_port(), free_port(), free_port()
+    port, tls_port, keepalive_port, large_port = free_port(), free_port(), free_port(), free_port()
     server = subprocess.Popen([HOST_BIN, os.path.join(ROOT, "tests", "peers", "ws_server.lua"),
-                               str(port), str(tls_port), DATA, str(keepalive_port)],
+                               str(port), str(tls_port), DATA, str(keepalive_port), str(large_port)],
                               stdout=subprocess.PIPE, text=True)
     try:
         check("server starts", server.stdout.readline().strip() == "ready")
@@ -250,6 +310,7 @@ def main():
         hostile_checks(port)
         backpressure_check(port, server)
         asyncio.run(keepalive_checks(keepalive_port))
+        asyncio.run(large_checks(large_port))
         slow.join()
         asyncio.run(client_checks(port, tls_port))
         check("server survived hostile input", server.poll() is None)

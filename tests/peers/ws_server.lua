@@ -1,5 +1,5 @@
 -- The server the independent-peer tests talk to (run by luna-host).
--- usage: luna-host ws_server.lua <ws port> <wss port> <test data dir> <keep-alive port>
+-- usage: luna-host ws_server.lua <ws port> <wss port> <test data dir> <keep-alive port> <large port>
 local luna = require("luna")
 local port, tls_port, data = tonumber(arg[1]), tonumber(arg[2]), arg[3]
 
@@ -46,6 +46,12 @@ luna.new_web_app(config)
 luna.new_web_app({
   name = "peer test keep-alive", host = "127.0.0.1", port = tonumber(arg[4]), debug = false,
   ping_interval = 0.2, ping_timeout = 0.5,
+  protocols = { default = echo },
+})
+-- Large messages: limits raised well past the defaults (frames as big as messages).
+luna.new_web_app({
+  name = "peer test large", host = "127.0.0.1", port = tonumber(arg[5]), debug = false,
+  max_message_size = 64 * 1024 * 1024,
   protocols = { default = echo },
 })
 print("ready")

@@ -170,8 +170,9 @@ fn send(rt: &Runtime, key: Key, op: Opcode, data: &[u8]) -> (Option<bool>, Optio
 fn settings(opts: &Options, ws_default: WsConfig) -> Result<Settings> {
     let mut settings = Settings { ws: ws_default, ..Settings::default() };
     if let Some(size) = opts.size("max_message_size")? {
+        // One limit, raised or lowered: a message may come as a single frame of that size.
         settings.ws.max_message_size = size;
-        settings.ws.max_frame_size = settings.ws.max_frame_size.min(size);
+        settings.ws.max_frame_size = size;
     }
     settings.ping_interval = opts.seconds("ping_interval")?;
     if let Some(timeout) = opts.seconds("ping_timeout")? {

@@ -94,7 +94,9 @@ pub struct WsConfig {
     pub read_buffer_size: usize,
     /// Largest accepted message (after reassembly); larger → close 1009.
     pub max_message_size: usize,
-    /// Largest accepted frame payload; larger → close 1009.
+    /// Largest accepted frame payload; larger → close 1009. tungstenite reserves a frame's
+    /// declared length when its header arrives; that is address space, not memory, until the
+    /// payload does.
     pub max_frame_size: usize,
     /// Bound on queued outgoing bytes: `send` refuses with [`Error::Backpressure`] when a
     /// message would take the queue past it (a message is always accepted into an empty
@@ -109,7 +111,7 @@ impl Default for WsConfig {
         Self {
             read_buffer_size: 1024,
             max_message_size: 16 << 20,
-            max_frame_size: 1 << 20,
+            max_frame_size: 16 << 20,
             max_outgoing_buffer: 1 << 20,
             max_incoming_buffer: 64 << 10,
         }
