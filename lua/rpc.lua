@@ -80,6 +80,7 @@ end
 local function report(app, router, handler, msg)
   local fn = handler.error_handler or router.error_handler
   if fn then
+    core.handled_error()
     return fn(msg)
   end
   local no_errors = handler.no_errors

@@ -79,41 +79,47 @@ fn a_budgeted_update_stops_in_time_and_finishes_the_flood_in_order_on_later_fram
     assert_eq!(served(&state), (1..=200).collect::<Vec<_>>(), "every call ran once, oldest first");
     assert!(cut >= 50, "the budget cut {cut} of {frames} updates");
     // Budget + one handler + room for a noisy machine; unbudgeted, this update took 200 ms.
-    assert!(slowest < 0.025, "the slowest budgeted update took {:.1} ms", slowest * 1e3);
+    assert!(slowest < 0.05, "the slowest budgeted update took {:.1} ms", slowest * 1e3);
 }
 
 #[test]
 fn max_events_leaves_the_rest_for_later_and_starves_no_kind_of_work() {
     let (lua, state) = setup();
-    lua.load(
-        r#"local luna = require("luna")
-        local state = ...
-        state.timer_fired_at = nil
-        state.flood(100)
-        luna.set_timeout(0, function() state.timer_fired_at = #state.served end)
-        luna.spawn(function() luna.sleep(0); state.slept_at = #state.served end)"#,
-    )
-    .call::<()>(&state)
-    .unwrap();
+    state.call_function::<()>("flood", 100).unwrap();
     let frame: Function = state.get("frame").unwrap();
     let opts = lua.create_table().unwrap();
     opts.set("max_events", 3).unwrap();
-    let mut frames = 0;
+    let (mut frames, mut armed, mut before) = (0, false, 0);
     while state.get::<u32>("answers").unwrap() < 100 {
         frames += 1;
         assert!(frames < 3000, "the flood did not finish");
-        let (handled, _, _): (u64, u64, f64) = frame.call(&opts).unwrap();
-        assert!(handled <= 3, "max_events = 3 ran {handled} units");
+        let (_, deferred, _): (u64, u64, f64) = frame.call(&opts).unwrap();
+        let now_served = served(&state).len();
+        assert!(now_served - before <= 3, "max_events = 3 ran {} handlers", now_served - before);
+        before = now_served;
+        if !armed && now_served > 0 && deferred > 0 {
+            // A backlog exists: a timer and a waking coroutine must not wait for it to clear.
+            armed = true;
+            lua.load(
+                r#"local luna, state = require("luna"), ...
+                state.armed_at = #state.served
+                luna.set_timeout(0, function() state.timer_at = #state.served end)
+                luna.spawn(function() luna.sleep(0); state.slept_at = #state.served end)"#,
+            )
+            .call::<()>(&state)
+            .unwrap();
+        }
         std::thread::sleep(Duration::from_micros(200));
     }
+    assert!(armed, "the flood never built a backlog");
     assert_eq!(served(&state), (1..=100).collect::<Vec<_>>(), "every call ran once, in order");
-    let timer: Option<u32> = state.get("timer_fired_at").unwrap();
-    let slept: Option<u32> = state.get("slept_at").unwrap();
-    assert!(timer.is_some_and(|n| n < 50), "the timer waited behind the flood: fired after {timer:?} calls");
-    assert!(
-        slept.is_some_and(|n| n < 50),
-        "the coroutine waited behind the flood: woke after {slept:?} calls"
-    );
+    let armed_at: u32 = state.get("armed_at").unwrap();
+    for what in ["timer_at", "slept_at"] {
+        let at: Option<u32> = state.get(what).unwrap();
+        // Taking turns, the timer and the coroutine run within a few updates, while most of
+        // the flood still waits; behind it they would run after all 100.
+        assert!(at.is_some_and(|n| n < armed_at + 20 && n < 100), "{what}: {at:?} (armed at {armed_at})");
+    }
     // Unbudgeted updates do everything as before and report nothing deferred.
     state.call_function::<()>("flood", 20).unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -126,6 +132,24 @@ fn max_events_leaves_the_rest_for_later_and_starves_no_kind_of_work() {
 }
 
 #[test]
+fn a_tiny_budget_still_makes_progress() {
+    let (lua, state) = setup();
+    state.call_function::<()>("flood", 10).unwrap();
+    let frame: Function = state.get("frame").unwrap();
+    let opts = lua.create_table().unwrap();
+    opts.set("budget", 1e-9).unwrap();
+    let mut frames = 0;
+    while state.get::<u32>("answers").unwrap() < 10 {
+        frames += 1;
+        assert!(frames < 5000, "no progress: {} served", served(&state).len());
+        let (handled, _, _): (u64, u64, f64) = frame.call(&opts).unwrap();
+        assert!(handled <= 1, "a spent budget runs one unit, ran {handled}");
+        std::thread::sleep(Duration::from_micros(100));
+    }
+    assert_eq!(served(&state), (1..=10).collect::<Vec<_>>());
+}
+
+#[test]
 fn update_options_are_checked() {
     let (lua, _state) = setup();
     for (opts, want) in [
@@ -133,6 +157,7 @@ fn update_options_are_checked() {
         ("{ budget = 'x' }", "'budget' must be a number of seconds > 0, got string"),
         ("{ max_events = 0.5 }", "'max_events' must be an integer >= 1, got number"),
         ("{ budjet = 1 }", "luna.update(dt): unknown option 'budjet' (use budget, max_events)"),
+        ("5", "'opts' must be a table or nil"),
     ] {
         let err = lua.load(format!("require('luna').update(0, {opts})")).exec().unwrap_err();
         let text = luna::bind::error_text(&err);

@@ -31,14 +31,15 @@ impl Budget {
     /// The limits of `update(dt, opts)`, counted from `start`.
     pub fn from_options(call: &str, opts: &Table, start: Instant) -> mlua::Result<Budget> {
         let mut budget = Budget::unlimited();
-        match opts.get::<Value>("budget")? {
-            Value::Nil => {}
-            Value::Integer(n) if n > 0 => budget.until = Some(start + Duration::from_secs(n as u64)),
-            Value::Number(s) if s.is_finite() && s > 0.0 => {
-                budget.until = Some(start + Duration::from_secs_f64(s))
-            }
+        let seconds = match opts.get::<Value>("budget")? {
+            Value::Nil => None,
+            Value::Integer(n) if n > 0 => Some(n as f64),
+            Value::Number(s) if s > 0.0 => Some(s),
             other => return Err(bad_arg(call, "budget", "a number of seconds > 0", &other)),
-        }
+        };
+        // A budget too large to add to the clock (or infinite) is no time limit.
+        budget.until =
+            seconds.and_then(|s| Duration::try_from_secs_f64(s).ok()).and_then(|d| start.checked_add(d));
         match opts.get::<Value>("max_events")? {
             Value::Nil => {}
             Value::Integer(n) if n > 0 => budget.max_events = Some(n as u64),
@@ -62,9 +63,12 @@ impl Budget {
     }
 
     /// Counts one more unit of work if the budget allows it; false (and `cut`) when it is spent.
+    /// The first unit always runs, so an update makes progress however small its budget (or
+    /// however long its fixed part, the poll and the queued sends, took).
     pub fn take(&mut self) -> bool {
-        let spent = self.max_events.is_some_and(|max| self.handled >= max)
-            || self.until.is_some_and(|until| Instant::now() >= until);
+        let spent = self.handled > 0
+            && (self.max_events.is_some_and(|max| self.handled >= max)
+                || self.until.is_some_and(|until| Instant::now() >= until));
         if spent {
             self.cut = true;
             return false;

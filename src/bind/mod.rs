@@ -366,13 +366,14 @@ fn fill_common(lua: &Lua, module: &Table, name: &'static str) -> Result<()> {
     let update_call = if name == "luna" { "luna.update(dt)" } else { "lunac.update(dt)" };
     module.set(
         "update",
-        lua.create_function(move |lua, (dt, opts): (Value, Option<Table>)| {
+        lua.create_function(move |lua, (dt, opts): (Value, Value)| {
             if !matches!(dt, Value::Nil | Value::Number(_) | Value::Integer(_)) {
                 return Err(bad_arg(update_call, "dt", "a number or nil", &dt));
             }
             let budget = match opts {
-                None => Budget::unlimited(),
-                Some(opts) => Budget::from_options(update_call, &opts, Instant::now())?,
+                Value::Nil => Budget::unlimited(),
+                Value::Table(opts) => Budget::from_options(update_call, &opts, Instant::now())?,
+                other => return Err(bad_arg(update_call, "opts", "a table or nil", &other)),
             };
             let done = tick_within(lua, Some(Duration::ZERO), budget)?;
             Ok((done.handled, done.deferred))

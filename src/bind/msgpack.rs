@@ -62,8 +62,13 @@ pub(crate) fn encode_for(lua: &Lua, call: &str, what: &str, value: &Value) -> Re
     Ok(out)
 }
 
+/// Stack slots [`encode_stack`] may use: three per level of nesting. A raw function that encodes
+/// reserves them first (`RawFn::STACK`), so the encoder's `lua_checkstack`s never grow the
+/// stack, which could raise (out of memory) inside the body.
+pub(crate) const ENCODE_STACK: c_int = 3 * MAX_DEPTH as c_int + 8;
+
 /// Encodes the value at stack index `idx` (absolute) of `state` into `out`. Raises no Lua error
-/// (it only reads the stack and grows it with `lua_checkstack`), so raw C functions may call it.
+/// when [`ENCODE_STACK`] slots are free (it only reads the stack), so raw C functions may call it.
 pub(crate) unsafe fn encode_stack(
     state: *mut ffi::lua_State,
     idx: c_int,

@@ -34,9 +34,15 @@ use mlua::{ffi, AnyUserData, Error, Function, Lua, Result};
 use super::sched::park_value;
 use super::Runtime;
 
-/// The Lua stack of the thread that called a raw function: read-only for the body, apart from
-/// the report writers ([`Stack::table_arg`] and the fills after it).
-pub(crate) struct Stack(*mut ffi::lua_State);
+/// The Lua stack of the thread that called a raw function (read-only for the body), with the
+/// registry slots the trampoline made for its [`RawFn::REFS`] arguments.
+pub(crate) struct Stack {
+    state: *mut ffi::lua_State,
+    /// `(argument, slot)`; a slot the body takes becomes `LUA_NOREF`, the rest are freed after it.
+    refs: [(c_int, Cell<c_int>); MAX_REFS],
+}
+
+const MAX_REFS: usize = 2;
 
 /// A value for the trampoline (or [`call`], [`resume`]) to push; `'a` is what a borrowed one
 /// lives for.
@@ -54,9 +60,16 @@ pub(crate) enum Value<'a> {
     MsgPack(std::borrow::Cow<'a, [u8]>),
     /// The value in a registry slot (a `RegistryKey::id`).
     Ref(c_int),
-    /// The value at this (positive) index of the caller's stack: an argument.
-    Arg(c_int),
+    /// A table of numbers: argument `into`'s table if it is one, else a new one, given the
+    /// fields (`(sub-table or "", name, value)`, each sub-table's fields together).
+    Report {
+        into: c_int,
+        fields: Vec<Field>,
+    },
 }
+
+/// A number field of a [`Value::Report`]: `(sub-table or "", name, value)`.
+pub(crate) type Field = (&'static str, &'static str, f64);
 
 /// What a raw function returns: at most [`Out::MAX`] values (a C function may push
 /// `LUA_MINSTACK` without checking the stack).
@@ -102,145 +115,102 @@ impl Drop for Out {
 }
 
 /// A raw function: `NAME` prefixes its internal errors; arguments listed in `STRINGS` are
-/// turned into strings before `call` runs when they are numbers.
+/// turned into strings before `call` runs when they are numbers. Whatever may raise a Lua error
+/// (allocating) happens in the trampoline, before or after `call`, never inside it: an error
+/// unwinding through `call` would meet `catch_unwind` (LuaJIT's errors are foreign exceptions,
+/// which abort there) and skip destructors.
 pub(crate) trait RawFn {
     const NAME: &'static str;
     const STRINGS: &'static [c_int] = &[];
+    /// Arguments kept in registry slots for the body when they are a function or a coroutine
+    /// (at most [`MAX_REFS`]): it takes them with [`Stack::thread_ref`] / [`Stack::function_ref`].
+    const REFS: &'static [c_int] = &[];
+    /// Free stack slots the body may use without growing the stack (`msgpack::encode_stack`
+    /// needs a few per level of nesting).
+    const STACK: c_int = 0;
     fn call(rt: &Runtime, stack: &Stack) -> std::result::Result<Out, String>;
 }
 
 impl Stack {
     /// The calling coroutine (its `lua_State`), as mlua's `Thread::to_pointer` gives it.
     pub fn thread(&self) -> usize {
-        self.0 as usize
+        self.state as usize
     }
 
     /// The name `type()` gives argument `idx`.
     pub fn type_name(&self, idx: c_int) -> String {
         // SAFETY: lua_typename returns a static C string for every type tag.
         unsafe {
-            let name = ffi::lua_typename(self.0, ffi::lua_type(self.0, idx));
+            let name = ffi::lua_typename(self.state, ffi::lua_type(self.state, idx));
             std::ffi::CStr::from_ptr(name).to_string_lossy().into_owned()
         }
     }
 
     /// The state itself, for readers that walk the stack (`msgpack::encode_stack`).
     pub fn state(&self) -> *mut ffi::lua_State {
-        self.0
+        self.state
     }
 
     pub fn is_nil(&self, idx: c_int) -> bool {
-        unsafe { ffi::lua_type(self.0, idx) <= ffi::LUA_TNIL }
+        unsafe { ffi::lua_type(self.state, idx) <= ffi::LUA_TNIL }
     }
 
-    /// Argument `idx` if it is a coroutine: a [`ThreadRef`] keeping it alive. Call it before the
-    /// body creates anything with a destructor: registering it may raise (out of memory).
+    /// Argument `idx` (one of [`RawFn::REFS`]) if it is a coroutine: a [`ThreadRef`] keeping it
+    /// alive, now the body's to hand on or free.
     pub fn thread_ref(&self, idx: c_int) -> Option<ThreadRef> {
-        unsafe {
-            let co = ffi::lua_tothread(self.0, idx);
-            if co.is_null() {
-                return None;
-            }
-            ffi::lua_pushvalue(self.0, idx);
-            let id = ffi::luaL_ref(self.0, ffi::LUA_REGISTRYINDEX);
-            Some(ThreadRef { id, ptr: co as usize })
-        }
+        let co = unsafe { ffi::lua_tothread(self.state, idx) };
+        let id = self.take_ref(idx).filter(|_| !co.is_null())?;
+        Some(ThreadRef { id, ptr: co as usize })
     }
 
-    /// Argument `idx` if it is a function: an [`FnRef`] keeping it alive. As for
-    /// [`Stack::thread_ref`], call it before the body creates anything with a destructor.
+    /// Argument `idx` (one of [`RawFn::REFS`]) if it is a function, as [`Stack::thread_ref`].
     pub fn function_ref(&self, idx: c_int) -> Option<FnRef> {
-        unsafe {
-            if ffi::lua_type(self.0, idx) != ffi::LUA_TFUNCTION {
-                return None;
-            }
-            ffi::lua_pushvalue(self.0, idx);
-            Some(FnRef(ffi::luaL_ref(self.0, ffi::LUA_REGISTRYINDEX)))
+        if !self.is_function(idx) {
+            return None;
         }
+        self.take_ref(idx).map(FnRef)
+    }
+
+    fn take_ref(&self, idx: c_int) -> Option<c_int> {
+        let (_, slot) = self.refs.iter().find(|(arg, _)| *arg == idx)?;
+        Some(slot.replace(ffi::LUA_NOREF)).filter(|&id| id != ffi::LUA_NOREF)
     }
 
     /// Frees a registry slot made by [`Stack::thread_ref`] or [`Stack::function_ref`] (for a
     /// body that gives up before the slot was handed on).
     pub fn unref(&self, id: c_int) {
         // SAFETY: luaL_unref only writes existing registry slots (nothing raises).
-        unsafe { ffi::luaL_unref(self.0, ffi::LUA_REGISTRYINDEX, id) }
-    }
-
-    /// Makes argument `idx` (positive) a table: kept if it is one, else a new table takes its
-    /// place, so a report fills the caller's table when it passes one. Like the fills below it
-    /// may raise (out of memory): the body must own nothing with a destructor when it calls them.
-    pub fn table_arg(&self, idx: c_int) {
-        unsafe {
-            if ffi::lua_gettop(self.0) < idx {
-                ffi::lua_settop(self.0, idx);
-            }
-            if ffi::lua_type(self.0, idx) != ffi::LUA_TTABLE {
-                ffi::lua_createtable(self.0, 0, 16);
-                ffi::lua_replace(self.0, idx);
-            }
-        }
-    }
-
-    /// Pushes field `name` of the table at `idx`, made a new table first unless it is one;
-    /// returns its index. [`Stack::pop`] it when filled.
-    pub fn sub_table(&self, idx: c_int, name: &str) -> c_int {
-        unsafe {
-            ffi::luaL_checkstack(self.0, 3, std::ptr::null());
-            push_bytes(self.0, name.as_bytes());
-            ffi::lua_rawget(self.0, idx);
-            if ffi::lua_type(self.0, -1) != ffi::LUA_TTABLE {
-                ffi::lua_pop(self.0, 1);
-                ffi::lua_createtable(self.0, 0, 8);
-                push_bytes(self.0, name.as_bytes());
-                ffi::lua_pushvalue(self.0, -2);
-                ffi::lua_rawset(self.0, idx);
-            }
-            ffi::lua_gettop(self.0)
-        }
-    }
-
-    /// Sets `t[name] = value` (raw) in the table at `idx` for each pair.
-    pub fn set_numbers(&self, idx: c_int, fields: &[(&str, f64)]) {
-        unsafe {
-            ffi::luaL_checkstack(self.0, 2, std::ptr::null());
-            for (name, value) in fields {
-                push_bytes(self.0, name.as_bytes());
-                ffi::lua_pushnumber(self.0, *value);
-                ffi::lua_rawset(self.0, idx);
-            }
-        }
-    }
-
-    pub fn pop(&self, n: c_int) {
-        unsafe { ffi::lua_pop(self.0, n) }
+        unsafe { ffi::luaL_unref(self.state, ffi::LUA_REGISTRYINDEX, id) }
     }
 
     /// Argument `idx` as a number (integers included).
     pub fn number(&self, idx: c_int) -> Option<f64> {
-        unsafe { (ffi::lua_type(self.0, idx) == ffi::LUA_TNUMBER).then(|| ffi::lua_tonumber(self.0, idx)) }
+        unsafe {
+            (ffi::lua_type(self.state, idx) == ffi::LUA_TNUMBER).then(|| ffi::lua_tonumber(self.state, idx))
+        }
     }
 
     /// Whether argument `idx` is a table.
     pub fn is_function(&self, idx: c_int) -> bool {
-        unsafe { ffi::lua_type(self.0, idx) == ffi::LUA_TFUNCTION }
+        unsafe { ffi::lua_type(self.state, idx) == ffi::LUA_TFUNCTION }
     }
 
     pub fn is_table(&self, idx: c_int) -> bool {
-        unsafe { ffi::lua_type(self.0, idx) == ffi::LUA_TTABLE }
+        unsafe { ffi::lua_type(self.state, idx) == ffi::LUA_TTABLE }
     }
 
     /// Argument `idx` as Lua's truth (nil and false are false).
     pub fn truthy(&self, idx: c_int) -> bool {
-        unsafe { ffi::lua_toboolean(self.0, idx) != 0 }
+        unsafe { ffi::lua_toboolean(self.state, idx) != 0 }
     }
 
     /// Argument `idx` if it is a number with an integral value.
     pub fn integer(&self, idx: c_int) -> Option<i64> {
         unsafe {
-            if ffi::lua_type(self.0, idx) != ffi::LUA_TNUMBER {
+            if ffi::lua_type(self.state, idx) != ffi::LUA_TNUMBER {
                 return None;
             }
-            let n = ffi::lua_tonumber(self.0, idx);
+            let n = ffi::lua_tonumber(self.state, idx);
             (n.fract() == 0.0 && n.abs() < 9.007_199_254_740_992e15).then_some(n as i64)
         }
     }
@@ -249,12 +219,12 @@ impl Stack {
     /// for other types.
     pub fn bytes(&self, idx: c_int) -> Option<&[u8]> {
         unsafe {
-            if ffi::lua_type(self.0, idx) != ffi::LUA_TSTRING {
+            if ffi::lua_type(self.state, idx) != ffi::LUA_TSTRING {
                 return None;
             }
             let mut len = 0usize;
             // No conversion happens for a string, so this cannot raise.
-            let ptr = ffi::lua_tolstring(self.0, idx, &mut len);
+            let ptr = ffi::lua_tolstring(self.state, idx, &mut len);
             // The string lives in the stack slot for the rest of the call.
             Some(std::slice::from_raw_parts(ptr as *const u8, len))
         }
@@ -277,8 +247,41 @@ unsafe fn push(state: *mut ffi::lua_State, value: &Value) {
         Value::Ref(id) => {
             ffi::lua_rawgeti(state, ffi::LUA_REGISTRYINDEX, *id as _);
         }
-        Value::Arg(idx) => ffi::lua_pushvalue(state, *idx),
+        Value::Report { into, fields } => push_report(state, *into, fields),
     }
+}
+
+/// Pushes argument `into`'s table (or a new one) after setting `fields` in it with raw sets.
+unsafe fn push_report(state: *mut ffi::lua_State, into: c_int, fields: &[Field]) {
+    ffi::luaL_checkstack(state, 4, std::ptr::null());
+    if ffi::lua_type(state, into) == ffi::LUA_TTABLE {
+        ffi::lua_pushvalue(state, into);
+    } else {
+        ffi::lua_createtable(state, 0, 16);
+    }
+    let t = ffi::lua_gettop(state);
+    let mut open = "";
+    for &(sub, name, value) in fields {
+        if sub != open {
+            ffi::lua_settop(state, t);
+            open = sub;
+            if !sub.is_empty() {
+                push_bytes(state, sub.as_bytes());
+                ffi::lua_rawget(state, t);
+                if ffi::lua_type(state, -1) != ffi::LUA_TTABLE {
+                    ffi::lua_pop(state, 1);
+                    ffi::lua_createtable(state, 0, 8);
+                    push_bytes(state, sub.as_bytes());
+                    ffi::lua_pushvalue(state, -2);
+                    ffi::lua_rawset(state, t);
+                }
+            }
+        }
+        push_bytes(state, name.as_bytes());
+        ffi::lua_pushnumber(state, value);
+        ffi::lua_rawset(state, if sub.is_empty() { t } else { t + 1 });
+    }
+    ffi::lua_settop(state, t);
 }
 
 unsafe fn push_bytes(state: *mut ffi::lua_State, bytes: &[u8]) {
@@ -297,14 +300,30 @@ unsafe extern "C-unwind" fn trampoline<F: RawFn>(state: *mut ffi::lua_State) -> 
     let outcome = if rt.is_null() {
         Err(format!("{}: the luna runtime is closed", F::NAME))
     } else {
-        let stack = Stack(state);
-        match catch_unwind(AssertUnwindSafe(|| F::call(&*rt, &stack))) {
+        // What may raise, while nothing here owns anything: stack room, registry slots.
+        if F::STACK > 0 {
+            ffi::luaL_checkstack(state, F::STACK, std::ptr::null());
+        }
+        let mut stack = Stack { state, refs: std::array::from_fn(|_| (0, Cell::new(ffi::LUA_NOREF))) };
+        for (i, &idx) in F::REFS.iter().take(MAX_REFS).enumerate() {
+            if matches!(ffi::lua_type(state, idx), ffi::LUA_TFUNCTION | ffi::LUA_TTHREAD) {
+                ffi::lua_pushvalue(state, idx);
+                stack.refs[i] = (idx, Cell::new(ffi::luaL_ref(state, ffi::LUA_REGISTRYINDEX)));
+            }
+        }
+        let result = match catch_unwind(AssertUnwindSafe(|| F::call(&*rt, &stack))) {
             Ok(result) => result,
             Err(payload) => {
                 drop(payload);
                 Err(format!("{}: internal error (a bug in luna)", F::NAME))
             }
+        };
+        for (_, slot) in &stack.refs {
+            if slot.get() != ffi::LUA_NOREF {
+                stack.unref(slot.get());
+            }
         }
+        result
     };
     match outcome {
         Ok(out) => {

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use super::raw::{Out, RawFn, Stack, Value};
+use super::raw::{Field, Out, RawFn, Stack, Value};
 use super::{net, rpc, ws, Runtime};
 
 /// What the runtime counts as it goes.
@@ -64,8 +64,8 @@ pub(crate) struct Census {
     pub flood: u64,
 }
 
-/// `luna.stats([t])` → `t` (or a new table): a raw C function filling the table with raw sets
-/// (mlua's protect each one, which costs more than the whole report).
+/// `luna.stats([t])` → `t` (or a new table): a raw C function whose report the trampoline sets
+/// with raw sets (mlua protects each set with a `pcall`, which costs more than the whole report).
 pub(crate) struct Stats;
 
 impl RawFn for Stats {
@@ -75,7 +75,7 @@ impl RawFn for Stats {
         if !(st.is_nil(1) || st.is_table(1)) {
             return Err(format!("{}: 't' must be a table or nil, got {}", Self::NAME, st.type_name(1)));
         }
-        // Everything is read first, into plain numbers: the fills may raise (out of memory).
+        // The trampoline fills the table after this returns (filling may raise).
         let mut census = Census::default();
         rpc::census(rt, &mut census);
         ws::census(rt, &mut census);
@@ -89,66 +89,38 @@ impl RawFn for Stats {
         let n = |v: u64| v as f64;
         let avg = if w.count > 0 { w.total.as_secs_f64() / w.count as f64 } else { 0.0 };
 
-        st.table_arg(1);
-        let fill = |name: &str, fields: &[(&str, f64)]| {
-            let sub = st.sub_table(1, name);
-            st.set_numbers(sub, fields);
-            st.pop(1);
-        };
-        fill(
-            "update",
-            &[
-                ("count", n(w.count)),
-                ("last", w.last.as_secs_f64()),
-                ("max", w.max.as_secs_f64()),
-                ("avg", avg),
-                ("handled", n(w.handled)),
-                ("deferred", n(w.deferred)),
-            ],
-        );
-        fill(
-            "connections",
-            &[
-                ("rpc_sessions", n(census.rpc_sessions)),
-                ("rpc_clients", n(census.rpc_clients)),
-                ("ws", n(census.ws)),
-                ("ws_clients", n(census.ws_clients)),
-                ("streams", n(census.streams)),
-                ("udp", n(census.udp)),
-                ("listeners", n(census.listeners)),
-            ],
-        );
-        st.set_numbers(
-            1,
-            &[
-                ("bytes_in", n(traffic.bytes_in)),
-                ("bytes_out", n(traffic.bytes_out)),
-                ("datagrams_in", n(traffic.datagrams_in)),
-                ("datagrams_out", n(traffic.datagrams_out)),
-                ("queued_bytes", n(queued)),
-                ("messages_in", n(c.rpc_in + c.ws_in)),
-                ("messages_out", n(c.rpc_out + c.ws_out)),
-                ("tls_handshake_failures", n(traffic.tls_failures)),
-                ("handler_errors", n(c.handler_errors)),
-            ],
-        );
-        fill(
-            "rpc",
-            &[
-                ("messages_in", n(c.rpc_in)),
-                ("messages_out", n(c.rpc_out)),
-                ("retransmissions", n(census.rpc_retransmits)),
-            ],
-        );
-        fill("ws", &[("messages_in", n(c.ws_in)), ("messages_out", n(c.ws_out))]);
-        fill(
-            "dropped",
-            &[
-                ("oversize", n(census.oversize + c.ws_oversize)),
-                ("malformed", n(census.malformed + c.ws_malformed)),
-                ("flood", n(census.flood)),
-            ],
-        );
-        Ok(Out::one(Value::Arg(1)))
+        let fields: Vec<Field> = vec![
+            ("update", "count", n(w.count)),
+            ("update", "last", w.last.as_secs_f64()),
+            ("update", "max", w.max.as_secs_f64()),
+            ("update", "avg", avg),
+            ("update", "handled", n(w.handled)),
+            ("update", "deferred", n(w.deferred)),
+            ("connections", "rpc_sessions", n(census.rpc_sessions)),
+            ("connections", "rpc_clients", n(census.rpc_clients)),
+            ("connections", "ws", n(census.ws)),
+            ("connections", "ws_clients", n(census.ws_clients)),
+            ("connections", "streams", n(census.streams)),
+            ("connections", "udp", n(census.udp)),
+            ("connections", "listeners", n(census.listeners)),
+            ("", "bytes_in", n(traffic.bytes_in)),
+            ("", "bytes_out", n(traffic.bytes_out)),
+            ("", "datagrams_in", n(traffic.datagrams_in)),
+            ("", "datagrams_out", n(traffic.datagrams_out)),
+            ("", "queued_bytes", n(queued)),
+            ("", "messages_in", n(c.rpc_in + c.ws_in)),
+            ("", "messages_out", n(c.rpc_out + c.ws_out)),
+            ("", "tls_handshake_failures", n(traffic.tls_failures)),
+            ("", "handler_errors", n(c.handler_errors)),
+            ("rpc", "messages_in", n(c.rpc_in)),
+            ("rpc", "messages_out", n(c.rpc_out)),
+            ("rpc", "retransmissions", n(census.rpc_retransmits)),
+            ("ws", "messages_in", n(c.ws_in)),
+            ("ws", "messages_out", n(c.ws_out)),
+            ("dropped", "oversize", n(census.oversize + c.ws_oversize)),
+            ("dropped", "malformed", n(census.malformed + c.ws_malformed)),
+            ("dropped", "flood", n(census.flood)),
+        ];
+        Ok(Out::one(Value::Report { into: 1, fields }))
     }
 }

@@ -207,7 +207,10 @@ impl Driver {
     pub fn poll(&mut self, timeout: Option<Duration>, ready: &mut Vec<Ready>) -> Result<()> {
         match self.poll.poll(&mut self.events, timeout) {
             Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => return Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
+                self.now = Instant::now();
+                return Ok(());
+            }
             Err(e) => return Err(e.into()),
         }
         let now = Instant::now();
@@ -598,7 +601,6 @@ impl Driver {
         true
     }
 
-    /// Open entries plus lookups still running.
     /// Bytes written by the layer above and not yet taken by the kernel (streams' queues and
     /// datagrams the socket refused). O(entries): for reports.
     pub fn queued_bytes(&self) -> u64 {
@@ -610,6 +612,7 @@ impl Driver {
         self.entries.values().map(|e| queued(e) as u64).sum()
     }
 
+    /// Open entries plus lookups still running.
     pub fn pending(&self) -> usize {
         self.entries.len() + self.dns.in_flight()
     }

@@ -714,4 +714,15 @@ return function(T, luna, lunac)
     lunac.disconnect_to_app(client)
     luna.remove_app(app)
   end)
+
+  T.test("calls made just before disconnect_to_app still reach the server", function()
+    local app = server()
+    local got = 0
+    app:new_router({ prefix = "q" }):new({ prefix = "note", fun = function() got = got + 1 end })
+    local client = connected(connect(app))
+    for _ = 1, 3 do client:noawait_fetch("q/note", {}) end
+    lunac.disconnect_to_app(client)
+    T.wait_until(function() return got == 3 end, 2, "the three calls handled")
+    luna.remove_app(app)
+  end)
 end

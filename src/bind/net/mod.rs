@@ -82,8 +82,6 @@ pub(crate) fn event(lua: &Lua, rt: &Runtime, ev: Event) -> Result<()> {
     }
 }
 
-/// The end of an update: streams whose peer finished finish too (unless half-open), streams
-/// that ended are released.
 /// Open sockets and dropped datagrams, for `luna.stats()`.
 pub(crate) fn census(rt: &Runtime, c: &mut super::stats::Census) {
     let st = rt.net.borrow();
@@ -100,6 +98,8 @@ pub(crate) fn census(rt: &Runtime, c: &mut super::stats::Census) {
     }
 }
 
+/// The end of an update: streams whose peer finished finish too (unless half-open), streams
+/// that ended are released.
 pub(crate) fn end_of_update(rt: &Runtime) {
     let (finishing, ended) = {
         let mut net = rt.net.borrow_mut();

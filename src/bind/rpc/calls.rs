@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use mlua::{Lua, Result, Table, Value};
 
 use super::super::error::{bad_arg, message, misuse};
-use super::super::msgpack::{decode, encode_for, encode_stack};
+use super::super::msgpack::{decode, encode_for, encode_stack, ENCODE_STACK};
 use super::super::raw::{self, FnRef, Out, RawFn, Stack, ThreadRef};
 use super::super::runtime;
 use super::super::Runtime;
@@ -156,12 +156,14 @@ pub(super) struct FetchStart;
 
 impl RawFn for FetchStart {
     const NAME: &'static str = FETCH;
+    const REFS: &'static [c_int] = &[5];
+    const STACK: c_int = ENCODE_STACK;
 
     fn call(rt: &Runtime, st: &Stack) -> std::result::Result<Out, String> {
         let bad = |name: &str, expected: &str, idx| {
             format!("{FETCH}: '{name}' must be {expected}, got {}", st.type_name(idx))
         };
-        // First, while nothing with a destructor exists: registering the coroutine may raise.
+        // The trampoline registered the coroutine (argument 5) before this body ran.
         let Some(thread) = st.thread_ref(5) else { return Err(bad("co", "a coroutine", 5)) };
         let unref = |thread: ThreadRef| st.unref(thread.id);
         let checked = (|| {
@@ -270,6 +272,8 @@ struct Noawait;
 
 impl RawFn for Noawait {
     const NAME: &'static str = NOAWAIT;
+    const REFS: &'static [c_int] = &[3, 4];
+    const STACK: c_int = ENCODE_STACK;
 
     fn call(rt: &Runtime, st: &Stack) -> std::result::Result<Out, String> {
         let bad = |name: &str, expected: &str, idx| {
@@ -280,7 +284,7 @@ impl RawFn for Noawait {
         if !(st.is_nil(cb) || st.is_function(cb)) {
             return Err(bad("callback", "a function or nil", cb));
         }
-        // First, while nothing with a destructor exists: registering it may raise.
+        // The trampoline registered the callback before this body ran.
         let state = st.function_ref(cb).map(Call::Callback);
         let checked = (|| {
             let id = st.integer(1).ok_or_else(|| bad("id", "an app id", 1))? as u32;

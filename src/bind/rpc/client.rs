@@ -184,9 +184,8 @@ fn open_client(lua: &Lua, rt: &Runtime, id: u32, ip: IpAddr, now: Instant) -> Re
     };
     arm_calls(rt, key, next);
     if let Some(c) = rt.driver.borrow_mut().datagram_proto::<Client>(key) {
-        for msg in early {
-            let _ = c.send(msg);
-        }
+        let sent = early.into_iter().filter_map(|msg| c.send(msg).ok()).count();
+        rt.counters.borrow_mut().rpc_out += sent as u64;
     }
     flush(lua, rt, key)
 }
@@ -458,6 +457,8 @@ pub(super) fn remove(lua: &Lua, rt: &Runtime, id: u32) -> Result<()> {
     let Some(app) = rt.rpc.borrow_mut().clients.remove(&id) else { return Ok(()) };
     if let Some(key) = app.key {
         let mut driver = rt.driver.borrow_mut();
+        // Calls made since the last update leave before the goodbye (closing drops the queue).
+        driver.flush(key);
         if let Some(c) = driver.datagram_proto::<Client>(key) {
             if !c.is_closed() {
                 c.close("Close server");

@@ -13,7 +13,7 @@ use ring::rand::{SecureRandom, SystemRandom};
 
 use super::super::addr;
 use super::super::error::{lua_type, message, misuse};
-use super::super::msgpack::{encode_for, encode_stack, validate};
+use super::super::msgpack::{encode_for, encode_stack, validate, ENCODE_STACK};
 use super::super::options::Options;
 use super::super::policy::Policy;
 use super::super::raw::{self, Out, RawFn, Stack};
@@ -443,6 +443,7 @@ pub(super) struct Respond;
 
 impl RawFn for Respond {
     const NAME: &'static str = "core.respond";
+    const STACK: std::ffi::c_int = ENCODE_STACK;
 
     fn call(rt: &Runtime, st: &Stack) -> std::result::Result<Out, String> {
         let int = |i| st.integer(i).ok_or_else(|| format!("core.respond: argument {i} must be an integer"));
@@ -581,6 +582,7 @@ fn report(lua: &Lua, (id, msg, no_errors): (u32, String, Option<bool>)) -> Resul
         Some(no_errors) if no_errors != policy.no_errors => {
             let p = Policy { label: policy.label.clone(), no_errors, handler: None, debug: policy.debug };
             if no_errors && policy.handler.is_some() {
+                rt.counters.borrow_mut().handler_errors += 1;
                 return policy.network(lua, &msg);
             }
             p.report(lua, &msg)
@@ -709,6 +711,14 @@ fn check(_lua: &Lua, (call, config): (String, Value)) -> Result<()> {
 pub(super) fn core(lua: &Lua, core: &Table) -> Result<()> {
     core.set("check", lua.create_function(check)?)?;
     core.set("report", lua.create_function(report)?)?;
+    // A request error a handler's or router's own error_handler took (counted, not reported).
+    core.set(
+        "handled_error",
+        lua.create_function(|lua, ()| {
+            runtime(lua)?.counters.borrow_mut().handler_errors += 1;
+            Ok(())
+        })?,
+    )?;
     core.set("spawn", lua.create_function(spawn)?)?;
     let boxed = raw::runtime_box(lua, &runtime(lua)?)?;
     core.set("respond", raw::function::<Respond>(lua, &boxed)?)?;

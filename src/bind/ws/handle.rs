@@ -241,7 +241,6 @@ fn ws_broadcast(lua: &Lua, (h, data, op): (Value, Value, Value)) -> Result<usize
     Ok(sent)
 }
 
-/// `core.ws_peer(h)` → ip, port (nil once released).
 /// `core.ws_stats(h, t)` → `t` (or a new table) filled with the connection's counts; nil once
 /// it is gone.
 fn ws_stats(lua: &Lua, (h, t): (Value, Option<Table>)) -> Result<Option<Table>> {
@@ -270,6 +269,7 @@ fn ws_stats(lua: &Lua, (h, t): (Value, Option<Table>)) -> Result<Option<Table>> 
     Ok(Some(t))
 }
 
+/// `core.ws_peer(h)` → ip, port (nil once released).
 fn ws_peer(lua: &Lua, h: Value) -> Result<(Option<String>, Option<u16>)> {
     let rt = runtime(lua)?;
     let Some(key) = conn_key(&rt, &h) else { return Ok((None, None)) };

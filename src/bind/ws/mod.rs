@@ -223,7 +223,6 @@ pub(crate) fn close_all(lua: &Lua, rt: &Runtime, side: Side) -> Result<()> {
     }
 }
 
-/// A driver event for one of this module's entries.
 /// Open connections and listeners, for `luna.stats()`.
 pub(crate) fn census(rt: &Runtime, c: &mut super::stats::Census) {
     let st = rt.ws.borrow();
@@ -242,6 +241,7 @@ pub(super) fn count_end(rt: &Runtime, code: u16, clean: bool) {
     }
 }
 
+/// A driver event for one of this module's entries.
 pub(crate) fn event(lua: &Lua, rt: &Runtime, event: Event) -> Result<()> {
     match event.kind {
         EventKind::News => news(lua, rt, event.key),
