@@ -21,6 +21,8 @@ pub(crate) struct Counters {
     pub ws_oversize: u64,
     /// ... or for breaking the protocol (1002, 1007).
     pub ws_malformed: u64,
+    /// What RPC server and client objects that are gone had counted (their drop fields).
+    pub rpc_retired: Census,
     /// `update` calls since the last `stats()`.
     window: UpdateWindow,
 }
@@ -49,7 +51,7 @@ impl Counters {
 }
 
 /// Live objects and drop counts each module reports.
-#[derive(Default)]
+#[derive(Clone, Copy, Default)]
 pub(crate) struct Census {
     pub rpc_sessions: u64,
     pub rpc_clients: u64,

@@ -710,9 +710,17 @@ return function(T, luna, lunac)
     T.ok(srtt > 0 and srtt < 1 and rttvar >= 0, "client RTT " .. tostring(srtt) .. " / " .. tostring(rttvar))
     local s_srtt = seen_client:rtt()
     T.ok(s_srtt and s_srtt > 0 and s_srtt < 1, "server-side RTT " .. tostring(s_srtt))
-    T.eq(luna.stats(t).update.count >= 0, true, "a second call reuses the table")
+    -- Junk to the server's port is dropped as malformed, and stays counted once the app is gone.
+    local u = luna.udp.open({ host = "127.0.0.1" })
+    local malformed_before = luna.stats(t).dropped.malformed
+    for _ = 1, 5 do u:send("\255junk", "127.0.0.1", app.port) end
+    T.wait_until(function() return luna.stats(t).dropped.malformed >= malformed_before + 5 end, 2,
+      "junk counted as malformed")
+    local malformed = t.dropped.malformed
+    u:close()
     lunac.disconnect_to_app(client)
     luna.remove_app(app)
+    T.ok(luna.stats(t).dropped.malformed >= malformed, "counts survive the app's removal")
   end)
 
   T.test("calls made just before disconnect_to_app still reach the server", function()

@@ -258,13 +258,17 @@ fn client_down(
         match reconnect {
             Some(after) => {
                 let mut driver = rt.driver.borrow_mut();
+                super::retire(rt, &mut driver, key);
                 if let Some(d) = driver.datagram(key) {
                     d.set_proto(None);
                 }
                 driver.set_wake(key, Some(now + after));
             }
             None => {
-                rt.driver.borrow_mut().close(key);
+                let mut driver = rt.driver.borrow_mut();
+                super::retire(rt, &mut driver, key);
+                driver.close(key);
+                drop(driver);
                 let mut st = rt.rpc.borrow_mut();
                 st.by_key.remove(&key);
                 if let Some(c) = st.clients.get_mut(&id) {
@@ -466,6 +470,7 @@ pub(super) fn remove(lua: &Lua, rt: &Runtime, id: u32) -> Result<()> {
         }
         // The goodbye leaves now; its events are the app's, which is gone.
         driver.flush(key);
+        super::retire(rt, &mut driver, key);
         driver.close(key);
         drop(driver);
         rt.rpc.borrow_mut().by_key.remove(&key);

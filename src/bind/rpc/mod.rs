@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use mlua::{Function, Lua, RegistryKey, Result, Table, Value};
 
 use super::error::{bad_arg, lua_type, misuse};
+use super::stats::Census;
 use super::{sched, Runtime, Side};
 use crate::driver::net::{self, UdpOptions};
 use crate::driver::{Driver, Event, EventKind, Key, Tag};
@@ -112,25 +113,43 @@ pub(crate) fn event(lua: &Lua, rt: &Runtime, ev: Event) -> Result<()> {
     }
 }
 
+/// Adds a session object's retransmissions and drops to `c`.
+fn add_stats(c: &mut Census, s: &rpc::Stats) {
+    c.rpc_retransmits += s.retransmits;
+    c.oversize += s.oversized_messages;
+    c.malformed +=
+        s.malformed + s.bad_version + s.auth_failed + s.bad_signature + s.bad_cookie + s.unknown_peer;
+    c.flood += s.handshake_dropped + s.buffer_full + s.reply_queue_full;
+}
+
+/// Keeps the counts of `key`'s server or client object before it goes (app removed, session
+/// ended), so the totals `luna.stats()` reports never fall.
+fn retire(rt: &Runtime, driver: &mut Driver, key: Key) {
+    let retired = &mut rt.counters.borrow_mut().rpc_retired;
+    if let Some(s) = driver.datagram_proto::<Server>(key) {
+        add_stats(retired, s.stats());
+    } else if let Some(c) = driver.datagram_proto::<Client>(key) {
+        add_stats(retired, c.stats());
+    }
+}
+
 /// Sessions, connected clients, retransmissions and dropped input, for `luna.stats()`.
-pub(crate) fn census(rt: &Runtime, c: &mut super::stats::Census) {
+pub(crate) fn census(rt: &Runtime, c: &mut Census) {
+    let retired = rt.counters.borrow().rpc_retired;
+    c.rpc_retransmits += retired.rpc_retransmits;
+    c.oversize += retired.oversize;
+    c.malformed += retired.malformed;
+    c.flood += retired.flood;
     let st = rt.rpc.borrow();
     let mut driver = rt.driver.borrow_mut();
-    let mut add = |s: &rpc::Stats| {
-        c.rpc_retransmits += s.retransmits;
-        c.oversize += s.oversized_messages;
-        c.malformed +=
-            s.malformed + s.bad_version + s.auth_failed + s.bad_signature + s.bad_cookie + s.unknown_peer;
-        c.flood += s.handshake_dropped + s.buffer_full + s.reply_queue_full;
-    };
     for app in st.servers.values() {
         if let Some(s) = driver.datagram_proto::<Server>(app.key) {
-            add(s.stats());
+            add_stats(c, s.stats());
         }
     }
     for app in st.clients.values() {
         if let Some(client) = app.key.and_then(|k| driver.datagram_proto::<Client>(k)) {
-            add(client.stats());
+            add_stats(c, client.stats());
         }
     }
     c.rpc_sessions += st.servers.values().map(|a| a.session_count() as u64).sum::<u64>();

@@ -194,6 +194,7 @@ pub(super) fn remove(lua: &Lua, rt: &Runtime, id: u32) -> Result<()> {
         }
         driver.flush(app.key);
         events.extend(drain_events(&mut driver, app.key));
+        super::retire(rt, &mut driver, app.key);
         driver.close(app.key);
     }
     let ServerApp { policy, table, new_client, close_client, timeout_client, clients, .. } = app;
