@@ -7,7 +7,7 @@
 //! finds nothing to receive parks itself with a flag on its connection, and the next message is
 //! passed to it as resume values (`DELIVERED, message, opcode`) without a further call.
 
-use mlua::{Lua, Result, Table, Thread, Value};
+use mlua::{Lua, Result, Thread, Value};
 
 use super::super::raw::{self, Out, RawFn, Stack};
 use super::super::sched::{self, delivered_value, park_value};
@@ -242,31 +242,33 @@ fn ws_broadcast(lua: &Lua, (h, data, op): (Value, Value, Value)) -> Result<usize
 }
 
 /// `core.ws_stats(h, t)` → `t` (or a new table) filled with the connection's counts; nil once
-/// it is gone.
-fn ws_stats(lua: &Lua, (h, t): (Value, Option<Table>)) -> Result<Option<Table>> {
-    let rt = runtime(lua)?;
-    let Some(key) = conn_key(&rt, &h) else { return Ok(None) };
-    let counts = {
+/// it is gone. A raw C function: an overlay may call it for every connection every frame.
+pub(super) struct Stats;
+
+impl RawFn for Stats {
+    const NAME: &'static str = "ws:stats([t])";
+
+    fn call(rt: &Runtime, st: &Stack) -> std::result::Result<Out, String> {
+        if !(st.is_nil(2) || st.is_table(2)) {
+            return Err(format!("{}: 't' must be a table or nil, got {}", Self::NAME, st.type_name(2)));
+        }
+        let Some(key) = handle_key(rt, st.integer(1)) else { return Ok(Out::one(raw::Value::Nil)) };
         let mut driver = rt.driver.borrow_mut();
         let messages = driver.proto::<WsSession>(key).map(|s| (s.messages_in, s.messages_out));
         let stream = driver.stream(key).map(|s| (s.bytes_in, s.bytes_out, s.queued() as u64));
-        messages.zip(stream)
-    };
-    let Some(((messages_in, messages_out), (bytes_in, bytes_out, queued))) = counts else { return Ok(None) };
-    let t = match t {
-        Some(t) => t,
-        None => lua.create_table()?,
-    };
-    for (name, n) in [
-        ("messages_in", messages_in),
-        ("messages_out", messages_out),
-        ("bytes_in", bytes_in),
-        ("bytes_out", bytes_out),
-        ("queued_bytes", queued),
-    ] {
-        t.raw_set(name, n)?;
+        let Some(((messages_in, messages_out), (bytes_in, bytes_out, queued))) = messages.zip(stream) else {
+            return Ok(Out::one(raw::Value::Nil));
+        };
+        let n = |v: u64| v as f64;
+        let fields = vec![
+            ("", "messages_in", n(messages_in)),
+            ("", "messages_out", n(messages_out)),
+            ("", "bytes_in", n(bytes_in)),
+            ("", "bytes_out", n(bytes_out)),
+            ("", "queued_bytes", n(queued)),
+        ];
+        Ok(Out::one(raw::Value::Report { into: 2, fields }))
     }
-    Ok(Some(t))
 }
 
 /// `core.ws_peer(h)` → ip, port (nil once released).
@@ -298,6 +300,6 @@ pub(super) fn register(lua: &Lua, rt: &std::rc::Rc<Runtime>, core: &mlua::Table)
     core.set("ws_close", lua.create_function(ws_close)?)?;
     core.set("ws_broadcast", lua.create_function(ws_broadcast)?)?;
     core.set("ws_peer", lua.create_function(ws_peer)?)?;
-    core.set("ws_stats", lua.create_function(ws_stats)?)?;
+    core.set("ws_stats", super::super::raw::function::<Stats>(lua, &boxed)?)?;
     core.set("ws_info", lua.create_function(ws_info)?)
 }
