@@ -183,6 +183,14 @@ impl Stack {
         unsafe { ffi::luaL_unref(self.state, ffi::LUA_REGISTRYINDEX, id) }
     }
 
+    /// Checks argument `idx`, the table a [`Value::Report`] fills (`t`), is a table or nil.
+    pub fn report_table(&self, idx: c_int, call: &str) -> std::result::Result<(), String> {
+        if self.is_nil(idx) || self.is_table(idx) {
+            return Ok(());
+        }
+        Err(format!("{call}: 't' must be a table or nil, got {}", self.type_name(idx)))
+    }
+
     /// Argument `idx` as a number (integers included).
     pub fn number(&self, idx: c_int) -> Option<f64> {
         unsafe {

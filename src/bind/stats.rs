@@ -74,9 +74,7 @@ impl RawFn for Stats {
     const NAME: &'static str = "luna.stats([t])";
 
     fn call(rt: &Runtime, st: &Stack) -> std::result::Result<Out, String> {
-        if !(st.is_nil(1) || st.is_table(1)) {
-            return Err(format!("{}: 't' must be a table or nil, got {}", Self::NAME, st.type_name(1)));
-        }
+        st.report_table(1, Self::NAME)?;
         // The trampoline fills the table after this returns (filling may raise).
         let mut census = Census::default();
         rpc::census(rt, &mut census);

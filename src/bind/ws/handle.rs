@@ -249,9 +249,7 @@ impl RawFn for Stats {
     const NAME: &'static str = "ws:stats([t])";
 
     fn call(rt: &Runtime, st: &Stack) -> std::result::Result<Out, String> {
-        if !(st.is_nil(2) || st.is_table(2)) {
-            return Err(format!("{}: 't' must be a table or nil, got {}", Self::NAME, st.type_name(2)));
-        }
+        st.report_table(2, Self::NAME)?;
         let Some(key) = handle_key(rt, st.integer(1)) else { return Ok(Out::one(raw::Value::Nil)) };
         let mut driver = rt.driver.borrow_mut();
         let messages = driver.proto::<WsSession>(key).map(|s| (s.messages_in, s.messages_out));
