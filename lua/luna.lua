@@ -110,4 +110,30 @@ function ws_methods:getpeername()
   return core.ws_peer(self.__h)
 end
 
+-- A WebSocket client app without on_message, read from a coroutine: `app:receive()` returns
+-- what the server's `ws:receive()` does; `app:wait_connected()` waits for the upgrade.
+local ws_client_take, ws_client_wait = core.ws_client_take, core.ws_client_wait
+
+function internal.ws_client_receive(app)
+  local co = need_coroutine("app:receive()")
+  while true do
+    local message, opcode, clean, code, reason = ws_client_take(app, co)
+    if message ~= PARK then
+      return message, opcode, clean, code, reason
+    end
+    yield(PARK)
+  end
+end
+
+function internal.ws_client_wait(app)
+  local co = need_coroutine("app:wait_connected()")
+  while true do
+    local ok, err = ws_client_wait(app, co)
+    if ok ~= PARK then
+      return ok, err
+    end
+    yield(PARK)
+  end
+end
+
 return api, internal

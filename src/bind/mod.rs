@@ -441,6 +441,8 @@ fn lua_half(lua: &Lua) -> Result<Table> {
     lua.set_named_registry_value(KEY, &half)?;
     for (name, constructor) in [
         ("luna.ws.new", "ws_new"),
+        ("luna.ws_client_receive", "ws_client_receive"),
+        ("luna.ws_client_wait", "ws_client_wait"),
         ("luna.net.stream", "net_stream"),
         ("luna.net.server", "net_server"),
         ("luna.net.udp", "net_udp"),

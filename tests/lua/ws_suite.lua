@@ -422,4 +422,88 @@ return function(T, luna, lunac)
     T.ok(after.ws.messages_out - before.ws.messages_out >= 6, "server and client messages out")
     luna.remove_web_app(app)
   end)
+
+  T.test("a client without on_message reads from a coroutine: wait_connected, receive, the end", function()
+    local app = luna.new_web_app({
+      name = "co client server", host = "127.0.0.1", port = 0, debug = false,
+      protocols = {
+        default = function(ws)
+          ws:send("hello")
+          while true do
+            local m, op = ws:receive()
+            if not m then return end
+            if m == "bye" then ws:close(4005, "done") else ws:send(m, op) end
+          end
+        end,
+      },
+    })
+    local c = lunac.connect_to_web_app({ name = "co client", url = "ws://127.0.0.1:" .. app.port, debug = false })
+    T.eq(c:wait_connected(), true, "wait_connected")
+    T.eq(c:wait_connected(), true, "wait_connected once open")
+    T.eq(c:receive(), "hello", "first message")
+    c:send("one")
+    c:send("\0\1", c.opcodes.BINARY)
+    local m, op = c:receive()
+    T.eq(m, "one", "text")
+    T.eq(op, 1, "text opcode")
+    m, op = c:receive()
+    T.eq(m, "\0\1", "binary")
+    T.eq(op, 2, "binary opcode")
+    c:send("bye")
+    local clean, code, reason
+    m, op, clean, code, reason = c:receive()
+    T.eq(m, nil, "the end")
+    T.eq(clean, true, "clean close")
+    T.eq(code, 4005, "close code")
+    T.eq(reason, "done", "close reason")
+    T.eq(select(4, c:receive()), 4005, "the end stays")
+    T.eq(c:wait_connected(), nil, "wait_connected after the end")
+    luna.remove_web_app(app)
+  end)
+
+  T.test("a coroutine client that reads late gets every message in order, reading held back meanwhile", function()
+    local chunk = ("x"):rep(65536)
+    local app = luna.new_web_app({
+      name = "co client burst", host = "127.0.0.1", port = 0, debug = false,
+      protocols = {
+        default = function(ws)
+          for i = 1, 40 do ws:send(i .. ":" .. chunk) end
+          ws:send("last")
+          ws:receive()
+        end,
+      },
+    })
+    local c = lunac.connect_to_web_app({ name = "co burst", url = "ws://127.0.0.1:" .. app.port, debug = false })
+    T.eq(c:wait_connected(), true, "connected")
+    luna.sleep(0.3)
+    for i = 1, 40 do
+      local m = c:receive()
+      T.eq(m and m:match("^(%d+):"), tostring(i), "message " .. i)
+    end
+    T.eq(c:receive(), "last", "the last one")
+    lunac.disconnect_to_web_app(c)
+    luna.remove_web_app(app)
+  end)
+
+  T.main("app:receive and app:wait_connected outside a coroutine name the call and the fix", function()
+    local c = lunac.connect_to_web_app({ name = "co outside", url = "ws://127.0.0.1:1", debug = false })
+    T.raises({ "app:receive() must be called inside a coroutine", "luna.spawn" }, c.receive, c)
+    T.raises({ "app:wait_connected() must be called inside a coroutine" }, c.wait_connected, c)
+    lunac.disconnect_to_web_app(c)
+  end)
+
+  T.test("app:receive and app:wait_connected report a refused connection; on_message apps cannot receive", function()
+    local c = lunac.connect_to_web_app({ name = "co refused", url = "ws://127.0.0.1:1", debug = false })
+    local ok, err = c:wait_connected()
+    T.eq(ok, nil, "refused")
+    T.ok(err:find("1006", 1, true), "reason: " .. tostring(err))
+    local m, op, clean, code = c:receive()
+    T.eq(m, nil, "receive after a failed connect")
+    T.eq(code, 1006, "abnormal end")
+    local d = lunac.connect_to_web_app({
+      name = "co with callback", url = "ws://127.0.0.1:1", debug = false, on_message = function() end,
+    })
+    T.raises({ "app:receive()", "on_message" }, d.receive, d)
+    lunac.disconnect_to_web_app(d)
+  end)
 end

@@ -1,17 +1,19 @@
 //! WebSocket clients: `lunac.connect_to_web_app`, `lunac.disconnect_to_web_app` and the app
 //! object (`send`, `close`, callbacks).
 
+use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::time::Instant;
 
 use mlua::{
-    AnyUserData, Function, IntoLuaMulti, Lua, MetaMethod, MultiValue, RegistryKey, Result, Table, UserData,
-    UserDataMethods, Value,
+    AnyUserData, Function, IntoLuaMulti, Lua, MetaMethod, MultiValue, RegistryKey, Result, Table, Thread,
+    UserData, UserDataMethods, Value,
 };
 
 use super::super::error::{bad_arg, message, misuse};
 use super::super::options::Options;
 use super::super::policy::Policy;
+use super::super::sched::{park_value, Job};
 use super::super::{runtime, Runtime};
 use super::TAG;
 use super::{close_code, opcode_arg, opcodes, policy, send, settings, with_data, with_stream, Client};
@@ -39,8 +41,9 @@ const CLIENT_KEYS: &[&str] = &[
 ];
 
 /// A client app (`lunac.connect_to_web_app`): its id and name (the name outlives the app, so
-/// `on_close` can read `self.name`).
-struct WsClient(u64, String);
+/// `on_close` can read `self.name`), and how its connection ended (`was_clean, code, reason`),
+/// which `app:receive()` returns from then on.
+struct WsClient(u64, String, RefCell<Option<(bool, u16, String)>>);
 
 /// Fields users attach to a client object (their own data).
 fn fields(ud: &AnyUserData) -> Result<Table> {
@@ -70,6 +73,14 @@ impl UserData for WsClient {
                 let ws = rt.ws.borrow();
                 match (name.as_bytes().as_ref(), ws.clients.get(&id)) {
                     (b"opcodes", _) => return Ok(Value::Table(opcodes(lua)?)),
+                    (b"receive", _) | (b"wait_connected", _) => {
+                        let name = if name.as_bytes().as_ref() == b"receive" {
+                            "ws_client_receive"
+                        } else {
+                            "ws_client_wait"
+                        };
+                        return lua.named_registry_value::<Value>(&format!("luna.{name}"));
+                    }
                     (b"name", _) => return lua.create_string(&ud.borrow::<WsClient>()?.1).map(Value::String),
                     (b"connected", c) => {
                         let open = c.and_then(|c| c.stream).is_some_and(|k| {
@@ -136,7 +147,7 @@ fn connect_to_web_app(lua: &Lua, config: Value) -> Result<AnyUserData> {
         callbacks[slot] = opts.function(key)?.map(|f| lua.create_registry_value(f)).transpose()?;
     }
     let id = rt.ws.borrow_mut().id();
-    let object = new_object(lua, WsClient(id, name.clone()))?;
+    let object = new_object(lua, WsClient(id, name.clone(), RefCell::new(None)))?;
     let client = Client {
         name,
         policy,
@@ -147,6 +158,7 @@ fn connect_to_web_app(lua: &Lua, config: Value) -> Result<AnyUserData> {
         settings: std::sync::Arc::new(settings),
         stream: None,
         callbacks,
+        waiting: Vec::new(),
     };
     rt.ws.borrow_mut().clients.insert(id, client);
     start_client(&rt, id, Instant::now());
@@ -254,10 +266,24 @@ fn call_back(
 }
 
 pub(super) fn client_inbox(lua: &Lua, rt: &Runtime, id: u64, conn: Key) -> Result<()> {
+    // Without on_message, messages wait in the session for `app:receive()` (its inbox bound
+    // holds reading back); the end is handled once they are taken.
+    let receiving = rt.ws.borrow().clients.get(&id).is_some_and(|c| c.callbacks[ON_MESSAGE].is_none());
     loop {
-        let received = rt.driver.borrow_mut().proto::<WsSession>(conn).and_then(|s| s.receive());
+        let received = {
+            let mut driver = rt.driver.borrow_mut();
+            let session = driver.proto::<WsSession>(conn);
+            if receiving && session.as_ref().is_some_and(|s| s.has_message()) {
+                None
+            } else {
+                session.and_then(|s| s.receive())
+            }
+        };
         match received {
-            None => return Ok(()),
+            None => {
+                wake_receivers(rt, id);
+                return Ok(());
+            }
             Some(Received::Message(op, data)) => {
                 rt.counters.borrow_mut().ws_in += 1;
                 let args = (lua.create_string(&data)?, op.as_u8()).into_lua_multi(lua)?;
@@ -267,17 +293,95 @@ pub(super) fn client_inbox(lua: &Lua, rt: &Runtime, id: u64, conn: Key) -> Resul
                 super::count_end(rt, code, clean);
                 rt.driver.borrow_mut().close(conn);
                 rt.ws.borrow_mut().client_streams.remove(&conn);
-                return client_closed(lua, rt, id, code, &reason);
+                return client_closed(lua, rt, id, (clean, code), &reason);
             }
         }
     }
 }
 
+/// Makes the coroutines waiting in `app:receive()` / `app:wait_connected()` ready.
+pub(super) fn wake_receivers(rt: &Runtime, id: u64) {
+    let waiting = rt.ws.borrow_mut().clients.get_mut(&id).map(|c| std::mem::take(&mut c.waiting));
+    if let Some(waiting) = waiting {
+        rt.sched.borrow_mut().jobs.extend(waiting.into_iter().map(Job::Key));
+    }
+}
+
+/// `core.ws_client_take(app, co)` → `message, opcode`, `nil, nil, was_clean, code, reason` once
+/// the connection ended, or `PARK` after parking `co` until something arrives.
+fn take(lua: &Lua, (app, co): (AnyUserData, Thread)) -> Result<MultiValue> {
+    const CALL: &str = "app:receive()";
+    let client = app.borrow::<WsClient>()?;
+    if let Some((clean, code, reason)) = client.2.borrow().clone() {
+        return (Value::Nil, Value::Nil, clean, code, reason).into_lua_multi(lua);
+    }
+    let rt = runtime(lua)?;
+    let id = client.0;
+    let (stream, receiving) = match rt.ws.borrow().clients.get(&id) {
+        Some(c) => (c.stream, c.callbacks[ON_MESSAGE].is_none()),
+        None => (None, true),
+    };
+    if !receiving {
+        return Err(misuse(CALL, "this app has an on_message callback, which gets its messages"));
+    }
+    if let Some(key) = stream {
+        let mut driver = rt.driver.borrow_mut();
+        let taken = driver.proto::<WsSession>(key).filter(|s| s.has_message()).and_then(|s| s.receive());
+        if let Some(Received::Message(op, data)) = taken {
+            rt.counters.borrow_mut().ws_in += 1;
+            if driver.should_resume_reading(key) {
+                rt.service.borrow_mut().push_back(key);
+            }
+            if driver.proto::<WsSession>(key).is_some_and(|s| s.end().is_some() && !s.has_message()) {
+                // The end was waiting behind this message: the next update handles it.
+                rt.ws.borrow_mut().ended.push(id);
+            }
+            drop(driver);
+            return (lua.create_string(&data)?, op.as_u8()).into_lua_multi(lua);
+        }
+    }
+    park(lua, &rt, id, co)
+}
+
+/// `core.ws_client_wait(app, co)` → `true` once connected, `nil, reason` if the connection
+/// ended first, or `PARK` after parking `co`.
+fn wait_open(lua: &Lua, (app, co): (AnyUserData, Thread)) -> Result<MultiValue> {
+    let client = app.borrow::<WsClient>()?;
+    if let Some((_, code, reason)) = client.2.borrow().clone() {
+        return (Value::Nil, format!("closed ({code}) {reason}").trim_end().to_owned()).into_lua_multi(lua);
+    }
+    let rt = runtime(lua)?;
+    let stream = rt.ws.borrow().clients.get(&client.0).and_then(|c| c.stream);
+    let open =
+        stream.is_some_and(|k| rt.driver.borrow_mut().proto::<WsSession>(k).is_some_and(|s| s.is_open()));
+    if open {
+        return true.into_lua_multi(lua);
+    }
+    park(lua, &rt, client.0, co)
+}
+
+fn park(lua: &Lua, rt: &Runtime, id: u64, co: Thread) -> Result<MultiValue> {
+    let key = lua.create_registry_value(co)?;
+    match rt.ws.borrow_mut().clients.get_mut(&id) {
+        Some(c) => c.waiting.push(key),
+        None => rt.sched.borrow_mut().jobs.push_back(Job::Key(key)),
+    }
+    Value::LightUserData(park_value()).into_lua_multi(lua)
+}
+
 /// A client's connection ended (or never started): forget it, then `on_close(self, code,
 /// reason)` once. Forgotten first, so `on_close` may reconnect under the same name or close
 /// everything without reaching this client again.
-pub(super) fn client_closed(lua: &Lua, rt: &Runtime, id: u64, code: u16, reason: &str) -> Result<()> {
+pub(super) fn client_closed(
+    lua: &Lua,
+    rt: &Runtime,
+    id: u64,
+    (clean, code): (bool, u16),
+    reason: &str,
+) -> Result<()> {
     let Some(c) = rt.ws.borrow_mut().clients.remove(&id) else { return Ok(()) };
+    // Coroutines in `app:receive()` / `app:wait_connected()` see the end from now on.
+    rt.sched.borrow_mut().jobs.extend(c.waiting.into_iter().map(Job::Key));
     if let Some(key) = c.stream {
         if rt.ws.borrow_mut().client_streams.remove(&key).is_some() {
             rt.driver.borrow_mut().close(key);
@@ -289,6 +393,7 @@ pub(super) fn client_closed(lua: &Lua, rt: &Runtime, id: u64, code: u16, reason:
     }
     let object = lua.registry_value::<AnyUserData>(&c.object)?;
     lua.remove_registry_value(c.object)?;
+    *object.borrow::<WsClient>()?.2.borrow_mut() = Some((clean, code, reason.to_owned()));
     let mut callbacks = c.callbacks;
     let on_close = callbacks[ON_CLOSE].take();
     for key in callbacks.into_iter().flatten() {
@@ -301,6 +406,13 @@ pub(super) fn client_closed(lua: &Lua, rt: &Runtime, id: u64, code: u16, reason:
         result = result.and(call_back(lua, &callback, object, &c.policy, args));
     }
     result
+}
+
+/// The primitives of `app:receive()` and `app:wait_connected()` (their Lua halves are in
+/// `lua/luna.lua`).
+pub(super) fn core(lua: &Lua, core: &Table) -> Result<()> {
+    core.set("ws_client_take", lua.create_function(take)?)?;
+    core.set("ws_client_wait", lua.create_function(wait_open)?)
 }
 
 pub(super) fn register(lua: &Lua, module: &Table) -> Result<()> {

@@ -222,6 +222,11 @@ impl WsSession {
         received
     }
 
+    /// Whether a message waits to be taken by [`WsSession::receive`] (not just the end).
+    pub fn has_message(&self) -> bool {
+        matches!(self.inbox.front(), Some(Received::Message(..)))
+    }
+
     /// How the session ended (code, reason, clean), once it has; messages received before the
     /// end stay in the inbox.
     pub fn end(&self) -> Option<(u16, &str, bool)> {
