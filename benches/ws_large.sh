@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Large WebSocket messages (issue 9): one SIZE-byte binary message echoed, sent as one frame and
+# in 64 KiB, 1 KiB and 64 B frames (pre-built and written in one burst, as Autobahn's 9.* cases
+# send them; benches/ws_large/client.py), by Luna (luna-host, LuaJIT, benches/ws_large/server.lua),
+# Python websockets (newest from PyPI, in a virtualenv) and Node ws (npm), the servers alternating,
+# server on CPU 0 and client on CPU 1. Each run times REPS echoes on one connection; prints every
+# run's median and, per frame size, the median of the runs and each server's ratio to the faster
+# peer (above 1.0 = Luna is faster). The peers are installed here, not in CI.
+#
+# Environment: SIZE (4194304), FRAGS ("0 65536 1024 64"; 0 = one frame), RUNS (3), REPS (10),
+# PORT (first port, 19301).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source benches/lib.sh
+
+SIZE=${SIZE:-4194304}
+FRAGS=${FRAGS:-"0 65536 1024 64"}
+REPS=${REPS:-10}
+PORT=${PORT:-19301}
+print_machine
+build_host luajit
+host=$(host_bin luajit)
+peers=$(realpath -m "${CARGO_TARGET_DIR:-target}/bench-peers")
+mkdir -p "$peers"
+[ -x "$peers/venv/bin/python3" ] || python3 -m venv "$peers/venv"
+"$peers/venv/bin/python3" -m pip install --quiet --upgrade websockets
+[ -d "$peers/node_modules/ws" ] || npm install --silent --prefix "$peers" ws@8 >/dev/null
+cp benches/ws_large/server.js "$peers/server.js"
+echo "websockets $("$peers/venv/bin/python3" -c 'import websockets; print(websockets.__version__)'), node ws $(node -p "require('$peers/node_modules/ws/package.json').version"), $(node -v); $SIZE bytes, $REPS echoes per run, $RUNS runs"
+
+serve() { # NAME PORT
+  case $1 in
+    luna) taskset -c 0 "$host" benches/ws_large/server.lua "$2" ;;
+    websockets) taskset -c 0 "$peers/venv/bin/python3" benches/ws_large/server.py "$2" ;;
+    node) taskset -c 0 node "$peers/server.js" "$2" ;;
+  esac
+}
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"; kill $(jobs -p) 2>/dev/null || true' EXIT
+results=$work/results
+for frag in $FRAGS; do
+  if [ "$frag" = 0 ]; then echo "== one frame"; else echo "== frames of $frag bytes"; fi
+  for run in $(seq "$RUNS"); do
+    for server in luna websockets node; do
+      port=$PORT
+      PORT=$((PORT + 1))
+      serve "$server" "$port" >"$work/out" 2>&1 &
+      pid=$!
+      for _ in $(seq 100); do grep -q ready "$work/out" 2>/dev/null && break; sleep 0.05; done
+      result=$(taskset -c 1 "$peers/venv/bin/python3" benches/ws_large/client.py "$port" "$SIZE" "$frag" "$REPS" | grep RESULT || echo "RESULT failed")
+      kill "$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+      echo "  run $run $server: ${result#RESULT }"
+      echo "$frag $server ${result#RESULT }" >>"$results"
+    done
+  done
+done
+
+echo
+echo "4 MiB echo time, median over $RUNS runs of each run's median (ms); ratio = faster peer's time / Luna's"
+printf '%-10s %-10s %-12s %-10s %-8s\n' frames luna websockets node ratio
+for frag in $FRAGS; do
+  awk -v frag="$frag" '
+    function med(a, k,   i, j, t) { for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t } return a[int((k + 1) / 2)] }
+    $1 == frag { split($3, kv, "="); if (kv[1] == "median_ms") { n[$2]++; v[$2, n[$2]] = kv[2] } else closed[$2] = kv[2] }
+    function show(s) { return s in m ? sprintf("%.1f", m[s]) : "closed " closed[s] }
+    END {
+      for (s in n) { k = 0; for (i = 1; i <= n[s]; i++) a[++k] = v[s, i]; m[s] = med(a, k); delete a }
+      best = -1
+      for (s in m) if (s != "luna" && (best < 0 || m[s] < best)) best = m[s]
+      ratio = ("luna" in m && best > 0) ? sprintf("%.2f", best / m["luna"]) : "-"
+      printf "%-10s %-10s %-12s %-10s %-8s\n", frag == 0 ? "one" : frag, show("luna"), show("websockets"), show("node"), ratio
+    }' "$results"
+done
