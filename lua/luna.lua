@@ -115,6 +115,9 @@ end
 local ws_client_take, ws_client_wait = core.ws_client_take, core.ws_client_wait
 
 function internal.ws_client_receive(app)
+  if type(app) ~= "userdata" then
+    error("app:receive(): call it with a colon, app:receive()", 2)
+  end
   local co = need_coroutine("app:receive()")
   while true do
     local message, opcode, clean, code, reason = ws_client_take(app, co)
@@ -126,6 +129,9 @@ function internal.ws_client_receive(app)
 end
 
 function internal.ws_client_wait(app)
+  if type(app) ~= "userdata" then
+    error("app:wait_connected(): call it with a colon, app:wait_connected()", 2)
+  end
   local co = need_coroutine("app:wait_connected()")
   while true do
     local ok, err = ws_client_wait(app, co)

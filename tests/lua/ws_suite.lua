@@ -457,7 +457,7 @@ return function(T, luna, lunac)
     T.eq(code, 4005, "close code")
     T.eq(reason, "done", "close reason")
     T.eq(select(4, c:receive()), 4005, "the end stays")
-    T.eq(c:wait_connected(), nil, "wait_connected after the end")
+    T.eq(c:wait_connected(), true, "wait_connected after the end: it did connect")
     luna.remove_web_app(app)
   end)
 
@@ -505,5 +505,49 @@ return function(T, luna, lunac)
     })
     T.raises({ "app:receive()", "on_message" }, d.receive, d)
     lunac.disconnect_to_web_app(d)
+  end)
+
+  T.test("a coroutine client reading late gets the messages sent before the server closed, then the end", function()
+    local app = luna.new_web_app({
+      name = "co client then close", host = "127.0.0.1", port = 0, debug = false,
+      protocols = {
+        default = function(ws)
+          for i = 1, 5 do ws:send("m" .. i) end
+          ws:close(4002, "that is all")
+        end,
+      },
+    })
+    local closes = 0
+    local c = lunac.connect_to_web_app({
+      name = "co late", url = "ws://127.0.0.1:" .. app.port, debug = false,
+      on_close = function() closes = closes + 1 end,
+    })
+    local clients = luna.stats().connections.ws_clients
+    T.eq(c:wait_connected(), true, "connected")
+    T.wait_until(function() return closes == 1 end, 2, "on_close while the messages are unread")
+    T.eq(luna.stats().connections.ws_clients, clients - 1, "the connection is gone")
+    for i = 1, 5 do T.eq(c:receive(), "m" .. i, "message " .. i) end
+    local m, _, clean, code, reason = c:receive()
+    T.eq(m, nil, "then the end")
+    T.eq(code, 4002, "its code")
+    T.eq(reason, "that is all", "its reason")
+    T.eq(clean, true, "clean")
+    T.eq(closes, 1, "on_close once")
+    luna.remove_web_app(app)
+  end)
+
+  T.test("a client without on_message that never reads still hears the end", function()
+    local app = luna.new_web_app({
+      name = "co never reads", host = "127.0.0.1", port = 0, debug = false,
+      protocols = { default = function(ws) ws:send("welcome"); ws:close(4001, "bye") end },
+    })
+    local closed
+    lunac.connect_to_web_app({
+      name = "co deaf", url = "ws://127.0.0.1:" .. app.port, debug = false,
+      on_close = function(self, code) closed = code end,
+    })
+    T.wait_until(function() return closed end, 2, "on_close")
+    T.eq(closed, 4001, "the server's code")
+    luna.remove_web_app(app)
   end)
 end

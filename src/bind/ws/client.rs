@@ -2,6 +2,7 @@
 //! object (`send`, `close`, callbacks).
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
 
@@ -18,7 +19,7 @@ use super::super::{runtime, Runtime};
 use super::TAG;
 use super::{close_code, opcode_arg, opcodes, policy, send, settings, with_data, with_stream, Client};
 use crate::driver::{ClientTls, ConnectOptions, Key, Lookup, Target};
-use crate::proto::ws::{Received, WsConfig, WsSession, WsUrl};
+use crate::proto::ws::{Opcode, Received, WsConfig, WsSession, WsUrl};
 
 pub(super) const ON_CONNECT: usize = 0;
 const ON_MESSAGE: usize = 1;
@@ -41,9 +42,19 @@ const CLIENT_KEYS: &[&str] = &[
 ];
 
 /// A client app (`lunac.connect_to_web_app`): its id and name (the name outlives the app, so
-/// `on_close` can read `self.name`), and how its connection ended (`was_clean, code, reason`),
-/// which `app:receive()` returns from then on.
-struct WsClient(u64, String, RefCell<Option<(bool, u16, String)>>);
+/// `on_close` can read `self.name`), and what `app:receive()` still has to give once the
+/// connection ended.
+struct WsClient(u64, String, RefCell<After>);
+
+/// Messages that were unread when the connection ended, then the end (`was_clean, code,
+/// reason`), which `app:receive()` returns from then on.
+#[derive(Default)]
+struct After {
+    /// The upgrade completed (`app:wait_connected()` answers true even if it ended since).
+    opened: bool,
+    unread: VecDeque<(Opcode, tungstenite::Bytes)>,
+    end: Option<(bool, u16, String)>,
+}
 
 /// Fields users attach to a client object (their own data).
 fn fields(ud: &AnyUserData) -> Result<Table> {
@@ -74,6 +85,11 @@ impl UserData for WsClient {
                 match (name.as_bytes().as_ref(), ws.clients.get(&id)) {
                     (b"opcodes", _) => return Ok(Value::Table(opcodes(lua)?)),
                     (b"receive", _) | (b"wait_connected", _) => {
+                        // A field the user set under that name comes first.
+                        let own = fields(&ud)?.raw_get::<Value>(&key)?;
+                        if !own.is_nil() {
+                            return Ok(own);
+                        }
                         let name = if name.as_bytes().as_ref() == b"receive" {
                             "ws_client_receive"
                         } else {
@@ -147,7 +163,7 @@ fn connect_to_web_app(lua: &Lua, config: Value) -> Result<AnyUserData> {
         callbacks[slot] = opts.function(key)?.map(|f| lua.create_registry_value(f)).transpose()?;
     }
     let id = rt.ws.borrow_mut().id();
-    let object = new_object(lua, WsClient(id, name.clone(), RefCell::new(None)))?;
+    let object = new_object(lua, WsClient(id, name.clone(), RefCell::default()))?;
     let client = Client {
         name,
         policy,
@@ -159,6 +175,7 @@ fn connect_to_web_app(lua: &Lua, config: Value) -> Result<AnyUserData> {
         stream: None,
         callbacks,
         waiting: Vec::new(),
+        receiving: false,
     };
     rt.ws.borrow_mut().clients.insert(id, client);
     start_client(&rt, id, Instant::now());
@@ -266,9 +283,14 @@ fn call_back(
 }
 
 pub(super) fn client_inbox(lua: &Lua, rt: &Runtime, id: u64, conn: Key) -> Result<()> {
-    // Without on_message, messages wait in the session for `app:receive()` (its inbox bound
-    // holds reading back); the end is handled once they are taken.
-    let receiving = rt.ws.borrow().clients.get(&id).is_some_and(|c| c.callbacks[ON_MESSAGE].is_none());
+    // In receiving mode messages wait in the session for `app:receive()` (its inbox bound holds
+    // reading back); when the end comes, what is unread moves to the app object and the end is
+    // handled at once.
+    let receiving =
+        rt.ws.borrow().clients.get(&id).is_some_and(|c| c.receiving && c.callbacks[ON_MESSAGE].is_none());
+    if receiving {
+        keep_unread(lua, rt, id, conn)?;
+    }
     loop {
         let received = {
             let mut driver = rt.driver.borrow_mut();
@@ -299,6 +321,39 @@ pub(super) fn client_inbox(lua: &Lua, rt: &Runtime, id: u64, conn: Key) -> Resul
     }
 }
 
+/// Once the session ended, moves its unread messages to the app object (bounded by the
+/// session's inbox), so the end can be handled now.
+fn keep_unread(lua: &Lua, rt: &Runtime, id: u64, conn: Key) -> Result<()> {
+    let mut driver = rt.driver.borrow_mut();
+    let Some(session) = driver.proto::<WsSession>(conn).filter(|s| s.end().is_some() && s.has_message())
+    else {
+        return Ok(());
+    };
+    let object = match rt.ws.borrow().clients.get(&id) {
+        Some(c) => lua.registry_value::<AnyUserData>(&c.object)?,
+        None => return Ok(()),
+    };
+    let client = object.borrow::<WsClient>()?;
+    let mut after = client.2.borrow_mut();
+    while session.has_message() {
+        if let Some(Received::Message(op, data)) = session.receive() {
+            after.unread.push_back((op, data));
+        }
+    }
+    Ok(())
+}
+
+/// The upgrade completed: notes it on the app object and wakes `app:wait_connected()`.
+pub(super) fn opened(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
+    let object = match rt.ws.borrow().clients.get(&id) {
+        Some(c) => lua.registry_value::<AnyUserData>(&c.object)?,
+        None => return Ok(()),
+    };
+    object.borrow::<WsClient>()?.2.borrow_mut().opened = true;
+    wake_receivers(rt, id);
+    Ok(())
+}
+
 /// Makes the coroutines waiting in `app:receive()` / `app:wait_connected()` ready.
 pub(super) fn wake_receivers(rt: &Runtime, id: u64) {
     let waiting = rt.ws.borrow_mut().clients.get_mut(&id).map(|c| std::mem::take(&mut c.waiting));
@@ -312,18 +367,28 @@ pub(super) fn wake_receivers(rt: &Runtime, id: u64) {
 fn take(lua: &Lua, (app, co): (AnyUserData, Thread)) -> Result<MultiValue> {
     const CALL: &str = "app:receive()";
     let client = app.borrow::<WsClient>()?;
-    if let Some((clean, code, reason)) = client.2.borrow().clone() {
-        return (Value::Nil, Value::Nil, clean, code, reason).into_lua_multi(lua);
+    let id = client.0;
+    {
+        let mut after = client.2.borrow_mut();
+        if let Some((op, data)) = after.unread.pop_front() {
+            drop(after);
+            runtime(lua)?.counters.borrow_mut().ws_in += 1;
+            return (lua.create_string(&data)?, op.as_u8()).into_lua_multi(lua);
+        }
+        if let Some((clean, code, reason)) = after.end.clone() {
+            return (Value::Nil, Value::Nil, clean, code, reason).into_lua_multi(lua);
+        }
     }
     let rt = runtime(lua)?;
-    let id = client.0;
-    let (stream, receiving) = match rt.ws.borrow().clients.get(&id) {
-        Some(c) => (c.stream, c.callbacks[ON_MESSAGE].is_none()),
-        None => (None, true),
+    let stream = {
+        let mut ws = rt.ws.borrow_mut();
+        let Some(c) = ws.clients.get_mut(&id) else { return park(lua, &rt, id, co) };
+        if c.callbacks[ON_MESSAGE].is_some() {
+            return Err(misuse(CALL, "this app has an on_message callback, which gets its messages"));
+        }
+        c.receiving = true;
+        c.stream
     };
-    if !receiving {
-        return Err(misuse(CALL, "this app has an on_message callback, which gets its messages"));
-    }
     if let Some(key) = stream {
         let mut driver = rt.driver.borrow_mut();
         let taken = driver.proto::<WsSession>(key).filter(|s| s.has_message()).and_then(|s| s.receive());
@@ -332,11 +397,12 @@ fn take(lua: &Lua, (app, co): (AnyUserData, Thread)) -> Result<MultiValue> {
             if driver.should_resume_reading(key) {
                 rt.service.borrow_mut().push_back(key);
             }
-            if driver.proto::<WsSession>(key).is_some_and(|s| s.end().is_some() && !s.has_message()) {
-                // The end was waiting behind this message: the next update handles it.
-                rt.ws.borrow_mut().ended.push(id);
-            }
+            let more = driver.proto::<WsSession>(key).is_some_and(|s| s.has_message());
             drop(driver);
+            if more {
+                // Another coroutine may be waiting for the next one.
+                wake_receivers(&rt, id);
+            }
             return (lua.create_string(&data)?, op.as_u8()).into_lua_multi(lua);
         }
     }
@@ -347,15 +413,20 @@ fn take(lua: &Lua, (app, co): (AnyUserData, Thread)) -> Result<MultiValue> {
 /// ended first, or `PARK` after parking `co`.
 fn wait_open(lua: &Lua, (app, co): (AnyUserData, Thread)) -> Result<MultiValue> {
     let client = app.borrow::<WsClient>()?;
-    if let Some((_, code, reason)) = client.2.borrow().clone() {
-        return (Value::Nil, format!("closed ({code}) {reason}").trim_end().to_owned()).into_lua_multi(lua);
+    {
+        let after = client.2.borrow();
+        if after.opened {
+            return true.into_lua_multi(lua);
+        }
+        if let Some((_, code, reason)) = &after.end {
+            return (Value::Nil, format!("closed ({code}) {reason}").trim_end().to_owned())
+                .into_lua_multi(lua);
+        }
     }
     let rt = runtime(lua)?;
-    let stream = rt.ws.borrow().clients.get(&client.0).and_then(|c| c.stream);
-    let open =
-        stream.is_some_and(|k| rt.driver.borrow_mut().proto::<WsSession>(k).is_some_and(|s| s.is_open()));
-    if open {
-        return true.into_lua_multi(lua);
+    if let Some(c) = rt.ws.borrow_mut().clients.get_mut(&client.0) {
+        // Waiting for the connection opts in to `receive`: nothing that arrives is dropped.
+        c.receiving = c.callbacks[ON_MESSAGE].is_none();
     }
     park(lua, &rt, client.0, co)
 }
@@ -393,7 +464,7 @@ pub(super) fn client_closed(
     }
     let object = lua.registry_value::<AnyUserData>(&c.object)?;
     lua.remove_registry_value(c.object)?;
-    *object.borrow::<WsClient>()?.2.borrow_mut() = Some((clean, code, reason.to_owned()));
+    object.borrow::<WsClient>()?.2.borrow_mut().end = Some((clean, code, reason.to_owned()));
     let mut callbacks = c.callbacks;
     let on_close = callbacks[ON_CLOSE].take();
     for key in callbacks.into_iter().flatten() {

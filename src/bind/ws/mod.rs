@@ -65,6 +65,9 @@ struct Client {
     callbacks: [Option<RegistryKey>; 3],
     /// Coroutines in `app:receive()` or `app:wait_connected()`.
     waiting: Vec<RegistryKey>,
+    /// The app called `receive` or `wait_connected` and has no `on_message`: messages wait for
+    /// `app:receive()` (before that, as without this API, they are dropped).
+    receiving: bool,
 }
 
 #[derive(Default)]
@@ -79,9 +82,6 @@ pub(crate) struct WsState {
     next_id: u64,
     /// Client failures found outside `update` (bad address…), reported by the next `update`.
     failed: Vec<(u64, String)>,
-    /// Clients whose end was uncovered by `app:receive()` taking the last message before it:
-    /// the next `update` handles the end.
-    ended: Vec<u64>,
 }
 
 impl WsState {
@@ -257,13 +257,6 @@ pub(crate) fn event(lua: &Lua, rt: &Runtime, event: Event) -> Result<()> {
 /// Client failures found outside `update` are reported by it.
 pub(crate) fn report_failures(lua: &Lua, rt: &Runtime) -> Result<()> {
     loop {
-        let ended = rt.ws.borrow_mut().ended.pop();
-        if let Some(id) = ended {
-            if let Some(key) = rt.ws.borrow().clients.get(&id).and_then(|c| c.stream) {
-                client_inbox(lua, rt, id, key)?;
-            }
-            continue;
-        }
         let failed = rt.ws.borrow_mut().failed.pop();
         let Some((id, reason)) = failed else { return Ok(()) };
         client_closed(lua, rt, id, (false, 1006), &reason)?;
@@ -280,7 +273,7 @@ fn news(lua: &Lua, rt: &Runtime, key: Key) -> Result<()> {
     let client = rt.ws.borrow().client_streams.get(&key).copied();
     if let Some(id) = client {
         if opened {
-            client::wake_receivers(rt, id);
+            client::opened(lua, rt, id)?;
             client_callback(lua, rt, id, ON_CONNECT, MultiValue::new())?;
         }
         return client_inbox(lua, rt, id, key);
