@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Large WebSocket messages (issue 9): one SIZE-byte binary message echoed, sent as one frame and
 # in 64 KiB, 1 KiB and 64 B frames (pre-built and written in one burst, as Autobahn's 9.* cases
-# send them; benches/ws_large/client.py), by Luna (luna-host, LuaJIT, benches/ws_large/server.lua),
+# send them; benches/ws_large/client.py), by Luna (luna-host, LuaJIT, benches/ws_echo_server.lua),
 # Python websockets (newest from PyPI, in a virtualenv) and Node ws (npm), the servers alternating,
 # server on CPU 0 and client on CPU 1. Each run times REPS echoes on one connection; prints every
 # run's median and, per frame size, the median of the runs and each server's ratio to the faster
@@ -30,7 +30,7 @@ echo "websockets $("$peers/venv/bin/python3" -c 'import websockets; print(websoc
 
 serve() { # NAME PORT
   case $1 in
-    luna) taskset -c 0 "$host" benches/ws_large/server.lua "$2" ;;
+    luna) WS_MAX_MESSAGE_SIZE=$((64 << 20)) taskset -c 0 "$host" benches/ws_echo_server.lua "$2" ;;
     websockets) taskset -c 0 "$peers/venv/bin/python3" benches/ws_large/server.py "$2" ;;
     node) taskset -c 0 node "$peers/server.js" "$2" ;;
   esac
