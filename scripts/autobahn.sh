@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Autobahn|Testsuite (fuzzingclient mode) against Luna's WebSocket server: luna-host running
-# benches/ws_echo_server.lua (max_message_size 64 MiB). The suite is Python 2.7 only and Debian 12
+# Autobahn|Testsuite against Luna: its fuzzingclient mode against our server (luna-host running
+# benches/ws_echo_server.lua, max_message_size 64 MiB), then its fuzzingserver mode against our
+# client (scripts/autobahn_client.lua, reading with app:receive). The suite is Python 2.7 only and Debian 12
 # has no Python 2: this builds a private root of CPython 2.7 from Debian 11's packages
 # (deb.debian.org) with the suite's pinned dependencies from PyPI, under target/autobahn, away
-# from the system Python. Prints a table of behaviours per case group and exits 1 when a case
-# FAILED or closed wrongly (UNIMPLEMENTED ones are counted, not failed); the HTML report is in
-# target/autobahn/report/index.html. Takes ~1.5 min from scratch.
+# from the system Python. Prints a table of behaviours per case group for each side and exits 1
+# when a case FAILED or closed wrongly (UNIMPLEMENTED ones are counted, not failed); the HTML
+# reports are under target/autobahn. Takes ~2 min from scratch.
 #
 #   scripts/autobahn.sh               # every case (517; groups 12 and 13 are permessage-deflate)
 #   CASES='"1.*", "9.1.*"' scripts/autobahn.sh
@@ -47,18 +48,9 @@ if [ ! -x "$root/usr/bin/wstest" ]; then
   py27 -m pip install --quiet --prefix "$root/usr" autobahntestsuite==25.10.1
 fi
 
-cargo build --quiet --release --bin luna-host
-WS_MAX_MESSAGE_SIZE=$((64 << 20)) target/release/luna-host benches/ws_echo_server.lua "$PORT" >"$base/server.log" 2>&1 &
-server=$!
-trap 'kill $server 2>/dev/null || true' EXIT
-sleep 0.5
-cat >"$base/spec.json" <<SPEC
-{"outdir": "$base/report", "servers": [{"agent": "luna", "url": "ws://127.0.0.1:$PORT"}],
- "cases": [$CASES], "exclude-cases": [], "exclude-agent-cases": {}}
-SPEC
-(cd "$base" && py27 "$root/usr/bin/wstest" -m fuzzingclient -s spec.json >"$base/wstest.log" 2>&1)
-kill -0 $server 2>/dev/null || { echo "the server died: $(tail -3 "$base/server.log")"; exit 1; }
-python3 - "$base/report/index.json" <<'PY'
+# summary REPORT_DIR: behaviours per group; exits 1 when a case FAILED or closed wrongly.
+summary() {
+  python3 - "$1/index.json" <<'PY'
 import collections, json, sys
 cases = json.load(open(sys.argv[1]))["luna"]
 groups = collections.defaultdict(collections.Counter)
@@ -74,3 +66,35 @@ print("%d cases: %d failed or closed wrongly%s; %d unimplemented" % (
     len(cases), len(bad), (" (" + " ".join(bad[:40]) + ")") if bad else "", missing))
 sys.exit(1 if bad else 0)
 PY
+}
+
+cargo build --quiet --release --bin luna-host
+status=0
+
+echo "== our server (fuzzingclient mode): $base/server-report/index.html"
+WS_MAX_MESSAGE_SIZE=$((64 << 20)) target/release/luna-host benches/ws_echo_server.lua "$PORT" >"$base/server.log" 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+sleep 0.5
+cat >"$base/client-spec.json" <<SPEC
+{"outdir": "$base/server-report", "servers": [{"agent": "luna", "url": "ws://127.0.0.1:$PORT"}],
+ "cases": [$CASES], "exclude-cases": [], "exclude-agent-cases": {}}
+SPEC
+(cd "$base" && py27 "$root/usr/bin/wstest" -m fuzzingclient -s client-spec.json >"$base/fuzzingclient.log" 2>&1)
+kill -0 $server 2>/dev/null || { echo "the server died: $(tail -3 "$base/server.log")"; exit 1; }
+kill $server
+summary "$base/server-report" || status=1
+
+echo "== our client (fuzzingserver mode, scripts/autobahn_client.lua): $base/client-report/index.html"
+cat >"$base/server-spec.json" <<SPEC
+{"url": "ws://127.0.0.1:$((PORT + 1))", "outdir": "$base/client-report",
+ "cases": [$CASES], "exclude-cases": [], "exclude-agent-cases": {}}
+SPEC
+(cd "$base" && py27 "$root/usr/bin/wstest" -m fuzzingserver -s server-spec.json >"$base/fuzzingserver.log" 2>&1) &
+fuzzer=$!
+trap 'kill $fuzzer 2>/dev/null || true' EXIT
+sleep 2
+target/release/luna-host scripts/autobahn_client.lua "ws://127.0.0.1:$((PORT + 1))"
+kill $fuzzer 2>/dev/null || true
+summary "$base/client-report" || status=1
+exit $status
