@@ -18,6 +18,7 @@ base=$(realpath -m "${CARGO_TARGET_DIR:-target}/autobahn")
 root=$base/py27
 mirror=http://deb.debian.org/debian/pool/main
 mkdir -p "$base/debs"
+command -v curl >/dev/null || apt-get install -y curl >/dev/null
 
 if [ ! -x "$root/usr/bin/wstest" ]; then
   echo "== CPython 2.7 from Debian 11 into $root"
@@ -64,6 +65,7 @@ bad = sorted(c for c, r in cases.items() if r["behavior"] == "FAILED" or r["beha
 missing = sum(1 for r in cases.values() if r["behavior"] == "UNIMPLEMENTED")
 print("%d cases: %d failed or closed wrongly%s; %d unimplemented" % (
     len(cases), len(bad), (" (" + " ".join(bad[:40]) + ")") if bad else "", missing))
+print("%d passed, %d failed" % (len(cases) - len(bad) - missing, len(bad)))
 sys.exit(1 if bad else 0)
 PY
 }
