@@ -35,11 +35,9 @@ if [ ! -x "$root/usr/bin/wstest" ]; then
     >"$root/usr/lib/python2.7/dist-packages/zz-site-packages.pth"
 fi
 # The private Python 2.7 (its environment only for it: the system's python3 runs here too).
-py27() {
-  LD_LIBRARY_PATH=$root/usr/lib/x86_64-linux-gnu:$root/lib/x86_64-linux-gnu PYTHONHOME=$root/usr \
-    CFLAGS="-I$root/usr/include/python2.7 -I$root/usr/include" LDFLAGS="-L$root/usr/lib/x86_64-linux-gnu" \
-    "$root/usr/bin/python2.7" "$@"
-}
+py27_env=(env LD_LIBRARY_PATH="$root/usr/lib/x86_64-linux-gnu:$root/lib/x86_64-linux-gnu" PYTHONHOME="$root/usr"
+  CFLAGS="-I$root/usr/include/python2.7 -I$root/usr/include" LDFLAGS="-L$root/usr/lib/x86_64-linux-gnu")
+py27() { "${py27_env[@]}" "$root/usr/bin/python2.7" "$@"; }
 if [ ! -x "$root/usr/bin/wstest" ]; then
   echo "== pip and autobahntestsuite 25.10.1 (its pinned dependencies) from PyPI"
   python3 -m pip download --quiet pip==20.3.4 setuptools==44.1.1 wheel==0.37.1 --python-version 2.7 \
@@ -92,11 +90,15 @@ cat >"$base/server-spec.json" <<SPEC
 {"url": "ws://127.0.0.1:$((PORT + 1))", "outdir": "$base/client-report",
  "cases": [$CASES], "exclude-cases": [], "exclude-agent-cases": {}}
 SPEC
-(cd "$base" && py27 "$root/usr/bin/wstest" -m fuzzingserver -s server-spec.json >"$base/fuzzingserver.log" 2>&1) &
+# exec: $! is the fuzzer itself, so killing it leaves nothing holding the port.
+(cd "$base" && exec "${py27_env[@]}" "$root/usr/bin/python2.7" "$root/usr/bin/wstest" -m fuzzingserver \
+  -s server-spec.json >"$base/fuzzingserver.log" 2>&1) &
 fuzzer=$!
 trap 'kill $fuzzer 2>/dev/null || true' EXIT
 sleep 2
 target/release/luna-host scripts/autobahn_client.lua "ws://127.0.0.1:$((PORT + 1))"
+# The fuzzer writes its report after the client asked for it and left: wait for the file.
+for _ in $(seq 600); do [ -s "$base/client-report/index.json" ] && break; sleep 0.1; done
 kill $fuzzer 2>/dev/null || true
 summary "$base/client-report" || status=1
 exit $status
