@@ -111,35 +111,27 @@ function ws_methods:getpeername()
 end
 
 -- A WebSocket client app without on_message, read from a coroutine: `app:receive()` returns
--- what the server's `ws:receive()` does; `app:wait_connected()` waits for the upgrade.
-local ws_client_take, ws_client_wait = core.ws_client_take, core.ws_client_wait
-
-function internal.ws_client_receive(app)
-  if type(app) ~= "userdata" then
-    error("app:receive(): call it with a colon, app:receive()", 2)
+-- what the server's `ws:receive()` does; `app:wait_connected()` waits for the upgrade. Both call
+-- a primitive that answers, or parks the coroutine and answers `PARK` (then ask again).
+local function settled(primitive, app, co, first, ...)
+  if first ~= PARK then
+    return first, ...
   end
-  local co = need_coroutine("app:receive()")
-  while true do
-    local message, opcode, clean, code, reason = ws_client_take(app, co)
-    if message ~= PARK then
-      return message, opcode, clean, code, reason
+  yield(PARK)
+  return settled(primitive, app, co, primitive(app, co))
+end
+
+local function client_wait(call, primitive)
+  return function(app)
+    if type(app) ~= "userdata" then
+      error(call .. ": call it with a colon, " .. call, 2)
     end
-    yield(PARK)
+    local co = need_coroutine(call)
+    return settled(primitive, app, co, primitive(app, co))
   end
 end
 
-function internal.ws_client_wait(app)
-  if type(app) ~= "userdata" then
-    error("app:wait_connected(): call it with a colon, app:wait_connected()", 2)
-  end
-  local co = need_coroutine("app:wait_connected()")
-  while true do
-    local ok, err = ws_client_wait(app, co)
-    if ok ~= PARK then
-      return ok, err
-    end
-    yield(PARK)
-  end
-end
+internal.ws_client_receive = client_wait("app:receive()", core.ws_client_take)
+internal.ws_client_wait = client_wait("app:wait_connected()", core.ws_client_wait)
 
 return api, internal

@@ -198,11 +198,12 @@ impl Stack {
         }
     }
 
-    /// Whether argument `idx` is a table.
+    /// Whether argument `idx` is a function.
     pub fn is_function(&self, idx: c_int) -> bool {
         unsafe { ffi::lua_type(self.state, idx) == ffi::LUA_TFUNCTION }
     }
 
+    /// Whether argument `idx` is a table.
     pub fn is_table(&self, idx: c_int) -> bool {
         unsafe { ffi::lua_type(self.state, idx) == ffi::LUA_TTABLE }
     }

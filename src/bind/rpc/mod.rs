@@ -125,11 +125,17 @@ fn add_stats(c: &mut Census, s: &rpc::Stats) {
 /// Keeps the counts of `key`'s server or client object before it goes (app removed, session
 /// ended), so the totals `luna.stats()` reports never fall.
 fn retire(rt: &Runtime, driver: &mut Driver, key: Key) {
-    let retired = &mut rt.counters.borrow_mut().rpc_retired;
-    if let Some(s) = driver.datagram_proto::<Server>(key) {
-        add_stats(retired, s.stats());
-    } else if let Some(c) = driver.datagram_proto::<Client>(key) {
-        add_stats(retired, c.stats());
+    if let Some(s) = stats_of(driver, key) {
+        add_stats(&mut rt.counters.borrow_mut().rpc_retired, s);
+    }
+}
+
+/// The counts of `key`'s server or client object.
+fn stats_of(driver: &mut Driver, key: Key) -> Option<&rpc::Stats> {
+    let proto: &dyn std::any::Any = driver.datagram(key)?.proto()?;
+    match proto.downcast_ref::<Server>() {
+        Some(s) => Some(s.stats()),
+        None => proto.downcast_ref::<Client>().map(Client::stats),
     }
 }
 
@@ -142,14 +148,10 @@ pub(crate) fn census(rt: &Runtime, c: &mut Census) {
     c.flood += retired.flood;
     let st = rt.rpc.borrow();
     let mut driver = rt.driver.borrow_mut();
-    for app in st.servers.values() {
-        if let Some(s) = driver.datagram_proto::<Server>(app.key) {
-            add_stats(c, s.stats());
-        }
-    }
-    for app in st.clients.values() {
-        if let Some(client) = app.key.and_then(|k| driver.datagram_proto::<Client>(k)) {
-            add_stats(c, client.stats());
+    let keys = st.servers.values().map(|a| Some(a.key)).chain(st.clients.values().map(|a| a.key));
+    for key in keys.flatten() {
+        if let Some(s) = stats_of(&mut driver, key) {
+            add_stats(c, s);
         }
     }
     c.rpc_sessions += st.servers.values().map(|a| a.session_count() as u64).sum::<u64>();

@@ -307,8 +307,7 @@ pub(super) fn client_inbox(lua: &Lua, rt: &Runtime, id: u64, conn: Key) -> Resul
                 return Ok(());
             }
             Some(Received::Message(op, data)) => {
-                rt.counters.borrow_mut().ws_in += 1;
-                let args = (lua.create_string(&data)?, op.as_u8()).into_lua_multi(lua)?;
+                let args = message_values(lua, rt, op, &data)?;
                 client_callback(lua, rt, id, ON_MESSAGE, args)?;
             }
             Some(Received::Closed { code, reason, clean }) => {
@@ -329,10 +328,7 @@ fn keep_unread(lua: &Lua, rt: &Runtime, id: u64, conn: Key) -> Result<()> {
     else {
         return Ok(());
     };
-    let object = match rt.ws.borrow().clients.get(&id) {
-        Some(c) => lua.registry_value::<AnyUserData>(&c.object)?,
-        None => return Ok(()),
-    };
+    let Some(object) = object_of(lua, rt, id)? else { return Ok(()) };
     let client = object.borrow::<WsClient>()?;
     let mut after = client.2.borrow_mut();
     while session.has_message() {
@@ -343,12 +339,23 @@ fn keep_unread(lua: &Lua, rt: &Runtime, id: u64, conn: Key) -> Result<()> {
     Ok(())
 }
 
+/// A received message as Lua's `message, opcode` (counted for `luna.stats()`).
+fn message_values(lua: &Lua, rt: &Runtime, op: Opcode, data: &[u8]) -> Result<MultiValue> {
+    rt.counters.borrow_mut().ws_in += 1;
+    (lua.create_string(data)?, op.as_u8()).into_lua_multi(lua)
+}
+
+/// The app object of client `id`, while the client is registered.
+fn object_of(lua: &Lua, rt: &Runtime, id: u64) -> Result<Option<AnyUserData>> {
+    match rt.ws.borrow().clients.get(&id) {
+        Some(c) => lua.registry_value(&c.object).map(Some),
+        None => Ok(None),
+    }
+}
+
 /// The upgrade completed: notes it on the app object and wakes `app:wait_connected()`.
 pub(super) fn opened(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
-    let object = match rt.ws.borrow().clients.get(&id) {
-        Some(c) => lua.registry_value::<AnyUserData>(&c.object)?,
-        None => return Ok(()),
-    };
+    let Some(object) = object_of(lua, rt, id)? else { return Ok(()) };
     object.borrow::<WsClient>()?.2.borrow_mut().opened = true;
     wake_receivers(rt, id);
     Ok(())
@@ -372,8 +379,7 @@ fn take(lua: &Lua, (app, co): (AnyUserData, Thread)) -> Result<MultiValue> {
         let mut after = client.2.borrow_mut();
         if let Some((op, data)) = after.unread.pop_front() {
             drop(after);
-            runtime(lua)?.counters.borrow_mut().ws_in += 1;
-            return (lua.create_string(&data)?, op.as_u8()).into_lua_multi(lua);
+            return message_values(lua, &*runtime(lua)?, op, &data);
         }
         if let Some((clean, code, reason)) = after.end.clone() {
             return (Value::Nil, Value::Nil, clean, code, reason).into_lua_multi(lua);
@@ -393,7 +399,6 @@ fn take(lua: &Lua, (app, co): (AnyUserData, Thread)) -> Result<MultiValue> {
         let mut driver = rt.driver.borrow_mut();
         let taken = driver.proto::<WsSession>(key).filter(|s| s.has_message()).and_then(|s| s.receive());
         if let Some(Received::Message(op, data)) = taken {
-            rt.counters.borrow_mut().ws_in += 1;
             if driver.should_resume_reading(key) {
                 rt.service.borrow_mut().push_back(key);
             }
@@ -403,7 +408,7 @@ fn take(lua: &Lua, (app, co): (AnyUserData, Thread)) -> Result<MultiValue> {
                 // Another coroutine may be waiting for the next one.
                 wake_receivers(&rt, id);
             }
-            return (lua.create_string(&data)?, op.as_u8()).into_lua_multi(lua);
+            return message_values(lua, &rt, op, &data);
         }
     }
     park(lua, &rt, id, co)
