@@ -5,7 +5,7 @@
 
 use luna::proto::tls::{self, Pem, Tls};
 use luna::proto::ws::{
-    ClientHandshake, Opcode, Role, ServerHandshake, ServerUpgrade, WsConfig, WsConn, WsUrl,
+    ClientHandshake, DeflateConfig, Opcode, Role, ServerHandshake, ServerUpgrade, WsConfig, WsConn, WsUrl,
 };
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::path::PathBuf;
@@ -45,14 +45,23 @@ const N: usize = 1000;
 
 /// A server connection right after a completed upgrade, plus its client.
 fn upgraded_pair() -> (WsConn, WsConn) {
+    deflate_pair(None)
+}
+
+/// [`upgraded_pair`], with permessage-deflate agreed when given.
+fn deflate_pair(deflate: Option<&DeflateConfig>) -> (WsConn, WsConn) {
     let url = WsUrl::parse("ws://localhost/").unwrap();
-    let (mut ch, req) = ClientHandshake::new(&url, &[], [9; 16]).unwrap();
+    let (mut ch, req) = ClientHandshake::new(&url, &[], [9; 16], deflate).unwrap();
     let mut sh = ServerHandshake::default();
-    let ServerUpgrade::Accept(a) = sh.handle_bytes(&req, |p| p == "default") else { panic!() };
+    let ServerUpgrade::Accept(a) = sh.handle_bytes(&req, |p| p == "default", deflate.map(|d| (d, true)))
+    else {
+        panic!()
+    };
     let up = ch.handle_bytes(&a.response).unwrap().unwrap();
+    assert_eq!(up.deflate.is_some(), deflate.is_some());
     (
-        WsConn::new(Role::Server, WsConfig::default(), &a.leftover),
-        WsConn::new(Role::Client, WsConfig::default(), &up.leftover),
+        WsConn::new(Role::Server, WsConfig::default(), &a.leftover, a.deflate),
+        WsConn::new(Role::Client, WsConfig::default(), &up.leftover, up.deflate),
     )
 }
 
@@ -152,6 +161,33 @@ fn idle_connection_memory() {
     println!("  ... and after 100 more 32 B echoes: {delta2:+} bytes per pair");
     assert!(delta < 2048, "a large message left its buffers behind");
     drop(pairs);
+
+    // permessage-deflate: a server connection after a 4 KiB echo, with and without takeover.
+    for takeover in [true, false] {
+        let config = DeflateConfig { context_takeover: takeover, ..DeflateConfig::default() };
+        const D: usize = 100;
+        // Warm up the per-thread pool of zlib states (shared by connections without takeover).
+        let (mut s, mut c) = deflate_pair(Some(&config));
+        echo(&mut s, &mut c, 4096);
+        let mut servers = Vec::with_capacity(D);
+        let mut server_bytes = 0isize;
+        for _ in 0..D {
+            let before = live().0 as isize;
+            let (mut s, mut c) = deflate_pair(Some(&config));
+            echo(&mut s, &mut c, 4096);
+            s.trim();
+            drop(c);
+            server_bytes += live().0 as isize - before;
+            servers.push(s);
+        }
+        let per = server_bytes / D as isize;
+        println!("deflate (context takeover {takeover}): {per:+} heap bytes per server connection after a 4 KiB echo");
+        if takeover {
+            assert!(per < 512 << 10, "a deflate context over 512 KiB");
+        } else {
+            assert!(per < 8 << 10, "a connection without takeover kept zlib state");
+        }
+    }
 
     // wss: a server TLS session + WsConn after handshake and upgrade.
     let (cert, key, ca) = (read(&data("server.pem")), read(&data("server.key")), read(&data("ca.pem")));

@@ -83,6 +83,28 @@ impl Options {
         }
     }
 
+    /// A feature switched on with `true` or configured with a table of `known` keys: `None`
+    /// when absent or `false`, `Some(None)` for `true`, `Some(Some(options))` for a table.
+    pub fn switch(&self, key: &str, known: &[&str]) -> mlua::Result<Option<Option<Options>>> {
+        match self.get(key)? {
+            Value::Nil | Value::Boolean(false) => Ok(None),
+            Value::Boolean(true) => Ok(Some(None)),
+            table @ Value::Table(_) => Ok(Some(Some(Options::new(self.call, table, known)?))),
+            other => Err(self.wrong(key, "true, false or a table", &other)),
+        }
+    }
+
+    /// A whole number from `min` to `max`.
+    pub fn whole(&self, key: &str, min: u32, max: u32) -> mlua::Result<Option<u32>> {
+        match self.number(key)? {
+            None => Ok(None),
+            Some(n) if n.fract() == 0.0 && (f64::from(min)..=f64::from(max)).contains(&n) => {
+                Ok(Some(n as u32))
+            }
+            Some(n) => Err(misuse(self.call, format!("'{key}' must be a whole number {min}-{max}, got {n}"))),
+        }
+    }
+
     /// A TCP/UDP port number (0 = any free port).
     pub fn port(&self, key: &str) -> mlua::Result<Option<u16>> {
         match self.number(key)? {

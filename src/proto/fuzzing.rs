@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::raw::{RawLimits, RawStream, WriteError};
 use super::stream::{Flow, StreamProtocol};
-use super::ws::{Opcode, Received, Settings, WsConfig, WsSession, WsUrl};
+use super::ws::{Contexts, DeflateConfig, Opcode, Received, Settings, WsConfig, WsSession, WsUrl};
 
 /// The client session's upgrade key (a seed's 101 response answers it).
 pub const CLIENT_KEY: [u8; 16] = [7; 16];
@@ -285,6 +285,9 @@ pub fn stream_glue(data: &[u8]) {
         ping_interval: Some(Duration::from_secs(1)),
         ping_timeout: Duration::from_secs(2),
         inbox_limit: 3000,
+        // Every other input with permessage-deflate allowed (server) or offered (client).
+        deflate: (ctl & 0x80 != 0)
+            .then(|| (DeflateConfig { threshold: 16, ..DeflateConfig::default() }, Contexts::new(1))),
     });
     let subject = match ctl % 3 {
         0 => Subject::Raw(RawStream::new(RAW_LIMITS)),

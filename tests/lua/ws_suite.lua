@@ -392,6 +392,56 @@ return function(T, luna, lunac)
     T.raises({ "'protocols' maps protocol names to handler functions; got number = function" }, luna.new_web_app,
       { port = 0, protocols = { default = print, x = 5, [1] = print, y = true, [2] = "s" } })
     T.raises({ "unknown option 'aa'" }, lunac.connect_to_web_app, { url = "ws://127.0.0.1:1", zz = 1, aa = 1, mm = 1 })
+    T.raises({ "luna.new_web_app(config)", "'compression' must be true, false or a table, got string" },
+      luna.new_web_app, { port = 0, compression = "yes", protocols = { default = print } })
+    T.raises({ "'level' must be a whole number 0-9, got 10" }, luna.new_web_app,
+      { port = 0, compression = { level = 10 }, protocols = { default = print } })
+    T.raises({ "'window_bits' must be a whole number 9-15, got 8" }, luna.new_web_app,
+      { port = 0, compression = { window_bits = 8 }, protocols = { default = print } })
+    T.raises({ "lunac.connect_to_web_app(config)", "unknown option 'max_contexts'" }, lunac.connect_to_web_app,
+      { url = "ws://127.0.0.1:1", compression = { max_contexts = 1 } })
+  end)
+
+  T.test("permessage-deflate between our server and client: messages whole, compressed on the wire", function()
+    local function serve(name, compression)
+      local result = {}
+      local app = luna.new_web_app({
+        name = name, host = "127.0.0.1", port = 0, debug = false, compression = compression,
+        protocols = {
+          default = function(ws)
+            for _ = 1, 3 do
+              local m, op = ws:receive()
+              ws:send(m, op)
+            end
+            result.bytes_in = ws:stats().bytes_in
+            ws:close(1000, "done")
+          end,
+        },
+      })
+      return app, result
+    end
+    local text = ('{"hp":100,"name":"luna"},'):rep(4000)
+    for _, case in ipairs({ { { level = 6, context_takeover = false }, true }, { nil, false } }) do
+      local app, result = serve("deflate " .. tostring(case[2]), case[1])
+      local c = lunac.connect_to_web_app({
+        name = "deflate client", url = "ws://127.0.0.1:" .. app.port, debug = false, compression = true,
+      })
+      T.eq(c:wait_connected(), true, "connected")
+      local sent = { text, text:upper(), "short" }
+      c:send(sent[1])
+      c:send(sent[2], c.opcodes.BINARY)
+      c:send(sent[3])
+      for i = 1, 3 do
+        T.eq(c:receive(), sent[i], "echo " .. i)
+      end
+      T.eq(c:receive(), nil, "closed by the server")
+      if case[2] then
+        T.ok(result.bytes_in < #text / 20, "compressed on the wire: " .. result.bytes_in .. " bytes in")
+      else
+        T.ok(result.bytes_in > 2 * #text, "a server without compression gets it plain: " .. result.bytes_in)
+      end
+      luna.remove_web_app(app)
+    end
   end)
 
   T.test("ws:stats counts one connection's messages and bytes; luna.stats counts WebSocket traffic", function()

@@ -5,6 +5,7 @@ Prints one line per check and a final "N passed, M failed"."""
 import asyncio
 import base64
 import os
+import shutil
 import socket
 import ssl
 import struct
@@ -296,10 +297,126 @@ async def large_checks(port):
     s.close()
 
 
+def negotiated(ws):
+    """Names of the extensions a websockets connection negotiated (legacy and new API)."""
+    exts = getattr(ws, "extensions", None)
+    return [e.name for e in (ws.protocol.extensions if exts is None else exts)]
+
+
+async def deflate_checks(port):
+    """permessage-deflate against websockets (which offers it by default): negotiated, messages
+    echoed whole and compressed on the wire (the server's bytes_in), every parameter
+    combination websockets can offer, and a compressed bomb refused with 1009."""
+    url = f"ws://127.0.0.1:{port}/"
+    text = ("{\"player\": \"luna\", \"pos\": [1.5, 2.5, 3.5], \"hp\": 100}, " * 4000)[:150000]
+    async with websockets.connect(url, max_size=None) as ws:
+        check("websockets negotiates permessage-deflate with our server",
+              negotiated(ws) == ["permessage-deflate"], negotiated(ws))
+        await ws.send("bytes_in?")
+        before = int(await ws.recv())
+        ok = True
+        for i in range(5):
+            await ws.send(text)
+            ok = ok and await ws.recv() == text
+        await ws.send(text.encode())
+        ok = ok and await ws.recv() == text.encode()
+        check("compressed text and binary messages echoed whole", ok)
+        await ws.send("bytes_in?")
+        wire = int(await ws.recv()) - before
+        check(f"compressed on the wire ({wire} bytes for {6 * len(text)})", wire < 6 * len(text) / 20, wire)
+    from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
+    for params in [dict(server_no_context_takeover=True, client_no_context_takeover=True),
+                   dict(server_max_window_bits=9, client_max_window_bits=9),
+                   dict(server_max_window_bits=12, client_no_context_takeover=True)]:
+        factory = ClientPerMessageDeflateFactory(**params)
+        async with websockets.connect(url, max_size=None, compression=None, extensions=[factory]) as ws:
+            ok = negotiated(ws) == ["permessage-deflate"]
+            for n in [10, 1000, 100000]:
+                await ws.send(text[:n])
+                ok = ok and await ws.recv() == text[:n]
+            check(f"deflate with {params}: echoed", ok, negotiated(ws))
+    s, head = raw_upgrade(port, b"Sec-WebSocket-Extensions: permessage-deflate\r\n")
+    check("raw upgrade with a deflate offer answered with the extension",
+          b"sec-websocket-extensions: permessage-deflate" in head.lower(), head)
+    import zlib
+    z = zlib.compressobj(wbits=-15)
+    bomb = z.compress(b"\0" * (64 << 20)) + z.flush(zlib.Z_SYNC_FLUSH)
+    frame_bytes = frame(2, bomb[:-4])
+    s.sendall(bytes([frame_bytes[0] | 0x40]) + frame_bytes[1:])
+    check(f"a {len(bomb) // 1024} KiB compressed frame inflating to 64 MiB is refused with 1009",
+          read_close_code(s) == 1009)
+    s.close()
+
+
+async def our_deflate_client_against_python_server():
+    """Our client offers permessage-deflate (compression = true) to a websockets server."""
+    async def handler(ws):
+        await ws.send("deflate " + ",".join(negotiated(ws)))
+        async for message in ws:
+            await ws.send(message)
+
+    port = free_port()
+    script = os.path.join(ROOT, "tests", "peers", "ws_deflate_client.lua")
+    async with websockets.serve(handler, "127.0.0.1", port, max_size=None):
+        proc = await asyncio.create_subprocess_exec(
+            HOST_BIN, script, f"ws://127.0.0.1:{port}/", stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        out, _ = await asyncio.wait_for(proc.communicate(), 20)
+    lines = out.decode(errors="replace").splitlines()
+    check("our client negotiates permessage-deflate with websockets", "deflate permessage-deflate" in lines, lines)
+    check("our client: compressed messages echoed whole", "echoed 3" in lines, lines)
+
+
+def browser_check():
+    """Headless Chromium (which always offers permessage-deflate) against our server
+    (ws_browser.lua): the page reports the negotiated extension, sends a JSON text of ~170 kB
+    and checks its echo; the server's byte count shows it arrived compressed."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        check("chromium is installed (.ci/run installs it)", False)
+        return
+    import tempfile
+    port = free_port()
+    server = subprocess.Popen([HOST_BIN, os.path.join(ROOT, "tests", "peers", "ws_browser.lua"), str(port)],
+                              stdout=subprocess.PIPE, text=True)
+    lines = []
+    with tempfile.TemporaryDirectory() as profile:
+        browser = None
+        try:
+            if server.stdout.readline().strip() == "ready":
+                page = os.path.join(ROOT, "tests", "peers", "ws_browser.html")
+                browser = subprocess.Popen(
+                    [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                     f"--user-data-dir={profile}", f"file://{page}#{port}"],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                import queue
+                import threading
+                got = queue.Queue()
+                threading.Thread(target=lambda: [got.put(l.strip()) for l in server.stdout], daemon=True).start()
+                deadline = time.time() + 60
+                while time.time() < deadline and not (lines and lines[-1].startswith("echo")):
+                    try:
+                        lines.append(got.get(timeout=max(0.1, deadline - time.time())))
+                    except queue.Empty:
+                        break
+        finally:
+            if browser:
+                browser.kill()
+                browser.wait(5)
+            server.terminate()
+            server.wait(5)
+    check("Chromium negotiates permessage-deflate with our server", "extensions permessage-deflate" in lines, lines)
+    check("Chromium: its JSON message echoed whole", "echo ok" in lines, lines)
+    wire = [l.split() for l in lines if l.startswith("bytes ")]
+    check(f"Chromium's message arrived compressed ({' '.join(wire[0]) if wire else lines})",
+          bool(wire) and int(wire[0][1]) * 5 < int(wire[0][3]), lines)
+
+
 def main():
     port, tls_port, keepalive_port, large_port = free_port(), free_port(), free_port(), free_port()
+    deflate_port = free_port()
     server = subprocess.Popen([HOST_BIN, os.path.join(ROOT, "tests", "peers", "ws_server.lua"),
-                               str(port), str(tls_port), DATA, str(keepalive_port), str(large_port)],
+                               str(port), str(tls_port), DATA, str(keepalive_port), str(large_port),
+                               str(deflate_port)],
                               stdout=subprocess.PIPE, text=True)
     try:
         check("server starts", server.stdout.readline().strip() == "ready")
@@ -311,10 +428,13 @@ def main():
         backpressure_check(port, server)
         asyncio.run(keepalive_checks(keepalive_port))
         asyncio.run(large_checks(large_port))
+        asyncio.run(deflate_checks(deflate_port))
+        browser_check()
         slow.join()
         asyncio.run(client_checks(port, tls_port))
         check("server survived hostile input", server.poll() is None)
         asyncio.run(our_client_against_python_server())
+        asyncio.run(our_deflate_client_against_python_server())
     finally:
         server.terminate()
         server.wait(5)

@@ -1,5 +1,6 @@
 -- The server the independent-peer tests talk to (run by luna-host).
 -- usage: luna-host ws_server.lua <ws port> <wss port> <test data dir> <keep-alive port> <large port>
+--        <deflate port>
 local luna = require("luna")
 local port, tls_port, data = tonumber(arg[1]), tonumber(arg[2]), arg[3]
 
@@ -27,6 +28,8 @@ local function echo(ws)
       end
     elseif message == "protocol?" then
       ws:send(tostring(ws.raw_socket.protocol))
+    elseif message == "bytes_in?" then
+      ws:send(tostring(ws:stats().bytes_in))
     else
       ws:send(message, opcode)
     end
@@ -52,6 +55,12 @@ luna.new_web_app({
 luna.new_web_app({
   name = "peer test large", host = "127.0.0.1", port = tonumber(arg[5]), debug = false,
   max_message_size = 64 * 1024 * 1024,
+  protocols = { default = echo },
+})
+-- permessage-deflate allowed; 1 MiB messages at most (after inflating).
+luna.new_web_app({
+  name = "peer test deflate", host = "127.0.0.1", port = tonumber(arg[6]), debug = false,
+  max_message_size = 1024 * 1024, compression = true,
   protocols = { default = echo },
 })
 print("ready")

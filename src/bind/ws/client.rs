@@ -37,6 +37,7 @@ const CLIENT_KEYS: &[&str] = &[
     "on_message",
     "on_close",
     "max_message_size",
+    "compression",
     "ping_interval",
     "ping_timeout",
 ];
@@ -156,7 +157,7 @@ fn connect_to_web_app(lua: &Lua, config: Value) -> Result<AnyUserData> {
     } else {
         None
     };
-    let settings = settings(&opts, WsConfig::default())?;
+    let settings = settings(&opts, WsConfig::default(), false)?;
     let policy = policy(&opts, lua, format!("web-client '{name}'"))?;
     let mut callbacks: [Option<RegistryKey>; 3] = Default::default();
     for (slot, key) in [(ON_CONNECT, "on_connect"), (ON_MESSAGE, "on_message"), (ON_CLOSE, "on_close")] {

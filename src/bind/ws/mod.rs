@@ -20,7 +20,9 @@ use super::options::Options;
 use super::policy::Policy;
 use super::{Runtime, Side};
 use crate::driver::{Event, EventKind, Key, Tag};
-use crate::proto::ws::{self as proto, Opcode, Settings, WsConfig, WsSession, WsUrl};
+use crate::proto::ws::{
+    self as proto, Contexts, DeflateConfig, Opcode, Settings, WsConfig, WsSession, WsUrl,
+};
 use client::{client_callback, client_closed, client_inbox, disconnect, start_client, ON_CONNECT};
 use server::{accepted, remove_server, server_inbox};
 
@@ -172,8 +174,29 @@ fn send(rt: &Runtime, key: Key, op: Opcode, data: &[u8]) -> (Option<bool>, Optio
     }
 }
 
-fn settings(opts: &Options, ws_default: WsConfig) -> Result<Settings> {
-    let mut settings = Settings { ws: ws_default, ..Settings::default() };
+/// Keys of the `compression` table; `max_contexts` only for servers.
+const COMPRESSION_KEYS: &[&str] = &["level", "threshold", "window_bits", "context_takeover", "max_contexts"];
+
+/// permessage-deflate from the `compression` option (`true`, or a table of
+/// [`COMPRESSION_KEYS`]; off by default).
+fn compression(opts: &Options, server: bool) -> Result<Option<(DeflateConfig, Arc<Contexts>)>> {
+    let known = if server { COMPRESSION_KEYS } else { &COMPRESSION_KEYS[..4] };
+    let Some(table) = opts.switch("compression", known)? else { return Ok(None) };
+    let mut config = DeflateConfig::default();
+    if let Some(c) = table {
+        config.level = c.whole("level", 0, 9)?.unwrap_or(config.level);
+        config.threshold = c.whole("threshold", 0, u32::MAX)?.map_or(config.threshold, |t| t as usize);
+        config.window_bits = c.whole("window_bits", 9, 15)?.map_or(config.window_bits, |b| b as u8);
+        config.context_takeover = c.boolean("context_takeover")?.unwrap_or(config.context_takeover);
+        config.max_contexts =
+            c.whole("max_contexts", 0, u32::MAX)?.map_or(config.max_contexts, |m| m as usize);
+    }
+    Ok(Some((config, Contexts::new(config.max_contexts))))
+}
+
+fn settings(opts: &Options, ws_default: WsConfig, server: bool) -> Result<Settings> {
+    let mut settings =
+        Settings { ws: ws_default, deflate: compression(opts, server)?, ..Settings::default() };
     if let Some(size) = opts.size("max_message_size")? {
         // One limit, raised or lowered: a message may come as a single frame of that size.
         settings.ws.max_message_size = size;

@@ -25,6 +25,7 @@ const SERVER_KEYS: &[&str] = &[
     "ssl",
     "protocols",
     "max_message_size",
+    "compression",
     "ping_interval",
     "ping_timeout",
 ];
@@ -120,7 +121,7 @@ fn new_web_app(lua: &Lua, config: Value) -> Result<Table> {
             )
         }
     };
-    let settings = settings(&opts, WsConfig::default())?;
+    let settings = settings(&opts, WsConfig::default(), true)?;
     let policy = policy(&opts, lua, format!("web-app '{name}'"))?;
     let names: Vec<String> = handlers.keys().cloned().collect();
 

@@ -11,6 +11,7 @@
 //! sizes, no write batching (frames go straight to the pipe, so pre-encoded frames keep their
 //! order), and unmasked client frames refused.
 
+use super::deflate::{Agreed, Deflater, Inflater, Sink};
 use super::pipe::Pipe;
 use super::Error;
 use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
@@ -130,7 +131,45 @@ enum State {
 const REFRESH_NOW_ABOVE: u64 = 16 * 1024;
 
 /// Largest frame header (2 + 8 length bytes + 4 mask bytes).
-const MAX_HEADER: usize = 14;
+pub(super) const MAX_HEADER: usize = 14;
+
+/// An encoded, unmasked frame header.
+pub(super) struct Header {
+    buf: [u8; MAX_HEADER],
+    len: usize,
+}
+
+impl AsRef<[u8]> for Header {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf[..self.len]
+    }
+}
+
+/// The header of an unmasked frame of `len` payload bytes.
+pub(super) fn frame_header(is_final: bool, rsv1: bool, opcode: OpCode, len: usize) -> Header {
+    let header = FrameHeader { is_final, rsv1, opcode, ..FrameHeader::default() };
+    let mut buf = [0u8; MAX_HEADER];
+    let mut w = &mut buf[..];
+    // The largest header fits.
+    let _ = header.format(len as u64, &mut w);
+    let len = MAX_HEADER - w.len();
+    Header { buf, len }
+}
+
+impl Sink for Pipe {
+    fn push(&mut self, data: &[u8]) {
+        self.push_incoming(data);
+    }
+}
+
+/// permessage-deflate state of a connection that negotiated it.
+#[derive(Debug)]
+struct Deflate {
+    inflater: Inflater,
+    deflater: Deflater,
+    /// The compressed form of the message being sent.
+    compressed: Vec<u8>,
+}
 
 /// Close codes an endpoint may put on the wire (RFC 6455 §7.4).
 pub fn is_sendable_close_code(code: u16) -> bool {
@@ -139,10 +178,8 @@ pub fn is_sendable_close_code(code: u16) -> bool {
 
 /// Encode one unmasked, final frame (what a server sends) into `out`.
 pub fn encode_frame_into(opcode: Opcode, data: &[u8], out: &mut Vec<u8>) {
-    let header = FrameHeader { opcode: opcode.data(), ..FrameHeader::default() };
     out.reserve(data.len() + 10);
-    // Writing into a Vec cannot fail.
-    let _ = header.format(data.len() as u64, out);
+    out.extend_from_slice(frame_header(true, false, opcode.data(), data.len()).as_ref());
     out.extend_from_slice(data);
 }
 
@@ -181,35 +218,45 @@ pub struct WsConn {
     /// since, so reading again would find nothing either (a message is read in one call, then
     /// the session asks again twice: after pumping it and once its inbox is empty).
     starved: bool,
+    deflate: Option<Box<Deflate>>,
 }
 
 impl WsConn {
     /// A connection whose upgrade just completed; `leftover` are the bytes received after the
-    /// upgrade head (they belong to the WebSocket stream).
-    pub fn new(role: Role, config: WsConfig, leftover: &[u8]) -> Self {
-        let mut pipe = Pipe::new();
-        if !leftover.is_empty() {
-            pipe.push_incoming(leftover);
-        }
-        WsConn {
-            ws: Self::make_ws(role, &config, pipe),
+    /// upgrade head (they belong to the WebSocket stream). `deflate`: what the upgrade agreed
+    /// on for permessage-deflate, if it did.
+    pub fn new(role: Role, config: WsConfig, leftover: &[u8], deflate: Option<Agreed>) -> Self {
+        let deflate = deflate.map(|agreed| {
+            Box::new(Deflate {
+                inflater: Inflater::new(role, &agreed, config.max_frame_size, config.max_message_size),
+                deflater: Deflater::new(agreed),
+                compressed: Vec::new(),
+            })
+        });
+        let mut conn = WsConn {
+            ws: Self::make_ws(role, &config, Pipe::new(), deflate.is_some()),
             role,
             config,
             state: State::Open,
             pending: None,
-            activity: !leftover.is_empty(),
+            activity: false,
             starved: false,
-        }
+            deflate,
+        };
+        conn.handle_bytes(leftover);
+        conn
     }
 
-    fn make_ws(role: Role, config: &WsConfig, pipe: Pipe) -> WebSocket<Pipe> {
+    /// `inflating`: frames reach tungstenite through an [`Inflater`], which hands inflated
+    /// frames on unmasked and checks the peer's masking itself.
+    fn make_ws(role: Role, config: &WsConfig, pipe: Pipe, inflating: bool) -> WebSocket<Pipe> {
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(config.read_buffer_size.max(256))
             .write_buffer_size(0)
             .max_write_buffer_size(usize::MAX)
             .max_message_size(Some(config.max_message_size))
             .max_frame_size(Some(config.max_frame_size))
-            .accept_unmasked_frames(false);
+            .accept_unmasked_frames(inflating && role == Role::Server);
         let ws_role = match role {
             Role::Server => WsRole::Server,
             Role::Client => WsRole::Client,
@@ -226,7 +273,7 @@ impl WsConn {
 
     /// A fresh reader (small buffers) in place of the current one; only when quiet.
     fn refresh_reader(&mut self) {
-        let mut fresh = Self::make_ws(self.role, &self.config, Pipe::new());
+        let mut fresh = Self::make_ws(self.role, &self.config, Pipe::new(), self.deflate.is_some());
         std::mem::swap(fresh.get_mut(), self.ws.get_mut());
         self.ws = fresh;
         self.ws.get_mut().reset_largest_frame();
@@ -262,6 +309,10 @@ impl WsConn {
             self.refresh_reader();
         }
         self.ws.get_mut().trim();
+        if let Some(d) = &mut self.deflate {
+            d.inflater.trim();
+            d.compressed = Vec::new();
+        }
     }
 
     /// Our role.
@@ -281,7 +332,10 @@ impl WsConn {
         }
         self.activity = true;
         self.starved = false;
-        self.ws.get_mut().push_incoming(data);
+        match &mut self.deflate {
+            Some(d) => d.inflater.push(data, self.ws.get_mut()),
+            None => self.ws.get_mut().push_incoming(data),
+        }
     }
 
     /// The transport reached end of stream (after the buffered bytes are processed, an
@@ -340,6 +394,9 @@ impl WsConn {
                     return Some(WsEvent::Closed { code, reason, clean: true });
                 }
                 Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                    if let Some((code, reason)) = self.deflate.as_ref().and_then(|d| d.inflater.failed()) {
+                        return Some(self.fail_with(code, reason, reason.to_string()));
+                    }
                     self.starved = true;
                     self.maybe_refresh_reader();
                     return None;
@@ -352,7 +409,6 @@ impl WsConn {
     /// Turn a tungstenite error into the final event, sending a close frame when the peer
     /// is still there.
     fn fail(&mut self, e: WsError) -> WsEvent {
-        let was_open = self.state == State::Open;
         let (code, wire_reason) = match &e {
             WsError::Capacity(CapacityError::MessageTooLong { .. }) => (1009, "message too big"),
             WsError::Capacity(_) => (1009, "too big"),
@@ -364,15 +420,21 @@ impl WsConn {
             WsError::Protocol(_) => (1002, "protocol error"),
             _ => (1011, "internal error"),
         };
-        if code != 1006 && was_open {
-            let frame = CloseFrame { code: code.into(), reason: wire_reason.into() };
-            let _ = self.ws.close(Some(frame));
-        }
-        self.state = State::Closed;
         let reason = match code {
             1006 => "connection closed without a close frame".to_string(),
             _ => e.to_string(),
         };
+        self.fail_with(code, wire_reason, reason)
+    }
+
+    /// Fail the connection with `code` (a close frame with `wire_reason` when the peer is
+    /// still there; not for 1006).
+    fn fail_with(&mut self, code: u16, wire_reason: &str, reason: String) -> WsEvent {
+        if code != 1006 && self.state == State::Open {
+            let frame = CloseFrame { code: code.into(), reason: wire_reason.into() };
+            let _ = self.ws.close(Some(frame));
+        }
+        self.state = State::Closed;
         WsEvent::Closed { code, reason, clean: false }
     }
 
@@ -400,28 +462,37 @@ impl WsConn {
         if opcode == Opcode::Text && std::str::from_utf8(data).is_err() {
             return Err(Error::InvalidUtf8);
         }
-        self.check_room(data.len() + 14)?;
-        match self.role {
+        self.check_room(data.len() + MAX_HEADER)?;
+        let mut compressed = Vec::new();
+        if let Some(d) = &mut self.deflate {
+            if d.deflater.compress(data, &mut d.compressed) {
+                compressed = std::mem::take(&mut d.compressed);
+            }
+        }
+        let rsv1 = !compressed.is_empty();
+        let payload = if rsv1 { &compressed[..] } else { data };
+        let result = match self.role {
             Role::Server => {
                 // Our frames are unmasked: encode straight into the pipe (one copy). The
                 // tungstenite write buffer is always empty here (write_buffer_size 0), so
                 // frame order is preserved.
-                let header = FrameHeader { opcode: opcode.data(), ..FrameHeader::default() };
-                let mut buf = [0u8; MAX_HEADER];
-                let mut w = &mut buf[..];
-                let _ = header.format(data.len() as u64, &mut w);
-                let hdr_len = MAX_HEADER - w.len();
-                let hdr = &buf[..hdr_len];
                 let pipe = self.ws.get_mut();
-                pipe.push_outgoing(hdr);
-                pipe.push_outgoing(data);
+                pipe.push_outgoing(frame_header(true, rsv1, opcode.data(), payload.len()).as_ref());
+                pipe.push_outgoing(payload);
                 Ok(())
             }
             Role::Client => {
-                let frame = Frame::message(Bytes::copy_from_slice(data), opcode.data(), true);
+                let mut frame = Frame::message(Bytes::copy_from_slice(payload), opcode.data(), true);
+                frame.header_mut().rsv1 = rsv1;
                 self.write_message(Message::Frame(frame))
             }
+        };
+        if let Some(d) = &mut self.deflate {
+            if rsv1 {
+                d.compressed = compressed;
+            }
         }
+        result
     }
 
     fn write_message(&mut self, msg: Message) -> Result<(), Error> {

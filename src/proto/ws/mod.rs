@@ -12,6 +12,7 @@
 //! client's random key) in and writes out what comes back.
 
 pub mod conn;
+pub mod deflate;
 mod error;
 pub mod fuzzing;
 pub mod pipe;
@@ -19,6 +20,7 @@ pub mod session;
 pub mod upgrade;
 
 pub use conn::{encode_frame, Opcode, Role, WsConfig, WsConn, WsEvent};
+pub use deflate::{Agreed, ContextTicket, Contexts, DeflateConfig};
 pub use error::Error;
 pub use pipe::Pipe;
 pub use session::{Received, Settings, UpgradeInfo, WsSession};

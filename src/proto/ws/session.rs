@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    AcceptedUpgrade, ClientHandshake, Opcode, Role, ServerHandshake, ServerUpgrade, UpgradeLimits, WsConfig,
-    WsConn, WsEvent, WsUrl,
+    AcceptedUpgrade, ClientHandshake, ContextTicket, Contexts, DeflateConfig, Opcode, Role, ServerHandshake,
+    ServerUpgrade, UpgradeLimits, WsConfig, WsConn, WsEvent, WsUrl,
 };
 use crate::proto::stream::{Flow, StreamProtocol};
 
@@ -37,6 +37,9 @@ pub struct Settings {
     /// Received bytes held for a handler that is not receiving; past it the socket is left
     /// unread and TCP flow control pushes back on the peer.
     pub inbox_limit: usize,
+    /// permessage-deflate, when the app allows (server) or offers (client) it, with the count
+    /// of a server's connections that keep their own compression contexts.
+    pub deflate: Option<(DeflateConfig, Arc<Contexts>)>,
 }
 
 impl Default for Settings {
@@ -46,6 +49,7 @@ impl Default for Settings {
             ping_interval: None,
             ping_timeout: Duration::from_secs(20),
             inbox_limit: INBOX_LIMIT,
+            deflate: None,
         }
     }
 }
@@ -118,6 +122,8 @@ pub struct WsSession {
     /// Messages taken from the inbox and messages queued to send, for `ws:stats()`.
     pub messages_in: u64,
     pub messages_out: u64,
+    /// Server: this connection keeps its own compression contexts.
+    _context: Option<ContextTicket>,
 }
 
 impl WsSession {
@@ -147,6 +153,7 @@ impl WsSession {
             news: false,
             messages_in: 0,
             messages_out: 0,
+            _context: None,
         }
     }
 
@@ -166,7 +173,8 @@ impl WsSession {
         settings: Arc<Settings>,
         now: Instant,
     ) -> Result<WsSession, super::Error> {
-        let (handshake, request) = ClientHandshake::new(url, protocols, key)?;
+        let deflate = settings.deflate.as_ref().map(|(config, _)| config);
+        let (handshake, request) = ClientHandshake::new(url, protocols, key, deflate)?;
         Ok(WsSession::new(Phase::Connecting { request, handshake }, settings, now))
     }
 
@@ -280,7 +288,13 @@ impl WsSession {
 
     fn accept(&mut self, up: AcceptedUpgrade) {
         self.queue_head(&up.response);
-        self.phase = Phase::Open(Box::new(WsConn::new(Role::Server, self.settings.ws, &up.leftover)));
+        if let (Some(agreed), Some((_, contexts))) = (&up.deflate, &self.settings.deflate) {
+            if agreed.keeps_context() {
+                self._context = Some(contexts.take());
+            }
+        }
+        let conn = WsConn::new(Role::Server, self.settings.ws, &up.leftover, up.deflate);
+        self.phase = Phase::Open(Box::new(conn));
         self.upgrade = UpgradeInfo {
             handler: up.handler,
             protocol: up.protocol,
@@ -383,7 +397,9 @@ impl StreamProtocol for WsSession {
         match &mut self.phase {
             Phase::ServerUpgrade(handshake) => {
                 let handlers = self.handlers.clone();
-                match handshake.handle_bytes(data, |name| handlers.iter().any(|h| h == name)) {
+                let deflate =
+                    self.settings.deflate.as_ref().map(|(config, contexts)| (config, contexts.available()));
+                match handshake.handle_bytes(data, |name| handlers.iter().any(|h| h == name), deflate) {
                     ServerUpgrade::Incomplete => {}
                     ServerUpgrade::Accept(up) => self.accept(*up),
                     ServerUpgrade::Reject(rejection) => {
@@ -399,8 +415,8 @@ impl StreamProtocol for WsSession {
                 Ok(Some(up)) => {
                     self.upgrade.protocol = up.protocol;
                     self.upgrade.headers = up.headers;
-                    self.phase =
-                        Phase::Open(Box::new(WsConn::new(Role::Client, self.settings.ws, &up.leftover)));
+                    let conn = WsConn::new(Role::Client, self.settings.ws, &up.leftover, up.deflate);
+                    self.phase = Phase::Open(Box::new(conn));
                     self.opened = true;
                     self.established = true;
                     self.news = true;

@@ -23,7 +23,7 @@ fn handlers<'a>(names: &'a [&'a str]) -> impl Fn(&str) -> bool + 'a {
 
 fn server_accept(req: &[u8], names: &[&str]) -> Result<Box<AcceptedUpgrade>, Rejection> {
     let mut hs = ServerHandshake::default();
-    match hs.handle_bytes(req, handlers(names)) {
+    match hs.handle_bytes(req, handlers(names), None) {
         ServerUpgrade::Accept(a) => Ok(a),
         ServerUpgrade::Reject(r) => Err(r),
         ServerUpgrade::Incomplete => panic!("incomplete"),
@@ -36,12 +36,23 @@ fn reject(req: &[u8]) -> Rejection {
 
 /// Connect a client and a server through the handshakes, feeding `step` bytes at a time.
 fn pair_with(step: usize, config: WsConfig, protocols: &[&str], names: &[&str]) -> (WsConn, WsConn) {
+    pair_deflate(step, config, protocols, names, None)
+}
+
+/// [`pair_with`], both sides allowing permessage-deflate with `deflate` when given.
+fn pair_deflate(
+    step: usize,
+    config: WsConfig,
+    protocols: &[&str],
+    names: &[&str],
+    deflate: Option<&DeflateConfig>,
+) -> (WsConn, WsConn) {
     let url = WsUrl::parse("ws://localhost:9000/chat?room=1").unwrap();
-    let (mut ch, req) = ClientHandshake::new(&url, protocols, KEY).unwrap();
+    let (mut ch, req) = ClientHandshake::new(&url, protocols, KEY, deflate).unwrap();
     let mut sh = ServerHandshake::default();
     let mut accepted = None;
     for piece in req.chunks(step) {
-        match sh.handle_bytes(piece, handlers(names)) {
+        match sh.handle_bytes(piece, handlers(names), deflate.map(|d| (d, true))) {
             ServerUpgrade::Incomplete => {}
             ServerUpgrade::Accept(a) => accepted = Some(a),
             ServerUpgrade::Reject(r) => panic!("rejected: {}", r.reason),
@@ -51,7 +62,7 @@ fn pair_with(step: usize, config: WsConfig, protocols: &[&str], names: &[&str]) 
     assert_eq!(a.path, "/chat");
     assert_eq!(a.query.as_deref(), Some("room=1"));
     assert_eq!(a.header("HOST"), Some("localhost:9000"));
-    let server = WsConn::new(Role::Server, config, &a.leftover);
+    let server = WsConn::new(Role::Server, config, &a.leftover, a.deflate);
     let mut up = None;
     for piece in a.response.chunks(step) {
         if let Some(u) = ch.handle_bytes(piece).unwrap() {
@@ -60,7 +71,8 @@ fn pair_with(step: usize, config: WsConfig, protocols: &[&str], names: &[&str]) 
     }
     let up = up.expect("client upgraded");
     assert_eq!(up.protocol, a.protocol);
-    let client = WsConn::new(Role::Client, config, &up.leftover);
+    assert_eq!(up.deflate.is_some(), deflate.is_some());
+    let client = WsConn::new(Role::Client, config, &up.leftover, up.deflate);
     (server, client)
 }
 
@@ -574,7 +586,7 @@ fn slow_partial_upgrade_stays_bounded() {
     let mut result = None;
     for &b in header.iter().chain(std::iter::repeat(&b'a')) {
         fed += 1;
-        match hs.handle_bytes(&[b], |_| true) {
+        match hs.handle_bytes(&[b], |_| true, None) {
             ServerUpgrade::Incomplete => assert!(hs.buffered() <= DEFAULT_MAX),
             other => {
                 result = Some(other);
@@ -590,7 +602,7 @@ fn slow_partial_upgrade_stays_bounded() {
     assert!(fed <= DEFAULT_MAX + 1);
     assert!(hs.is_finished());
     assert_eq!(hs.buffered(), 0);
-    assert!(matches!(hs.handle_bytes(b"\r\n\r\n", |_| true), ServerUpgrade::Incomplete));
+    assert!(matches!(hs.handle_bytes(b"\r\n\r\n", |_| true, None), ServerUpgrade::Incomplete));
 }
 
 const DEFAULT_MAX: usize = upgrade::DEFAULT_MAX_HEAD_BYTES;
@@ -636,7 +648,7 @@ fn upgrade_details_and_leftover() {
     assert!(resp.starts_with("HTTP/1.1 101 Switching Protocols\r\n"));
     assert!(resp.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));
     assert!(resp.ends_with("\r\n\r\n"));
-    let mut s = WsConn::new(Role::Server, WsConfig::default(), &a.leftover);
+    let mut s = WsConn::new(Role::Server, WsConfig::default(), &a.leftover, None);
     assert_eq!(s.poll_event(), Some(msg(Opcode::Text, b"early")));
     // Case-insensitive header names and values; absolute-form target; bare LF line ends.
     let lf = "GET ws://h/p?q HTTP/1.1\nhost: h\nUPGRADE: WebSocket\nconnection: UPGRADE\n\
@@ -650,7 +662,7 @@ fn upgrade_details_and_leftover() {
 
 fn client_for(protocols: &[&str]) -> (ClientHandshake, Vec<u8>) {
     let url = WsUrl::parse("ws://[::1]:9000/x").unwrap();
-    ClientHandshake::new(&url, protocols, KEY).unwrap()
+    ClientHandshake::new(&url, protocols, KEY, None).unwrap()
 }
 
 fn response_for(req: &[u8], names: &[&str]) -> Vec<u8> {
@@ -666,8 +678,8 @@ fn client_request_shape() {
     assert!(req.contains("Sec-WebSocket-Protocol: chat, echo\r\n"));
     assert!(req.contains("Sec-WebSocket-Version: 13\r\n"));
     let url = WsUrl::parse("ws://h/").unwrap();
-    assert!(ClientHandshake::new(&url, &["bad name"], KEY).is_err());
-    assert!(ClientHandshake::new(&url, &[""], KEY).is_err());
+    assert!(ClientHandshake::new(&url, &["bad name"], KEY, None).is_err());
+    assert!(ClientHandshake::new(&url, &[""], KEY, None).is_err());
 }
 
 #[test]
@@ -733,7 +745,7 @@ fn wss_end_to_end_one_byte_at_a_time() {
     let mut st = Tls::server(test_server_config()).unwrap();
     // The client can queue its upgrade request before the handshake completes.
     let url = WsUrl::parse("wss://localhost:9443/secure").unwrap();
-    let (mut ch, req) = ClientHandshake::new(&url, &["chat"], KEY).unwrap();
+    let (mut ch, req) = ClientHandshake::new(&url, &["chat"], KEY, None).unwrap();
     ct.write_plaintext(&req).unwrap();
     pump(&mut ct, &mut st, 1).unwrap();
 
@@ -742,7 +754,7 @@ fn wss_end_to_end_one_byte_at_a_time() {
     let a = server_accept(&plain, &["chat"]).unwrap();
     assert_eq!(a.path, "/secure");
     st.write_plaintext(&a.response).unwrap();
-    let mut server = WsConn::new(Role::Server, WsConfig::default(), &a.leftover);
+    let mut server = WsConn::new(Role::Server, WsConfig::default(), &a.leftover, None);
     server.send(Opcode::Text, b"welcome").unwrap();
     let mut out = Vec::new();
     server.take_outgoing(&mut out);
@@ -753,7 +765,7 @@ fn wss_end_to_end_one_byte_at_a_time() {
     ct.read_plaintext(&mut plain);
     let up = ch.handle_bytes(&plain).unwrap().unwrap();
     assert_eq!(up.protocol.as_deref(), Some("chat"));
-    let mut client = WsConn::new(Role::Client, WsConfig::default(), &up.leftover);
+    let mut client = WsConn::new(Role::Client, WsConfig::default(), &up.leftover, None);
     assert_eq!(client.poll_event(), Some(msg(Opcode::Text, b"welcome")));
 
     // Close over TLS, then close_notify.
@@ -790,4 +802,93 @@ fn fuzz_entry_points_accept_junk() {
         fuzzing::upgrade(&v);
         fuzzing::connection(&v);
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// permessage-deflate through the whole stack.
+
+fn deflate_pair(config: &DeflateConfig) -> (WsConn, WsConn) {
+    pair_deflate(7, WsConfig::default(), &[], &["default"], Some(config))
+}
+
+#[test]
+fn deflate_messages_both_ways_smaller_on_the_wire() {
+    for takeover in [true, false] {
+        let cfg = DeflateConfig { context_takeover: takeover, ..DeflateConfig::default() };
+        let (mut s, mut c) = deflate_pair(&cfg);
+        let text = "{\"player\":\"x\",\"pos\":[1,2,3],\"hp\":100}".repeat(30);
+        for round in 0..3 {
+            c.send(Opcode::Text, text.as_bytes()).unwrap();
+            let wire = c.outgoing_len();
+            assert!(wire < text.len() / 4, "round {round}: {wire} bytes for {}", text.len());
+            let got = transfer(&mut c, &mut s, 5);
+            assert_eq!(got, vec![WsEvent::Message { opcode: Opcode::Text, data: text.clone().into() }]);
+            s.send(Opcode::Binary, text.as_bytes()).unwrap();
+            assert!(s.outgoing_len() < text.len() / 4);
+            let got = transfer(&mut s, &mut c, 3);
+            assert_eq!(got, vec![WsEvent::Message { opcode: Opcode::Binary, data: text.clone().into() }]);
+        }
+        // Short messages go as they are; ping and close work as ever.
+        c.send(Opcode::Text, b"hi").unwrap();
+        assert_eq!(c.outgoing_len(), 2 + 4 + 2);
+        assert_eq!(
+            transfer(&mut c, &mut s, 1),
+            vec![WsEvent::Message { opcode: Opcode::Text, data: "hi".into() }]
+        );
+        c.close(1000, "bye").unwrap();
+        assert!(matches!(
+            transfer(&mut c, &mut s, 2).as_slice(),
+            [WsEvent::Closed { code: 1000, clean: true, .. }]
+        ));
+        assert!(matches!(
+            transfer(&mut s, &mut c, 2).as_slice(),
+            [WsEvent::Closed { code: 1000, clean: true, .. }]
+        ));
+    }
+}
+
+#[test]
+fn deflate_large_message_and_limits() {
+    let (mut s, mut c) = deflate_pair(&DeflateConfig::default());
+    // 8 MiB of varied bytes, fed in 64 KiB pieces: inflated in pieces, reassembled whole.
+    let big: Vec<u8> = (0..8u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8 % 16).collect();
+    c.send(Opcode::Binary, &big).unwrap();
+    let got = transfer(&mut c, &mut s, 64 << 10);
+    assert_eq!(got.len(), 1);
+    assert!(matches!(&got[0], WsEvent::Message { data, .. } if data[..] == big[..]));
+    // A message over the server's limit once inflated: 1009, with little read.
+    let small = WsConfig { max_message_size: 1 << 20, max_frame_size: 1 << 20, ..WsConfig::default() };
+    let (mut s, mut c) = pair_deflate(usize::MAX, small, &[], &["default"], Some(&DeflateConfig::default()));
+    c.send(Opcode::Binary, &vec![0u8; 4 << 20]).unwrap();
+    let got = transfer(&mut c, &mut s, usize::MAX);
+    assert!(matches!(got.as_slice(), [WsEvent::Closed { code: 1009, clean: false, .. }]), "{got:?}");
+}
+
+#[test]
+fn deflate_declined_or_not_offered() {
+    // The server allows it, the client does not offer it: plain connection.
+    let url = WsUrl::parse("ws://localhost:9000/").unwrap();
+    let (_, req) = ClientHandshake::new(&url, &[], KEY, None).unwrap();
+    let mut sh = ServerHandshake::default();
+    let cfg = DeflateConfig::default();
+    let ServerUpgrade::Accept(a) = sh.handle_bytes(&req, handlers(&["default"]), Some((&cfg, true))) else {
+        panic!("not accepted")
+    };
+    assert!(a.deflate.is_none());
+    assert!(!String::from_utf8_lossy(&a.response).contains("Extensions"));
+    // The client offers, the server does not allow it: the client runs without.
+    let (mut ch, req) = ClientHandshake::new(&url, &[], KEY, Some(&cfg)).unwrap();
+    assert!(String::from_utf8_lossy(&req)
+        .contains("Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"));
+    let ServerUpgrade::Accept(a) =
+        ServerHandshake::default().handle_bytes(&req, handlers(&["default"]), None)
+    else {
+        panic!("not accepted")
+    };
+    let up = ch.handle_bytes(&a.response).unwrap().unwrap();
+    assert!(a.deflate.is_none() && up.deflate.is_none());
+    // A compressed frame on a connection without deflate: 1002.
+    let mut s = WsConn::new(Role::Server, WsConfig::default(), &[], None);
+    let events = feed(&mut s, &[0xc1, 0x80, 1, 2, 3, 4]);
+    assert!(matches!(events.as_slice(), [WsEvent::Closed { code: 1002, .. }]), "{events:?}");
 }

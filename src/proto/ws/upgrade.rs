@@ -8,6 +8,7 @@
 //! [`ClientHandshake::new`] (the 16 random key bytes are passed in: `proto` has no randomness
 //! source), write it, then feed the response to [`ClientHandshake::handle_bytes`].
 
+use super::deflate::{self, Agreed, DeflateConfig};
 use super::Error;
 use tungstenite::handshake::derive_accept_key;
 
@@ -210,6 +211,8 @@ pub struct AcceptedUpgrade {
     pub response: Vec<u8>,
     /// Bytes received after the request head: they belong to the WebSocket stream.
     pub leftover: Vec<u8>,
+    /// What was agreed on for permessage-deflate, if the app allows it and the client offered it.
+    pub deflate: Option<Agreed>,
 }
 
 impl AcceptedUpgrade {
@@ -274,12 +277,19 @@ impl ServerHandshake {
     }
 
     /// Feed received bytes. `has_handler(name)` says whether the server has a handler called
-    /// `name` (the literal `"default"` included). Once `Accept` or `Reject` was returned,
-    /// further calls return `Incomplete` and ignore their input.
-    pub fn handle_bytes(&mut self, data: &[u8], has_handler: impl Fn(&str) -> bool) -> ServerUpgrade {
+    /// `name` (the literal `"default"` included). `deflate`: the app's permessage-deflate
+    /// settings if it allows it, and whether this connection may keep its own contexts
+    /// ([`Contexts::available`](super::Contexts::available)). Once `Accept` or `Reject` was
+    /// returned, further calls return `Incomplete` and ignore their input.
+    pub fn handle_bytes(
+        &mut self,
+        data: &[u8],
+        has_handler: impl Fn(&str) -> bool,
+        deflate: Option<(&DeflateConfig, bool)>,
+    ) -> ServerUpgrade {
         let result = match self.head.push(data, self.limits.max_head_bytes) {
             HeadState::Incomplete => None,
-            HeadState::Complete => self.parse(&has_handler),
+            HeadState::Complete => self.parse(&has_handler, deflate),
             HeadState::TooLarge => Some(ServerUpgrade::Reject(Rejection::new(431, "request head too large"))),
         };
         match result {
@@ -291,7 +301,11 @@ impl ServerHandshake {
         }
     }
 
-    fn parse(&self, has_handler: &dyn Fn(&str) -> bool) -> Option<ServerUpgrade> {
+    fn parse(
+        &self,
+        has_handler: &dyn Fn(&str) -> bool,
+        deflate: Option<(&DeflateConfig, bool)>,
+    ) -> Option<ServerUpgrade> {
         let mut headers = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
         let mut req = httparse::Request::new(&mut headers);
         let n = match req.parse(self.head.bytes()) {
@@ -319,7 +333,7 @@ impl ServerHandshake {
         let version = req.version.unwrap_or(0);
         let hdrs = collect_headers(req.headers);
         let leftover = self.head.bytes()[n..].to_vec();
-        Some(match validate_request(method, target, version, hdrs, has_handler) {
+        Some(match validate_request(method, target, version, hdrs, has_handler, deflate) {
             Ok(mut acc) => {
                 acc.leftover = leftover;
                 ServerUpgrade::Accept(Box::new(acc))
@@ -356,6 +370,7 @@ fn validate_request(
     version: u8,
     headers: Vec<(String, String)>,
     has_handler: &dyn Fn(&str) -> bool,
+    deflate: Option<(&DeflateConfig, bool)>,
 ) -> Result<AcceptedUpgrade, Rejection> {
     if method != "GET" {
         return Err(Rejection::new(405, format!("method {method} not allowed (use GET)")));
@@ -415,6 +430,15 @@ fn validate_request(
         response.push_str(p);
         response.push_str("\r\n");
     }
+    let agreed = deflate.and_then(|(config, own_context)| {
+        deflate::negotiate(find(&headers, "sec-websocket-extensions"), config, own_context)
+    });
+    let deflate = agreed.map(|(agreed, extension)| {
+        response.push_str("Sec-WebSocket-Extensions: ");
+        response.push_str(&extension);
+        response.push_str("\r\n");
+        agreed
+    });
     response.push_str("\r\n");
     Ok(AcceptedUpgrade {
         path,
@@ -424,6 +448,7 @@ fn validate_request(
         handler,
         response: response.into_bytes(),
         leftover: Vec::new(),
+        deflate,
     })
 }
 
@@ -485,6 +510,7 @@ impl WsUrl {
 pub struct ClientHandshake {
     expected_accept: String,
     offered: Vec<String>,
+    deflate: Option<DeflateConfig>,
     head: Head,
     limits: UpgradeLimits,
 }
@@ -498,13 +524,21 @@ pub struct ClientUpgrade {
     pub headers: Vec<(String, String)>,
     /// Bytes received after the response head: the start of the WebSocket stream.
     pub leftover: Vec<u8>,
+    /// What the server agreed to for permessage-deflate (only if we offered it).
+    pub deflate: Option<Agreed>,
 }
 
 impl ClientHandshake {
     /// Build the upgrade request for `url`, offering `protocols` (in preference order) and
-    /// using `key` (16 random bytes from the caller) as `Sec-WebSocket-Key`. Returns the
-    /// handshake state and the request bytes to write.
-    pub fn new(url: &WsUrl, protocols: &[&str], key: [u8; 16]) -> Result<(Self, Vec<u8>), Error> {
+    /// permessage-deflate with `deflate`'s settings, if given, and using `key` (16 random bytes
+    /// from the caller) as `Sec-WebSocket-Key`. Returns the handshake state and the request
+    /// bytes to write.
+    pub fn new(
+        url: &WsUrl,
+        protocols: &[&str],
+        key: [u8; 16],
+        deflate: Option<&DeflateConfig>,
+    ) -> Result<(Self, Vec<u8>), Error> {
         if let Some(bad) = protocols.iter().find(|p| !is_token(p)) {
             return Err(Error::Handshake(format!("invalid subprotocol name '{bad}'")));
         }
@@ -519,10 +553,16 @@ impl ClientHandshake {
             req.push_str(&protocols.join(", "));
             req.push_str("\r\n");
         }
+        if let Some(config) = deflate {
+            req.push_str("Sec-WebSocket-Extensions: ");
+            req.push_str(&deflate::offer(config));
+            req.push_str("\r\n");
+        }
         req.push_str("\r\n");
         let hs = ClientHandshake {
             expected_accept: derive_accept_key(key_b64.as_bytes()),
             offered: protocols.iter().map(|p| p.to_string()).collect(),
+            deflate: deflate.copied(),
             head: Head::default(),
             limits: UpgradeLimits::default(),
         };
@@ -582,9 +622,19 @@ impl ClientHandshake {
         if accepts.as_slice() != [self.expected_accept.as_str()] {
             return fail("wrong or missing Sec-WebSocket-Accept".into());
         }
-        if find(&hdrs, "sec-websocket-extensions").any(|v| !v.is_empty()) {
-            return fail("server selected an extension we did not offer".into());
-        }
+        let deflate = {
+            let extensions = find(&hdrs, "sec-websocket-extensions");
+            match &self.deflate {
+                Some(config) => match deflate::accept_response(extensions, config) {
+                    Ok(agreed) => agreed,
+                    Err(e) => return fail(e),
+                },
+                None if extensions.filter(|v| !v.is_empty()).count() > 0 => {
+                    return fail("server selected an extension we did not offer".into())
+                }
+                None => None,
+            }
+        };
         let chosen: Vec<&str> = find(&hdrs, "sec-websocket-protocol").collect();
         let protocol = match chosen.as_slice() {
             [] => None,
@@ -592,7 +642,8 @@ impl ClientHandshake {
             [p] => return fail(format!("server chose subprotocol '{p}' which we did not offer")),
             _ => return fail("server sent more than one Sec-WebSocket-Protocol".into()),
         };
-        Some(Ok(ClientUpgrade { protocol, headers: hdrs, leftover: self.head.bytes()[n..].to_vec() }))
+        let leftover = self.head.bytes()[n..].to_vec();
+        Some(Ok(ClientUpgrade { protocol, headers: hdrs, leftover, deflate }))
     }
 }
 
@@ -624,7 +675,7 @@ mod tests {
 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
 Sec-WebSocket-Protocol: chat, superchat\r\nSec-WebSocket-Version: 13\r\n\r\n";
         let mut hs = ServerHandshake::default();
-        match hs.handle_bytes(req, |p| p == "chat") {
+        match hs.handle_bytes(req, |p| p == "chat", None) {
             ServerUpgrade::Accept(a) => {
                 let r = String::from_utf8(a.response.clone()).unwrap();
                 assert!(r.contains("Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n"));

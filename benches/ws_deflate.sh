@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# WebSocket echo with permessage-deflate (issue 9): Luna (luna-host, LuaJIT,
+# benches/ws_echo_server.lua with WS_COMPRESSION=1: level 1, threshold 64 B, context takeover)
+# against Node ws 8 with the same settings (benches/ws_deflate/server.js), servers alternating,
+# server on CPU 0, the load generator (Node ws, benches/ws_deflate/client.js: CONNS connections,
+# one game-state JSON message of SIZE bytes in flight each, compressed both ways) on CPU 1.
+# Prints every run (msgs/s, server CPU % over the run, wire bytes / message bytes) and per size
+# the median and Luna's ratio to Node. Node ws is installed here (npm), not in CI.
+#
+# Environment: SIZES ("256 8192"), RUNS (3), CONNS (50), WARMUP (2), DURATION (5), PORT (19501).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source benches/lib.sh
+
+SIZES=${SIZES:-"256 8192"}
+PORT=${PORT:-19501}
+print_machine
+build_host luajit
+host=$(host_bin luajit)
+peers=$(realpath -m "${CARGO_TARGET_DIR:-target}/bench-peers")
+mkdir -p "$peers"
+[ -d "$peers/node_modules/ws" ] || npm install --silent --prefix "$peers" ws@8 >/dev/null
+cp benches/ws_deflate/server.js benches/ws_deflate/client.js "$peers/"
+echo "node ws $(node -p "require('$peers/node_modules/ws/package.json').version"), $(node -v); conns $CONNS, warm-up $WARMUP s, measured $DURATION s, $RUNS runs"
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+work=$(mktemp -d)
+trap 'rm -rf "$work"; kill $(jobs -p) 2>/dev/null || true' EXIT
+results=$work/results
+for size in $SIZES; do
+  echo "== $size-byte messages"
+  for run in $(seq "$RUNS"); do
+    for server in luna node; do
+      port=$PORT
+      PORT=$((PORT + 1))
+      case $server in
+        luna) WS_COMPRESSION=1 taskset -c 0 "$host" benches/ws_echo_server.lua "$port" >"$work/out" 2>&1 & ;;
+        node) taskset -c 0 node "$peers/server.js" "$port" >"$work/out" 2>&1 & ;;
+      esac
+      pid=$!
+      for _ in $(seq 100); do grep -q ready "$work/out" 2>/dev/null && break; sleep 0.05; done
+      t0=$(date +%s.%N) c0=$(cpu_ticks "$pid")
+      result=$(taskset -c 1 node "$peers/client.js" "$port" "$size" "$CONNS" "$WARMUP" "$DURATION" | grep RESULT || echo "RESULT failed")
+      t1=$(date +%s.%N) c1=$(cpu_ticks "$pid")
+      cpu=$(echo "$c0 $c1 $t0 $t1 $(getconf CLK_TCK)" | awk '{printf "%.0f", 100 * ($2 - $1) / $5 / ($4 - $3)}')
+      kill "$pid" 2>/dev/null || true
+      wait "$pid" 2>/dev/null || true
+      echo "  run $run $server: ${result#RESULT } server_cpu=${cpu}%"
+      echo "$size $server ${result#RESULT }" >>"$results"
+    done
+  done
+done
+
+echo
+echo "permessage-deflate echo, msgs/s: median over $RUNS runs (min-max); ratio = Luna / Node"
+printf '%-8s %-22s %-22s %-6s\n' size luna node ratio
+for size in $SIZES; do
+  awk -v size="$size" '
+    function sort(a, k,   i, j, t) { for (i = 1; i <= k; i++) for (j = i + 1; j <= k; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t } }
+    $1 == size { split($3, kv, "="); n[$2]++; v[$2, n[$2]] = kv[2] }
+    END {
+      for (s in n) { for (i = 1; i <= n[s]; i++) a[i] = v[s, i]; sort(a, n[s]); m[s] = a[int((n[s] + 1) / 2)]; lo[s] = a[1]; hi[s] = a[n[s]]; delete a }
+      printf "%-8s %-22s %-22s %-6s\n", size, m["luna"] " (" lo["luna"] "-" hi["luna"] ")", m["node"] " (" lo["node"] "-" hi["node"] ")", (m["node"] > 0 ? sprintf("%.2f", m["luna"] / m["node"]) : "-")
+    }' "$results"
+done
