@@ -10,9 +10,10 @@
 #
 #   scripts/autobahn.sh               # every case (517; groups 12 and 13 are permessage-deflate)
 #   CASES='"1.*", "9.1.*"' scripts/autobahn.sh
-#   EXCLUDE='"12.*.1?", "13.*.1?"' scripts/autobahn.sh   # CI: without the 128 KiB and 256-byte-
-#                                                        # fragment deflate cases (~10 min each side,
-#                                                        # spent in the suite's own Python)
+#   EXCLUDE='"12.1.10", "12.1.11"' scripts/autobahn.sh  # case ids (the suite reads a pattern
+#                                                       # with '*' as a regular expression's prefix)
+# scripts/test.sh (CI) excludes 12.*.10-18 and 13.*.10-18: 1,000 messages of 128 KiB or cut into
+# 256 B frames each, ~10 min per side spent in the suite's own Python.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CASES=${CASES:-'"*"'}

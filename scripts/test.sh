@@ -34,7 +34,8 @@ LUNA_HOST="${CARGO_TARGET_DIR:-target}/release/luna-host" "$python" tests/peers/
 
 echo "== Autobahn|Testsuite: our WebSocket server and client (scripts/autobahn.sh; every case but the"
 echo "   heaviest permessage-deflate ones, which take the suite ~20 min: docs/conformance.md has them)"
-EXCLUDE='"12.*.1?", "13.*.1?"' scripts/autobahn.sh 2>&1 | grep -v DEPRECATION | tee -a "$log"
+heavy=$(for g in 12.{1..5} 13.{1..7}; do for i in {10..18}; do printf '"%s.%d", ' "$g" "$i"; done; done)
+EXCLUDE=${heavy%, } scripts/autobahn.sh 2>&1 | grep -v DEPRECATION | tee -a "$log"
 
 awk '/^test result: ok\./ { p += $4 } /^[0-9]+ passed, [0-9]+ failed$/ { p += $1; f += $3 }
      END { printf "summary: %d passed, %d failed\n", p, f; exit (f > 0) }' "$log"

@@ -1,20 +1,21 @@
 // Load generator for benches/ws_deflate.sh: CONNS connections offering permessage-deflate, one
-// text message of SIZE bytes (game-state JSON, different each time) in flight on each; after
+// text message of SIZE bytes (game-state JSON, one of 64) in flight on each; after
 // WARMUP s counts echoes for DURATION s and prints "RESULT msgs_per_s=N ratio=R", R = bytes on
 // the wire / message bytes (what compression saved), or exits 1 when an echo differs or
 // deflate was not negotiated.
 //   node client.js PORT SIZE CONNS WARMUP DURATION
 const WebSocket = require("ws");
 const [port, size, conns, warmup, duration] = process.argv.slice(2).map(Number);
-function message(n) {
-  const rows = [];
-  let s = "";
+// 64 different messages, made before the run (the generator must not be what is measured).
+const messages = [];
+for (let n = 0; n < 64; n++) {
+  let s = "[";
   for (let i = 0; s.length < size; i++) {
-    rows.push({ id: i, name: "player" + ((n + i) % 50), pos: [n % 97, i * 1.5, 3], hp: (n * 7 + i) % 100 });
-    s = JSON.stringify(rows);
+    s += JSON.stringify({ id: i, name: "player" + ((n + i) % 50), pos: [n % 97, i * 1.5, 3], hp: (n * 7 + i) % 100 }) + ",";
   }
-  return s.slice(0, size);
+  messages.push(s.slice(0, size));
 }
+const message = (n) => messages[n % messages.length];
 let counting = false, count = 0, wireBytes = 0, messageBytes = 0;
 const sockets = [];
 for (let c = 0; c < conns; c++) {

@@ -174,13 +174,15 @@ fn send(rt: &Runtime, key: Key, op: Opcode, data: &[u8]) -> (Option<bool>, Optio
     }
 }
 
-/// Keys of the `compression` table; `max_contexts` only for servers.
-const COMPRESSION_KEYS: &[&str] = &["level", "threshold", "window_bits", "context_takeover", "max_contexts"];
+/// Keys of the `compression` table of servers and of clients.
+const SERVER_COMPRESSION_KEYS: &[&str] =
+    &["level", "threshold", "window_bits", "context_takeover", "max_contexts"];
+const CLIENT_COMPRESSION_KEYS: &[&str] = &["level", "threshold", "window_bits", "context_takeover"];
 
 /// permessage-deflate from the `compression` option (`true`, or a table of
-/// [`COMPRESSION_KEYS`]; off by default).
+/// [`SERVER_COMPRESSION_KEYS`] or [`CLIENT_COMPRESSION_KEYS`]; off by default).
 fn compression(opts: &Options, server: bool) -> Result<Option<(DeflateConfig, Arc<Contexts>)>> {
-    let known = if server { COMPRESSION_KEYS } else { &COMPRESSION_KEYS[..4] };
+    let known = if server { SERVER_COMPRESSION_KEYS } else { CLIENT_COMPRESSION_KEYS };
     let Some(table) = opts.switch("compression", known)? else { return Ok(None) };
     let mut config = DeflateConfig::default();
     if let Some(c) = table {

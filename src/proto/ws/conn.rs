@@ -11,7 +11,7 @@
 //! sizes, no write batching (frames go straight to the pipe, so pre-encoded frames keep their
 //! order), and unmasked client frames refused.
 
-use super::deflate::{Agreed, Deflater, Inflater, Sink};
+use super::deflate::{Agreed, ContextTicket, Deflater, Inflater, Sink};
 use super::pipe::Pipe;
 use super::Error;
 use tungstenite::error::{CapacityError, Error as WsError, ProtocolError};
@@ -156,9 +156,18 @@ pub(super) fn frame_header(is_final: bool, rsv1: bool, opcode: OpCode, len: usiz
     Header { buf, len }
 }
 
-impl Sink for Pipe {
+/// What tungstenite reads, as an inflater's [`Sink`]: full at the input bound.
+struct Feed<'a> {
+    pipe: &'a mut Pipe,
+    limit: usize,
+}
+
+impl Sink for Feed<'_> {
     fn push(&mut self, data: &[u8]) {
-        self.push_incoming(data);
+        self.pipe.push_incoming(data);
+    }
+    fn full(&self) -> bool {
+        self.pipe.incoming_len() >= self.limit
     }
 }
 
@@ -169,7 +178,14 @@ struct Deflate {
     deflater: Deflater,
     /// The compressed form of the message being sent.
     compressed: Vec<u8>,
+    /// The transport ended after what the inflater still queues.
+    eof: bool,
+    /// This connection's share of its server's bound on contexts.
+    _context: Option<ContextTicket>,
 }
+
+/// Scratch kept for the next compressed message at most.
+const KEEP_COMPRESSED: usize = 256 << 10;
 
 /// Close codes an endpoint may put on the wire (RFC 6455 §7.4).
 pub fn is_sendable_close_code(code: u16) -> bool {
@@ -231,6 +247,8 @@ impl WsConn {
                 inflater: Inflater::new(role, &agreed, config.max_frame_size, config.max_message_size),
                 deflater: Deflater::new(agreed),
                 compressed: Vec::new(),
+                eof: false,
+                _context: None,
             })
         });
         let mut conn = WsConn {
@@ -296,7 +314,19 @@ impl WsConn {
 
     /// Whether buffers grew past an idle connection's size ([`trim`](Self::trim) would help).
     pub fn has_spare_buffers(&self) -> bool {
-        self.ws.get_ref().heap_capacity() > super::pipe::TRIM_KEEP || self.reader_grew()
+        let deflate = self
+            .deflate
+            .as_ref()
+            .is_some_and(|d| d.inflater.has_spare_buffers() || d.compressed.capacity() > 0);
+        self.ws.get_ref().heap_capacity() > super::pipe::TRIM_KEEP || self.reader_grew() || deflate
+    }
+
+    /// Counts this connection against its server's bound on compression contexts for as long
+    /// as it lives.
+    pub fn keep_context(&mut self, ticket: ContextTicket) {
+        if let Some(d) = &mut self.deflate {
+            d._context = Some(ticket);
+        }
     }
 
     /// Gives back buffers kept for traffic (for a connection gone idle): a fresh reader and
@@ -332,8 +362,9 @@ impl WsConn {
         }
         self.activity = true;
         self.starved = false;
+        let limit = self.config.max_incoming_buffer;
         match &mut self.deflate {
-            Some(d) => d.inflater.push(data, self.ws.get_mut()),
+            Some(d) => d.inflater.push(data, &mut Feed { pipe: self.ws.get_mut(), limit }),
             None => self.ws.get_mut().push_incoming(data),
         }
     }
@@ -342,13 +373,19 @@ impl WsConn {
     /// unclosed connection reports `Closed { code: 1006, clean: false }`).
     pub fn handle_eof(&mut self) {
         self.starved = false;
-        self.ws.get_mut().set_eof();
+        match &mut self.deflate {
+            // The pipe ends once the inflater handed on what it queues.
+            Some(d) if d.inflater.queued() > 0 => d.eof = true,
+            _ => self.ws.get_mut().set_eof(),
+        }
     }
 
     /// Whether the driver should read more from the transport: not closed and fewer than
     /// `max_incoming_buffer` unprocessed bytes buffered.
     pub fn wants_input(&self) -> bool {
-        self.state != State::Closed && self.ws.get_ref().incoming_len() < self.config.max_incoming_buffer
+        let queued = self.deflate.as_ref().map_or(0, |d| d.inflater.queued());
+        self.state != State::Closed
+            && self.ws.get_ref().incoming_len() + queued < self.config.max_incoming_buffer
     }
 
     /// `true` if bytes were received since the last call (for keep-alive: the driver owns
@@ -394,16 +431,45 @@ impl WsConn {
                     return Some(WsEvent::Closed { code, reason, clean: true });
                 }
                 Err(WsError::Io(e)) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    if let Some((code, reason)) = self.deflate.as_ref().and_then(|d| d.inflater.failed()) {
+                    if self.resume_inflating() {
+                        continue;
+                    }
+                    if let Some((code, reason)) = self.inflater_failure() {
                         return Some(self.fail_with(code, reason, reason.to_string()));
                     }
                     self.starved = true;
                     self.maybe_refresh_reader();
                     return None;
                 }
-                Err(e) => return Some(self.fail(e)),
+                Err(e) => {
+                    // What the inflater refused came first (the peer may have left after it).
+                    if let Some((code, reason)) = self.inflater_failure() {
+                        return Some(self.fail_with(code, reason, reason.to_string()));
+                    }
+                    return Some(self.fail(e));
+                }
             }
         }
+    }
+
+    fn inflater_failure(&self) -> Option<(u16, &'static str)> {
+        self.deflate.as_ref().and_then(|d| d.inflater.failed())
+    }
+
+    /// tungstenite read everything it had: the inflater goes on with what it queued (and the
+    /// pipe ends if the transport did). Returns whether there is more to read.
+    fn resume_inflating(&mut self) -> bool {
+        let limit = self.config.max_incoming_buffer;
+        let Some(d) = &mut self.deflate else { return false };
+        if d.inflater.queued() == 0 {
+            return false;
+        }
+        let pipe = self.ws.get_mut();
+        d.inflater.resume(&mut Feed { pipe, limit });
+        if d.inflater.queued() == 0 && std::mem::take(&mut d.eof) {
+            pipe.set_eof();
+        }
+        true
     }
 
     /// Turn a tungstenite error into the final event, sending a close frame when the peer
@@ -488,7 +554,7 @@ impl WsConn {
             }
         };
         if let Some(d) = &mut self.deflate {
-            if rsv1 {
+            if rsv1 && compressed.capacity() <= KEEP_COMPRESSED {
                 d.compressed = compressed;
             }
         }

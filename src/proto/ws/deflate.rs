@@ -238,6 +238,12 @@ pub fn accept_response<'a>(
         _ => return Err("server selected extensions we did not offer".into()),
     };
     let p = read_params(params).ok_or("server answered permessage-deflate with invalid parameters")?;
+    if !config.context_takeover && !p.server_no_takeover {
+        // Accepting our offer means echoing this (RFC 7692 §7.1.1.1).
+        return Err(
+            "server accepted permessage-deflate without the server_no_context_takeover we asked for".into()
+        );
+    }
     let send_window_bits = match p.client_bits {
         Some(Some(bits)) => bits.min(config.window_bits),
         Some(None) => return Err("server sent client_max_window_bits without a value".into()),
@@ -317,7 +323,8 @@ impl Deflater {
     /// or, without takeover, no gain).
     pub(super) fn compress(&mut self, data: &[u8], out: &mut Vec<u8>) -> bool {
         let a = self.agreed;
-        if data.len() < a.threshold || a.send_window_bits < 9 {
+        // (An empty message gains nothing, and zlib has nothing to flush for it.)
+        if data.is_empty() || data.len() < a.threshold || a.send_window_bits < 9 {
             return false;
         }
         let mut z = self.zlib.take().unwrap_or_else(|| take_compressor(a.level, a.send_window_bits));
@@ -381,6 +388,8 @@ pub(super) struct Inflater {
     compressed: Option<OpCode>,
     /// Inflated bytes of the open message handed on.
     message_len: usize,
+    /// Compressed payload bytes of the open message.
+    message_in: usize,
     /// The peer's deflate stream ended (a block with BFINAL): the rest of the message's input
     /// is ignored and the next message starts a new stream.
     stream_ended: bool,
@@ -388,13 +397,27 @@ pub(super) struct Inflater {
     /// Inflated bytes not handed on yet; scratch for unmasking.
     out: Vec<u8>,
     unmasked: Vec<u8>,
+    /// Received bytes not looked at yet because the sink was full.
+    queue: Vec<u8>,
     failed: Option<Failure>,
 }
 
 /// Something that takes the bytes tungstenite reads.
 pub(super) trait Sink {
     fn push(&mut self, data: &[u8]);
+    /// Enough waits for tungstenite: further input stays queued in the inflater (so a peer
+    /// cannot make one read inflate into many messages' worth of memory).
+    fn full(&self) -> bool;
 }
+
+/// Compressed input inflated per step: between steps the sink's backpressure is checked, so
+/// one step's output (at most ~1,000 times this, and never past the message limit) bounds what
+/// inflating adds to the input buffer.
+const INFLATE_STEP: usize = 4096;
+/// Output room given to zlib per call.
+const INFLATE_ROOM: usize = 64 << 10;
+/// Scratch buffers larger than this are given back after use.
+const KEEP_SCRATCH: usize = 256 << 10;
 
 impl Inflater {
     pub(super) fn new(role: Role, agreed: &Agreed, max_frame: usize, max_message: usize) -> Self {
@@ -408,12 +431,24 @@ impl Inflater {
             in_message: false,
             compressed: None,
             message_len: 0,
+            message_in: 0,
             stream_ended: false,
             zlib: None,
             out: Vec::new(),
             unmasked: Vec::new(),
+            queue: Vec::new(),
             failed: None,
         }
+    }
+
+    /// Received bytes waiting for the sink to drain (see [`resume`](Self::resume)).
+    pub(super) fn queued(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Whether scratch buffers grew past an idle connection's needs.
+    pub(super) fn has_spare_buffers(&self) -> bool {
+        self.out.capacity() + self.unmasked.capacity() + self.queue.capacity() > 0
     }
 
     /// Why the connection must fail, once it must (nothing more is handed on then).
@@ -421,30 +456,57 @@ impl Inflater {
         self.failed
     }
 
-    /// Gives back scratch buffers (for a connection gone idle).
+    /// Gives back scratch buffers (for a connection gone idle; queued input stays).
     pub(super) fn trim(&mut self) {
         self.out = Vec::new();
         self.unmasked = Vec::new();
+        if self.queue.is_empty() {
+            self.queue = Vec::new();
+        }
     }
 
     fn fail(&mut self, code: u16, reason: &'static str) {
         self.failed = Some((code, reason));
         self.frame = None;
         self.out = Vec::new();
+        self.queue = Vec::new();
     }
 
-    /// Feeds received bytes; what tungstenite should read goes to `sink`.
-    pub(super) fn push(&mut self, mut data: &[u8], sink: &mut impl Sink) {
-        while !data.is_empty() && self.failed.is_none() {
+    /// Feeds received bytes; what tungstenite should read goes to `sink`, as far as it has room.
+    pub(super) fn push(&mut self, data: &[u8], sink: &mut impl Sink) {
+        if self.queue.is_empty() {
+            let rest = self.process(data, sink);
+            self.queue.extend_from_slice(rest);
+        } else {
+            self.queue.extend_from_slice(data);
+            self.resume(sink);
+        }
+    }
+
+    /// Goes on with queued input (once tungstenite read what the sink held).
+    pub(super) fn resume(&mut self, sink: &mut impl Sink) {
+        let queue = std::mem::take(&mut self.queue);
+        let rest = self.process(&queue, sink).len();
+        if self.failed.is_none() {
+            self.queue = queue;
+            self.queue.drain(..self.queue.len() - rest);
+        }
+    }
+
+    /// Processes `data` until it is used up or the sink is full; returns what is left.
+    fn process<'d>(&mut self, mut data: &'d [u8], sink: &mut impl Sink) -> &'d [u8] {
+        while !data.is_empty() && self.failed.is_none() && !sink.full() {
             let Some(mut cur) = self.frame else {
                 data = self.read_header(data, sink);
                 continue;
             };
-            let n = (cur.left.min(data.len() as u64)) as usize;
+            let step = if cur.inflate { INFLATE_STEP } else { usize::MAX };
+            let n = cur.left.min(data.len().min(step) as u64) as usize;
             let (chunk, rest) = data.split_at(n);
             data = rest;
             if cur.inflate {
                 self.inflate_chunk(chunk, &mut cur);
+                self.emit(false, sink);
             } else {
                 sink.push(chunk);
             }
@@ -455,9 +517,10 @@ impl Inflater {
                 self.end_frame(cur, sink);
             }
         }
-        if self.compressed.is_some() && self.failed.is_none() {
-            self.emit(false, sink);
+        if self.failed.is_some() {
+            return &[];
         }
+        data
     }
 
     /// Takes header bytes from `data` (returns the rest); once the header is complete, decides
@@ -488,7 +551,8 @@ impl Inflater {
             return &[];
         }
         let is_data = matches!(header.opcode, OpCode::Data(Data::Text | Data::Binary));
-        let starts = header.rsv1 && is_data && !self.in_message;
+        // (RSV2/RSV3 pass through for tungstenite to refuse.)
+        let starts = header.rsv1 && !header.rsv2 && !header.rsv3 && is_data && !self.in_message;
         let continues = self.compressed.is_some()
             && header.opcode == OpCode::Data(Data::Continue)
             && !header.rsv1
@@ -511,9 +575,12 @@ impl Inflater {
             if starts {
                 self.compressed = Some(header.opcode);
                 self.message_len = 0;
+                self.message_in = 0;
                 self.stream_ended = false;
-                if self.zlib.is_none() {
-                    self.zlib = Some(take_decompressor());
+                if !header.is_final {
+                    // tungstenite learns at once that a message is open, so a data frame that
+                    // does not continue it fails as on any connection.
+                    self.emit_header(false, header.opcode, 0, sink);
                 }
             }
         } else {
@@ -534,7 +601,10 @@ impl Inflater {
     fn end_frame(&mut self, cur: Current, sink: &mut impl Sink) {
         self.frame = None;
         if cur.inflate && cur.fin && self.failed.is_none() {
-            self.inflate(&TAIL);
+            // An empty payload is an empty message (the context is left as it was).
+            if self.message_in > 0 {
+                self.inflate(&TAIL);
+            }
             if self.failed.is_none() {
                 self.emit(true, sink);
             }
@@ -551,6 +621,10 @@ impl Inflater {
     }
 
     fn inflate_chunk(&mut self, chunk: &[u8], cur: &mut Current) {
+        self.message_in += chunk.len();
+        if self.zlib.is_none() && !chunk.is_empty() {
+            self.zlib = Some(take_decompressor());
+        }
         match cur.mask {
             Some(mask) => {
                 let mut unmasked = std::mem::take(&mut self.unmasked);
@@ -570,12 +644,16 @@ impl Inflater {
         }
         let Some(z) = self.zlib.as_mut() else { return };
         loop {
-            if self.out.capacity() - self.out.len() < 1024 {
-                self.out.reserve((input.len() * 4).clamp(4096, 1 << 20));
-            }
-            let before = z.total_in();
-            let status = z.decompress_vec(input, &mut self.out, FlushDecompress::Sync);
-            input = &input[(z.total_in() - before) as usize..];
+            // Room for one call, never much past the message limit (a bomb stops there).
+            let room = (self.max_message + 1).saturating_sub(self.message_len + self.out.len());
+            let room = room.clamp(1, INFLATE_ROOM);
+            let len = self.out.len();
+            self.out.resize(len + room, 0);
+            let (before_in, before_out) = (z.total_in(), z.total_out());
+            let status = z.decompress(input, &mut self.out[len..], FlushDecompress::Sync);
+            let produced = (z.total_out() - before_out) as usize;
+            self.out.truncate(len + produced);
+            input = &input[(z.total_in() - before_in) as usize..];
             let failure = if self.message_len + self.out.len() > self.max_message {
                 (1009, "message too big")
             } else {
@@ -586,7 +664,7 @@ impl Inflater {
                         return;
                     }
                     // Everything taken and room left over: zlib has nothing more to give.
-                    Ok(_) if input.is_empty() && self.out.len() < self.out.capacity() => return,
+                    Ok(_) if input.is_empty() && produced < room => return,
                     Ok(_) => continue,
                 }
             };
@@ -602,19 +680,26 @@ impl Inflater {
             return;
         }
         // Frames within the frame limit, which tungstenite applies to them too.
-        let mut opcode = opcode;
-        let mut pieces = self.out.chunks(self.max_frame.max(1) as usize).peekable();
+        let out = std::mem::take(&mut self.out);
+        let mut pieces = out.chunks(self.max_frame.max(1) as usize).peekable();
         if pieces.peek().is_none() {
-            sink.push(frame_header(fin, false, opcode, 0).as_ref());
+            self.emit_header(fin, opcode, 0, sink);
         }
         while let Some(piece) = pieces.next() {
             let last = pieces.peek().is_none();
-            sink.push(frame_header(fin && last, false, opcode, piece.len()).as_ref());
+            self.emit_header(fin && last, self.compressed.unwrap_or(opcode), piece.len(), sink);
             sink.push(piece);
-            opcode = OpCode::Data(Data::Continue);
         }
-        self.message_len += self.out.len();
-        self.out.clear();
+        self.message_len += out.len();
+        if out.capacity() <= KEEP_SCRATCH {
+            self.out = out;
+            self.out.clear();
+        }
+    }
+
+    /// Hands on a frame header; the frames after a message's first are continuations.
+    fn emit_header(&mut self, fin: bool, opcode: OpCode, len: usize, sink: &mut impl Sink) {
+        sink.push(frame_header(fin, false, opcode, len).as_ref());
         self.compressed = Some(OpCode::Data(Data::Continue));
     }
 }
@@ -697,11 +782,19 @@ mod tests {
         {
             assert!(accept_response([bad].into_iter(), &cfg).is_err(), "{bad}");
         }
+        let no_takeover = DeflateConfig { context_takeover: false, ..cfg };
+        assert!(accept_response(["permessage-deflate"].into_iter(), &no_takeover).is_err());
+        let ok = ["permessage-deflate; server_no_context_takeover; client_no_context_takeover"];
+        let a = accept_response(ok.into_iter(), &no_takeover).unwrap().unwrap();
+        assert!(!a.keeps_context());
     }
 
     impl Sink for Vec<u8> {
         fn push(&mut self, data: &[u8]) {
             self.extend_from_slice(data);
+        }
+        fn full(&self) -> bool {
+            false
         }
     }
 

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{
-    AcceptedUpgrade, ClientHandshake, ContextTicket, Contexts, DeflateConfig, Opcode, Role, ServerHandshake,
-    ServerUpgrade, UpgradeLimits, WsConfig, WsConn, WsEvent, WsUrl,
+    AcceptedUpgrade, ClientHandshake, Contexts, DeflateConfig, Opcode, Role, ServerHandshake, ServerUpgrade,
+    UpgradeLimits, WsConfig, WsConn, WsEvent, WsUrl,
 };
 use crate::proto::stream::{Flow, StreamProtocol};
 
@@ -122,8 +122,6 @@ pub struct WsSession {
     /// Messages taken from the inbox and messages queued to send, for `ws:stats()`.
     pub messages_in: u64,
     pub messages_out: u64,
-    /// Server: this connection keeps its own compression contexts.
-    _context: Option<ContextTicket>,
 }
 
 impl WsSession {
@@ -153,7 +151,6 @@ impl WsSession {
             news: false,
             messages_in: 0,
             messages_out: 0,
-            _context: None,
         }
     }
 
@@ -288,12 +285,12 @@ impl WsSession {
 
     fn accept(&mut self, up: AcceptedUpgrade) {
         self.queue_head(&up.response);
+        let mut conn = WsConn::new(Role::Server, self.settings.ws, &up.leftover, up.deflate);
         if let (Some(agreed), Some((_, contexts))) = (&up.deflate, &self.settings.deflate) {
             if agreed.keeps_context() {
-                self._context = Some(contexts.take());
+                conn.keep_context(contexts.take());
             }
         }
-        let conn = WsConn::new(Role::Server, self.settings.ws, &up.leftover, up.deflate);
         self.phase = Phase::Open(Box::new(conn));
         self.upgrade = UpgradeInfo {
             handler: up.handler,

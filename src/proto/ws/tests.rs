@@ -892,3 +892,98 @@ fn deflate_declined_or_not_offered() {
     let events = feed(&mut s, &[0xc1, 0x80, 1, 2, 3, 4]);
     assert!(matches!(events.as_slice(), [WsEvent::Closed { code: 1002, .. }]), "{events:?}");
 }
+
+/// A server connection that agreed on permessage-deflate (takeover both ways) with no upgrade.
+fn deflate_server(config: WsConfig) -> WsConn {
+    let agreed =
+        Agreed { level: 1, threshold: 0, send_window_bits: 15, send_takeover: true, recv_takeover: true };
+    WsConn::new(Role::Server, config, &[], Some(agreed))
+}
+
+/// A client's frame: masked, RSV bits as given (bit 0x40 = RSV1).
+fn rsv_frame(fin: bool, rsv: u8, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = raw(fin, opcode, payload, M);
+    f[0] |= rsv;
+    f
+}
+
+/// `data` deflated as one message of a stream (sync flush, tail taken off).
+fn deflated(z: &mut flate2::Compress, data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 64);
+    z.compress_vec(data, &mut out, flate2::FlushCompress::Sync).unwrap();
+    out.truncate(out.len() - 4);
+    out
+}
+
+fn raw_deflater() -> flate2::Compress {
+    flate2::Compress::new(flate2::Compression::new(6), false)
+}
+
+#[test]
+fn deflate_frame_rules_hold_inside_compressed_messages() {
+    let mut z = raw_deflater();
+    // A plain data frame while a compressed message is open (its first frame empty): 1002.
+    let mut s = deflate_server(WsConfig::default());
+    let mut wire = rsv_frame(false, 0x40, 1, b"");
+    wire.extend(raw(true, 1, b"hi", M));
+    wire.extend(raw(true, 0, &deflated(&mut z, b"x"), M));
+    let events = feed(&mut s, &wire);
+    assert!(matches!(events.as_slice(), [WsEvent::Closed { code: 1002, .. }]), "{events:?}");
+    // RSV2 beside RSV1: 1002.
+    let mut s = deflate_server(WsConfig::default());
+    let events = feed(&mut s, &rsv_frame(true, 0x60, 1, &deflated(&mut raw_deflater(), b"abc")));
+    assert!(matches!(events.as_slice(), [WsEvent::Closed { code: 1002, .. }]), "{events:?}");
+    // An empty compressed payload is an empty message and leaves the context as it was.
+    let mut s = deflate_server(WsConfig::default());
+    let mut z = raw_deflater();
+    let mut wire = rsv_frame(true, 0x40, 1, &deflated(&mut z, b"first first"));
+    wire.extend(rsv_frame(true, 0x40, 2, b""));
+    wire.extend(rsv_frame(true, 0x40, 1, &deflated(&mut z, b"first again")));
+    let texts: Vec<_> = feed(&mut s, &wire)
+        .into_iter()
+        .map(|e| match e {
+            WsEvent::Message { data, .. } => data.to_vec(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(texts, [b"first first".to_vec(), Vec::new(), b"first again".to_vec()]);
+    // Garbage, then the peer leaves: the inflater's 1007 is what is reported, not 1006.
+    let mut s = deflate_server(WsConfig::default());
+    s.handle_bytes(&rsv_frame(true, 0x40, 1, &[0xff; 20]));
+    s.handle_eof();
+    let events: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
+    assert!(matches!(events.as_slice(), [WsEvent::Closed { code: 1007, .. }]), "{events:?}");
+}
+
+#[test]
+fn deflate_bombs_in_one_read_wait_for_the_reader() {
+    // 20 messages that each inflate to 900 KiB, ~1 KiB each on the wire, in one read: the
+    // inflater hands on about one at a time, as tungstenite reads them.
+    let config = WsConfig { max_message_size: 1 << 20, max_frame_size: 1 << 20, ..WsConfig::default() };
+    let mut s = deflate_server(config);
+    let mut z = raw_deflater();
+    let wire: Vec<u8> =
+        (0..20).flat_map(|_| rsv_frame(true, 0x40, 2, &deflated(&mut z, &[0; 900 << 10]))).collect();
+    assert!(wire.len() < 64 << 10, "{}", wire.len());
+    s.handle_bytes(&wire);
+    let mut peak = s.incoming_len();
+    let mut messages = 0;
+    while let Some(event) = s.poll_event() {
+        assert!(matches!(&event, WsEvent::Message { data, .. } if data.len() == 900 << 10), "{event:?}");
+        messages += 1;
+        peak = peak.max(s.incoming_len());
+    }
+    assert_eq!(messages, 20);
+    assert!(peak < 2 << 20, "{peak} bytes waited inflated at once");
+    assert!(!s.is_closed());
+}
+
+#[test]
+fn deflate_context_counts_until_the_connection_goes() {
+    let contexts = Contexts::new(1);
+    let mut s = deflate_server(WsConfig::default());
+    s.keep_context(contexts.take());
+    assert!(!contexts.available());
+    drop(s);
+    assert!(contexts.available() && contexts.used() == 0);
+}
