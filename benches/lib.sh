@@ -102,6 +102,15 @@ need_luv() {
   echo "luv: could not be installed (see /tmp/bench-apt.log): no luv rows"
   return 1
 }
+# need_node_ws: Node's ws 8 from npm in $peers (target/bench-peers: peers are installed by the
+# benchmarks, never in CI); sets $node_ws (its version and Node's, for the header).
+need_node_ws() {
+  peers=$(realpath -m "${CARGO_TARGET_DIR:-target}/bench-peers")
+  mkdir -p "$peers"
+  [ -d "$peers/node_modules/ws" ] || npm install --silent --prefix "$peers" ws@8 >/dev/null
+  node_ws="node ws $(node -p "require('$peers/node_modules/ws/package.json').version"), $(node -v)"
+}
+
 # The installed luv and LuaJIT versions, for the header.
 luv_version() {
   echo "luv: Debian lua-luv $(dpkg-query -W -f '${Version}' lua-luv 2>/dev/null || echo '?'), libuv $(luajit -e 'io.write(require("luv").version_string())' 2>/dev/null || echo '?')," \

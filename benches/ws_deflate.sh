@@ -21,11 +21,9 @@ PORT=${PORT:-19501}
 print_machine
 build_host luajit
 host=$(host_bin luajit)
-peers=$(realpath -m "${CARGO_TARGET_DIR:-target}/bench-peers")
-mkdir -p "$peers"
-[ -d "$peers/node_modules/ws" ] || npm install --silent --prefix "$peers" ws@8 >/dev/null
+need_node_ws
 cp benches/ws_deflate/server.js benches/ws_deflate/client.js "$peers/"
-echo "node ws $(node -p "require('$peers/node_modules/ws/package.json').version"), $(node -v); conns $CONNS, warm-up $WARMUP s, measured $DURATION s, $RUNS runs"
+echo "$node_ws; conns $CONNS, warm-up $WARMUP s, measured $DURATION s, $RUNS runs"
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 work=$(mktemp -d)

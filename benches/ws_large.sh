@@ -20,13 +20,11 @@ PORT=${PORT:-19301}
 print_machine
 build_host luajit
 host=$(host_bin luajit)
-peers=$(realpath -m "${CARGO_TARGET_DIR:-target}/bench-peers")
-mkdir -p "$peers"
+need_node_ws
 [ -x "$peers/venv/bin/python3" ] || python3 -m venv "$peers/venv"
 "$peers/venv/bin/python3" -m pip install --quiet --upgrade websockets
-[ -d "$peers/node_modules/ws" ] || npm install --silent --prefix "$peers" ws@8 >/dev/null
 cp benches/ws_large/server.js "$peers/server.js"
-echo "websockets $("$peers/venv/bin/python3" -c 'import websockets; print(websockets.__version__)'), node ws $(node -p "require('$peers/node_modules/ws/package.json').version"), $(node -v); $SIZE bytes, $REPS echoes per run, $RUNS runs"
+echo "websockets $("$peers/venv/bin/python3" -c 'import websockets; print(websockets.__version__)'), $node_ws; $SIZE bytes, $REPS echoes per run, $RUNS runs"
 
 serve() { # NAME PORT
   case $1 in
