@@ -379,7 +379,8 @@ def browser_check():
     server = subprocess.Popen([HOST_BIN, os.path.join(ROOT, "tests", "peers", "ws_browser.lua"), str(port)],
                               stdout=subprocess.PIPE, text=True)
     lines = []
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes may still write the profile while they go.
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         browser = None
         try:
             if server.stdout.readline().strip() == "ready":
@@ -387,7 +388,7 @@ def browser_check():
                 browser = subprocess.Popen(
                     [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                      f"--user-data-dir={profile}", f"file://{page}#{port}"],
-                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
                 import queue
                 import threading
                 got = queue.Queue()
@@ -400,7 +401,8 @@ def browser_check():
                         break
         finally:
             if browser:
-                browser.kill()
+                # The browser and its helper processes (its own session).
+                os.killpg(browser.pid, 9)
                 browser.wait(5)
             server.terminate()
             server.wait(5)
