@@ -47,8 +47,8 @@ fn parse_args() -> Result<Command, String> {
             "--hz" => {
                 let value = args.next().ok_or("--hz needs a value")?;
                 hz = value.parse().map_err(|_| format!("--hz: '{value}' is not a number"))?;
-                if !(hz > 0.0 && hz <= 10_000.0) {
-                    return Err(format!("--hz must be in (0, 10000], got {value}"));
+                if !(0.01..=10_000.0).contains(&hz) {
+                    return Err(format!("--hz must be from 0.01 to 10000, got {value}"));
                 }
             }
             _ if arg.starts_with('-') => return Err(format!("unknown option '{arg}'\n{USAGE}")),

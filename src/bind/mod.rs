@@ -1,5 +1,5 @@
 //! The only code that knows Lua: the `luna` / `lunac` module tables, the objects Lua holds and
-//! the scheduler. All state lives in one [`Runtime`] per Lua state (mlua app data), so it dies
+//! the scheduler. All state lives in one `Runtime` per Lua state (mlua app data), so it dies
 //! with the state at `lua_close` (LÖVE's restart included).
 //!
 //! One module per protocol, each owning the driver entries it opens (their `Tag`):

@@ -3,6 +3,7 @@
 use mlua::{Function, Table, Value};
 
 use super::error::{bad_arg, lua_type, misuse};
+use super::time::MAX_SECONDS;
 
 pub(crate) struct Options {
     call: &'static str,
@@ -118,8 +119,11 @@ impl Options {
     pub fn seconds(&self, key: &str) -> mlua::Result<Option<std::time::Duration>> {
         match self.number(key)? {
             None => Ok(None),
-            Some(s) if s.is_finite() && s > 0.0 => Ok(Some(std::time::Duration::from_secs_f64(s))),
-            Some(s) => Err(misuse(self.call, format!("'{key}' must be a number of seconds > 0, got {s}"))),
+            Some(s) if s > 0.0 && s <= MAX_SECONDS => Ok(Some(std::time::Duration::from_secs_f64(s))),
+            Some(s) => Err(misuse(
+                self.call,
+                format!("'{key}' must be a number of seconds > 0 and <= 1e9, got {s:?}"),
+            )),
         }
     }
 

@@ -31,7 +31,10 @@ impl UserData for Timer {
     }
 }
 
-/// Checks a delay argument: a finite number of seconds >= 0.
+/// The longest delay or timeout accepted (~31 years): the clock plus more could overflow.
+pub(crate) const MAX_SECONDS: f64 = 1e9;
+
+/// Checks a delay argument: a number of seconds from 0 to [`MAX_SECONDS`].
 pub(crate) fn seconds(call: &str, name: &str, value: &Value) -> Result<Duration> {
     let number = match *value {
         Value::Integer(i) => Some(i as f64),
@@ -39,8 +42,10 @@ pub(crate) fn seconds(call: &str, name: &str, value: &Value) -> Result<Duration>
         _ => None,
     };
     match number {
-        Some(s) if s.is_finite() && s >= 0.0 => Ok(Duration::from_secs_f64(s)),
-        Some(s) => Err(misuse(call, format!("'{name}' must be a finite number >= 0, got {s}"))),
+        Some(s) if (0.0..=MAX_SECONDS).contains(&s) => Ok(Duration::from_secs_f64(s)),
+        Some(s) => {
+            Err(misuse(call, format!("'{name}' must be a number of seconds from 0 to 1e9, got {s:?}")))
+        }
         None => Err(bad_arg(call, name, "a number of seconds", value)),
     }
 }

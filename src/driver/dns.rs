@@ -22,7 +22,7 @@ pub const MAX_THREADS: usize = 4;
 /// A resolver thread with nothing to do for this long exits.
 const IDLE_EXIT: Duration = Duration::from_secs(10);
 
-/// The outcome of [`Dns::lookup`].
+/// The outcome of `Dns::lookup`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Lookup {
     Done(Vec<IpAddr>),

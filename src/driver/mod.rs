@@ -418,7 +418,7 @@ impl Driver {
 
     /// Notes that an entry has output, during an update: it is written by
     /// [`Driver::flush_queued`] at its end, so replies to many peers leave back to back (and
-    /// many messages to one peer in one write). A stream with [`WRITE_NOW`] bytes waiting is
+    /// many messages to one peer in one write). A stream with `WRITE_NOW` bytes waiting is
     /// written at once, so a burst never meets the backpressure bound only because it was
     /// held back.
     pub fn queue_flush(&mut self, key: Key) {
@@ -562,7 +562,7 @@ impl Driver {
         self.entries.get(key)?.listener
     }
 
-    /// Upgrades a ready plain stream to TLS (see [`Stream::start_tls`]).
+    /// Upgrades a ready plain stream to TLS (see `Stream::start_tls`).
     pub fn start_tls(&mut self, key: Key, tls: Tls, leftover: &[u8]) -> std::result::Result<(), String> {
         let now = self.now;
         self.stream(key).ok_or("the stream is closed")?.start_tls(tls, leftover, now)?;

@@ -23,8 +23,11 @@ return function(T, luna, lunac)
     T.raises({ "luna.set_timeout(seconds, fn)", "'seconds' must be a number of seconds, got string" },
       luna.set_timeout, "1", function() end)
     T.raises({ "luna.set_timeout(seconds, fn)", "'fn' must be a function, got nil" }, luna.set_timeout, 1)
-    T.raises({ "luna.set_interval(seconds, fn)", "'seconds' must be a finite number >= 0, got -1" },
+    T.raises({ "luna.set_interval(seconds, fn)", "'seconds' must be a number of seconds from 0 to 1e9, got -1" },
       luna.set_interval, -1, function() end)
+    -- Huge delays are refused (they would overflow the clock), not a crash.
+    T.raises({ "luna.set_timeout(seconds, fn)", "from 0 to 1e9, got 1e300" }, luna.set_timeout, 1e300, function() end)
+    T.raises({ "luna.set_interval(seconds, fn)", "got inf" }, luna.set_interval, 1 / 0, function() end)
     T.raises({ "luna.update(dt)", "'dt' must be a number or nil, got string" }, luna.update, "x")
     T.raises({ "lunac.update(dt)", "'dt' must be a number or nil, got table" }, lunac.update, {})
     T.raises({ "luna.set_error_handler(fn)", "'fn' must be a function or nil, got number" },

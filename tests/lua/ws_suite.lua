@@ -396,6 +396,10 @@ return function(T, luna, lunac)
       luna.new_web_app, { port = 0, compression = "yes", protocols = { default = print } })
     T.raises({ "'level' must be a whole number 0-9, got 10" }, luna.new_web_app,
       { port = 0, compression = { level = 10 }, protocols = { default = print } })
+    T.raises({ "luna.new_web_app(config)", "'ping_interval' must be a number of seconds > 0 and <= 1e9" }, luna.new_web_app,
+      { port = 0, ping_interval = 1e300, protocols = { default = print } })
+    T.raises({ "'ping_timeout' must be a number of seconds > 0" }, luna.new_web_app,
+      { port = 0, ping_timeout = 0 / 0, protocols = { default = print } })
     T.raises({ "'window_bits' must be a whole number 9-15, got 8" }, luna.new_web_app,
       { port = 0, compression = { window_bits = 8 }, protocols = { default = print } })
     T.raises({ "lunac.connect_to_web_app(config)", "unknown option 'max_contexts'" }, lunac.connect_to_web_app,

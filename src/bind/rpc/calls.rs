@@ -10,6 +10,7 @@ use super::super::error::{bad_arg, message, misuse};
 use super::super::msgpack::{decode, encode_for, encode_stack, ENCODE_STACK};
 use super::super::raw::{self, FnRef, Out, RawFn, Stack, ThreadRef};
 use super::super::runtime;
+use super::super::time::MAX_SECONDS;
 use super::super::Runtime;
 use super::client::Link;
 use super::{send_soon, wake_by};
@@ -116,8 +117,8 @@ fn issue(
 }
 
 fn seconds(secs: f64) -> std::result::Result<Duration, String> {
-    if !(secs.is_finite() && secs > 0.0) {
-        return Err(format!("{FETCH}: 'timeout' must be a number of seconds > 0, got {secs}"));
+    if !(secs > 0.0 && secs <= MAX_SECONDS) {
+        return Err(format!("{FETCH}: 'timeout' must be a number of seconds > 0 and <= 1e9, got {secs:?}"));
     }
     Ok(Duration::from_secs_f64(secs))
 }

@@ -17,6 +17,7 @@ use mlua::{Function, Lua, RegistryKey, Result, Table, Value};
 
 use super::error::{bad_arg, lua_type, misuse};
 use super::stats::Census;
+use super::time::MAX_SECONDS;
 use super::{sched, Runtime, Side};
 use crate::driver::net::{self, UdpOptions};
 use crate::driver::{Driver, Event, EventKind, Key, Tag};
@@ -287,8 +288,8 @@ fn set(lua: &Lua, (id, call, name, n): (u32, String, String, Value)) -> Result<(
         Value::Number(x) => x,
         other => return Err(misuse(&call, format!("'n' must be a number, got {}", lua_type(&other)))),
     };
-    if !(number.is_finite() && number > 0.0) {
-        return Err(misuse(&call, format!("'n' must be a number > 0, got {number}")));
+    if !(number > 0.0 && number <= MAX_SECONDS) {
+        return Err(misuse(&call, format!("'n' must be a number > 0 and <= 1e9, got {number:?}")));
     }
     let seconds = Duration::from_secs_f64(number);
     let whole = number.max(1.0) as u64;

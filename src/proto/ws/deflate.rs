@@ -1,12 +1,12 @@
 //! permessage-deflate (RFC 7692) on tungstenite's frames, sans-IO.
 //!
 //! tungstenite has no extension support: its reader fails every frame with RSV1 set. A
-//! connection that negotiated deflate therefore puts an [`Inflater`] in front of it: received
+//! connection that negotiated deflate therefore puts an `Inflater` in front of it: received
 //! frames are parsed with tungstenite's own [`FrameHeader`], the frames of compressed messages
 //! are unmasked, inflated and handed on as plain frames (RSV1 clear), every other frame passes
 //! through untouched, and tungstenite does the rest (reassembly, UTF-8, control frames, the
 //! close handshake) as on any connection. Outgoing messages of at least the threshold's size
-//! are compressed by a [`Deflater`] and framed with RSV1 set.
+//! are compressed by a `Deflater` and framed with RSV1 set.
 //!
 //! Negotiation: [`negotiate`] on the server, [`offer`] and [`accept_response`] on the client.
 //! A compression context with takeover costs ~300 KiB for the compressor and ~40 KiB for the
