@@ -5,6 +5,10 @@ use mlua::{Function, Table, Value};
 use super::error::{bad_arg, lua_type, misuse};
 use super::time::MAX_SECONDS;
 
+/// The largest size option (1 GiB): limits this large are reserved as address space when a
+/// peer declares that much, and more could fail the allocation outright.
+pub(crate) const MAX_SIZE: usize = 1 << 30;
+
 pub(crate) struct Options {
     call: &'static str,
     table: Table,
@@ -127,14 +131,15 @@ impl Options {
         }
     }
 
-    /// A size in bytes (>= 1).
+    /// A size in bytes, from 1 to [`MAX_SIZE`].
     pub fn size(&self, key: &str) -> mlua::Result<Option<usize>> {
         match self.number(key)? {
             None => Ok(None),
-            Some(n) if n.fract() == 0.0 && n >= 1.0 => Ok(Some(n as usize)),
-            Some(n) => {
-                Err(misuse(self.call, format!("'{key}' must be a whole number of bytes >= 1, got {n}")))
-            }
+            Some(n) if n.fract() == 0.0 && (1.0..=MAX_SIZE as f64).contains(&n) => Ok(Some(n as usize)),
+            Some(n) => Err(misuse(
+                self.call,
+                format!("'{key}' must be a whole number of bytes from 1 to 1 GiB (1073741824), got {n:?}"),
+            )),
         }
     }
 }

@@ -400,6 +400,8 @@ return function(T, luna, lunac)
       { port = 0, ping_interval = 1e300, protocols = { default = print } })
     T.raises({ "'ping_timeout' must be a number of seconds > 0" }, luna.new_web_app,
       { port = 0, ping_timeout = 0 / 0, protocols = { default = print } })
+    T.raises({ "'max_message_size' must be a whole number of bytes from 1 to 1 GiB" }, luna.new_web_app,
+      { port = 0, max_message_size = 1e300, protocols = { default = print } })
     T.raises({ "'window_bits' must be a whole number 9-15, got 8" }, luna.new_web_app,
       { port = 0, compression = { window_bits = 8 }, protocols = { default = print } })
     T.raises({ "lunac.connect_to_web_app(config)", "unknown option 'max_contexts'" }, lunac.connect_to_web_app,
