@@ -408,6 +408,27 @@ return function(T, luna, lunac)
       { url = "ws://127.0.0.1:1", compression = { max_contexts = 1 } })
   end)
 
+  T.test("a callback client reads on at once after a compressed burst filled its inbox", function()
+    -- 40 messages of 256 KiB compress to a few KiB: one read inflates past the client's 1 MiB
+    -- inbox, reading pauses, and must go on as soon as on_message drained it (not on a timer).
+    local chunk = ("0123456789abcdef"):rep(16384)
+    local app = luna.new_web_app({
+      name = "deflate burst", host = "127.0.0.1", port = 0, debug = false, compression = true,
+      protocols = { default = function(ws)
+        for i = 1, 40 do ws:send(i .. chunk) end
+        ws:receive()
+      end },
+    })
+    local c, log = client("ws://127.0.0.1:" .. app.port, { compression = true })
+    T.wait_until(function() return log.connected end, 2, "connect")
+    local start = luna.now()
+    T.wait_until(function() return #log.messages == 40 end, 1.5, "the burst")
+    T.ok(luna.now() - start < 1.5, "burst read in " .. (luna.now() - start) .. " s")
+    T.eq(log.messages[40][1], 40 .. chunk, "last message whole")
+    lunac.disconnect_to_web_app(c)
+    luna.remove_web_app(app)
+  end)
+
   T.test("permessage-deflate between our server and client: messages whole, compressed on the wire", function()
     local function serve(name, compression)
       local result = {}

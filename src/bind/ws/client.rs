@@ -304,6 +304,12 @@ pub(super) fn client_inbox(lua: &Lua, rt: &Runtime, id: u64, conn: Key) -> Resul
         };
         match received {
             None => {
+                // The inbox was drained: reading held back for it goes on now.
+                let mut driver = rt.driver.borrow_mut();
+                if driver.should_resume_reading(conn) {
+                    rt.service.borrow_mut().push_back(conn);
+                }
+                drop(driver);
                 wake_receivers(rt, id);
                 return Ok(());
             }

@@ -176,16 +176,20 @@ impl Sink for Feed<'_> {
 struct Deflate {
     inflater: Inflater,
     deflater: Deflater,
-    /// The compressed form of the message being sent.
-    compressed: Vec<u8>,
     /// The transport ended after what the inflater still queues.
     eof: bool,
     /// This connection's share of its server's bound on contexts.
     _context: Option<ContextTicket>,
 }
 
-/// Scratch kept for the next compressed message at most.
-const KEEP_COMPRESSED: usize = 256 << 10;
+thread_local! {
+    /// The compressed form of the message being sent (one per thread, so a connection keeps
+    /// no buffer for it).
+    static COMPRESSED: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// [`COMPRESSED`] is given back when a message grew it past this.
+const KEEP_COMPRESSED: usize = 1 << 20;
 
 /// Close codes an endpoint may put on the wire (RFC 6455 §7.4).
 pub fn is_sendable_close_code(code: u16) -> bool {
@@ -246,7 +250,6 @@ impl WsConn {
             Box::new(Deflate {
                 inflater: Inflater::new(role, &agreed, config.max_frame_size, config.max_message_size),
                 deflater: Deflater::new(agreed),
-                compressed: Vec::new(),
                 eof: false,
                 _context: None,
             })
@@ -314,10 +317,7 @@ impl WsConn {
 
     /// Whether buffers grew past an idle connection's size ([`trim`](Self::trim) would help).
     pub fn has_spare_buffers(&self) -> bool {
-        let deflate = self
-            .deflate
-            .as_ref()
-            .is_some_and(|d| d.inflater.has_spare_buffers() || d.compressed.capacity() > 0);
+        let deflate = self.deflate.as_ref().is_some_and(|d| d.inflater.has_spare_buffers());
         self.ws.get_ref().heap_capacity() > super::pipe::TRIM_KEEP || self.reader_grew() || deflate
     }
 
@@ -330,9 +330,11 @@ impl WsConn {
     }
 
     /// Gives back buffers kept for traffic (for a connection gone idle): a fresh reader and
-    /// small pipe buffers. Does nothing in the middle of a message.
+    /// small pipe buffers. Does nothing in the middle of a message, nor while tungstenite may
+    /// hold frames it read but did not parse yet (only a read that found nothing, with nothing
+    /// received since, says its buffer is empty).
     pub fn trim(&mut self) {
-        if !self.reader_is_quiet() {
+        if !self.starved || !self.reader_is_quiet() {
             return;
         }
         if self.reader_grew() {
@@ -341,7 +343,6 @@ impl WsConn {
         self.ws.get_mut().trim();
         if let Some(d) = &mut self.deflate {
             d.inflater.trim();
-            d.compressed = Vec::new();
         }
     }
 
@@ -529,15 +530,22 @@ impl WsConn {
             return Err(Error::InvalidUtf8);
         }
         self.check_room(data.len() + MAX_HEADER)?;
-        let mut compressed = Vec::new();
-        if let Some(d) = &mut self.deflate {
-            if d.deflater.compress(data, &mut d.compressed) {
-                compressed = std::mem::take(&mut d.compressed);
-            }
+        if self.deflate.is_none() {
+            return self.send_frame(opcode, false, data);
         }
-        let rsv1 = !compressed.is_empty();
-        let payload = if rsv1 { &compressed[..] } else { data };
-        let result = match self.role {
+        COMPRESSED.with_borrow_mut(|buf| {
+            let compressed = self.deflate.as_mut().is_some_and(|d| d.deflater.compress(data, buf));
+            let result = self.send_frame(opcode, compressed, if compressed { buf } else { data });
+            if buf.capacity() > KEEP_COMPRESSED {
+                *buf = Vec::new();
+            }
+            result
+        })
+    }
+
+    /// Queues one final frame (RSV1 says whether `payload` is compressed).
+    fn send_frame(&mut self, opcode: Opcode, rsv1: bool, payload: &[u8]) -> Result<(), Error> {
+        match self.role {
             Role::Server => {
                 // Our frames are unmasked: encode straight into the pipe (one copy). The
                 // tungstenite write buffer is always empty here (write_buffer_size 0), so
@@ -552,13 +560,7 @@ impl WsConn {
                 frame.header_mut().rsv1 = rsv1;
                 self.write_message(Message::Frame(frame))
             }
-        };
-        if let Some(d) = &mut self.deflate {
-            if rsv1 && compressed.capacity() <= KEEP_COMPRESSED {
-                d.compressed = compressed;
-            }
         }
-        result
     }
 
     fn write_message(&mut self, msg: Message) -> Result<(), Error> {

@@ -394,8 +394,7 @@ pub(super) struct Inflater {
     /// is ignored and the next message starts a new stream.
     stream_ended: bool,
     zlib: Option<Decompress>,
-    /// Inflated bytes not handed on yet; scratch for unmasking.
-    out: Vec<u8>,
+    /// Scratch for unmasking.
     unmasked: Vec<u8>,
     /// Received bytes not looked at yet because the sink was full.
     queue: Vec<u8>,
@@ -416,8 +415,12 @@ pub(super) trait Sink {
 const INFLATE_STEP: usize = 4096;
 /// Output room given to zlib per call.
 const INFLATE_ROOM: usize = 64 << 10;
-/// Scratch buffers larger than this are given back after use.
-const KEEP_SCRATCH: usize = 256 << 10;
+
+thread_local! {
+    /// Where zlib writes inflated bytes before they are handed on (one per thread, so a
+    /// connection keeps no output buffer).
+    static INFLATED: RefCell<Vec<u8>> = RefCell::new(vec![0; INFLATE_ROOM]);
+}
 
 impl Inflater {
     pub(super) fn new(role: Role, agreed: &Agreed, max_frame: usize, max_message: usize) -> Self {
@@ -434,7 +437,6 @@ impl Inflater {
             message_in: 0,
             stream_ended: false,
             zlib: None,
-            out: Vec::new(),
             unmasked: Vec::new(),
             queue: Vec::new(),
             failed: None,
@@ -448,7 +450,7 @@ impl Inflater {
 
     /// Whether scratch buffers grew past an idle connection's needs.
     pub(super) fn has_spare_buffers(&self) -> bool {
-        self.out.capacity() + self.unmasked.capacity() + self.queue.capacity() > 0
+        self.unmasked.capacity() + self.queue.capacity() > 0
     }
 
     /// Why the connection must fail, once it must (nothing more is handed on then).
@@ -458,7 +460,6 @@ impl Inflater {
 
     /// Gives back scratch buffers (for a connection gone idle; queued input stays).
     pub(super) fn trim(&mut self) {
-        self.out = Vec::new();
         self.unmasked = Vec::new();
         if self.queue.is_empty() {
             self.queue = Vec::new();
@@ -468,7 +469,6 @@ impl Inflater {
     fn fail(&mut self, code: u16, reason: &'static str) {
         self.failed = Some((code, reason));
         self.frame = None;
-        self.out = Vec::new();
         self.queue = Vec::new();
     }
 
@@ -505,8 +505,7 @@ impl Inflater {
             let (chunk, rest) = data.split_at(n);
             data = rest;
             if cur.inflate {
-                self.inflate_chunk(chunk, &mut cur);
-                self.emit(false, sink);
+                self.inflate_chunk(chunk, &mut cur, sink);
             } else {
                 sink.push(chunk);
             }
@@ -584,10 +583,6 @@ impl Inflater {
                 }
             }
         } else {
-            // Inflated bytes go first, so frames keep their order.
-            if self.compressed.is_some() {
-                self.emit(false, sink);
-            }
             sink.push(&self.head[..used]);
         }
         self.head.clear();
@@ -603,10 +598,10 @@ impl Inflater {
         if cur.inflate && cur.fin && self.failed.is_none() {
             // An empty payload is an empty message (the context is left as it was).
             if self.message_in > 0 {
-                self.inflate(&TAIL);
+                self.inflate(&TAIL, sink);
             }
             if self.failed.is_none() {
-                self.emit(true, sink);
+                self.emit(&[], true, sink);
             }
             self.compressed = None;
             self.in_message = false;
@@ -620,7 +615,7 @@ impl Inflater {
         }
     }
 
-    fn inflate_chunk(&mut self, chunk: &[u8], cur: &mut Current) {
+    fn inflate_chunk(&mut self, chunk: &[u8], cur: &mut Current, sink: &mut impl Sink) {
         self.message_in += chunk.len();
         if self.zlib.is_none() && !chunk.is_empty() {
             self.zlib = Some(take_decompressor());
@@ -630,71 +625,67 @@ impl Inflater {
                 let mut unmasked = std::mem::take(&mut self.unmasked);
                 unmasked.clear();
                 unmasked.extend(chunk.iter().enumerate().map(|(i, b)| b ^ mask[(cur.seen + i) & 3]));
-                self.inflate(&unmasked);
+                self.inflate(&unmasked, sink);
                 self.unmasked = unmasked;
             }
-            None => self.inflate(chunk),
+            None => self.inflate(chunk, sink),
         }
     }
 
-    /// Inflates compressed bytes of the open message into `out`, bounded by the message limit.
-    fn inflate(&mut self, mut input: &[u8]) {
+    /// Inflates compressed bytes of the open message and hands the output on as frames, bounded
+    /// by the message limit.
+    fn inflate(&mut self, mut input: &[u8], sink: &mut impl Sink) {
         if self.stream_ended {
             return;
         }
-        let Some(z) = self.zlib.as_mut() else { return };
-        loop {
+        INFLATED.with_borrow_mut(|buf| loop {
+            let Some(z) = self.zlib.as_mut() else { return };
             // Room for one call, never much past the message limit (a bomb stops there).
-            let room = (self.max_message + 1).saturating_sub(self.message_len + self.out.len());
-            let room = room.clamp(1, INFLATE_ROOM);
-            let len = self.out.len();
-            self.out.resize(len + room, 0);
+            let room =
+                self.max_message.saturating_add(1).saturating_sub(self.message_len).clamp(1, buf.len());
             let (before_in, before_out) = (z.total_in(), z.total_out());
-            let status = z.decompress(input, &mut self.out[len..], FlushDecompress::Sync);
+            let status = z.decompress(input, &mut buf[..room], FlushDecompress::Sync);
             let produced = (z.total_out() - before_out) as usize;
-            self.out.truncate(len + produced);
             input = &input[(z.total_in() - before_in) as usize..];
-            let failure = if self.message_len + self.out.len() > self.max_message {
-                (1009, "message too big")
-            } else {
-                match status {
-                    Err(_) => (1007, "invalid compressed data"),
-                    Ok(Status::StreamEnd) => {
-                        self.stream_ended = true;
-                        return;
-                    }
-                    // Everything taken and room left over: zlib has nothing more to give.
-                    Ok(_) if input.is_empty() && produced < room => return,
-                    Ok(_) => continue,
+            if self.message_len + produced > self.max_message {
+                return self.fail(1009, "message too big");
+            }
+            self.emit(&buf[..produced], false, sink);
+            match status {
+                Err(_) => return self.fail(1007, "invalid compressed data"),
+                Ok(Status::StreamEnd) => {
+                    self.stream_ended = true;
+                    return;
                 }
-            };
-            return self.fail(failure.0, failure.1);
-        }
+                // Everything taken and room left over: zlib has nothing more to give.
+                Ok(_) if input.is_empty() && produced < room => return,
+                Ok(_) => {}
+            }
+        })
     }
 
-    /// Hands the inflated bytes on as one frame (the message's first frame carries its opcode;
-    /// an empty non-final frame is not worth sending).
-    fn emit(&mut self, fin: bool, sink: &mut impl Sink) {
-        let Some(opcode) = self.compressed else { return };
-        if self.out.is_empty() && !fin {
+    /// Hands inflated bytes on as frames within the frame limit, which tungstenite applies to
+    /// them too (the message's first frame carries its opcode; nothing is sent for no bytes
+    /// unless the message ends).
+    fn emit(&mut self, data: &[u8], fin: bool, sink: &mut impl Sink) {
+        if data.is_empty() {
+            if fin {
+                self.emit_header(true, self.compressed.unwrap_or(OpCode::Data(Data::Continue)), 0, sink);
+            }
             return;
         }
-        // Frames within the frame limit, which tungstenite applies to them too.
-        let out = std::mem::take(&mut self.out);
-        let mut pieces = out.chunks(self.max_frame.max(1) as usize).peekable();
-        if pieces.peek().is_none() {
-            self.emit_header(fin, opcode, 0, sink);
-        }
+        let mut pieces = data.chunks(self.max_frame.max(1) as usize).peekable();
         while let Some(piece) = pieces.next() {
             let last = pieces.peek().is_none();
-            self.emit_header(fin && last, self.compressed.unwrap_or(opcode), piece.len(), sink);
+            self.emit_header(
+                fin && last,
+                self.compressed.unwrap_or(OpCode::Data(Data::Continue)),
+                piece.len(),
+                sink,
+            );
             sink.push(piece);
         }
-        self.message_len += out.len();
-        if out.capacity() <= KEEP_SCRATCH {
-            self.out = out;
-            self.out.clear();
-        }
+        self.message_len += data.len();
     }
 
     /// Hands on a frame header; the frames after a message's first are continuations.
@@ -899,7 +890,7 @@ mod tests {
         let mut got = Vec::new();
         inf.push(&frame(TEXT, true, true, &c), &mut got);
         assert_eq!(inf.failed(), Some((1009, "message too big")));
-        assert!(got.len() < (1 << 20) + 64, "{}", got.len());
+        assert!(got.len() < (1 << 20) + 4096, "{}", got.len());
         // Not deflate data.
         let mut inf = Inflater::new(Role::Server, &agreed(false), 1 << 20, 1 << 20);
         inf.push(&frame(TEXT, true, true, &[0xff; 40]), &mut Vec::new());

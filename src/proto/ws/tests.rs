@@ -987,3 +987,19 @@ fn deflate_context_counts_until_the_connection_goes() {
     drop(s);
     assert!(contexts.available() && contexts.used() == 0);
 }
+
+#[test]
+fn trim_keeps_frames_the_reader_holds() {
+    // One read of the reader takes the big frame and the small ones behind it; trimming after
+    // the first message (not at WouldBlock) must not drop the others.
+    let mut s = WsConn::new(Role::Server, WsConfig::default(), &[], None);
+    let mut wire = raw(true, 2, &[7; 600], M);
+    for m in [b"a", b"b", b"c"] {
+        wire.extend(raw(true, 1, m, M));
+    }
+    s.handle_bytes(&wire);
+    assert!(matches!(s.poll_event(), Some(WsEvent::Message { data, .. }) if data.len() == 600));
+    s.trim();
+    let rest: Vec<_> = std::iter::from_fn(|| s.poll_event()).collect();
+    assert_eq!(rest.len(), 3, "{rest:?}");
+}
