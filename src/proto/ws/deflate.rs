@@ -390,6 +390,8 @@ pub(super) struct Inflater {
     message_len: usize,
     /// Compressed payload bytes of the open message.
     message_in: usize,
+    /// The open message's last chunk went to zlib with the tail, and its end was handed on.
+    ended: bool,
     /// The peer's deflate stream ended (a block with BFINAL): the rest of the message's input
     /// is ignored and the next message starts a new stream.
     stream_ended: bool,
@@ -435,6 +437,7 @@ impl Inflater {
             compressed: None,
             message_len: 0,
             message_in: 0,
+            ended: false,
             stream_ended: false,
             zlib: None,
             unmasked: Vec::new(),
@@ -575,6 +578,7 @@ impl Inflater {
                 self.compressed = Some(header.opcode);
                 self.message_len = 0;
                 self.message_in = 0;
+                self.ended = false;
                 self.stream_ended = false;
                 if !header.is_final {
                     // tungstenite learns at once that a message is open, so a data frame that
@@ -596,12 +600,15 @@ impl Inflater {
     fn end_frame(&mut self, cur: Current, sink: &mut impl Sink) {
         self.frame = None;
         if cur.inflate && cur.fin && self.failed.is_none() {
-            // An empty payload is an empty message (the context is left as it was).
-            if self.message_in > 0 {
-                self.inflate(&TAIL, sink);
-            }
-            if self.failed.is_none() {
-                self.emit(&[], true, sink);
+            // The last chunk usually went with the tail and FIN (see `inflate_chunk`); not when
+            // the final frame is empty. An empty payload is an empty message (the context is
+            // left as it was).
+            if !self.ended {
+                if self.message_in > 0 {
+                    self.inflate(&TAIL, true, sink);
+                } else {
+                    self.emit(&[], true, sink);
+                }
             }
             self.compressed = None;
             self.in_message = false;
@@ -615,27 +622,41 @@ impl Inflater {
         }
     }
 
+    /// Inflates a chunk of a compressed frame's payload. The message's last chunk goes with the
+    /// tail, and its last output with FIN (one frame for a message inflated in one call).
     fn inflate_chunk(&mut self, chunk: &[u8], cur: &mut Current, sink: &mut impl Sink) {
+        if chunk.is_empty() {
+            return;
+        }
         self.message_in += chunk.len();
-        if self.zlib.is_none() && !chunk.is_empty() {
+        if self.zlib.is_none() {
             self.zlib = Some(take_decompressor());
         }
-        match cur.mask {
-            Some(mask) => {
-                let mut unmasked = std::mem::take(&mut self.unmasked);
-                unmasked.clear();
-                unmasked.extend(chunk.iter().enumerate().map(|(i, b)| b ^ mask[(cur.seen + i) & 3]));
-                self.inflate(&unmasked, sink);
-                self.unmasked = unmasked;
-            }
-            None => self.inflate(chunk, sink),
+        let last = cur.fin && chunk.len() as u64 == cur.left;
+        if cur.mask.is_none() && !last {
+            return self.inflate(chunk, false, sink);
         }
+        let mut input = std::mem::take(&mut self.unmasked);
+        input.clear();
+        match cur.mask {
+            Some(mask) => input.extend(chunk.iter().enumerate().map(|(i, b)| b ^ mask[(cur.seen + i) & 3])),
+            None => input.extend_from_slice(chunk),
+        }
+        if last {
+            input.extend_from_slice(&TAIL);
+            self.ended = true;
+        }
+        self.inflate(&input, last, sink);
+        self.unmasked = input;
     }
 
     /// Inflates compressed bytes of the open message and hands the output on as frames, bounded
-    /// by the message limit.
-    fn inflate(&mut self, mut input: &[u8], sink: &mut impl Sink) {
+    /// by the message limit; `fin`: this input ends the message.
+    fn inflate(&mut self, mut input: &[u8], fin: bool, sink: &mut impl Sink) {
         if self.stream_ended {
+            if fin {
+                self.emit(&[], true, sink);
+            }
             return;
         }
         INFLATED.with_borrow_mut(|buf| loop {
@@ -650,16 +671,18 @@ impl Inflater {
             if self.message_len + produced > self.max_message {
                 return self.fail(1009, "message too big");
             }
-            self.emit(&buf[..produced], false, sink);
-            match status {
+            let done = match status {
                 Err(_) => return self.fail(1007, "invalid compressed data"),
                 Ok(Status::StreamEnd) => {
                     self.stream_ended = true;
-                    return;
+                    true
                 }
                 // Everything taken and room left over: zlib has nothing more to give.
-                Ok(_) if input.is_empty() && produced < room => return,
-                Ok(_) => {}
+                Ok(_) => input.is_empty() && produced < room,
+            };
+            self.emit(&buf[..produced], fin && done, sink);
+            if done {
+                return;
             }
         })
     }
@@ -877,6 +900,26 @@ mod tests {
         assert!(data.last().unwrap().0 && fs[ping + 1..].contains(data.last().unwrap()));
         assert_eq!(fs.last().unwrap(), &(true, TEXT, b"plain".to_vec()));
         assert_eq!(joined(&fs[..fs.len() - 1]), vec![7u8; 5000]);
+    }
+
+    #[test]
+    fn a_compressed_message_may_end_with_an_empty_frame() {
+        let mut d = Deflater::new(agreed(true));
+        let mut c = Vec::new();
+        assert!(d.compress(b"ends with an empty frame", &mut c));
+        let mut wire = frame(TEXT, false, true, &c);
+        wire.extend(frame(CONT, true, false, b""));
+        let mut inf = Inflater::new(Role::Server, &agreed(true), 1 << 20, 1 << 20);
+        let mut got = Vec::new();
+        inf.push(&wire, &mut got);
+        let fs = frames(&got);
+        assert!(fs.last().unwrap().0, "{fs:?}");
+        assert_eq!(joined(&fs), b"ends with an empty frame");
+        // A message that arrives whole is handed on as one frame.
+        assert!(d.compress(b"one frame, one frame", &mut c));
+        let mut got = Vec::new();
+        inf.push(&frame(TEXT, true, true, &c), &mut got);
+        assert_eq!(frames(&got), [(true, TEXT, b"one frame, one frame".to_vec())]);
     }
 
     #[test]
