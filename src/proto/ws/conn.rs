@@ -435,26 +435,23 @@ impl WsConn {
                     if self.resume_inflating() {
                         continue;
                     }
-                    if let Some((code, reason)) = self.inflater_failure() {
-                        return Some(self.fail_with(code, reason, reason.to_string()));
+                    if let Some(failed) = self.fail_if_inflater_failed() {
+                        return Some(failed);
                     }
                     self.starved = true;
                     self.maybe_refresh_reader();
                     return None;
                 }
-                Err(e) => {
-                    // What the inflater refused came first (the peer may have left after it).
-                    if let Some((code, reason)) = self.inflater_failure() {
-                        return Some(self.fail_with(code, reason, reason.to_string()));
-                    }
-                    return Some(self.fail(e));
-                }
+                // What the inflater refused came first (the peer may have left after it).
+                Err(e) => return Some(self.fail_if_inflater_failed().unwrap_or_else(|| self.fail(e))),
             }
         }
     }
 
-    fn inflater_failure(&self) -> Option<(u16, &'static str)> {
-        self.deflate.as_ref().and_then(|d| d.inflater.failed())
+    /// Fails the connection with the inflater's code, if it refused the peer's input.
+    fn fail_if_inflater_failed(&mut self) -> Option<WsEvent> {
+        let (code, reason) = self.deflate.as_ref().and_then(|d| d.inflater.failed())?;
+        Some(self.fail_with(code, reason, reason.to_string()))
     }
 
     /// tungstenite read everything it had: the inflater goes on with what it queued (and the

@@ -9,12 +9,12 @@
 //! are compressed by a `Deflater` and framed with RSV1 set.
 //!
 //! Negotiation: [`negotiate`] on the server, [`offer`] and [`accept_response`] on the client.
-//! A compression context with takeover costs ~300 KiB for the compressor and ~40 KiB for the
-//! decompressor; without takeover both are reset after every message and come from a small
+//! A compression context with takeover costs ~380 KiB for the compressor and ~40 KiB for the
+//! decompressor (`tests/ws_memory.rs`); without takeover both are reset after every message and come from a small
 //! per-thread pool, so they cost nothing per connection. [`Contexts`] bounds how many
 //! connections of a server keep their own.
 
-use super::conn::{frame_header, Role};
+use super::conn::{frame_header, Role, MAX_HEADER};
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 use std::cell::RefCell;
 use std::io::Cursor;
@@ -26,8 +26,6 @@ use tungstenite::protocol::frame::FrameHeader;
 /// The tail every compressed message's deflate stream ends with (an empty stored block, from
 /// the sync flush); RFC 7692 takes it off the wire.
 const TAIL: [u8; 4] = [0, 0, 0xff, 0xff];
-
-use super::conn::MAX_HEADER;
 
 /// What an app allows (server) or offers (client).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -583,7 +581,7 @@ impl Inflater {
                 if !header.is_final {
                     // tungstenite learns at once that a message is open, so a data frame that
                     // does not continue it fails as on any connection.
-                    self.emit_header(false, header.opcode, 0, sink);
+                    self.emit_header(false, 0, sink);
                 }
             }
         } else {
@@ -691,30 +689,22 @@ impl Inflater {
     /// them too (the message's first frame carries its opcode; nothing is sent for no bytes
     /// unless the message ends).
     fn emit(&mut self, data: &[u8], fin: bool, sink: &mut impl Sink) {
-        if data.is_empty() {
-            if fin {
-                self.emit_header(true, self.compressed.unwrap_or(OpCode::Data(Data::Continue)), 0, sink);
-            }
-            return;
+        if data.is_empty() && fin {
+            self.emit_header(true, 0, sink);
         }
         let mut pieces = data.chunks(self.max_frame.max(1) as usize).peekable();
         while let Some(piece) = pieces.next() {
-            let last = pieces.peek().is_none();
-            self.emit_header(
-                fin && last,
-                self.compressed.unwrap_or(OpCode::Data(Data::Continue)),
-                piece.len(),
-                sink,
-            );
+            self.emit_header(fin && pieces.peek().is_none(), piece.len(), sink);
             sink.push(piece);
         }
         self.message_len += data.len();
     }
 
-    /// Hands on a frame header; the frames after a message's first are continuations.
-    fn emit_header(&mut self, fin: bool, opcode: OpCode, len: usize, sink: &mut impl Sink) {
+    /// Hands on a frame header of the open message: its opcode on the first, then continuations.
+    fn emit_header(&mut self, fin: bool, len: usize, sink: &mut impl Sink) {
+        let continuation = OpCode::Data(Data::Continue);
+        let opcode = self.compressed.replace(continuation).unwrap_or(continuation);
         sink.push(frame_header(fin, false, opcode, len).as_ref());
-        self.compressed = Some(OpCode::Data(Data::Continue));
     }
 }
 
