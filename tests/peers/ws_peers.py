@@ -61,30 +61,37 @@ def frame(opcode, payload, mask=True, fin=True):
     return hdr + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
 
 
-def read_close_code(s):
-    """Reads frames until a close frame; returns its code (None on EOF without one)."""
+def server_frames(s):
+    """Yields the frames a server sends (unmasked) as (fin, opcode, payload) until the
+    connection ends."""
     buf = b""
-    s.settimeout(5)
     while True:
-        while len(buf) < 2:
-            chunk = s.recv(65536)
+        while len(buf) < 2 or len(buf) < 2 + {126: 2, 127: 8}.get(buf[1] & 0x7F, 0):
+            chunk = s.recv(1 << 20)
             if not chunk:
-                return None
+                return
             buf += chunk
-        op, n = buf[0] & 0x0F, buf[1] & 0x7F
-        off = 2
+        n, off = buf[1] & 0x7F, 2
         if n == 126:
             n, off = struct.unpack("!H", buf[2:4])[0], 4
         elif n == 127:
             n, off = struct.unpack("!Q", buf[2:10])[0], 10
         while len(buf) < off + n:
-            chunk = s.recv(65536)
+            chunk = s.recv(1 << 20)
             if not chunk:
-                return None
+                return
             buf += chunk
-        payload, buf = buf[off:off + n], buf[off + n:]
+        yield buf[0] & 0x80, buf[0] & 0x0F, buf[off:off + n]
+        buf = buf[off + n:]
+
+
+def read_close_code(s):
+    """Reads frames until a close frame; returns its code (None on EOF without one)."""
+    s.settimeout(5)
+    for _, op, payload in server_frames(s):
         if op == 8:
             return struct.unpack("!H", payload[:2])[0] if len(payload) >= 2 else 1005
+    return None
 
 
 async def client_checks(port, tls_port):
@@ -240,32 +247,16 @@ async def our_client_against_python_server():
 def read_message(s, limit):
     """Reads server frames (unmasked) until one with FIN; returns the payload length, or None
     when the connection ends or `limit` seconds pass first."""
-    buf, got = b"", 0
+    got = 0
     s.settimeout(limit)
     try:
-        while True:
-            while len(buf) < 10 and (len(buf) < 2 or len(buf) < 2 + {126: 2, 127: 8}.get(buf[1] & 0x7F, 0)):
-                chunk = s.recv(1 << 20)
-                if not chunk:
-                    return None
-                buf += chunk
-            n, off = buf[1] & 0x7F, 2
-            if n == 126:
-                n, off = struct.unpack("!H", buf[2:4])[0], 4
-            elif n == 127:
-                n, off = struct.unpack("!Q", buf[2:10])[0], 10
-            while len(buf) < off + n:
-                chunk = s.recv(1 << 20)
-                if not chunk:
-                    return None
-                buf += chunk
-            fin = buf[0] & 0x80
-            got += n
-            buf = buf[off + n:]
+        for fin, _, payload in server_frames(s):
+            got += len(payload)
             if fin:
                 return got
     except socket.timeout:
-        return None
+        pass
+    return None
 
 
 async def large_checks(port):
