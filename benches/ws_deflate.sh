@@ -26,30 +26,28 @@ cp benches/ws_deflate/server.js benches/ws_deflate/client.js "$peers/"
 echo "$node_ws; conns $CONNS, warm-up $WARMUP s, measured $DURATION s, $RUNS runs"
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-work=$(mktemp -d)
-trap 'rm -rf "$work"; kill $(jobs -p) 2>/dev/null || true' EXIT
-results=$work/results
+bench_setup
+# start NAME: the server NAME on the next free port ($port), pinned to CPU 0 (lib.sh's serve).
+start() {
+  next_port
+  case $1 in
+    luna) serve luna tcp "$port" env WS_COMPRESSION="${LEVEL:-1}" "$host" benches/ws_echo_server.lua "$port" ;;
+    node) serve node tcp "$port" node "$peers/server.js" "$port" ;;
+  esac
+}
 for size in $SIZES; do
   echo "== $size-byte messages"
   for run in $(seq "$RUNS"); do
     for server in luna node; do
-      port=$PORT
-      PORT=$((PORT + 1))
-      case $server in
-        luna) WS_COMPRESSION=${LEVEL:-1} taskset -c 0 "$host" benches/ws_echo_server.lua "$port" >"$work/out" 2>&1 & ;;
-        node) taskset -c 0 node "$peers/server.js" "$port" >"$work/out" 2>&1 & ;;
-      esac
-      pid=$!
-      for _ in $(seq 100); do grep -q ready "$work/out" 2>/dev/null && break; sleep 0.05; done
-      t0=$(date +%s.%N) c0=$(cpu_ticks "$pid")
+      start "$server" || continue
+      t0=$(date +%s.%N) c0=$(cpu_ticks "$server_pid")
       result=$(taskset -c 1 node "$peers/client.js" "$port" "$size" "$CONNS" "$WARMUP" "$DURATION" | grep RESULT || echo "RESULT failed")
-      t1=$(date +%s.%N) c1=$(cpu_ticks "$pid")
+      t1=$(date +%s.%N) c1=$(cpu_ticks "$server_pid")
       cpu=$(echo "$c0 $c1 $t0 $t1 $(getconf CLK_TCK)" | awk '{printf "%.0f", 100 * ($2 - $1) / $5 / ($4 - $3)}')
       rate=$(echo "$result" | sed -n 's/.*msgs_per_s=\([0-9]*\).*/\1/p')
       # Server CPU time per echoed message (warm-up and measured window alike).
       us=$(awk -v cpu="$cpu" -v rate="${rate:-0}" 'BEGIN { printf "%.1f", (rate > 0 ? cpu * 1e4 / rate : 0) }')
-      kill "$pid" 2>/dev/null || true
-      wait "$pid" 2>/dev/null || true
+      stop_server
       echo "  run $run $server: ${result#RESULT } server_cpu=${cpu}% server_us_per_msg=$us"
       echo "$size $server ${result#RESULT } $us" >>"$results"
     done

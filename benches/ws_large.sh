@@ -26,29 +26,23 @@ need_node_ws
 cp benches/ws_large/server.js "$peers/server.js"
 echo "websockets $("$peers/venv/bin/python3" -c 'import websockets; print(websockets.__version__)'), $node_ws; $SIZE bytes, $REPS echoes per run, $RUNS runs"
 
-serve() { # NAME PORT
+bench_setup
+# start NAME: the server NAME on the next free port ($port), pinned to CPU 0 (lib.sh's serve).
+start() {
+  next_port
   case $1 in
-    luna) WS_MAX_MESSAGE_SIZE=$((64 << 20)) taskset -c 0 "$host" benches/ws_echo_server.lua "$2" ;;
-    websockets) taskset -c 0 "$peers/venv/bin/python3" benches/ws_large/server.py "$2" ;;
-    node) taskset -c 0 node "$peers/server.js" "$2" ;;
+    luna) serve luna tcp "$port" env WS_MAX_MESSAGE_SIZE=$((64 << 20)) "$host" benches/ws_echo_server.lua "$port" ;;
+    websockets) serve websockets tcp "$port" "$peers/venv/bin/python3" benches/ws_large/server.py "$port" ;;
+    node) serve node tcp "$port" node "$peers/server.js" "$port" ;;
   esac
 }
-
-work=$(mktemp -d)
-trap 'rm -rf "$work"; kill $(jobs -p) 2>/dev/null || true' EXIT
-results=$work/results
 for frag in $FRAGS; do
   if [ "$frag" = 0 ]; then echo "== one frame"; else echo "== frames of $frag bytes"; fi
   for run in $(seq "$RUNS"); do
     for server in luna websockets node; do
-      port=$PORT
-      PORT=$((PORT + 1))
-      serve "$server" "$port" >"$work/out" 2>&1 &
-      pid=$!
-      for _ in $(seq 100); do grep -q ready "$work/out" 2>/dev/null && break; sleep 0.05; done
+      start "$server" || continue
       result=$(taskset -c 1 "$peers/venv/bin/python3" benches/ws_large/client.py "$port" "$SIZE" "$frag" "$REPS" | grep RESULT || echo "RESULT failed")
-      kill "$pid" 2>/dev/null || true
-      wait "$pid" 2>/dev/null || true
+      stop_server
       echo "  run $run $server: ${result#RESULT }"
       echo "$frag $server ${result#RESULT }" >>"$results"
     done
