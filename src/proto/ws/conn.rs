@@ -547,9 +547,8 @@ impl WsConn {
                 // Our frames are unmasked: encode straight into the pipe (one copy). The
                 // tungstenite write buffer is always empty here (write_buffer_size 0), so
                 // frame order is preserved.
-                let pipe = self.ws.get_mut();
-                pipe.push_outgoing(frame_header(true, rsv1, opcode.data(), payload.len()).as_ref());
-                pipe.push_outgoing(payload);
+                let header = frame_header(true, rsv1, opcode.data(), payload.len());
+                self.ws.get_mut().push_outgoing_all(&[header.as_ref(), payload]);
                 Ok(())
             }
             Role::Client => {

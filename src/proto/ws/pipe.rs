@@ -9,7 +9,10 @@
 //! Memory: buffers whose capacity grew past [`SHRINK_THRESHOLD`] are released when they are
 //! drained, so a connection that keeps moving messages of a few KiB reuses its buffers instead
 //! of allocating them per message; [`Pipe::trim`] (for a connection gone idle) releases drained
-//! buffers over [`TRIM_KEEP`].
+//! buffers over [`TRIM_KEEP`]. A drained outgoing buffer larger than that is kept as the
+//! thread's one spare (up to [`SPARE_MAX`]) for the next large message of any connection: a
+//! fresh multi-MiB allocation per message costs a page fault per 4 KiB written into it, which
+//! was the largest cost of echoing 4 MiB messages.
 //!
 //! Frame tracking: the pipe follows WebSocket frame boundaries in the bytes it hands out (a
 //! tiny header parser that also notes whether a fragmented data message is in progress).
@@ -17,6 +20,7 @@
 //! complete frames and complete messages, so the reader holds no partial state and its
 //! (possibly grown) buffers can be replaced by fresh small ones.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 
@@ -24,6 +28,13 @@ use std::io::{self, Read, Write};
 pub const SHRINK_THRESHOLD: usize = 8 * 1024;
 /// What [`Pipe::trim`] lets a drained buffer keep.
 pub const TRIM_KEEP: usize = 1024;
+/// The largest drained outgoing buffer a thread keeps for reuse.
+pub const SPARE_MAX: usize = 16 << 20;
+
+thread_local! {
+    /// The thread's spare outgoing buffer (empty, or capacity above [`SHRINK_THRESHOLD`]).
+    static SPARE: Cell<Vec<u8>> = const { Cell::new(Vec::new()) };
+}
 
 /// In-memory duplex pipe. See the module documentation.
 #[derive(Debug, Default)]
@@ -146,8 +157,25 @@ impl Pipe {
 
     /// Queue bytes for the transport directly (e.g. a pre-encoded frame).
     pub fn push_outgoing(&mut self, data: &[u8]) {
+        self.push_outgoing_all(&[data]);
+    }
+
+    /// Queue the concatenation of `parts` (one allocation for all of them).
+    pub fn push_outgoing_all(&mut self, parts: &[&[u8]]) {
         self.compact();
-        self.outgoing.extend_from_slice(data);
+        let len: usize = parts.iter().map(|p| p.len()).sum();
+        if self.outgoing.is_empty() && len > self.outgoing.capacity().max(SHRINK_THRESHOLD) {
+            let spare = SPARE.take();
+            if spare.capacity() >= len {
+                self.outgoing = spare;
+            } else {
+                SPARE.set(spare);
+            }
+        }
+        self.outgoing.reserve(len);
+        for part in parts {
+            self.outgoing.extend_from_slice(part);
+        }
     }
 
     /// Bytes waiting to be written to the transport.
@@ -166,8 +194,11 @@ impl Pipe {
         if self.out_pos == self.outgoing.len() {
             self.out_pos = 0;
             self.outgoing.clear();
-            if self.outgoing.capacity() > SHRINK_THRESHOLD {
-                self.outgoing = Vec::new();
+            let capacity = self.outgoing.capacity();
+            if capacity > SHRINK_THRESHOLD {
+                let drained = std::mem::take(&mut self.outgoing);
+                let spare = SPARE.take();
+                SPARE.set(if capacity <= SPARE_MAX && capacity > spare.capacity() { drained } else { spare });
             }
         }
     }
@@ -285,6 +316,34 @@ mod tests {
         assert!(p.heap_capacity() >= 2 * 4110);
         p.trim();
         assert_eq!(p.heap_capacity(), 0);
+    }
+
+    #[test]
+    fn large_outgoing_buffers_are_reused_by_the_thread() {
+        let big = vec![7u8; SHRINK_THRESHOLD * 4];
+        let mut a = Pipe::new();
+        a.push_outgoing_all(&[&big[..10], &big[10..]]);
+        assert_eq!(a.outgoing(), &big[..]);
+        let first = a.outgoing().as_ptr();
+        a.consume_outgoing(usize::MAX);
+        // The drained buffer left the pipe (an idle connection holds nothing) ...
+        assert_eq!(a.heap_capacity(), 0);
+        // ... and the next large message of any connection on this thread writes into it.
+        let mut b = Pipe::new();
+        b.push_outgoing(&big);
+        assert_eq!(b.outgoing().as_ptr(), first);
+        // Small messages and buffers over SPARE_MAX are not kept.
+        b.consume_outgoing(usize::MAX);
+        let mut c = Pipe::new();
+        c.push_outgoing(&big[..100]);
+        assert_ne!(c.outgoing().as_ptr(), first);
+        let huge = vec![1u8; SPARE_MAX + 1];
+        c.consume_outgoing(usize::MAX);
+        c.push_outgoing(&huge);
+        c.consume_outgoing(usize::MAX);
+        let spare = SPARE.take();
+        assert_eq!(spare.as_ptr(), first);
+        assert!(spare.capacity() <= SPARE_MAX);
     }
 
     #[test]
