@@ -116,7 +116,7 @@ fn fresh_debian_gets_apt_packages_rustup_components_and_debian_websockets() {
     assert!(ok, "{out}\n{log}");
     assert!(
         log.contains(
-            "apt-get install -y -qq --no-install-recommends luajit lua5.1 love openssl util-linux chromium"
+            "apt-get install -y -qq --no-install-recommends luajit lua5.1 love openssl util-linux chromium curl"
         ),
         "{log}"
     );
@@ -134,7 +134,7 @@ fn fresh_debian_gets_apt_packages_rustup_components_and_debian_websockets() {
 
 #[test]
 fn a_python_that_is_not_debians_gets_a_virtualenv_under_target() {
-    let m = machine("pyenv", &["luajit", "lua5.1", "love", "openssl", "prlimit", "chromium"], true);
+    let m = machine("pyenv", &["luajit", "lua5.1", "love", "openssl", "prlimit", "chromium", "curl"], true);
     let (ok, log, out) = setup(&m, false);
     assert!(ok, "{out}\n{log}");
     assert_eq!(log, "python3 -m venv\npip install --quiet websockets\n", "only the virtualenv is set up");
@@ -149,7 +149,8 @@ fn a_python_that_is_not_debians_gets_a_virtualenv_under_target() {
 
 #[test]
 fn missing_components_without_rustup_are_named() {
-    let m = machine("norustup", &["luajit", "lua5.1", "love", "openssl", "prlimit", "chromium"], false);
+    let m =
+        machine("norustup", &["luajit", "lua5.1", "love", "openssl", "prlimit", "chromium", "curl"], false);
     std::fs::remove_file(m.root.join("bin/rustup")).unwrap();
     let (ok, _, out) = setup(&m, true);
     assert!(!ok);

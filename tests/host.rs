@@ -284,3 +284,27 @@ fn udp_echo_example_pings_itself_and_serves_others() {
     Command::new("kill").arg(server.id().to_string()).status().unwrap();
     assert!(server.wait().unwrap().success());
 }
+
+#[test]
+fn http_example_asks_itself_and_serves_others() {
+    use std::io::Read;
+    use std::net::TcpStream;
+    let (out, took) = run(host().arg("examples/http_hello.lua"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout(&out), "HTTP/1.1 200 OK / Hello, Luna!\n");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+    let (mut server, port, _lines) = serve_example(&["examples/http_hello.lua", "--serve"], "127.0.0.1:");
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"GET /hello?name=curl%21 HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut reply = String::new();
+    s.read_to_string(&mut reply).unwrap();
+    assert!(
+        reply.starts_with("HTTP/1.1 200 OK\r\n") && reply.contains("\r\n\r\nHello, curl!!HTTP/1.1 404"),
+        "{reply}"
+    );
+    assert!(reply.ends_with("no page at /nope"), "{reply}");
+    Command::new("kill").arg(server.id().to_string()).status().unwrap();
+    assert!(server.wait().unwrap().success(), "SIGTERM stops --serve cleanly");
+}

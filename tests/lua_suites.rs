@@ -59,3 +59,8 @@ fn rpc_suite() {
 fn reentry_suite() {
     run_suite("reentry_suite");
 }
+
+#[test]
+fn http_suite() {
+    run_suite("http_suite");
+}

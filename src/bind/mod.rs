@@ -13,6 +13,7 @@
 mod addr;
 mod budget;
 mod error;
+mod http;
 mod msgpack;
 mod net;
 mod options;
@@ -44,6 +45,7 @@ pub(crate) struct Runtime {
     ws: RefCell<ws::WsState>,
     rpc: RefCell<rpc::RpcState>,
     net: RefCell<net::NetState>,
+    http: RefCell<http::HttpState>,
     tls: RefCell<tls::TlsCache>,
     /// What waits for host names to resolve.
     resolving: RefCell<addr::Waiting>,
@@ -112,6 +114,7 @@ pub(crate) fn runtime(lua: &Lua) -> Result<Rc<Runtime>> {
         ws: RefCell::new(ws::WsState::default()),
         rpc: RefCell::new(rpc::RpcState::default()),
         net: RefCell::new(net::NetState::default()),
+        http: RefCell::new(http::HttpState::default()),
         tls: RefCell::new(tls::TlsCache::default()),
         resolving: RefCell::new(addr::Waiting::default()),
         service: RefCell::new(Default::default()),
@@ -267,6 +270,7 @@ fn dispatch(lua: &Lua, rt: &Runtime) -> Result<bool> {
             ws::TAG => ws::event(lua, rt, event)?,
             rpc::TAG => rpc::event(lua, rt, event)?,
             net::TAG => net::event(lua, rt, event)?,
+            http::TAG => http::event(lua, rt, event)?,
             _ => {}
         }
     }
@@ -338,7 +342,7 @@ fn close_side(lua: &Lua, side: Side) -> Result<()> {
     // Every kind closes even if a callback raises on the way; the first error is reported.
     let mut result = rpc::close_all(lua, &rt, side).and(ws::close_all(lua, &rt, side));
     if side == Side::Server {
-        result = result.and(net::close_all(lua, &rt));
+        result = result.and(net::close_all(lua, &rt)).and(http::close_all(lua, &rt));
     }
     result
 }
@@ -392,6 +396,9 @@ fn fill_common(lua: &Lua, module: &Table, name: &'static str) -> Result<()> {
     module.set("close", lua.create_function(move |lua, ()| close_side(lua, side))?)?;
     ws::register(lua, module, side)?;
     rpc::register(lua, module, side)?;
+    if side == Side::Server {
+        http::register(lua, module)?;
+    }
     module.set("spawn", lua.create_function(time::spawn)?)?;
     module.set("set_timeout", lua.create_function(time::set_timeout)?)?;
     module.set("set_interval", lua.create_function(time::set_interval)?)?;

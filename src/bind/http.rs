@@ -1,0 +1,544 @@
+//! HTTP servers in Lune's shape: `luna.serve(port_or_config, handler_or_config)`. Each request
+//! runs its handler in a library coroutine (it may `luna.sleep`, `fetch`, wait on sockets) while
+//! the server goes on with other connections; the handler returns a string (200, text/plain) or
+//! `{status, headers, body}`. The HTTP/1.1 rules live in `proto::http`; this module turns
+//! requests into Lua tables and Lua answers into responses.
+
+use std::rc::Rc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use mlua::{Function, Lua, RegistryKey, Result, Table, Value};
+use rustc_hash::FxHashMap;
+
+use super::error::{lua_type, message, misuse};
+use super::options::Options;
+use super::policy::Policy;
+use super::{addr, runtime, sched, Runtime};
+use crate::driver::net::{self, ListenOptions};
+use crate::driver::{Event, EventKind, Key, ListenerConfig, Tag};
+use crate::proto::http::{HttpLimits, HttpServerConn, Request, Response};
+
+/// The tag of every entry this module opens.
+pub(crate) const TAG: Tag = 4;
+
+const CALL: &str = "luna.serve(port, handler)";
+
+const CONFIG_KEYS: &[&str] = &[
+    "port",
+    "host",
+    "address",
+    "handleRequest",
+    "handleWebSocket",
+    "tls",
+    "max_header_size",
+    "max_body_size",
+    "max_uri_size",
+    "head_timeout",
+    "body_timeout",
+    "idle_timeout",
+    "error_handler",
+    "no_errors",
+    "debug",
+];
+
+struct Server {
+    handler: RegistryKey,
+    policy: Rc<Policy>,
+    listener: Option<Key>,
+    stopped: bool,
+}
+
+struct Conn {
+    server: u64,
+    /// A request's handler is running.
+    busy: bool,
+    /// [`news`] is starting this connection's requests.
+    starting: bool,
+}
+
+#[derive(Default)]
+pub(crate) struct HttpState {
+    servers: FxHashMap<u64, Server>,
+    listeners: FxHashMap<Key, u64>,
+    conns: FxHashMap<Key, Conn>,
+    next_id: u64,
+    /// The `Date` value and the second it is for.
+    date: (u64, String),
+}
+
+impl HttpState {
+    fn date(&mut self) -> &str {
+        let now = SystemTime::now();
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        if self.date.0 != secs || self.date.1.is_empty() {
+            self.date = (secs, httpdate::fmt_http_date(now));
+        }
+        &self.date.1
+    }
+}
+
+/// `luna.serve(port_or_config, handler_or_config)`.
+fn serve(lua: &Lua, (first, second): (Value, Value)) -> Result<Table> {
+    let (port, config) = match (&first, &second) {
+        (Value::Integer(_) | Value::Number(_), _) => (Some(first.clone()), second),
+        (Value::Table(_), Value::Nil) => (None, first),
+        _ => {
+            return Err(misuse(
+                CALL,
+                format!(
+                    "takes a port and a handler function or config table, or one config table; got {} and {}",
+                    lua_type(&first),
+                    lua_type(&second)
+                ),
+            ))
+        }
+    };
+    let opts = match config {
+        Value::Function(f) => {
+            let t = lua.create_table()?;
+            t.set("handleRequest", f)?;
+            Options::new(CALL, Value::Table(t), CONFIG_KEYS)?
+        }
+        other @ Value::Table(_) => Options::new(CALL, other, CONFIG_KEYS)?,
+        other => {
+            return Err(misuse(
+                CALL,
+                format!("the handler must be a function or a config table, got {}", lua_type(&other)),
+            ))
+        }
+    };
+    let port = match port {
+        Some(p) => {
+            let t = lua.create_table()?;
+            t.set("port", p)?;
+            Options::new(CALL, Value::Table(t), &["port"])?.port("port")?
+        }
+        None => opts.port("port")?,
+    }
+    .ok_or_else(|| misuse(CALL, "a port is required (0 picks a free one)"))?;
+    let handler = opts.function("handleRequest")?.ok_or_else(|| {
+        misuse(CALL, "'handleRequest' is required: a function(request) returning the response")
+    })?;
+    if opts.function("handleWebSocket")?.is_some() {
+        return Err(misuse(
+            CALL,
+            "'handleWebSocket' is not supported yet; serve WebSockets with luna.new_web_app",
+        ));
+    }
+    let host = match (opts.string("host")?, opts.string("address")?) {
+        (Some(host), _) => host,
+        // Lune's form: "http://0.0.0.0".
+        (None, Some(address)) => address
+            .trim_start_matches("http://")
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .to_owned(),
+        (None, None) => "127.0.0.1".into(),
+    };
+    let tls = match opts.table("tls")? {
+        Some(t) => Some(super::tls::server_options(CALL, t, &[b"http/1.1"])?),
+        None => None,
+    };
+    let limits = limits(&opts)?;
+    let policy = Rc::new(Policy {
+        label: format!("HTTP server on port {port}"),
+        // As in Lune: a failing handler is a 500 and a printed error, not a stopped server.
+        no_errors: opts.boolean("no_errors")?.unwrap_or(true),
+        handler: opts.function("error_handler")?.map(|f| lua.create_registry_value(f)).transpose()?,
+        debug: opts.boolean("debug")?.unwrap_or(false),
+    });
+
+    let rt = runtime(lua)?;
+    let id = {
+        let mut http = rt.http.borrow_mut();
+        http.next_id += 1;
+        http.next_id
+    };
+    rt.http.borrow_mut().servers.insert(
+        id,
+        Server { handler: lua.create_registry_value(handler)?, policy, listener: None, stopped: false },
+    );
+    let handle = lua.create_table()?;
+    handle.set("port", port)?;
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    handle.set("address", format!("{scheme}://{host}:{port}"))?;
+    handle
+        .set("stop", lua.create_function(move |lua, _: mlua::MultiValue| stop(lua, &*runtime(lua)?, id))?)?;
+    let object = handle.clone();
+    let bind: addr::Continuation = Box::new(move |lua, rt, ips| {
+        if rt.http.borrow().servers.get(&id).is_none_or(|s| s.stopped) {
+            return Ok(()); // stopped while its host name resolved
+        }
+        let mut last = String::from("no address to listen on");
+        let ips = match ips {
+            Ok(ips) => ips,
+            Err(e) => {
+                forget(lua, rt, id)?;
+                return Err(misuse(CALL, e));
+            }
+        };
+        for addr in addr::with_port(&ips, port) {
+            let socket = match net::tcp_listen(addr, ListenOptions::default()) {
+                Ok(socket) => socket,
+                Err(e) => {
+                    last = format!("cannot listen on {}: {e}", addr::show(addr));
+                    continue;
+                }
+            };
+            let local = socket.local_address().ok().and_then(|a| a.ip()).unwrap_or(addr);
+            let config = ListenerConfig {
+                tls: tls.clone(),
+                make: Box::new(move |now| Box::new(HttpServerConn::new(limits, now))),
+                max_connections: None,
+                nodelay: true,
+            };
+            let key = rt.driver.borrow_mut().listen(socket, config, TAG)?;
+            let mut http = rt.http.borrow_mut();
+            http.listeners.insert(key, id);
+            if let Some(server) = http.servers.get_mut(&id) {
+                server.listener = Some(key);
+            }
+            object.set("port", local.port())?;
+            let shown = addr::show(local);
+            object.set("address", format!("{scheme}://{shown}"))?;
+            return Ok(());
+        }
+        forget(lua, rt, id)?;
+        Err(misuse(CALL, last))
+    });
+    addr::resolve_then(lua, &rt, &host, true, bind)?;
+    Ok(handle)
+}
+
+fn limits(opts: &Options) -> Result<HttpLimits> {
+    let mut limits = HttpLimits::default();
+    let sizes = [
+        ("max_header_size", &mut limits.max_header_size),
+        ("max_body_size", &mut limits.max_body_size),
+        ("max_uri_size", &mut limits.max_uri),
+    ];
+    for (key, field) in sizes {
+        if let Some(size) = opts.size(key)? {
+            *field = size;
+        }
+    }
+    let times = [
+        ("head_timeout", &mut limits.head_timeout),
+        ("body_timeout", &mut limits.body_timeout),
+        ("idle_timeout", &mut limits.idle_timeout),
+    ];
+    for (key, field) in times {
+        if let Some(t) = opts.seconds(key)? {
+            *field = t;
+        }
+    }
+    Ok(limits)
+}
+
+/// `handle:stop()`: no new connections; idle ones close, requests being handled are answered and
+/// their connections close after.
+fn stop(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
+    let listener = match rt.http.borrow_mut().servers.get_mut(&id) {
+        Some(server) if !server.stopped => {
+            server.stopped = true;
+            server.listener.take()
+        }
+        _ => return Ok(()),
+    };
+    if let Some(key) = listener {
+        rt.driver.borrow_mut().close(key);
+        rt.http.borrow_mut().listeners.remove(&key);
+    }
+    let idle: Vec<Key> =
+        rt.http.borrow().conns.iter().filter(|(_, c)| c.server == id && !c.busy).map(|(k, _)| *k).collect();
+    for key in idle {
+        finish(rt, key);
+    }
+    forget_if_done(lua, rt, id)
+}
+
+/// Closes a connection once what it queued is out.
+fn finish(rt: &Runtime, key: Key) {
+    if let Some(proto) = rt.driver.borrow_mut().proto::<HttpServerConn>(key) {
+        proto.finish();
+    }
+    flush(rt, key);
+}
+
+/// Forgets a stopped server once no handler of its requests runs.
+fn forget_if_done(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
+    let done = {
+        let http = rt.http.borrow();
+        http.servers.get(&id).is_some_and(|s| s.stopped)
+            && !http.conns.values().any(|c| c.server == id && c.busy)
+    };
+    if done {
+        forget(lua, rt, id)?;
+    }
+    Ok(())
+}
+
+fn forget(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
+    let Some(server) = rt.http.borrow_mut().servers.remove(&id) else { return Ok(()) };
+    if let Some(key) = server.listener {
+        rt.driver.borrow_mut().close(key);
+        rt.http.borrow_mut().listeners.remove(&key);
+    }
+    lua.remove_registry_value(server.handler)
+}
+
+/// Writes what `key` queued: at the end of the current update when inside one, else now; and
+/// restarts its reading if it had stopped for a full input.
+fn flush(rt: &Runtime, key: Key) {
+    let mut driver = rt.driver.borrow_mut();
+    if rt.in_update() {
+        driver.queue_flush(key);
+    } else {
+        driver.flush(key);
+    }
+    if driver.should_resume_reading(key) {
+        rt.service.borrow_mut().push_back(key);
+    }
+}
+
+/// A driver event for one of this module's entries.
+pub(crate) fn event(lua: &Lua, rt: &Runtime, event: Event) -> Result<()> {
+    match event.kind {
+        EventKind::Accepted { listener } => accepted(lua, rt, event.key, listener),
+        EventKind::News => news(lua, rt, event.key),
+        EventKind::Drained | EventKind::Wake => Ok(()),
+    }
+}
+
+fn accepted(lua: &Lua, rt: &Runtime, key: Key, listener: Key) -> Result<()> {
+    let server = rt.http.borrow().listeners.get(&listener).copied();
+    let Some(server) = server else {
+        rt.driver.borrow_mut().close(key);
+        return Ok(());
+    };
+    rt.driver.borrow_mut().adopt(key);
+    rt.http.borrow_mut().conns.insert(key, Conn { server, busy: false, starting: false });
+    news(lua, rt, key)
+}
+
+/// A connection has news: a complete request, or its end. Requests a connection holds are
+/// started one after another in a loop, not by recursion: a handler that answers at once (its
+/// hook calls back here) would otherwise nest one call per pipelined request.
+fn news(lua: &Lua, rt: &Runtime, key: Key) -> Result<()> {
+    let server = match rt.http.borrow_mut().conns.get_mut(&key) {
+        Some(c) if !c.starting => {
+            c.starting = true;
+            c.server
+        }
+        _ => return Ok(()),
+    };
+    let result = start_requests(lua, rt, key, server);
+    if let Some(c) = rt.http.borrow_mut().conns.get_mut(&key) {
+        c.starting = false;
+    }
+    result
+}
+
+fn start_requests(lua: &Lua, rt: &Runtime, key: Key, server: u64) -> Result<()> {
+    loop {
+        let Some(busy) = rt.http.borrow().conns.get(&key).map(|c| c.busy) else { return Ok(()) };
+        let (request, closed) = {
+            let mut driver = rt.driver.borrow_mut();
+            match driver.proto::<HttpServerConn>(key) {
+                Some(proto) if !busy => (proto.take_request(), proto.is_closed()),
+                Some(proto) => (None, proto.is_closed()),
+                None => (None, true),
+            }
+        };
+        if closed {
+            // A running handler finds the connection gone and drops its answer.
+            rt.http.borrow_mut().conns.remove(&key);
+            rt.driver.borrow_mut().close(key);
+            return Ok(());
+        }
+        let Some(request) = request else { return Ok(()) };
+        let handler =
+            rt.http.borrow().servers.get(&server).map(|s| lua.registry_value::<Function>(&s.handler));
+        let Some(handler) = handler else { return Ok(()) };
+        if let Some(c) = rt.http.borrow_mut().conns.get_mut(&key) {
+            c.busy = true;
+        }
+        let table = request_table(lua, &request)?;
+        let hook: sched::Hook = Box::new(move |lua, rt, result| answered(lua, rt, key, server, result));
+        sched::spawn_owned(lua, rt, handler?, table, hook)?;
+    }
+}
+
+/// `request = {method, path, query, headers, body}` (Lune's), plus `target` (as sent) and
+/// `raw_query`.
+fn request_table(lua: &Lua, request: &Request) -> Result<Table> {
+    let t = lua.create_table_with_capacity(0, 8)?;
+    t.raw_set("method", request.method.as_str())?;
+    t.raw_set("path", request.path.as_str())?;
+    t.raw_set("target", request.target.as_str())?;
+    t.raw_set("raw_query", request.query.as_str())?;
+    let query = lua.create_table()?;
+    for (k, v) in form_urlencoded::parse(request.query.as_bytes()) {
+        query.raw_set(k.as_ref(), v.as_ref())?;
+    }
+    t.raw_set("query", query)?;
+    let headers = lua.create_table_with_capacity(0, request.headers.len())?;
+    for (name, value) in &request.headers {
+        let joined = match headers.raw_get::<Option<mlua::String>>(name.as_str())? {
+            Some(before) => {
+                let sep = if name == "cookie" { "; " } else { ", " };
+                format!("{}{sep}{value}", before.to_str()?)
+            }
+            None => value.clone(),
+        };
+        headers.raw_set(name.as_str(), joined)?;
+    }
+    t.raw_set("headers", headers)?;
+    t.raw_set("body", lua.create_string(&request.body)?)?;
+    Ok(t)
+}
+
+/// A request's handler ended: its answer (or a 500) goes out, and the next request may start.
+fn answered(lua: &Lua, rt: &Runtime, key: Key, server: u64, result: Result<Value>) -> Result<()> {
+    if let Some(c) = rt.http.borrow_mut().conns.get_mut(&key) {
+        c.busy = false;
+    }
+    let policy = rt.http.borrow().servers.get(&server).map(|s| s.policy.clone());
+    let stopped = rt.http.borrow().servers.get(&server).is_none_or(|s| s.stopped);
+    if stopped {
+        if let Some(proto) = rt.driver.borrow_mut().proto::<HttpServerConn>(key) {
+            proto.close_after_response();
+        }
+    }
+    let failure = match result {
+        Ok(value) => respond(rt, key, &value).err(),
+        Err(e) => Some(message(&e)),
+    };
+    if failure.is_some() {
+        let headers: &[(&[u8], &[u8])] = &[(b"content-type", b"text/plain; charset=utf-8")];
+        // Valid by construction: it cannot fail.
+        let _ = send(rt, key, Response { status: 500, headers, body: b"Internal Server Error\n", date: "" });
+    }
+    if stopped {
+        finish(rt, key);
+        forget_if_done(lua, rt, server)?;
+    } else {
+        flush(rt, key);
+    }
+    // The next pipelined request, if one is buffered.
+    news(lua, rt, key)?;
+    match (failure, policy) {
+        (Some(why), Some(policy)) => policy.report(lua, &why),
+        _ => Ok(()),
+    }
+}
+
+/// Sends the handler's answer; a malformed one is an error (the caller sends a 500).
+fn respond(rt: &Runtime, key: Key, value: &Value) -> std::result::Result<(), String> {
+    const PLAIN: &[(&[u8], &[u8])] = &[(b"content-type", b"text/plain; charset=utf-8")];
+    let t = match value {
+        Value::String(body) => {
+            return send(rt, key, Response { status: 200, headers: PLAIN, body: &body.as_bytes(), date: "" })
+        }
+        Value::Table(t) => t,
+        other => {
+            return Err(format!(
+                "the handler must return a string or a table {{status = 200, headers = {{...}}, body = \"...\"}}, got {}",
+                lua_type(other)
+            ))
+        }
+    };
+    let field = |name: &str| t.raw_get::<Value>(name).map_err(|e| message(&e));
+    let status = match field("status")? {
+        Value::Nil => 200,
+        Value::Integer(n) if (200..=599).contains(&n) => n as u16,
+        Value::Number(n) if n.fract() == 0.0 && (200.0..=599.0).contains(&n) => n as u16,
+        other => {
+            return Err(format!("the response's status must be a whole number 200-599, got {}", show(&other)))
+        }
+    };
+    let headers = match field("headers")? {
+        Value::Nil => Vec::new(),
+        Value::Table(fields) => header_fields(&fields)?,
+        other => return Err(format!("the response's headers must be a table, got {}", lua_type(&other))),
+    };
+    let body = match field("body")? {
+        Value::Nil => None,
+        Value::String(s) => Some(s),
+        other => return Err(format!("the response's body must be a string, got {}", lua_type(&other))),
+    };
+    let headers: Vec<(&[u8], &[u8])> = headers.iter().map(|(n, v)| (&n[..], &v[..])).collect();
+    let body_bytes = body.as_ref().map(|b| b.as_bytes());
+    let body: &[u8] = body_bytes.as_ref().map_or(b"", |b| &b[..]);
+    send(rt, key, Response { status, headers: &headers, body, date: "" })
+}
+
+/// A header field: name and value.
+type Field = (Vec<u8>, Vec<u8>);
+
+/// A response's `headers` table (name → string, number or list of them) as fields, sorted by
+/// name so the same table always gives the same head.
+fn header_fields(fields: &Table) -> std::result::Result<Vec<Field>, String> {
+    let mut out = Vec::new();
+    for pair in fields.pairs::<Value, Value>() {
+        let (name, value) = pair.map_err(|e| message(&e))?;
+        let Value::String(name) = name else {
+            return Err(format!("header names must be strings, got {}", lua_type(&name)));
+        };
+        let values = match value {
+            Value::Table(list) => {
+                list.sequence_values::<Value>().collect::<mlua::Result<Vec<_>>>().map_err(|e| message(&e))?
+            }
+            one => vec![one],
+        };
+        for v in values {
+            let bytes = match &v {
+                Value::String(s) => s.as_bytes().to_vec(),
+                Value::Integer(_) | Value::Number(_) => show(&v).into_bytes(),
+                other => {
+                    return Err(format!(
+                        "header '{}' must be a string, a number or a list of them, got {}",
+                        name.to_string_lossy(),
+                        lua_type(other)
+                    ))
+                }
+            };
+            out.push((name.as_bytes().to_vec(), bytes));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+/// Hands `response` to the connection (nothing if it went away meanwhile), dated now.
+fn send(rt: &Runtime, key: Key, response: Response) -> std::result::Result<(), String> {
+    let mut http = rt.http.borrow_mut();
+    let date = http.date();
+    match rt.driver.borrow_mut().proto::<HttpServerConn>(key) {
+        Some(proto) => proto.respond(Instant::now(), Response { date, ..response }),
+        None => Ok(()),
+    }
+}
+
+fn show(v: &Value) -> String {
+    match v {
+        Value::Integer(n) => n.to_string(),
+        Value::Number(n) => n.to_string(),
+        other => lua_type(other).to_owned(),
+    }
+}
+
+/// `luna.close()`: every server stops.
+pub(crate) fn close_all(lua: &Lua, rt: &Runtime) -> Result<()> {
+    let ids: Vec<u64> = rt.http.borrow().servers.keys().copied().collect();
+    let mut result = Ok(());
+    for id in ids {
+        result = result.and(stop(lua, rt, id));
+    }
+    result
+}
+
+/// Adds `luna.serve`.
+pub(crate) fn register(lua: &Lua, module: &Table) -> Result<()> {
+    module.set("serve", lua.create_function(serve)?)
+}

@@ -1,0 +1,640 @@
+//! One HTTP/1.1 server connection.
+//!
+//! Requests are read one at a time: a head (`httparse`), then its body by Content-Length or
+//! chunked coding, into one [`Request`] that the layer above takes with
+//! [`HttpServerConn::take_request`]. Until it answers with [`HttpServerConn::respond`], further
+//! bytes (pipelined requests) stay buffered, up to the header limit, so answers leave in order
+//! and a client that sends without reading meets TCP flow control, not our memory.
+//!
+//! What the peer gets wrong is answered here with the right status and `Connection: close`:
+//! malformed heads (400), unsupported versions (505), too many or too large header fields (431),
+//! long targets (414), bodies over the limit (413, before any of it is read), framing that could
+//! smuggle a request (Content-Length beside Transfer-Encoding, conflicting or malformed lengths,
+//! a final coding other than chunked, bad chunk lines: 400; codings we do not decode: 501), an
+//! HTTP/1.1 request without exactly one Host (400), expectations other than `100-continue`
+//! (417), and heads or bodies that arrive too slowly (408). Those answers carry no `Date` (this
+//! layer has no clock); the ones the layer above makes do.
+
+use std::time::{Duration, Instant};
+
+use crate::proto::stream::{Flow, StreamProtocol};
+
+/// Limits and timeouts of a server connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    /// Largest request head (request line and header fields), and of chunked trailers → 431.
+    pub max_header_size: usize,
+    /// Most header fields in one head → 431.
+    pub max_headers: usize,
+    /// Longest request target → 414.
+    pub max_uri: usize,
+    /// Largest request body → 413.
+    pub max_body_size: usize,
+    /// From a head's first byte to its end → 408.
+    pub head_timeout: Duration,
+    /// Longest wait for the next byte of a body → 408.
+    pub body_timeout: Duration,
+    /// An idle keep-alive connection (no request started) closes after this.
+    pub idle_timeout: Duration,
+    /// Reading pauses while more than this waits to be sent.
+    pub max_outgoing: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            max_header_size: 16 << 10,
+            max_headers: 100,
+            max_uri: 8 << 10,
+            max_body_size: 10 << 20,
+            head_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(75),
+            max_outgoing: 1 << 20,
+        }
+    }
+}
+
+/// A complete request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub method: String,
+    /// The request target as sent.
+    pub target: String,
+    /// The target's path (`*` for `OPTIONS *`; the path of an absolute-form target), not decoded.
+    pub path: String,
+    /// What follows the `?`, not decoded (`""` without one).
+    pub query: String,
+    /// The `x` of `HTTP/1.x`.
+    pub minor_version: u8,
+    /// Header fields in order, names in lower case, values as sent (invalid UTF-8 replaced).
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    /// The first value of header `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+/// A response from the layer above.
+#[derive(Debug, Clone, Copy)]
+pub struct Response<'a> {
+    pub status: u16,
+    /// Header fields as given; `Content-Length` and `Transfer-Encoding` are ours to set and are
+    /// left out, `Connection: close` closes the connection after this response.
+    pub headers: &'a [(&'a [u8], &'a [u8])],
+    pub body: &'a [u8],
+    /// The `Date` value (unless `headers` has one).
+    pub date: &'a str,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for (the rest of) a request head.
+    Head,
+    Body(Framing),
+    /// A complete request is with the layer above.
+    Handling,
+    /// Nothing more is read (closing, or an error answered).
+    Done,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// Body bytes still to come.
+    Length(u64),
+    Chunked(Chunk),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunk {
+    Size,
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    Trailers,
+}
+
+/// Longest chunk-size line (size, extensions, CRLF) we wait for.
+const MAX_CHUNK_LINE: usize = 1024;
+
+/// One HTTP/1.1 server connection. See the module documentation.
+#[derive(Debug)]
+pub struct HttpServerConn {
+    limits: HttpLimits,
+    phase: Phase,
+    /// Received bytes; those before `start` are consumed.
+    input: Vec<u8>,
+    start: usize,
+    out: Vec<u8>,
+    out_pos: usize,
+    /// The request whose body is being read.
+    reading: Option<Request>,
+    /// The request waiting for [`take_request`](Self::take_request).
+    ready: Option<Request>,
+    keep_alive: bool,
+    head_request: bool,
+    /// When the current wait began: connection start or last response (idle), a head's first
+    /// byte, a body's last byte.
+    since: Instant,
+    head_started: bool,
+    eof: bool,
+    flow: Flow,
+    closed: bool,
+    news: bool,
+    error: Option<String>,
+    /// The time of the last call from the driver (for work a write makes possible).
+    now: Instant,
+}
+
+impl HttpServerConn {
+    pub fn new(limits: HttpLimits, now: Instant) -> Self {
+        Self {
+            limits,
+            phase: Phase::Head,
+            input: Vec::new(),
+            start: 0,
+            out: Vec::new(),
+            out_pos: 0,
+            reading: None,
+            ready: None,
+            keep_alive: true,
+            head_request: false,
+            since: now,
+            head_started: false,
+            eof: false,
+            flow: Flow::Open,
+            closed: false,
+            news: false,
+            error: None,
+            now,
+        }
+    }
+
+    /// The complete request waiting for an answer, once.
+    pub fn take_request(&mut self) -> Option<Request> {
+        self.ready.take()
+    }
+
+    /// Whether a request was taken and not answered yet.
+    pub fn awaits_response(&self) -> bool {
+        self.phase == Phase::Handling && self.ready.is_none()
+    }
+
+    /// The transport is gone (closed, or failed with [`error`](Self::error)).
+    pub fn is_closed(&self) -> bool {
+        self.closed
+    }
+
+    pub fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+
+    /// Answers the request taken with [`take_request`](Self::take_request), then goes on with
+    /// the next one (perhaps already buffered). An invalid header field or status is an error
+    /// and nothing is sent (answer again, e.g. with a 500).
+    pub fn respond(&mut self, now: Instant, response: Response) -> Result<(), String> {
+        if !self.awaits_response() {
+            return Err("no request is waiting for a response".into());
+        }
+        if !(200..=599).contains(&response.status) {
+            return Err(format!("status must be 200-599, got {}", response.status));
+        }
+        let (mut date, mut said_close) = (true, false);
+        for (name, value) in response.headers {
+            if name.is_empty() || !name.iter().all(|b| is_tchar(*b)) {
+                return Err(format!("invalid header name '{}'", String::from_utf8_lossy(name)));
+            }
+            if value.iter().any(|b| matches!(b, b'\r' | b'\n' | 0)) {
+                return Err(format!(
+                    "the value of header '{}' contains CR, LF or NUL",
+                    String::from_utf8_lossy(name)
+                ));
+            }
+            said_close |= name.eq_ignore_ascii_case(b"connection") && has_token(value, "close");
+            date &= !name.eq_ignore_ascii_case(b"date");
+        }
+        self.keep_alive &= !said_close;
+        let status = response.status;
+        let body_allowed = status != 204 && status != 304;
+        let out = &mut self.out;
+        out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", super::reason(status)).as_bytes());
+        if date {
+            out.extend_from_slice(b"date: ");
+            out.extend_from_slice(response.date.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        for (name, value) in response.headers {
+            if name.eq_ignore_ascii_case(b"content-length") || name.eq_ignore_ascii_case(b"transfer-encoding")
+            {
+                continue;
+            }
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        if body_allowed {
+            out.extend_from_slice(format!("content-length: {}\r\n", response.body.len()).as_bytes());
+        }
+        if !self.keep_alive && !said_close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if body_allowed && !self.head_request {
+            out.extend_from_slice(response.body);
+        }
+        self.news = true;
+        if self.keep_alive {
+            self.phase = Phase::Head;
+            self.head_started = false;
+            self.since = now;
+            self.advance(now);
+        } else {
+            self.finish();
+        }
+        Ok(())
+    }
+
+    /// The next response says `Connection: close` and the connection closes after it.
+    pub fn close_after_response(&mut self) {
+        self.keep_alive = false;
+    }
+
+    /// Stops reading and closes once the queued bytes are out.
+    pub fn finish(&mut self) {
+        self.phase = Phase::Done;
+        self.ready = None;
+        if self.flow == Flow::Open {
+            self.flow = Flow::Finish;
+        }
+    }
+
+    fn pending(&self) -> &[u8] {
+        &self.input[self.start..]
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.input.len() {
+            self.input.clear();
+            self.start = 0;
+        }
+    }
+
+    /// Parses what the input holds as far as it goes.
+    fn advance(&mut self, now: Instant) {
+        self.now = now;
+        loop {
+            match self.phase {
+                // The next request waits while the answers before it are not out: a client
+                // that pipelines without reading holds one answer's worth of our memory.
+                Phase::Head if self.out.len() - self.out_pos > self.limits.max_outgoing => return,
+                Phase::Head => {
+                    if self.pending().is_empty() {
+                        if self.eof {
+                            self.finish();
+                        }
+                        return;
+                    }
+                    if !self.head_started {
+                        self.head_started = true;
+                        self.since = now;
+                    }
+                    match self.parse_head() {
+                        Ok(Some(())) => {}
+                        Ok(None) if self.eof => return self.finish(),
+                        Ok(None) => return,
+                        Err(status) => return self.reject(status),
+                    }
+                }
+                Phase::Body(framing) => match self.read_body(framing, now) {
+                    Ok(true) => self.complete(),
+                    Ok(false) if self.eof => return self.finish(),
+                    Ok(false) => return,
+                    Err(status) => return self.reject(status),
+                },
+                Phase::Handling | Phase::Done => return,
+            }
+        }
+    }
+
+    /// One head: `Ok(None)` while incomplete, `Err(status)` for a head to refuse.
+    fn parse_head(&mut self) -> Result<Option<()>, u16> {
+        let limits = self.limits;
+        let mut fields = vec![httparse::EMPTY_HEADER; limits.max_headers];
+        let mut parsed = httparse::Request::new(&mut fields);
+        let buf = &self.input[self.start..];
+        let n = match parsed.parse(buf) {
+            Ok(httparse::Status::Complete(n)) => n,
+            Ok(httparse::Status::Partial) => {
+                let line_done = buf.contains(&b'\n');
+                return match () {
+                    _ if !line_done && buf.len() > limits.max_uri + 32 => Err(414),
+                    _ if buf.len() > limits.max_header_size => Err(431),
+                    _ => Ok(None),
+                };
+            }
+            Err(httparse::Error::TooManyHeaders) => return Err(431),
+            Err(httparse::Error::Version) => return Err(505),
+            Err(_) => return Err(400),
+        };
+        if n > limits.max_header_size {
+            return Err(431);
+        }
+        let method = parsed.method.unwrap_or_default().to_owned();
+        let target = parsed.path.unwrap_or_default().to_owned();
+        if target.len() > limits.max_uri {
+            return Err(414);
+        }
+        let minor_version = parsed.version.unwrap_or(1);
+        let headers: Vec<(String, String)> = parsed
+            .headers
+            .iter()
+            .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
+            .collect();
+        let (path, query) = split_target(&target).ok_or(400u16)?;
+        let request = Request { method, target, path, query, minor_version, headers, body: Vec::new() };
+        self.consume(n);
+        let framing = self.framing(&request)?;
+        let connection =
+            |token| request.headers.iter().any(|(n, v)| n == "connection" && has_token(v.as_bytes(), token));
+        self.keep_alive = !connection("close") && (minor_version == 1 || connection("keep-alive"));
+        self.head_request = request.method == "HEAD";
+        if let Some(expect) = request.header("expect") {
+            if !expect.trim().eq_ignore_ascii_case("100-continue") {
+                return Err(417);
+            }
+            if minor_version == 1 && framing != Framing::Length(0) {
+                self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                self.news = true;
+            }
+        }
+        self.reading = Some(request);
+        self.phase = Phase::Body(framing);
+        Ok(Some(()))
+    }
+
+    /// How the body of `request` is delimited (RFC 9112 §6.3), or the status refusing it.
+    fn framing(&self, request: &Request) -> Result<Framing, u16> {
+        let hosts = request.headers.iter().filter(|(n, _)| n == "host").count();
+        if (request.minor_version == 1 && hosts != 1) || hosts > 1 {
+            return Err(400);
+        }
+        let mut length: Option<u64> = None;
+        for (_, value) in request.headers.iter().filter(|(n, _)| n == "content-length") {
+            let v = value.trim();
+            if v.is_empty() || v.len() > 18 || !v.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(400);
+            }
+            let n: u64 = v.parse().map_err(|_| 400u16)?;
+            if length.is_some_and(|l| l != n) {
+                return Err(400);
+            }
+            length = Some(n);
+        }
+        let codings: Vec<String> = request
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "transfer-encoding")
+            .flat_map(|(_, v)| v.split(',').map(|c| c.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+            .collect();
+        if !codings.is_empty() {
+            if length.is_some()
+                || request.minor_version == 0
+                || codings.last().map(String::as_str) != Some("chunked")
+            {
+                return Err(400);
+            }
+            if codings.len() > 1 {
+                return Err(501);
+            }
+            return Ok(Framing::Chunked(Chunk::Size));
+        }
+        let length = length.unwrap_or(0);
+        if length > self.limits.max_body_size as u64 {
+            return Err(413);
+        }
+        Ok(Framing::Length(length))
+    }
+
+    /// Moves body bytes into the request: `Ok(true)` once the body is complete.
+    fn read_body(&mut self, framing: Framing, now: Instant) -> Result<bool, u16> {
+        let before = self.pending().len();
+        let result = self.read_body_bytes(framing);
+        if self.pending().len() != before {
+            self.since = now;
+        }
+        result
+    }
+
+    fn read_body_bytes(&mut self, mut framing: Framing) -> Result<bool, u16> {
+        let max_body = self.limits.max_body_size as u64;
+        loop {
+            let buf = &self.input[self.start..];
+            let Some(request) = self.reading.as_mut() else { return Ok(true) };
+            match framing {
+                Framing::Length(0) => return Ok(true),
+                Framing::Chunked(Chunk::Data(0)) => framing = Framing::Chunked(Chunk::DataEnd),
+                Framing::Length(left) | Framing::Chunked(Chunk::Data(left)) => {
+                    if buf.is_empty() {
+                        break;
+                    }
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    request.body.extend_from_slice(&buf[..n]);
+                    self.consume(n);
+                    let left = left - n as u64;
+                    framing = match framing {
+                        Framing::Length(_) => Framing::Length(left),
+                        _ => Framing::Chunked(Chunk::Data(left)),
+                    };
+                }
+                Framing::Chunked(Chunk::Size) => match httparse::parse_chunk_size(buf) {
+                    Ok(httparse::Status::Complete((n, size))) => {
+                        if request.body.len() as u64 + size > max_body {
+                            return Err(413);
+                        }
+                        self.consume(n);
+                        framing =
+                            Framing::Chunked(if size == 0 { Chunk::Trailers } else { Chunk::Data(size) });
+                    }
+                    Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => return Err(400),
+                    Ok(httparse::Status::Partial) => break,
+                    Err(_) => return Err(400),
+                },
+                Framing::Chunked(Chunk::DataEnd) => {
+                    if buf.len() < 2 {
+                        if buf.first().is_some_and(|b| *b != b'\r') {
+                            return Err(400);
+                        }
+                        break;
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(400);
+                    }
+                    self.consume(2);
+                    framing = Framing::Chunked(Chunk::Size);
+                }
+                Framing::Chunked(Chunk::Trailers) => {
+                    let mut fields = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
+                    match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((n, _))) => {
+                            self.consume(n);
+                            return Ok(true);
+                        }
+                        Ok(httparse::Status::Partial) if buf.len() > self.limits.max_header_size => {
+                            return Err(431)
+                        }
+                        Ok(httparse::Status::Partial) => break,
+                        Err(httparse::Error::TooManyHeaders) => return Err(431),
+                        Err(_) => return Err(400),
+                    }
+                }
+            }
+        }
+        self.phase = Phase::Body(framing);
+        Ok(false)
+    }
+
+    fn complete(&mut self) {
+        self.ready = self.reading.take();
+        self.phase = Phase::Handling;
+        self.news = true;
+    }
+
+    /// Answers a request we refuse and closes.
+    fn reject(&mut self, status: u16) {
+        let text = format!("{status} {}\n", super::reason(status));
+        self.out.extend_from_slice(
+            format!(
+                "HTTP/1.1 {status} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+                super::reason(status),
+                text.len()
+            )
+            .as_bytes(),
+        );
+        self.reading = None;
+        self.input = Vec::new();
+        self.start = 0;
+        self.news = true;
+        self.finish();
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Head if self.head_started => Some(self.since + self.limits.head_timeout),
+            Phase::Head => Some(self.since + self.limits.idle_timeout),
+            Phase::Body(_) => Some(self.since + self.limits.body_timeout),
+            Phase::Handling | Phase::Done => None,
+        }
+    }
+}
+
+impl StreamProtocol for HttpServerConn {
+    fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
+        if self.phase == Phase::Done {
+            return;
+        }
+        if self.start > 0 && self.start >= self.input.len() / 2 {
+            self.input.drain(..self.start);
+            self.start = 0;
+        }
+        self.input.extend_from_slice(data);
+        self.advance(now);
+    }
+
+    fn handle_eof(&mut self, now: Instant) {
+        self.eof = true;
+        // A request being answered is still answered; otherwise an unfinished one is dropped.
+        self.advance(now);
+    }
+
+    fn handle_error(&mut self, _now: Instant, error: &str) {
+        self.error = Some(error.to_owned());
+        self.closed = true;
+        self.news = true;
+        self.phase = Phase::Done;
+    }
+
+    fn handle_closed(&mut self, _now: Instant) {
+        self.closed = true;
+        self.news = true;
+    }
+
+    fn handle_timeout(&mut self, now: Instant) {
+        if self.deadline().is_none_or(|at| now < at) {
+            return;
+        }
+        match self.phase {
+            Phase::Head if !self.head_started => self.finish(),
+            Phase::Head | Phase::Body(_) => self.reject(408),
+            Phase::Handling | Phase::Done => {}
+        }
+    }
+
+    fn poll_timeout(&self) -> Option<Instant> {
+        self.deadline()
+    }
+
+    fn wants_input(&self) -> bool {
+        self.flow == Flow::Open
+            && self.phase != Phase::Done
+            && self.input.len() - self.start <= self.limits.max_header_size
+            && self.out.len() - self.out_pos <= self.limits.max_outgoing
+    }
+
+    fn outgoing(&self) -> &[u8] {
+        &self.out[self.out_pos..]
+    }
+
+    fn consume_outgoing(&mut self, n: usize) {
+        self.out_pos = (self.out_pos + n).min(self.out.len());
+        if self.out_pos == self.out.len() {
+            self.out_pos = 0;
+            self.out.clear();
+            if self.out.capacity() > 64 << 10 {
+                self.out = Vec::new();
+            }
+        }
+        if self.phase == Phase::Head && !self.pending().is_empty() {
+            self.advance(self.now);
+        }
+    }
+
+    fn flow(&self) -> Flow {
+        self.flow
+    }
+
+    fn take_news(&mut self) -> bool {
+        std::mem::take(&mut self.news)
+    }
+}
+
+/// The path and query of a request target (origin, absolute or asterisk form; RFC 9112 §3.2).
+fn split_target(target: &str) -> Option<(String, String)> {
+    let split = |t: &str| match t.split_once('?') {
+        Some((p, q)) => (p.to_owned(), q.to_owned()),
+        None => (t.to_owned(), String::new()),
+    };
+    if target.starts_with('/') {
+        return Some(split(target));
+    }
+    if target == "*" {
+        return Some(("*".into(), String::new()));
+    }
+    let url = url::Url::parse(target).ok().filter(|u| matches!(u.scheme(), "http" | "https"))?;
+    Some((url.path().to_owned(), url.query().unwrap_or_default().to_owned()))
+}
+
+/// Whether comma-separated `value` has `token` (case-insensitive).
+fn has_token(value: &[u8], token: &str) -> bool {
+    value.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// A token character of RFC 9110 §5.6.2.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}

@@ -1,0 +1,295 @@
+use std::time::{Duration, Instant};
+
+use super::server::{HttpLimits, HttpServerConn, Response};
+use crate::proto::stream::{Flow, StreamProtocol};
+
+const DATE: &str = "Tue, 01 Dec 2026 21:00:00 GMT";
+
+fn conn() -> (HttpServerConn, Instant) {
+    let now = Instant::now();
+    (HttpServerConn::new(HttpLimits::default(), now), now)
+}
+
+/// Everything queued for the peer, as text, consumed.
+fn sent(c: &mut HttpServerConn) -> String {
+    let out = String::from_utf8_lossy(c.outgoing()).into_owned();
+    c.consume_outgoing(out.len());
+    out
+}
+
+fn ok(c: &mut HttpServerConn, now: Instant, body: &str) {
+    c.respond(
+        now,
+        Response {
+            status: 200,
+            headers: &[(b"content-type", b"text/plain")],
+            body: body.as_bytes(),
+            date: DATE,
+        },
+    )
+    .unwrap();
+}
+
+/// The status a connection answers `bytes` with, and whether it then closes.
+fn refused(bytes: &[u8]) -> (u16, Flow) {
+    let (mut c, now) = conn();
+    c.handle_bytes(now, bytes);
+    assert!(c.take_request().is_none(), "no request reaches the layer above");
+    let out = sent(&mut c);
+    let status = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    assert!(out.contains("connection: close\r\n"), "{out}");
+    (status, c.flow())
+}
+
+#[test]
+fn get_and_keep_alive_response() {
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"GET /a/b?x=1&y=%20 HTTP/1.1\r\nHost: h\r\nX-Two: 1\r\nx-two: 2\r\n\r\n");
+    assert!(c.take_news());
+    let r = c.take_request().unwrap();
+    assert_eq!((r.method.as_str(), r.path.as_str(), r.query.as_str()), ("GET", "/a/b", "x=1&y=%20"));
+    assert_eq!(r.headers.iter().filter(|(n, _)| n == "x-two").count(), 2);
+    assert_eq!(r.header("host"), Some("h"));
+    assert!(c.awaits_response());
+    ok(&mut c, now, "hello");
+    assert_eq!(
+        sent(&mut c),
+        format!(
+            "HTTP/1.1 200 OK\r\ndate: {DATE}\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhello"
+        )
+    );
+    assert_eq!(c.flow(), Flow::Open, "HTTP/1.1 keeps the connection");
+    assert!(c.respond(now, Response { status: 200, headers: &[], body: b"", date: DATE }).is_err());
+}
+
+#[test]
+fn pipelined_requests_are_answered_in_order() {
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"GET /1 HTTP/1.1\r\nHost: h\r\n\r\nPOST /2 HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabcGET /3 HT");
+    assert_eq!(c.take_request().unwrap().path, "/1");
+    assert!(c.take_request().is_none(), "one request at a time");
+    ok(&mut c, now, "one");
+    let r = c.take_request().unwrap();
+    assert_eq!((r.path.as_str(), r.body.as_slice()), ("/2", &b"abc"[..]));
+    ok(&mut c, now, "two");
+    assert!(c.take_request().is_none());
+    c.handle_bytes(now, b"TP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+    assert_eq!(c.take_request().unwrap().path, "/3");
+    ok(&mut c, now, "three");
+    let out = sent(&mut c);
+    let bodies: Vec<&str> =
+        out.split("\r\n\r\n").skip(1).map(|s| &s[..s.find("HTTP").unwrap_or(s.len())]).collect();
+    assert_eq!(bodies, ["one", "two", "three"]);
+    assert!(out.ends_with("connection: close\r\n\r\nthree"));
+    assert_eq!(c.flow(), Flow::Finish, "Connection: close is honoured");
+}
+
+#[test]
+fn chunked_bodies_byte_by_byte() {
+    let (mut c, now) = conn();
+    let bytes = b"POST /u HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nTrailer: x\r\n\r\n";
+    for b in bytes.iter() {
+        assert!(c.take_request().is_none());
+        c.handle_bytes(now, &[*b]);
+    }
+    assert_eq!(c.take_request().unwrap().body, b"hello world");
+    assert_eq!(sent(&mut c), "", "nothing answered yet");
+}
+
+#[test]
+fn http10_closes_unless_keep_alive_and_head_has_no_body() {
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"GET / HTTP/1.0\r\n\r\n");
+    assert_eq!(c.take_request().unwrap().minor_version, 0);
+    ok(&mut c, now, "x");
+    assert!(sent(&mut c).contains("connection: close"));
+    assert_eq!(c.flow(), Flow::Finish);
+
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"HEAD / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    c.take_request().unwrap();
+    ok(&mut c, now, "12345");
+    let out = sent(&mut c);
+    assert!(out.ends_with("content-length: 5\r\n\r\n"), "HEAD: the length, no body: {out}");
+    assert_eq!(c.flow(), Flow::Open);
+}
+
+#[test]
+fn no_body_for_204_and_304() {
+    for status in [204, 304] {
+        let (mut c, now) = conn();
+        c.handle_bytes(now, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+        c.take_request().unwrap();
+        c.respond(now, Response { status, headers: &[], body: b"ignored", date: DATE }).unwrap();
+        let out = sent(&mut c);
+        assert!(out.ends_with("\r\n\r\n") && !out.contains("content-length"), "{out}");
+    }
+}
+
+#[test]
+fn expect_100_continue() {
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"PUT /f HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n");
+    assert_eq!(sent(&mut c), "HTTP/1.1 100 Continue\r\n\r\n");
+    c.handle_bytes(now, b"ok");
+    assert_eq!(c.take_request().unwrap().body, b"ok");
+    assert_eq!(refused(b"PUT / HTTP/1.1\r\nHost: h\r\nExpect: magic\r\nContent-Length: 1\r\n\r\nx").0, 417);
+}
+
+#[test]
+fn smuggling_shapes_are_refused() {
+    let cases: &[(&[u8], u16)] = &[
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3, 3\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: +3\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999999999999\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+        (b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+        (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabX", 400),
+        (b"GET / HTTP/1.1\r\nHost: h\r\nX: a\r\n b\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        (b"GET / HTTP/2.0\r\nHost: h\r\n\r\n", 505),
+        (b"GET /\x01 HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+        (b"GET example.com HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+    ];
+    for (bytes, status) in cases {
+        assert_eq!(refused(bytes), (*status, Flow::Finish), "{}", String::from_utf8_lossy(bytes));
+    }
+}
+
+#[test]
+fn limits_have_their_codes() {
+    let limits = HttpLimits::default();
+    let long_target = format!("GET /{} HTTP/1.1\r\nHost: h\r\n\r\n", "a".repeat(limits.max_uri));
+    assert_eq!(refused(long_target.as_bytes()).0, 414);
+    let endless_line = format!("GET /{}", "a".repeat(limits.max_uri + 100));
+    assert_eq!(refused(endless_line.as_bytes()).0, 414);
+    let big_head = format!("GET / HTTP/1.1\r\nHost: h\r\nX: {}\r\n", "v".repeat(limits.max_header_size));
+    assert_eq!(refused(big_head.as_bytes()).0, 431);
+    let many = format!("GET / HTTP/1.1\r\nHost: h\r\n{}\r\n", "X: v\r\n".repeat(limits.max_headers));
+    assert_eq!(refused(many.as_bytes()).0, 431);
+    let big_body =
+        format!("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n", limits.max_body_size + 1);
+    assert_eq!(refused(big_body.as_bytes()).0, 413);
+    let big_chunk = format!(
+        "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n",
+        limits.max_body_size + 1
+    );
+    assert_eq!(refused(big_chunk.as_bytes()).0, 413);
+}
+
+#[test]
+fn a_pipelining_client_that_never_reads_is_held_by_flow_control() {
+    let (mut c, now) = conn();
+    let one = b"GET / HTTP/1.1\r\nHost: h\r\n\r\n";
+    let mut fed = 0;
+    while c.wants_input() && fed < 10_000 {
+        c.handle_bytes(now, one);
+        fed += 1;
+    }
+    assert!(fed < 1000, "reading stops while a request is unanswered ({fed} fed)");
+    c.take_request().unwrap();
+    let mut answered = 0;
+    while c.awaits_response() {
+        ok(&mut c, now, &"x".repeat((1 << 20) + 1));
+        answered += 1;
+        c.take_request();
+    }
+    assert_eq!(answered, 1, "the next request waits while an answer over the bound is queued");
+    assert!(!c.wants_input(), "and reading pauses");
+    c.consume_outgoing(usize::MAX);
+    assert!(c.take_request().is_some(), "once it is out, the next request goes on");
+    assert!(c.take_news());
+}
+
+#[test]
+fn timeouts() {
+    let limits = HttpLimits::default();
+    // Idle keep-alive: closed quietly.
+    let (mut c, now) = conn();
+    assert_eq!(c.poll_timeout(), Some(now + limits.idle_timeout));
+    c.handle_timeout(now + limits.idle_timeout);
+    assert_eq!((sent(&mut c), c.flow()), (String::new(), Flow::Finish));
+    // Slowloris: a head that never ends → 408.
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"GET / HTTP/1.1\r\n");
+    let later = now + Duration::from_secs(1);
+    c.handle_bytes(later, b"X-a: b\r\n");
+    assert_eq!(c.poll_timeout(), Some(now + limits.head_timeout), "counted from the head's first byte");
+    c.handle_timeout(now + limits.head_timeout);
+    assert!(sent(&mut c).starts_with("HTTP/1.1 408 "));
+    // A body that stalls → 408, counted from its last byte.
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nab");
+    c.handle_bytes(later, b"cd");
+    assert_eq!(c.poll_timeout(), Some(later + limits.body_timeout));
+    c.handle_timeout(later + limits.body_timeout - Duration::from_millis(1));
+    assert_eq!(c.flow(), Flow::Open, "not before its time");
+    c.handle_timeout(later + limits.body_timeout);
+    assert!(sent(&mut c).starts_with("HTTP/1.1 408 "));
+    // No timeout while the layer above handles a request.
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(c.poll_timeout(), None);
+}
+
+#[test]
+fn half_closed_client_still_gets_its_answer() {
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    c.handle_eof(now);
+    assert_eq!(c.flow(), Flow::Open);
+    c.take_request().unwrap();
+    ok(&mut c, now, "late");
+    assert!(sent(&mut c).ends_with("late"));
+    assert_eq!(c.flow(), Flow::Finish, "then it closes");
+    // An unfinished request at end of stream is dropped.
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nab");
+    c.handle_eof(now);
+    assert!(c.take_request().is_none());
+    assert_eq!(c.flow(), Flow::Finish);
+}
+
+#[test]
+fn bad_responses_are_refused_and_the_request_can_still_be_answered() {
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    c.take_request().unwrap();
+    let bad: [&[(&[u8], &[u8])]; 3] =
+        [&[(b"x-a", b"1\r\nInjected: yes")], &[(b"bad name", b"1")], &[(b"", b"1")]];
+    for headers in bad {
+        assert!(c.respond(now, Response { status: 200, headers, body: b"", date: DATE }).is_err());
+    }
+    assert!(c.respond(now, Response { status: 101, headers: &[], body: b"", date: DATE }).is_err());
+    assert_eq!(sent(&mut c), "");
+    let headers: &[(&[u8], &[u8])] =
+        &[(b"Content-Length", b"99"), (b"Date", b"yesterday"), (b"Connection", b"close")];
+    c.respond(now, Response { status: 500, headers, body: b"oops", date: DATE }).unwrap();
+    assert_eq!(
+        sent(&mut c),
+        "HTTP/1.1 500 Internal Server Error\r\nDate: yesterday\r\nConnection: close\r\ncontent-length: 4\r\n\r\noops"
+    );
+}
+
+#[test]
+fn absolute_and_asterisk_targets() {
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"GET http://example.com/p/q?z=1 HTTP/1.1\r\nHost: example.com\r\n\r\n");
+    let r = c.take_request().unwrap();
+    assert_eq!((r.path.as_str(), r.query.as_str()), ("/p/q", "z=1"));
+    ok(&mut c, now, "");
+    c.handle_bytes(now, b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(c.take_request().unwrap().path, "*");
+}
+
+#[test]
+fn leading_empty_lines_between_requests_are_ignored() {
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert!(c.take_request().is_some());
+}

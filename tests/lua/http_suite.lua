@@ -1,0 +1,217 @@
+-- HTTP servers (luna.serve): our server and a raw luna.tcp client in one process, over real
+-- sockets on 127.0.0.1.
+return function(T, luna)
+  local tcp = luna.tcp
+
+  -- Reads one response from stream `s`: status, headers (lower-case names, repeated ones in a
+  -- list), body (by content-length, none with `no_body`: a HEAD's). `buf` carries bytes read
+  -- past it; returns the response and what was read past it.
+  local function read_response(s, buf, no_body)
+    buf = buf or ""
+    while not buf:find("\r\n\r\n", 1, true) do
+      local chunk = s:read()
+      if not chunk then return nil, "closed before a head" end
+      buf = buf .. chunk
+    end
+    local head_end = buf:find("\r\n\r\n", 1, true)
+    local head = buf:sub(1, head_end - 1)
+    buf = buf:sub(head_end + 4)
+    local status = tonumber(head:match("^HTTP/1%.1 (%d%d%d)"))
+    local headers = {}
+    for name, value in head:gmatch("\r\n([^:\r\n]+): ([^\r\n]*)") do
+      name = name:lower()
+      if headers[name] then
+        if type(headers[name]) ~= "table" then headers[name] = { headers[name] } end
+        table.insert(headers[name], value)
+      else
+        headers[name] = value
+      end
+    end
+    local length = no_body and 0 or tonumber(headers["content-length"] or 0)
+    while #buf < length do
+      local chunk = s:read()
+      if not chunk then return nil, "closed in a body" end
+      buf = buf .. chunk
+    end
+    return { status = status, headers = headers, body = buf:sub(1, length) }, buf:sub(length + 1)
+  end
+
+  -- Sends `raw` on a new connection and reads `n` responses (default 1).
+  local function exchange(port, raw, n)
+    local s = assert(tcp.connect("127.0.0.1", port))
+    s:write(raw)
+    local responses, rest = {}, ""
+    for i = 1, n or 1 do
+      local r
+      r, rest = read_response(s, rest)
+      if not r then break end
+      responses[i] = r
+    end
+    return responses, s
+  end
+
+  local function get(port, path, extra)
+    return exchange(port, "GET " .. path .. " HTTP/1.1\r\nHost: t\r\n" .. (extra or "") .. "\r\n")[1]
+  end
+
+  T.test("http: hello, request fields, a free port, the address", function()
+    local seen
+    local server = luna.serve({ port = 0, handleRequest = function(req)
+      seen = req
+      return "Hello, World!"
+    end })
+    T.ok(server.port > 0, "a free port")
+    T.eq(server.address, "http://127.0.0.1:" .. server.port, "address")
+    local r = exchange(server.port, "POST /a/b?x=1&y=two%20words&x=3 HTTP/1.1\r\nHost: t\r\n"
+      .. "X-Rep: 1\r\nx-rep: 2\r\nCookie: a=1\r\nCookie: b=2\r\nContent-Length: 4\r\n\r\nbody")[1]
+    T.eq(r.status, 200, "status")
+    T.eq(r.body, "Hello, World!", "body")
+    T.eq(r.headers["content-type"], "text/plain; charset=utf-8", "a string is plain text")
+    T.ok(r.headers.date and r.headers.date:match("GMT$"), "a Date header")
+    T.eq(seen.method, "POST", "method")
+    T.eq(seen.path, "/a/b", "path")
+    T.eq(seen.raw_query, "x=1&y=two%20words&x=3", "raw query")
+    T.eq(seen.query.y, "two words", "decoded query")
+    T.eq(seen.query.x, "3", "the last of a repeated key")
+    T.eq(seen.headers["x-rep"], "1, 2", "repeated headers joined")
+    T.eq(seen.headers.cookie, "a=1; b=2", "cookies joined with ;")
+    T.eq(seen.body, "body", "body")
+    server:stop()
+  end)
+
+  T.test("http: table responses, statuses, repeated headers, HEAD and 204", function()
+    local server = luna.serve(0, function(req)
+      if req.path == "/empty" then return { status = 204 } end
+      return { status = 201, headers = { ["Set-Cookie"] = { "a=1", "b=2" }, ["X-N"] = 7 }, body = "made" }
+    end)
+    local r = get(server.port, "/")
+    T.eq(r.status, 201, "status")
+    T.eq(r.body, "made", "body")
+    T.eq(#r.headers["set-cookie"], 2, "two Set-Cookie fields")
+    T.eq(r.headers["x-n"], "7", "a number header")
+    local s = assert(tcp.connect("127.0.0.1", server.port))
+    s:write("HEAD / HTTP/1.1\r\nHost: t\r\n\r\nGET /empty HTTP/1.1\r\nHost: t\r\n\r\n")
+    local head, rest = read_response(s, "", true)
+    T.eq(head.status, 201, "HEAD answered")
+    T.eq(head.headers["content-length"], "4", "HEAD: the length GET would have")
+    local empty = read_response(s, rest)
+    T.eq(empty.status, 204, "HEAD sent no body: the next response follows at once")
+    T.eq(empty.headers["content-length"], nil, "204: no length")
+    s:close()
+    server:stop()
+  end)
+
+  T.test("http: keep-alive and pipelining answer in order on one connection", function()
+    local server = luna.serve(0, function(req)
+      if req.path == "/slow" then luna.sleep(0.05) end
+      return req.path
+    end)
+    local raw = ""
+    for _, p in ipairs({ "/1", "/slow", "/3" }) do raw = raw .. "GET " .. p .. " HTTP/1.1\r\nHost: t\r\n\r\n" end
+    local rs, s = exchange(server.port, raw, 3)
+    T.eq(#rs, 3, "three answers")
+    T.eq(rs[1].body .. rs[2].body .. rs[3].body, "/1/slow/3", "in request order")
+    s:write("GET /again HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    local again = read_response(s)
+    T.eq(again.body, "/again", "the connection was kept")
+    T.eq(again.headers.connection, "close", "Connection: close answered")
+    T.eq(s:read(), nil, "then closed")
+    -- Far more pipelined requests than the server buffers, answered at once by the handler.
+    local many = ("GET /n HTTP/1.1\r\nHost: t\r\n\r\n"):rep(2000)
+    local answers = exchange(server.port, many, 2000)
+    T.eq(#answers, 2000, "2000 pipelined requests answered")
+    T.eq(answers[2000].body, "/n", "the last one too")
+    server:stop()
+  end)
+
+  T.test("http: a sleeping handler does not hold other connections", function()
+    local server = luna.serve(0, function(req)
+      if req.path == "/slow" then luna.sleep(0.3) end
+      return "ok " .. req.path
+    end)
+    local slow_done, t0 = nil, luna.now()
+    luna.spawn(function() slow_done = get(server.port, "/slow") and luna.now() end)
+    local fast = get(server.port, "/fast")
+    local fast_at = luna.now()
+    T.eq(fast.body, "ok /fast", "fast answer")
+    T.ok(fast_at - t0 < 0.25, "answered while the other handler sleeps")
+    T.wait_until(function() return slow_done end, 2, "the slow answer")
+    server:stop()
+  end)
+
+  T.test("http: chunked bodies, 100-continue, and refusals with their codes", function()
+    local server = luna.serve(0, function(req) return "got " .. req.body end)
+    local r = get(server.port, "/", "Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n")
+    T.eq(r.body, "got abcde", "chunked body")
+    local s = assert(tcp.connect("127.0.0.1", server.port))
+    s:write("PUT / HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+    local cont = s:read()
+    T.eq(cont, "HTTP/1.1 100 Continue\r\n\r\n", "100 Continue before the body")
+    s:write("hi")
+    T.eq(read_response(s).body, "got hi", "then the answer")
+    s:close()
+    local cases = {
+      { "GET / HTTP/1.1\r\n\r\n", 400 },
+      { "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n", 400 },
+      { "GET / HTTP/3.0\r\nHost: t\r\n\r\n", 505 },
+      { "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 99999999999\r\n\r\n", 413 },
+      { "GET /" .. ("a"):rep(9000) .. " HTTP/1.1\r\nHost: t\r\n\r\n", 414 },
+      { "GET / HTTP/1.1\r\nHost: t\r\nX: " .. ("v"):rep(17000) .. "\r\n\r\n", 431 },
+    }
+    for _, c in ipairs(cases) do
+      local answer = exchange(server.port, c[1])[1]
+      T.eq(answer and answer.status, c[2], c[1]:sub(1, 40))
+      T.eq(answer.headers.connection, "close", "closes after a refusal")
+    end
+    server:stop()
+  end)
+
+  T.test("http: a failing handler gives 500 and goes to the error handler", function()
+    local errors = {}
+    local server = luna.serve(0, { error_handler = function(e) errors[#errors + 1] = e end,
+      handleRequest = function(req)
+        if req.path == "/raise" then error("boom") end
+        if req.path == "/nil" then return nil end
+        if req.path == "/status" then return { status = 99 } end
+        return { headers = { ["x-bad"] = "a\r\nInjected: 1" } }
+      end })
+    for _, path in ipairs({ "/raise", "/nil", "/status", "/inject" }) do
+      local r = get(server.port, path)
+      T.eq(r.status, 500, path .. " → 500")
+      T.eq(r.headers.injected, nil, "nothing injected")
+    end
+    T.eq(#errors, 4, "each failure reported")
+    T.ok(errors[1]:find("boom", 1, true), errors[1])
+    T.ok(errors[2]:find("must return a string or a table", 1, true), errors[2])
+    T.ok(errors[3]:find("200-599", 1, true), errors[3])
+    T.ok(errors[4]:find("CR, LF or NUL", 1, true), errors[4])
+    server:stop()
+  end)
+
+  T.test("http: stop answers the request in flight, then refuses connections", function()
+    local release
+    local server = luna.serve(0, function()
+      while not release do luna.sleep(0.005) end
+      return "finished"
+    end)
+    local port, answer = server.port, nil
+    luna.spawn(function() answer = get(port, "/") end)
+    luna.sleep(0.05)
+    server:stop()
+    server.stop() -- Lune's form, and a second stop, are fine
+    local s = tcp.connect("127.0.0.1", port)
+    T.eq(s, nil, "no new connections")
+    release = true
+    T.wait_until(function() return answer end, 2, "the answer in flight")
+    T.eq(answer.body, "finished", "answered")
+    T.eq(answer.headers.connection, "close", "and closed")
+  end)
+
+  T.main("http: misuse names the call and the fix", function()
+    T.raises({ "luna.serve", "port" }, luna.serve, "x")
+    T.raises({ "luna.serve", "handleRequest" }, luna.serve, 0, {})
+    T.raises({ "luna.serve", "handleWebSocket", "new_web_app" }, luna.serve, 0,
+      { handleRequest = print, handleWebSocket = print })
+    T.raises({ "luna.serve", "unknown" }, luna.serve, 0, { handleRequest = print, prot = 1 })
+  end)
+end

@@ -1,0 +1,208 @@
+"""Our HTTP server (luna.serve under luna-host) against independent clients: curl (keep-alive,
+chunked upload, Expect: 100-continue, HEAD, https with the test CA), Python's http.client, raw
+sockets (pipelining, slowloris, garbage, a client that never reads) and 200 concurrent
+connections. Prints one line per check and "N passed, M failed"."""
+
+import hashlib
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import http.client
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HOST_BIN = os.environ.get("LUNA_HOST", os.path.join(ROOT, "target", "release", "luna-host"))
+DATA = os.path.join(ROOT, "tests", "data")
+PEERS = os.path.join(ROOT, "tests", "peers")
+results = []
+
+
+def check(name, ok, detail=""):
+    results.append(bool(ok))
+    print(("ok - " if ok else "not ok - ") + name + ("" if ok else f": {detail}"), flush=True)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def curl(*args):
+    out = subprocess.run(["curl", "-sS", "--max-time", "10", *args], capture_output=True, timeout=20)
+    return out.returncode, out.stdout, out.stderr.decode(errors="replace")
+
+
+def body_sum(data):
+    return sum(data[i] for i in range(0, len(data), 97))
+
+
+def read_responses(sock, n, timeout=5):
+    """Reads n responses (Content-Length framed) from sock; returns [(status, body)]."""
+    sock.settimeout(timeout)
+    buf, out = b"", []
+    while len(out) < n:
+        while b"\r\n\r\n" not in buf:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return out
+            buf += chunk
+        head, buf = buf.split(b"\r\n\r\n", 1)
+        lines = head.decode().split("\r\n")
+        length = 0
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+        while len(buf) < length:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return out
+            buf += chunk
+        out.append((int(lines[0].split()[1]), buf[:length]))
+        buf = buf[length:]
+    return out
+
+
+def rss_kb(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def curl_checks(port, tls_port):
+    base = f"http://127.0.0.1:{port}"
+    rc, out, _ = curl(f"{base}/hello")
+    check("curl: GET", rc == 0 and out == b"Hello, World!", (rc, out))
+    rc, out, err = curl("-v", f"{base}/hello", f"{base}/hello")
+    check("curl: keep-alive (the second request reuses the connection)",
+          rc == 0 and out == b"Hello, World!" * 2 and "Re-using existing connection" in err, err[-300:])
+    payload = os.urandom(3 << 20)
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(payload)
+        f.flush()
+        rc, out, _ = curl("-H", "Transfer-Encoding: chunked", "--data-binary", f"@{f.name}", f"{base}/echo")
+        want = f"POST {len(payload)} {body_sum(payload)}".encode()
+        check("curl: chunked upload of 3 MiB", rc == 0 and out == want, (rc, out, want))
+        rc, out, err = curl("-v", "-X", "PUT", "-H", "Expect: 100-continue", "--data-binary", f"@{f.name}", f"{base}/echo")
+        check("curl: Expect: 100-continue", rc == 0 and "HTTP/1.1 100 Continue" in err
+              and out == f"PUT {len(payload)} {body_sum(payload)}".encode(), (rc, out, err[-300:]))
+    rc, out, _ = curl("-I", f"{base}/hello")
+    check("curl: HEAD", rc == 0 and out.startswith(b"HTTP/1.1 200 OK") and b"content-length: 13" in out
+          and not out.endswith(b"Hello, World!"), out)
+    rc, out, _ = curl("-o", "/dev/null", "-w", "%{http_code} %{size_download}", f"{base}/big")
+    check("curl: a 1 MiB answer", out == b"200 1048576", out)
+    rc, out, err = curl("--cacert", os.path.join(DATA, "ca.pem"), f"https://localhost:{tls_port}/hello")
+    check("curl: https verified against the test CA", rc == 0 and out == b"Hello, World!", (rc, out, err))
+    rc, out, _ = curl("-o", "/dev/null", "-w", "%{http_code}", f"{base}/nothing")
+    check("curl: 404 from the handler", out == b"404", out)
+
+
+def python_checks(port):
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    ok = True
+    for i in range(100):
+        conn.request("POST", "/echo", body=b"x" * i)
+        r = conn.getresponse()
+        ok &= r.status == 200 and r.read() == f"POST {i} {body_sum(b'x' * i)}".encode()
+    sock_reused = conn.sock is not None
+    conn.close()
+    check("python http.client: 100 requests on one keep-alive connection", ok and sock_reused)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        paths = [f"/echo?{i}" if i % 3 else "/slow" for i in range(30)]
+        s.sendall(b"".join(f"GET {p} HTTP/1.1\r\nHost: t\r\n\r\n".encode() for p in paths))
+        got = read_responses(s, len(paths))
+        check("raw socket: 30 pipelined requests answered in order",
+              [st for st, _ in got] == [200] * 30 and [b for _, b in got][:2] == [b"slow", b"GET 0 0"], got[:3])
+
+
+def hostile_checks(port, server):
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+        t = time.monotonic()
+        got = s.recv(1000)
+        took = time.monotonic() - t
+        check("slowloris: a head not finished in time gets 408 and a close",
+              got.startswith(b"HTTP/1.1 408") and 0.5 < took < 3, (got[:40], took))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+        s.sendall(os.urandom(4096))
+        got = s.recv(1000)
+        check("garbage: 400 and a close", got.startswith(b"HTTP/1.1 400"), got[:40])
+    for shape in [b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+                  b"POST / HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"]:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+            s.sendall(shape)
+            got = s.recv(1000)
+            what = shape.split(b"\r\n")[2].decode()
+            check(f"smuggling shape refused: {what}", got.startswith(b"HTTP/1.1 400"), got[:40])
+    # A client that asks for 1 MiB answers and never reads them: the server's memory stays put.
+    before = rss_kb(server.pid)
+    lazy = socket.create_connection(("127.0.0.1", port), timeout=5)
+    lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        lazy.setblocking(False)
+        req = b"GET /big HTTP/1.1\r\nHost: t\r\n\r\n"
+        sent = 0
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            try:
+                sent += lazy.send(req * 64)
+            except BlockingIOError:
+                time.sleep(0.01)
+        grown = rss_kb(server.pid) - before
+        rc, out, _ = curl(f"http://127.0.0.1:{port}/hello")
+        check(f"a client that never reads ({sent // len(req)} requests sent): server memory grew {grown} KiB (< 16 MiB)"
+              " and others are served", grown < 16384 and out == b"Hello, World!", (grown, out))
+    finally:
+        lazy.close()
+    results_lock = threading.Lock()
+    answers = []
+
+    def one():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(b"GET /hello HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+                got = read_responses(s, 1, timeout=10)
+        except OSError as e:
+            got = [(0, str(e).encode())]
+        with results_lock:
+            answers.append(got[:1] == [(200, b"Hello, World!")])
+
+    threads = [threading.Thread(target=one) for _ in range(200)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    check("200 concurrent connections all answered", answers.count(True) == 200, answers.count(True))
+    check("the server survived everything", server.poll() is None)
+
+
+def main():
+    port, tls_port = free_port(), free_port()
+    server = subprocess.Popen([HOST_BIN, os.path.join(PEERS, "http_server.lua"), str(port), str(tls_port), DATA],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        ready = server.stdout.readline().strip() == "ready"
+        check("the server starts", ready)
+        if ready:
+            curl_checks(port, tls_port)
+            python_checks(port)
+            hostile_checks(port, server)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            server.kill()
+    failed = results.count(False)
+    print(f"{len(results) - failed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
