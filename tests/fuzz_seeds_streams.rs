@@ -79,3 +79,8 @@ fn ws_connection_seeds() {
 fn stream_glue_seeds() {
     replay("stream_glue", luna::proto::fuzzing::stream_glue);
 }
+
+#[test]
+fn http_server_seeds() {
+    replay("http_server", luna::proto::fuzzing::http_glue);
+}

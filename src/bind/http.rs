@@ -5,7 +5,7 @@
 //! requests into Lua tables and Lua answers into responses.
 
 use std::rc::Rc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use mlua::{Function, Lua, RegistryKey, Result, Table, Value};
 use rustc_hash::FxHashMap;
@@ -36,9 +36,9 @@ const CONFIG_KEYS: &[&str] = &[
     "head_timeout",
     "body_timeout",
     "idle_timeout",
+    "send_timeout",
     "error_handler",
     "no_errors",
-    "debug",
 ];
 
 struct Server {
@@ -107,6 +107,9 @@ fn serve(lua: &Lua, (first, second): (Value, Value)) -> Result<Table> {
             ))
         }
     };
+    if port.is_some() && opts.port("port")?.is_some() {
+        return Err(misuse(CALL, "the port is given twice (argument and 'port'): give it once"));
+    }
     let port = match port {
         Some(p) => {
             let t = lua.create_table()?;
@@ -145,7 +148,7 @@ fn serve(lua: &Lua, (first, second): (Value, Value)) -> Result<Table> {
         // As in Lune: a failing handler is a 500 and a printed error, not a stopped server.
         no_errors: opts.boolean("no_errors")?.unwrap_or(true),
         handler: opts.function("error_handler")?.map(|f| lua.create_registry_value(f)).transpose()?,
-        debug: opts.boolean("debug")?.unwrap_or(false),
+        debug: false,
     });
 
     let rt = runtime(lua)?;
@@ -226,6 +229,7 @@ fn limits(opts: &Options) -> Result<HttpLimits> {
         ("head_timeout", &mut limits.head_timeout),
         ("body_timeout", &mut limits.body_timeout),
         ("idle_timeout", &mut limits.idle_timeout),
+        ("send_timeout", &mut limits.send_timeout),
     ];
     for (key, field) in times {
         if let Some(t) = opts.seconds(key)? {
@@ -360,12 +364,17 @@ fn start_requests(lua: &Lua, rt: &Runtime, key: Key, server: u64) -> Result<()> 
         let handler =
             rt.http.borrow().servers.get(&server).map(|s| lua.registry_value::<Function>(&s.handler));
         let Some(handler) = handler else { return Ok(()) };
+        let (handler, table) = (handler?, request_table(lua, &request)?);
         if let Some(c) = rt.http.borrow_mut().conns.get_mut(&key) {
             c.busy = true;
         }
-        let table = request_table(lua, &request)?;
         let hook: sched::Hook = Box::new(move |lua, rt, result| answered(lua, rt, key, server, result));
-        sched::spawn_owned(lua, rt, handler?, table, hook)?;
+        if let Err(e) = sched::spawn_owned(lua, rt, handler, table, hook) {
+            if let Some(c) = rt.http.borrow_mut().conns.get_mut(&key) {
+                c.busy = false;
+            }
+            return Err(e);
+        }
     }
 }
 
@@ -510,13 +519,18 @@ fn header_fields(fields: &Table) -> std::result::Result<Vec<Field>, String> {
     Ok(out)
 }
 
-/// Hands `response` to the connection (nothing if it went away meanwhile), dated now.
+/// Hands `response` to the connection, dated now; nothing if it went away meanwhile (closed, or
+/// failed before the layer above heard of it).
 fn send(rt: &Runtime, key: Key, response: Response) -> std::result::Result<(), String> {
     let mut http = rt.http.borrow_mut();
     let date = http.date();
-    match rt.driver.borrow_mut().proto::<HttpServerConn>(key) {
-        Some(proto) => proto.respond(Instant::now(), Response { date, ..response }),
-        None => Ok(()),
+    let mut driver = rt.driver.borrow_mut();
+    let now = driver.now();
+    match driver.proto::<HttpServerConn>(key) {
+        Some(proto) if proto.awaits_response() && !proto.is_closed() => {
+            proto.respond(now, Response { date, ..response })
+        }
+        _ => Ok(()),
     }
 }
 

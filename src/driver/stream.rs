@@ -19,7 +19,8 @@ use crate::proto::tls::Tls;
 
 /// Bytes read from one stream per service; the rest waits for the next update.
 const READ_BUDGET: usize = 256 * 1024;
-/// How long a stream that finished may take to get its last bytes out before it is cut.
+/// How long a stream that finished may go without getting any of its last bytes out before it
+/// is cut (a slow reader of a long answer keeps it as long as the bytes move).
 const FINISH_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connect and TLS handshake time limit when the caller sets none.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -439,7 +440,9 @@ impl Stream {
         }
         let pending = self.pending();
         if flow == Flow::Finish {
-            let since = *self.finish_since.get_or_insert(now);
+            // Counted from the last write that made progress.
+            let since = self.finish_since.map_or(now, |s| s.max(self.last_tx));
+            self.finish_since = Some(since);
             if !pending {
                 if let (Some(tls), false) = (&mut self.tls, self.close_notify_sent) {
                     self.close_notify_sent = true;

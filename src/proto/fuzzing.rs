@@ -7,10 +7,12 @@
 //! Byte 0 picks the protocol: a raw stream (small limits), a WebSocket server session or a
 //! WebSocket client session (its upgrade key is fixed, so a seed can hold a valid 101 response).
 //! Every later byte is an operation: the top three bits say which, the low five its size.
+//! [`http_glue`] drives an HTTP/1.1 server connection the same way (the `http_server` target).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::http::{HttpLimits, HttpServerConn, Response};
 use super::raw::{RawLimits, RawStream, WriteError};
 use super::stream::{Flow, StreamProtocol};
 use super::ws::{Contexts, DeflateConfig, Opcode, Received, Settings, WsConfig, WsSession, WsUrl};
@@ -26,6 +28,34 @@ const MAX_TIMEOUTS_AT_ONCE: usize = 3;
 enum Subject {
     Raw(RawStream),
     Ws(Box<WsSession>),
+    Http(Box<HttpServerConn>),
+}
+
+const HTTP_LIMITS: HttpLimits = HttpLimits {
+    max_header_size: 256,
+    max_headers: 8,
+    max_uri: 64,
+    max_body_size: 512,
+    head_timeout: Duration::from_secs(2),
+    body_timeout: Duration::from_secs(3),
+    idle_timeout: Duration::from_secs(5),
+    send_timeout: Duration::from_secs(4),
+    max_outgoing: 1024,
+};
+
+/// Answers the request an HTTP connection waits on (the layer above always does, in the end).
+fn answer(http: &mut HttpServerConn, now: Instant, status: u16, headers: &[(&[u8], &[u8])], body: &[u8]) {
+    let waiting = http.awaits_response();
+    let valid = headers.iter().all(|(n, v)| !n.contains(&b' ') && !v.contains(&b'\n'));
+    let result = http.respond(now, Response { status, headers, body, date: "Thu, 01 Jan 1970 00:00:00 GMT" });
+    assert_eq!(
+        result.is_ok(),
+        waiting && valid,
+        "respond accepts exactly a valid answer to a waiting request"
+    );
+    if result.is_err() {
+        assert_eq!(http.awaits_response(), waiting, "a refused answer changes nothing");
+    }
 }
 
 impl Subject {
@@ -33,11 +63,12 @@ impl Subject {
         match self {
             Subject::Raw(raw) => raw,
             Subject::Ws(ws) => ws.as_mut(),
+            Subject::Http(http) => http.as_mut(),
         }
     }
 
     /// What the layer above does; `arg` picks the action and its size.
-    fn above(&mut self, arg: u8) {
+    fn above(&mut self, arg: u8, now: Instant) {
         let size = usize::from(arg >> 3) * 8 + 1;
         match self {
             Subject::Raw(raw) => match arg & 7 {
@@ -75,6 +106,23 @@ impl Subject {
                 }
                 _ => while let Some(Received::Message(..)) = ws.receive() {},
             },
+            Subject::Http(http) => match arg & 7 {
+                0 | 1 => {
+                    let waiting = http.awaits_response();
+                    let request = http.take_request();
+                    assert!(!(waiting && request.is_some()), "one request at a time");
+                    if let Some(r) = request {
+                        assert!(r.body.len() <= HTTP_LIMITS.max_body_size);
+                        assert!(r.target.len() <= HTTP_LIMITS.max_uri);
+                    }
+                }
+                2 => answer(http, now, 200, &[(b"x-a", b"1")], &vec![b'b'; size * 8]),
+                3 => answer(http, now, 204, &[], b"dropped"),
+                4 => answer(http, now, 200, &[(b"connection", b"close")], b"bye"),
+                5 => answer(http, now, 200, &[(b"bad name", b"1")], b""),
+                6 => http.finish(),
+                _ => answer(http, now, 500, &[], &vec![b'e'; size * 64]),
+            },
         }
     }
 
@@ -97,6 +145,9 @@ impl Subject {
                     assert!(ws.send(Opcode::Text, b"late").is_err());
                 }
             }
+            // Pipelined input waits while an answer over the bound is queued: output stays
+            // within one answer of it.
+            Subject::Http(http) => assert!(http.outgoing().len() <= HTTP_LIMITS.max_outgoing + 4096),
         }
     }
 
@@ -117,6 +168,7 @@ impl Subject {
                     assert!(end.is_some(), "an established session reports its end");
                 }
             }
+            Subject::Http(http) => assert!(http.is_closed(), "a closed transport is seen"),
         }
     }
 }
@@ -210,7 +262,7 @@ impl Harness {
                 self.feed(data);
             }
             3 => self.drain(usize::from(arg) * 16 + 1),
-            4 => self.subject.above(arg),
+            4 => self.subject.above(arg, now),
             5 => {
                 // Time passes: up to about 8 s in steps of 250 ms, or a minute.
                 let ms = if arg == 0x1f { 60_000 } else { u64::from(arg) * 250 };
@@ -259,6 +311,13 @@ impl Harness {
             raw.finish();
         }
         for _ in 0..20 {
+            if let Subject::Http(http) = &mut self.subject {
+                // The layer above answers what it was given (a handler ends, or gets a 500).
+                let _ = http.take_request();
+                if http.awaits_response() {
+                    answer(http, self.now, 200, &[], b"late");
+                }
+            }
             self.drain(usize::MAX);
             self.settle();
             if self.closed {
@@ -272,7 +331,7 @@ impl Harness {
 
 /// See the module documentation.
 pub fn stream_glue(data: &[u8]) {
-    let Some((&ctl, mut script)) = data.split_first() else { return };
+    let Some((&ctl, script)) = data.split_first() else { return };
     let now = Instant::now();
     let settings = Arc::new(Settings {
         ws: WsConfig {
@@ -300,7 +359,16 @@ pub fn stream_glue(data: &[u8]) {
         }
     };
     // An accepted stream (raw or server) is connected from the start; a client once it is ready.
-    let connected = ctl % 3 != 2;
+    drive(subject, ctl % 3 != 2, now, script);
+}
+
+/// An HTTP/1.1 server connection (small limits) driven by a script as [`stream_glue`]'s.
+pub fn http_glue(script: &[u8]) {
+    let now = Instant::now();
+    drive(Subject::Http(Box::new(HttpServerConn::new(HTTP_LIMITS, now))), true, now, script);
+}
+
+fn drive(subject: Subject, connected: bool, now: Instant, mut script: &[u8]) {
     let mut h = Harness {
         subject,
         now,

@@ -15,6 +15,7 @@
 //! (417), and heads or bodies that arrive too slowly (408). Those answers carry no `Date` (this
 //! layer has no clock); the ones the layer above makes do.
 
+use std::io::Write;
 use std::time::{Duration, Instant};
 
 use crate::proto::stream::{Flow, StreamProtocol};
@@ -34,8 +35,10 @@ pub struct HttpLimits {
     pub head_timeout: Duration,
     /// Longest wait for the next byte of a body → 408.
     pub body_timeout: Duration,
-    /// An idle keep-alive connection (no request started) closes after this.
+    /// An idle keep-alive connection (no request started, nothing to send) closes after this.
     pub idle_timeout: Duration,
+    /// A peer that takes none of our queued answer for this long is cut off.
+    pub send_timeout: Duration,
     /// Reading pauses while more than this waits to be sent.
     pub max_outgoing: usize,
 }
@@ -50,6 +53,7 @@ impl Default for HttpLimits {
             head_timeout: Duration::from_secs(10),
             body_timeout: Duration::from_secs(30),
             idle_timeout: Duration::from_secs(75),
+            send_timeout: Duration::from_secs(60),
             max_outgoing: 1 << 20,
         }
     }
@@ -118,6 +122,9 @@ enum Chunk {
     Trailers,
 }
 
+/// Header fields parsed without a heap allocation.
+const STACK_HEADERS: usize = 100;
+
 /// Longest chunk-size line (size, extensions, CRLF) we wait for.
 const MAX_CHUNK_LINE: usize = 1024;
 
@@ -137,6 +144,10 @@ pub struct HttpServerConn {
     ready: Option<Request>,
     keep_alive: bool,
     head_request: bool,
+    /// The `x` of the current request's `HTTP/1.x`.
+    minor_version: u8,
+    /// When the peer last took some of our output (or an answer was queued).
+    sent: Instant,
     /// When the current wait began: connection start or last response (idle), a head's first
     /// byte, a body's last byte.
     since: Instant,
@@ -163,6 +174,8 @@ impl HttpServerConn {
             ready: None,
             keep_alive: true,
             head_request: false,
+            minor_version: 1,
+            sent: now,
             since: now,
             head_started: false,
             eof: false,
@@ -203,7 +216,7 @@ impl HttpServerConn {
         if !(200..=599).contains(&response.status) {
             return Err(format!("status must be 200-599, got {}", response.status));
         }
-        let (mut date, mut said_close) = (true, false);
+        let (mut date, mut said_close, mut said_connection) = (true, false, false);
         for (name, value) in response.headers {
             if name.is_empty() || !name.iter().all(|b| is_tchar(*b)) {
                 return Err(format!("invalid header name '{}'", String::from_utf8_lossy(name)));
@@ -214,14 +227,17 @@ impl HttpServerConn {
                     String::from_utf8_lossy(name)
                 ));
             }
-            said_close |= name.eq_ignore_ascii_case(b"connection") && has_token(value, "close");
+            let connection = name.eq_ignore_ascii_case(b"connection");
+            said_connection |= connection;
+            said_close |= connection && has_token(value, "close");
             date &= !name.eq_ignore_ascii_case(b"date");
         }
         self.keep_alive &= !said_close;
         let status = response.status;
         let body_allowed = status != 204 && status != 304;
         let out = &mut self.out;
-        out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", super::reason(status)).as_bytes());
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, "HTTP/1.1 {status} {}\r\n", super::reason(status));
         if date {
             out.extend_from_slice(b"date: ");
             out.extend_from_slice(response.date.as_bytes());
@@ -238,16 +254,19 @@ impl HttpServerConn {
             out.extend_from_slice(b"\r\n");
         }
         if body_allowed {
-            out.extend_from_slice(format!("content-length: {}\r\n", response.body.len()).as_bytes());
+            let _ = write!(out, "content-length: {}\r\n", response.body.len());
         }
         if !self.keep_alive && !said_close {
             out.extend_from_slice(b"connection: close\r\n");
+        } else if self.keep_alive && self.minor_version == 0 && !said_connection {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
         }
         out.extend_from_slice(b"\r\n");
         if body_allowed && !self.head_request {
             out.extend_from_slice(response.body);
         }
         self.news = true;
+        self.sent = now;
         if self.keep_alive {
             self.phase = Phase::Head;
             self.head_started = false;
@@ -294,6 +313,9 @@ impl HttpServerConn {
                 // that pipelines without reading holds one answer's worth of our memory.
                 Phase::Head if self.out.len() - self.out_pos > self.limits.max_outgoing => return,
                 Phase::Head => {
+                    // Empty lines before a request (after a body, say) are no request yet.
+                    let blank = self.pending().iter().take_while(|b| matches!(b, b'\r' | b'\n')).count();
+                    self.consume(blank);
                     if self.pending().is_empty() {
                         if self.eof {
                             self.finish();
@@ -325,8 +347,16 @@ impl HttpServerConn {
     /// One head: `Ok(None)` while incomplete, `Err(status)` for a head to refuse.
     fn parse_head(&mut self) -> Result<Option<()>, u16> {
         let limits = self.limits;
-        let mut fields = vec![httparse::EMPTY_HEADER; limits.max_headers];
-        let mut parsed = httparse::Request::new(&mut fields);
+        // On the stack for the usual limit (a head is parsed again each time more of it came).
+        let mut stack = [httparse::EMPTY_HEADER; STACK_HEADERS];
+        let mut heap = Vec::new();
+        let fields = if limits.max_headers <= STACK_HEADERS {
+            &mut stack[..limits.max_headers]
+        } else {
+            heap.resize(limits.max_headers, httparse::EMPTY_HEADER);
+            &mut heap[..]
+        };
+        let mut parsed = httparse::Request::new(fields);
         let buf = &self.input[self.start..];
         let n = match parsed.parse(buf) {
             Ok(httparse::Status::Complete(n)) => n,
@@ -356,8 +386,15 @@ impl HttpServerConn {
             .iter()
             .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
             .collect();
-        let (path, query) = split_target(&target).ok_or(400u16)?;
-        let request = Request { method, target, path, query, minor_version, headers, body: Vec::new() };
+        let (path, query, authority) = split_target(&target).ok_or(400u16)?;
+        let mut request = Request { method, target, path, query, minor_version, headers, body: Vec::new() };
+        if let Some(authority) = authority {
+            // RFC 9112 §3.2.2: an absolute-form target's authority is the host.
+            for (_, value) in request.headers.iter_mut().filter(|(n, _)| n == "host") {
+                value.clone_from(&authority);
+            }
+        }
+        self.minor_version = minor_version;
         self.consume(n);
         let framing = self.framing(&request)?;
         let connection =
@@ -386,7 +423,7 @@ impl HttpServerConn {
         }
         let mut length: Option<u64> = None;
         for (_, value) in request.headers.iter().filter(|(n, _)| n == "content-length") {
-            let v = value.trim();
+            let v = value.trim_matches([' ', '\t']);
             if v.is_empty() || v.len() > 18 || !v.bytes().all(|b| b.is_ascii_digit()) {
                 return Err(400);
             }
@@ -400,7 +437,9 @@ impl HttpServerConn {
             .headers
             .iter()
             .filter(|(n, _)| n == "transfer-encoding")
-            .flat_map(|(_, v)| v.split(',').map(|c| c.trim().to_ascii_lowercase()).collect::<Vec<_>>())
+            .flat_map(|(_, v)| {
+                v.split(',').map(|c| c.trim_matches([' ', '\t']).to_ascii_lowercase()).collect::<Vec<_>>()
+            })
             .collect();
         if !codings.is_empty() {
             if length.is_some()
@@ -452,19 +491,34 @@ impl HttpServerConn {
                         _ => Framing::Chunked(Chunk::Data(left)),
                     };
                 }
-                Framing::Chunked(Chunk::Size) => match httparse::parse_chunk_size(buf) {
-                    Ok(httparse::Status::Complete((n, size))) => {
-                        if request.body.len() as u64 + size > max_body {
-                            return Err(413);
+                Framing::Chunked(Chunk::Size) => {
+                    let Some(end) = buf.iter().position(|b| *b == b'\n') else {
+                        if buf.len() > MAX_CHUNK_LINE {
+                            return Err(400);
                         }
-                        self.consume(n);
-                        framing =
-                            Framing::Chunked(if size == 0 { Chunk::Trailers } else { Chunk::Data(size) });
+                        break;
+                    };
+                    // Stricter than httparse: at least one hex digit, CRLF-terminated, no CR or LF
+                    // inside, so no other parser can read the line differently.
+                    let line = &buf[..end];
+                    if end > MAX_CHUNK_LINE
+                        || !line.first().is_some_and(u8::is_ascii_hexdigit)
+                        || line.last() != Some(&b'\r')
+                        || line[..end - 1].contains(&b'\r')
+                    {
+                        return Err(400);
                     }
-                    Ok(httparse::Status::Partial) if buf.len() > MAX_CHUNK_LINE => return Err(400),
-                    Ok(httparse::Status::Partial) => break,
-                    Err(_) => return Err(400),
-                },
+                    let Ok(httparse::Status::Complete((n, size))) = httparse::parse_chunk_size(&buf[..=end])
+                    else {
+                        return Err(400);
+                    };
+                    // `body` is within the limit, so this cannot underflow (nor overflow).
+                    if size > max_body - request.body.len() as u64 {
+                        return Err(413);
+                    }
+                    self.consume(n);
+                    framing = Framing::Chunked(if size == 0 { Chunk::Trailers } else { Chunk::Data(size) });
+                }
                 Framing::Chunked(Chunk::DataEnd) => {
                     if buf.len() < 2 {
                         if buf.first().is_some_and(|b| *b != b'\r') {
@@ -523,8 +577,15 @@ impl HttpServerConn {
         self.finish();
     }
 
+    /// Whether some of our output waits for the peer to take it.
+    fn sending(&self) -> bool {
+        self.out_pos < self.out.len()
+    }
+
     fn deadline(&self) -> Option<Instant> {
         match self.phase {
+            // While an answer goes out, its reader is timed, not the next request.
+            Phase::Head if self.sending() => Some(self.sent + self.limits.send_timeout),
             Phase::Head if self.head_started => Some(self.since + self.limits.head_timeout),
             Phase::Head => Some(self.since + self.limits.idle_timeout),
             Phase::Body(_) => Some(self.since + self.limits.body_timeout),
@@ -569,6 +630,10 @@ impl StreamProtocol for HttpServerConn {
             return;
         }
         match self.phase {
+            Phase::Head if self.sending() => {
+                self.phase = Phase::Done;
+                self.flow = Flow::Abort;
+            }
             Phase::Head if !self.head_started => self.finish(),
             Phase::Head | Phase::Body(_) => self.reject(408),
             Phase::Handling | Phase::Done => {}
@@ -592,11 +657,18 @@ impl StreamProtocol for HttpServerConn {
 
     fn consume_outgoing(&mut self, n: usize) {
         self.out_pos = (self.out_pos + n).min(self.out.len());
+        if n > 0 {
+            self.sent = self.now;
+        }
         if self.out_pos == self.out.len() {
             self.out_pos = 0;
             self.out.clear();
             if self.out.capacity() > 64 << 10 {
                 self.out = Vec::new();
+            }
+            if self.phase == Phase::Head && !self.head_started {
+                // The idle wait for the next request starts once the answer is out.
+                self.since = self.now;
             }
         }
         if self.phase == Phase::Head && !self.pending().is_empty() {
@@ -613,20 +685,36 @@ impl StreamProtocol for HttpServerConn {
     }
 }
 
-/// The path and query of a request target (origin, absolute or asterisk form; RFC 9112 §3.2).
-fn split_target(target: &str) -> Option<(String, String)> {
+/// The path and query of a request target (origin, absolute or asterisk form; RFC 9112 §3.2),
+/// as sent (not normalised), and an absolute-form target's authority.
+fn split_target(target: &str) -> Option<(String, String, Option<String>)> {
     let split = |t: &str| match t.split_once('?') {
         Some((p, q)) => (p.to_owned(), q.to_owned()),
         None => (t.to_owned(), String::new()),
     };
     if target.starts_with('/') {
-        return Some(split(target));
+        let (path, query) = split(target);
+        return Some((path, query, None));
     }
     if target == "*" {
-        return Some(("*".into(), String::new()));
+        return Some(("*".into(), String::new(), None));
     }
-    let url = url::Url::parse(target).ok().filter(|u| matches!(u.scheme(), "http" | "https"))?;
-    Some((url.path().to_owned(), url.query().unwrap_or_default().to_owned()))
+    let scheme = target.find("://")?;
+    if !matches!(target[..scheme].to_ascii_lowercase().as_str(), "http" | "https") {
+        return None;
+    }
+    let rest = &target[scheme + 3..];
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let authority = &rest[..end];
+    if authority.is_empty() || authority.contains('@') {
+        return None;
+    }
+    let (path, query) = match &rest[end..] {
+        "" => ("/".to_owned(), String::new()),
+        r if r.starts_with('?') => ("/".to_owned(), r[1..].to_owned()),
+        r => split(r),
+    };
+    Some((path, query, Some(authority.to_owned())))
 }
 
 /// Whether comma-separated `value` has `token` (case-insensitive).

@@ -110,7 +110,10 @@ fn http10_closes_unless_keep_alive_and_head_has_no_body() {
     c.take_request().unwrap();
     ok(&mut c, now, "12345");
     let out = sent(&mut c);
-    assert!(out.ends_with("content-length: 5\r\n\r\n"), "HEAD: the length, no body: {out}");
+    assert!(
+        out.ends_with("content-length: 5\r\nconnection: keep-alive\r\n\r\n"),
+        "HEAD: the length, no body: {out}"
+    );
     assert_eq!(c.flow(), Flow::Open);
 }
 
@@ -292,4 +295,107 @@ fn leading_empty_lines_between_requests_are_ignored() {
     let (mut c, now) = conn();
     c.handle_bytes(now, b"\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n");
     assert!(c.take_request().is_some());
+}
+
+#[test]
+fn chunk_lines_are_read_strictly() {
+    let head = "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n";
+    // A size that would overflow the limit check, an empty size line, a bare LF in an extension,
+    // a CR inside one, a line that never ends.
+    for body in [
+        "1\r\na\r\nffffffffffffffff\r\n",
+        "\r\n\r\n",
+        "2;x\nAB\r\nxx\r\n0\r\n\r\n",
+        "2;x\rq\r\nab\r\n",
+        &"1".repeat(2000),
+    ] {
+        let (status, _) = refused(format!("{head}{body}").as_bytes());
+        assert!(status == 400 || status == 413, "{body:?}: {status}");
+    }
+    assert_eq!(refused(format!("{head}ffffffffffffffff\r\n").as_bytes()).0, 413);
+    // Only SP and HTAB are whitespace around a length or a coding.
+    assert_eq!(refused("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\u{a0}\r\n\r\nabc".as_bytes()).0, 400);
+    assert_eq!(
+        refused("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\u{3000}\r\n\r\n".as_bytes()).0,
+        400
+    );
+    let (mut c, now) = conn();
+    c.handle_bytes(
+        now,
+        b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: \t3 \r\nTransfer-Encoding:\r\n\r\nabc",
+    );
+    assert!(c.take_request().is_none(), "an empty Transfer-Encoding is still one");
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: \t3 \r\n\r\nabc");
+    assert_eq!(c.take_request().unwrap().body, b"abc");
+}
+
+#[test]
+fn absolute_form_keeps_the_path_as_sent_and_its_authority_is_the_host() {
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"GET http://evil/a/../admin%2f?q=1 HTTP/1.1\r\nHost: good\r\n\r\n");
+    let r = c.take_request().unwrap();
+    assert_eq!(
+        (r.path.as_str(), r.query.as_str(), r.header("host")),
+        ("/a/../admin%2f", "q=1", Some("evil"))
+    );
+    ok(&mut c, now, "");
+    c.handle_bytes(now, b"GET HTTP://h?x HTTP/1.1\r\nHost: h\r\n\r\n");
+    let r = c.take_request().unwrap();
+    assert_eq!((r.path.as_str(), r.query.as_str()), ("/", "x"));
+    for target in ["ftp://h/x", "http:///x", "http://u@h/x"] {
+        assert_eq!(
+            refused(format!("GET {target} HTTP/1.1\r\nHost: h\r\n\r\n").as_bytes()).0,
+            400,
+            "{target}"
+        );
+    }
+}
+
+#[test]
+fn a_blank_line_after_a_body_is_not_a_slow_head() {
+    let limits = HttpLimits::default();
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nx\r\n");
+    c.take_request().unwrap();
+    ok(&mut c, now, "");
+    sent(&mut c);
+    assert_eq!(c.poll_timeout(), Some(now + limits.idle_timeout), "idle, not a head in progress");
+    c.handle_timeout(now + limits.head_timeout);
+    assert_eq!((sent(&mut c), c.flow()), (String::new(), Flow::Open), "no unsolicited 408");
+}
+
+#[test]
+fn a_reader_that_stops_is_cut_off_and_idle_time_starts_when_the_answer_is_out() {
+    let limits = HttpLimits::default();
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    c.take_request().unwrap();
+    ok(&mut c, now, &"x".repeat(100_000));
+    assert_eq!(c.poll_timeout(), Some(now + limits.send_timeout), "the reader is timed while we send");
+    // Progress moves it; a slow reader of a long answer keeps the connection.
+    let later = now + limits.send_timeout - Duration::from_secs(1);
+    c.handle_bytes(later, b"");
+    c.consume_outgoing(1000);
+    assert_eq!(c.poll_timeout(), Some(later + limits.send_timeout));
+    c.handle_timeout(later + limits.send_timeout);
+    assert_eq!(c.flow(), Flow::Abort, "no progress for send_timeout: cut");
+    // Once all is out, the keep-alive idle time counts from then.
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    c.take_request().unwrap();
+    ok(&mut c, now, "x");
+    let out_at = now + Duration::from_secs(50);
+    c.handle_bytes(out_at, b"");
+    sent(&mut c);
+    assert_eq!(c.poll_timeout(), Some(out_at + limits.idle_timeout));
+}
+
+#[test]
+fn http10_keep_alive_is_announced() {
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    c.take_request().unwrap();
+    ok(&mut c, now, "x");
+    assert!(sent(&mut c).contains("connection: keep-alive\r\n"));
 }
