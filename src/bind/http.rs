@@ -64,6 +64,8 @@ pub(crate) struct HttpState {
     next_id: u64,
     /// The `Date` value and the second it is for.
     date: (u64, String),
+    /// `lua/luna.lua`'s `http_request`.
+    runner: Option<RegistryKey>,
 }
 
 impl HttpState {
@@ -364,12 +366,16 @@ fn start_requests(lua: &Lua, rt: &Runtime, key: Key, server: u64) -> Result<()> 
         let handler =
             rt.http.borrow().servers.get(&server).map(|s| lua.registry_value::<Function>(&s.handler));
         let Some(handler) = handler else { return Ok(()) };
-        let (handler, table) = (handler?, request_table(lua, &request)?);
+        let (handler, runner) = (handler?, runner(lua, rt)?);
         if let Some(c) = rt.http.borrow_mut().conns.get_mut(&key) {
             c.busy = true;
         }
         let hook: sched::Hook = Box::new(move |lua, rt, result| answered(lua, rt, key, server, result));
-        if let Err(e) = sched::spawn_owned(lua, rt, handler, table, hook) {
+        let started = match sched::create_owned(lua, rt, runner, hook) {
+            Ok(thread) => start(lua, rt, &thread, handler, &request),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = started {
             if let Some(c) = rt.http.borrow_mut().conns.get_mut(&key) {
                 c.busy = false;
             }
@@ -378,33 +384,34 @@ fn start_requests(lua: &Lua, rt: &Runtime, key: Key, server: u64) -> Result<()> 
     }
 }
 
-/// `request = {method, path, query, headers, body}` (Lune's), plus `target` (as sent) and
-/// `raw_query`.
-fn request_table(lua: &Lua, request: &Request) -> Result<Table> {
-    let t = lua.create_table_with_capacity(0, 8)?;
-    t.raw_set("method", request.method.as_str())?;
-    t.raw_set("path", request.path.as_str())?;
-    t.raw_set("target", request.target.as_str())?;
-    t.raw_set("raw_query", request.query.as_str())?;
-    let query = lua.create_table()?;
-    for (k, v) in form_urlencoded::parse(request.query.as_bytes()) {
-        query.raw_set(k.as_ref(), v.as_ref())?;
+/// `lua/luna.lua`'s `http_request`, which builds the request table and calls the handler.
+fn runner(lua: &Lua, rt: &Runtime) -> Result<Function> {
+    let cached = rt.http.borrow().runner.as_ref().map(|k| lua.registry_value::<Function>(k));
+    if let Some(f) = cached {
+        return f;
     }
-    t.raw_set("query", query)?;
-    let headers = lua.create_table_with_capacity(0, request.headers.len())?;
+    let f: Function = lua.named_registry_value("luna.http.request")?;
+    rt.http.borrow_mut().runner = Some(lua.create_registry_value(&f)?);
+    Ok(f)
+}
+
+/// Starts `thread` (running `http_request`) on the handler and the request's fields, for a
+/// table `{method, path, query, headers, body, target, raw_query}` (Lune's, plus the target as
+/// sent and the query undecoded). Strings go straight onto the Lua stack.
+fn start(lua: &Lua, rt: &Runtime, thread: &mlua::Thread, handler: Function, request: &Request) -> Result<()> {
+    let query: Vec<(std::borrow::Cow<str>, std::borrow::Cow<str>)> =
+        form_urlencoded::parse(request.query.as_bytes()).collect();
+    let mut fields: Vec<&str> = Vec::with_capacity(4 + 2 * (request.headers.len() + query.len()));
+    fields.extend([request.method.as_str(), &request.path, &request.target, &request.query]);
     for (name, value) in &request.headers {
-        let joined = match headers.raw_get::<Option<mlua::String>>(name.as_str())? {
-            Some(before) => {
-                let sep = if name == "cookie" { "; " } else { ", " };
-                format!("{}{sep}{value}", before.to_str()?)
-            }
-            None => value.clone(),
-        };
-        headers.raw_set(name.as_str(), joined)?;
+        fields.extend([name.as_str(), value.as_str()]);
     }
-    t.raw_set("headers", headers)?;
-    t.raw_set("body", lua.create_string(&request.body)?)?;
-    Ok(t)
+    for (k, v) in &query {
+        fields.extend([k.as_ref(), v.as_ref()]);
+    }
+    let body = lua.create_string(&request.body)?;
+    let args = (handler, body, request.headers.len(), mlua::Variadic::from(fields));
+    sched::resume(lua, rt, thread, args)
 }
 
 /// A request's handler ended: its answer (or a 500) goes out, and the next request may start.

@@ -453,6 +453,7 @@ fn lua_half(lua: &Lua) -> Result<Table> {
         ("luna.net.stream", "net_stream"),
         ("luna.net.server", "net_server"),
         ("luna.net.udp", "net_udp"),
+        ("luna.http.request", "http_request"),
     ] {
         lua.set_named_registry_value(name, internal.get::<Function>(constructor)?)?;
     }
