@@ -6,7 +6,9 @@ descriptor count), and reads the server's resident memory from /proc before and 
 With --measure-update it then sends "measure\\n" on the control connection and prints the answer
 (ns per idle luna.update() call, benches/tcp_idle_server.lua). Every connection is closed with
 a reset (SO_LINGER 0), so no TIME_WAIT is left behind; every wait is bounded.
-usage: tcp_idle.py PORT SERVER_PID N [--measure-update]"""
+With --http each idle connection first makes one HTTP/1.1 request and reads its answer (an idle
+keep-alive connection), and the measurement is asked for with "GET /measure" (benches/http_idle.sh).
+usage: tcp_idle.py PORT SERVER_PID N [--measure-update] [--http]"""
 
 import os
 import resource
@@ -36,7 +38,20 @@ def connect(port):
     return s
 
 
-def main(port, pid, n, measure):
+def http_get(s, path):
+    """Sends one GET on s and returns the answer's body (Content-Length framed)."""
+    s.sendall(f"GET {path} HTTP/1.1\r\nHost: idle\r\n\r\n".encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(4096)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        body += s.recv(4096)
+    return body
+
+
+def main(port, pid, n, measure, http):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if n + 64 > hard:
@@ -53,6 +68,8 @@ def main(port, pid, n, measure):
         if time.monotonic() > deadline:
             sys.exit(f"tcp_idle.py: only {i} of {n} connections in 120 s")
         conns.append(connect(port))
+        if http:
+            http_get(conns[-1], "/")
     deadline = time.monotonic() + 60
     while fds(pid) < fds_before + n:
         if time.monotonic() > deadline:
@@ -63,7 +80,10 @@ def main(port, pid, n, measure):
     per = (after - before) * 1024 / n
     print(f"connections={n} rss_before_kb={before} rss_after_kb={after} bytes_per_conn={per:.0f} "
           f"server_fds_before={fds_before} server_fds_after={fds_after}")
-    if measure:
+    if measure and http:
+        first.settimeout(60)
+        print(f"idle_update_ns={http_get(first, '/measure').decode().strip()}")
+    elif measure:
         first.settimeout(60)
         first.sendall(b"measure\n")
         answer = b""
@@ -80,4 +100,4 @@ def main(port, pid, n, measure):
 
 if __name__ == "__main__":
     main(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 10000,
-         "--measure-update" in sys.argv)
+         "--measure-update" in sys.argv, "--http" in sys.argv)
