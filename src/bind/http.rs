@@ -268,7 +268,7 @@ fn finish(rt: &Runtime, key: Key) {
     if let Some(proto) = rt.driver.borrow_mut().proto::<HttpServerConn>(key) {
         proto.finish();
     }
-    flush(rt, key);
+    rt.flush(key);
 }
 
 /// Forgets a stopped server once no handler of its requests runs.
@@ -291,20 +291,6 @@ fn forget(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
         rt.http.borrow_mut().listeners.remove(&key);
     }
     lua.remove_registry_value(server.handler)
-}
-
-/// Writes what `key` queued: at the end of the current update when inside one, else now; and
-/// restarts its reading if it had stopped for a full input.
-fn flush(rt: &Runtime, key: Key) {
-    let mut driver = rt.driver.borrow_mut();
-    if rt.in_update() {
-        driver.queue_flush(key);
-    } else {
-        driver.flush(key);
-    }
-    if driver.should_resume_reading(key) {
-        rt.service.borrow_mut().push_back(key);
-    }
 }
 
 /// A driver event for one of this module's entries.
@@ -439,7 +425,8 @@ fn answered(lua: &Lua, rt: &Runtime, key: Key, server: u64, result: Result<Value
         finish(rt, key);
         forget_if_done(lua, rt, server)?;
     } else {
-        flush(rt, key);
+        rt.flush(key);
+        rt.resume_reading(key);
     }
     // The next pipelined request, if one is buffered.
     news(lua, rt, key)?;

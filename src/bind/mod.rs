@@ -71,6 +71,25 @@ impl Runtime {
         self.ticking.get() > 0
     }
 
+    /// Writes what `key` queued: at the end of the current update when inside one (replies to
+    /// many peers leave together), else now.
+    fn flush(&self, key: Key) {
+        let mut driver = self.driver.borrow_mut();
+        if self.in_update() {
+            driver.queue_flush(key);
+        } else {
+            driver.flush(key);
+        }
+    }
+
+    /// Restarts reading of a stream that stopped for a full input (edge-triggered polling
+    /// would not report it again).
+    fn resume_reading(&self, key: Key) {
+        if self.driver.borrow_mut().should_resume_reading(key) {
+            self.service.borrow_mut().push_back(key);
+        }
+    }
+
     /// Whether one more unit of work may run in this tick (counted if so).
     fn take_unit(&self) -> bool {
         let mut budget = self.budget.get();

@@ -13,22 +13,9 @@ import threading
 import time
 import http.client
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-HOST_BIN = os.environ.get("LUNA_HOST", os.path.join(ROOT, "target", "release", "luna-host"))
-DATA = os.path.join(ROOT, "tests", "data")
-PEERS = os.path.join(ROOT, "tests", "peers")
-results = []
+from peer_common import DATA, HOST_BIN, PEERS, check, free_port, summary
 
 
-def check(name, ok, detail=""):
-    results.append(bool(ok))
-    print(("ok - " if ok else "not ok - ") + name + ("" if ok else f": {detail}"), flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def curl(*args):
@@ -207,9 +194,7 @@ def main():
             server.wait(timeout=5)
         except subprocess.TimeoutExpired:
             server.kill()
-    failed = results.count(False)
-    print(f"{len(results) - failed} passed, {failed} failed")
-    sys.exit(1 if failed else 0)
+    sys.exit(summary())
 
 
 if __name__ == "__main__":

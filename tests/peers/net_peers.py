@@ -14,22 +14,9 @@ import tempfile
 import threading
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-HOST_BIN = os.environ.get("LUNA_HOST", os.path.join(ROOT, "target", "release", "luna-host"))
-DATA = os.path.join(ROOT, "tests", "data")
-PEERS = os.path.join(ROOT, "tests", "peers")
-results = []
+from peer_common import DATA, HOST_BIN, PEERS, check, free_port, summary
 
 
-def check(name, ok, detail=""):
-    results.append(bool(ok))
-    print(("ok - " if ok else "not ok - ") + name + ("" if ok else f": {detail}"), flush=True)
-
-
-def free_port(kind=socket.SOCK_STREAM):
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start_server(tcp, tls, unix, udp, max_connections=None, prefix=()):
@@ -343,9 +330,7 @@ def main():
         except subprocess.TimeoutExpired:
             server.kill()
     descriptor_limit_checks()
-    failed = results.count(False)
-    print(f"{len(results) - failed} passed, {failed} failed")
-    return 1 if failed else 0
+    return summary()
 
 
 if __name__ == "__main__":

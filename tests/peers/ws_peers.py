@@ -15,21 +15,9 @@ import time
 
 import websockets
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-HOST_BIN = os.environ.get("LUNA_HOST", os.path.join(ROOT, "target", "release", "luna-host"))
-DATA = os.path.join(ROOT, "tests", "data")
-results = []
+from peer_common import DATA, HOST_BIN, ROOT, check, free_port, summary
 
 
-def check(name, ok, detail=""):
-    results.append(ok)
-    print(("ok - " if ok else "not ok - ") + name + ("" if ok else f": {detail}"), flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def raw_upgrade(port, extra=b"", key=b"dGhlIHNhbXBsZSBub25jZQ==", version=b"13"):
@@ -431,9 +419,7 @@ def main():
     finally:
         server.terminate()
         server.wait(5)
-    failed = results.count(False)
-    print(f"{len(results) - failed} passed, {failed} failed")
-    return 1 if failed else 0
+    return summary()
 
 
 if __name__ == "__main__":

@@ -171,23 +171,6 @@ fn reason(why: &Option<String>) -> String {
     why.clone().unwrap_or_else(|| "closed".into())
 }
 
-/// Restarts reading of a stream that stopped for a full input.
-fn resume_reading(rt: &Runtime, key: Key) {
-    if rt.driver.borrow_mut().should_resume_reading(key) {
-        rt.service.borrow_mut().push_back(key);
-    }
-}
-
-/// Writes what `key` queued: at the end of the current update when inside one, else now.
-fn flush(rt: &Runtime, key: Key) {
-    let mut driver = rt.driver.borrow_mut();
-    if rt.in_update() {
-        driver.queue_flush(key);
-    } else {
-        driver.flush(key);
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // read / write (raw)
 
@@ -273,7 +256,7 @@ impl RawFn for Read {
                 drop(driver);
                 drop(net);
                 if let Some(key) = key {
-                    resume_reading(rt, key);
+                    rt.resume_reading(key);
                 }
                 Ok(Out::one(raw::Value::Owned(data)))
             }
@@ -330,7 +313,7 @@ impl RawFn for Write {
         let written = rt.driver.borrow_mut().proto::<RawStream>(key).map(|p| p.write(data));
         match written {
             Some(Ok(())) => {
-                flush(rt, key);
+                rt.flush(key);
                 Ok(Out::one(raw::Value::Bool(true)))
             }
             Some(Err(WriteError::Backpressure)) => refused("backpressure"),
@@ -418,7 +401,7 @@ fn opened(lua: &Lua, rt: &Runtime, h: u64, key: Key) -> Result<()> {
             if let Some(proto) = rt.driver.borrow_mut().proto::<RawStream>(key) {
                 let _ = proto.write(&early);
             }
-            flush(rt, key);
+            rt.flush(key);
         }
         (lua.registry_value::<Table>(&rec.object)?, first, rec.server.is_none())
     };
@@ -479,7 +462,7 @@ fn deliver(lua: &Lua, rt: &Runtime, h: u64, key: Key) -> Result<()> {
     let tag = raw::Value::Light(delivered_value().0);
     match answer {
         Ok(data) => {
-            resume_reading(rt, key);
+            rt.resume_reading(key);
             let mut args = [tag, raw::Value::Owned(data)];
             let resumed = sched::resume_parked(lua, rt, thread, ptr, &args);
             // The buffer serves the next read (unless a large read grew it).
@@ -527,8 +510,8 @@ fn deliver_on_data(lua: &Lua, rt: &Runtime, key: Key, object: Table, on_data: ml
             )));
         }
     }
-    flush(rt, key);
-    resume_reading(rt, key);
+    rt.flush(key);
+    rt.resume_reading(key);
     Ok(())
 }
 
@@ -613,7 +596,7 @@ pub(super) fn finish(rt: &Runtime, h: u64) {
     if let Some(proto) = rt.driver.borrow_mut().proto::<RawStream>(key) {
         proto.finish();
     }
-    flush(rt, key);
+    rt.flush(key);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -876,7 +859,7 @@ fn net_close(lua: &Lua, (h, reset): (Value, bool)) -> Result<bool> {
                     proto.finish();
                 }
             }
-            flush(&rt, key);
+            rt.flush(key);
         }
         // Resolving still, or ended with unread input.
         _ => {

@@ -153,13 +153,8 @@ fn close_code(call: &str, value: &Value) -> Result<u16> {
 /// Changes a session (send, close) and writes: at once outside `update`, at the end of it inside
 /// (the driver's end-of-update flush). Events it causes wait for the next dispatch.
 fn with_stream<R>(rt: &Runtime, key: Key, f: impl FnOnce(&mut WsSession) -> R) -> Option<R> {
-    let mut driver = rt.driver.borrow_mut();
-    let result = f(driver.proto::<WsSession>(key)?);
-    if rt.in_update() {
-        driver.queue_flush(key);
-    } else {
-        driver.flush(key);
-    }
+    let result = f(rt.driver.borrow_mut().proto::<WsSession>(key)?);
+    rt.flush(key);
     Some(result)
 }
 

@@ -88,7 +88,8 @@ impl Request {
 pub struct Response<'a> {
     pub status: u16,
     /// Header fields as given; `Content-Length` and `Transfer-Encoding` are ours to set and are
-    /// left out, `Connection: close` closes the connection after this response.
+    /// left out (except a `Content-Length` answering HEAD without a body: the size a GET would
+    /// get), `Connection: close` closes the connection after this response.
     pub headers: &'a [(&'a [u8], &'a [u8])],
     pub body: &'a [u8],
     /// The `Date` value (unless `headers` has one).
@@ -254,7 +255,14 @@ impl HttpServerConn {
             out.extend_from_slice(b"\r\n");
         }
         if body_allowed {
-            let _ = write!(out, "content-length: {}\r\n", response.body.len());
+            let given = response.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(b"content-length"));
+            let length = match given {
+                Some((_, v)) if self.head_request && response.body.is_empty() && is_length(v) => v,
+                _ => &response.body.len().to_string().into_bytes()[..],
+            };
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(length);
+            out.extend_from_slice(b"\r\n");
         }
         if !self.keep_alive && !said_close {
             out.extend_from_slice(b"connection: close\r\n");
@@ -424,7 +432,7 @@ impl HttpServerConn {
         let mut length: Option<u64> = None;
         for (_, value) in request.headers.iter().filter(|(n, _)| n == "content-length") {
             let v = value.trim_matches([' ', '\t']);
-            if v.is_empty() || v.len() > 18 || !v.bytes().all(|b| b.is_ascii_digit()) {
+            if !is_length(v.as_bytes()) {
                 return Err(400);
             }
             let n: u64 = v.parse().map_err(|_| 400u16)?;
@@ -720,6 +728,11 @@ fn split_target(target: &str) -> Option<(String, String, Option<String>)> {
 /// Whether comma-separated `value` has `token` (case-insensitive).
 fn has_token(value: &[u8], token: &str) -> bool {
     value.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Whether `v` is a Content-Length value: 1 to 18 digits.
+fn is_length(v: &[u8]) -> bool {
+    (1..=18).contains(&v.len()) && v.iter().all(u8::is_ascii_digit)
 }
 
 /// A token character of RFC 9110 §5.6.2.

@@ -399,3 +399,19 @@ fn http10_keep_alive_is_announced() {
     ok(&mut c, now, "x");
     assert!(sent(&mut c).contains("connection: keep-alive\r\n"));
 }
+
+#[test]
+fn head_may_say_the_length_a_get_would_get() {
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"HEAD /big HTTP/1.1\r\nHost: h\r\n\r\n");
+    c.take_request().unwrap();
+    let headers: &[(&[u8], &[u8])] = &[(b"Content-Length", b"1048576")];
+    c.respond(now, Response { status: 200, headers, body: b"", date: DATE }).unwrap();
+    let out = sent(&mut c);
+    assert!(out.contains("content-length: 1048576\r\n") && !out.contains("Content-Length"), "{out}");
+    // Elsewhere the length is always the body's.
+    c.handle_bytes(now, b"GET /big HTTP/1.1\r\nHost: h\r\n\r\n");
+    c.take_request().unwrap();
+    c.respond(now, Response { status: 200, headers, body: b"abc", date: DATE }).unwrap();
+    assert!(sent(&mut c).contains("content-length: 3\r\n"));
+}
