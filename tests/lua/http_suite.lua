@@ -207,11 +207,28 @@ return function(T, luna)
     T.eq(answer.headers.connection, "close", "and closed")
   end)
 
+  T.test("http: a handler may stop its own server; luna.close() stops every server", function()
+    local server
+    server = luna.serve(0, function(req)
+      if req.path == "/stop" then server:stop() end
+      return "answered " .. req.path
+    end)
+    local other = luna.serve(0, function() return "other" end)
+    local r = get(server.port, "/stop")
+    T.eq(r.body, "answered /stop", "the request that stopped it is answered")
+    T.eq(r.headers.connection, "close", "and its connection closed")
+    T.eq(tcp.connect("127.0.0.1", server.port), nil, "stopped")
+    T.eq(get(other.port, "/").body, "other", "the other server runs")
+    luna.close()
+    T.eq(tcp.connect("127.0.0.1", other.port), nil, "luna.close() stopped it")
+  end)
+
   T.main("http: misuse names the call and the fix", function()
     T.raises({ "luna.serve", "port" }, luna.serve, "x")
     T.raises({ "luna.serve", "handleRequest" }, luna.serve, 0, {})
     T.raises({ "luna.serve", "handleWebSocket", "new_web_app" }, luna.serve, 0,
       { handleRequest = print, handleWebSocket = print })
     T.raises({ "luna.serve", "unknown" }, luna.serve, 0, { handleRequest = print, prot = 1 })
+    T.raises({ "luna.serve", "given twice" }, luna.serve, 0, { handleRequest = print, port = 1 })
   end)
 end
