@@ -546,7 +546,39 @@ pub(crate) fn close_all(lua: &Lua, rt: &Runtime) -> Result<()> {
     result
 }
 
-/// Adds `luna.serve`.
+/// What `luna.url_encode` leaves as is: RFC 3986's unreserved characters.
+const ENCODED: &percent_encoding::AsciiSet =
+    &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'.').remove(b'_').remove(b'~');
+
+/// `luna.url_encode(s[, binary])` (Lune's `urlEncode`): every byte but `A-Z a-z 0-9 - . _ ~` as
+/// `%XX`; `s` must be UTF-8 unless `binary`.
+fn url_encode(lua: &Lua, (s, binary): (mlua::String, Option<bool>)) -> Result<mlua::String> {
+    let bytes = s.as_bytes();
+    if !binary.unwrap_or(false) && std::str::from_utf8(&bytes).is_err() {
+        return Err(misuse(
+            "luna.url_encode(s, binary)",
+            "'s' is not UTF-8: pass binary = true to encode bytes",
+        ));
+    }
+    lua.create_string(percent_encoding::percent_encode(&bytes, ENCODED).to_string())
+}
+
+/// `luna.url_decode(s[, binary])` (Lune's `urlDecode`): `%XX` sequences decoded (`+` stays);
+/// the result must be UTF-8 unless `binary`.
+fn url_decode(lua: &Lua, (s, binary): (mlua::String, Option<bool>)) -> Result<mlua::String> {
+    let decoded: Vec<u8> = percent_encoding::percent_decode(&s.as_bytes()).collect();
+    if !binary.unwrap_or(false) && std::str::from_utf8(&decoded).is_err() {
+        return Err(misuse(
+            "luna.url_decode(s, binary)",
+            "the decoded text is not UTF-8: pass binary = true to get the bytes",
+        ));
+    }
+    lua.create_string(decoded)
+}
+
+/// Adds `luna.serve`, `luna.url_encode` and `luna.url_decode`.
 pub(crate) fn register(lua: &Lua, module: &Table) -> Result<()> {
-    module.set("serve", lua.create_function(serve)?)
+    module.set("serve", lua.create_function(serve)?)?;
+    module.set("url_encode", lua.create_function(url_encode)?)?;
+    module.set("url_decode", lua.create_function(url_decode)?)
 }
