@@ -135,11 +135,12 @@ internal.ws_client_receive = client_wait("app:receive()", core.ws_client_take)
 internal.ws_client_wait = client_wait("app:wait_connected()", core.ws_client_wait)
 
 -- Runs an HTTP handler (luna.serve) on a request whose fields Rust hands over as arguments:
--- one resume builds the table here, instead of a C API call per field. `...` is `nh` header
--- names and values (repeated names in order), then the decoded query's keys and values.
-function internal.http_request(handler, body, nh, method, path, target, raw_query, ...)
-  local fields, headers, query = { ... }, {}, {}
-  for i = 1, 2 * nh, 2 do
+-- one resume builds the table here, instead of a C API call per field. `...` is the header
+-- names and values (repeated names in order, at most the header limit); `query` is the decoded
+-- query (nil for none: a query may hold thousands of pairs, too many for arguments).
+function internal.http_request(handler, body, query, method, path, target, raw_query, ...)
+  local fields, headers = { ... }, {}
+  for i = 1, #fields, 2 do
     local name, value = fields[i], fields[i + 1]
     local before = headers[name]
     if before then
@@ -147,11 +148,8 @@ function internal.http_request(handler, body, nh, method, path, target, raw_quer
     end
     headers[name] = value
   end
-  for i = 2 * nh + 1, #fields, 2 do
-    query[fields[i]] = fields[i + 1]
-  end
   return handler({ method = method, path = path, target = target, raw_query = raw_query,
-    body = body, headers = headers, query = query })
+    body = body, headers = headers, query = query or {} })
 end
 
 return api, internal

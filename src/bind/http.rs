@@ -334,13 +334,9 @@ fn news(lua: &Lua, rt: &Runtime, key: Key) -> Result<()> {
 fn start_requests(lua: &Lua, rt: &Runtime, key: Key, server: u64) -> Result<()> {
     loop {
         let Some(busy) = rt.http.borrow().conns.get(&key).map(|c| c.busy) else { return Ok(()) };
-        let (request, closed) = {
-            let mut driver = rt.driver.borrow_mut();
-            match driver.proto::<HttpServerConn>(key) {
-                Some(proto) if !busy => (proto.take_request(), proto.is_closed()),
-                Some(proto) => (None, proto.is_closed()),
-                None => (None, true),
-            }
+        let (ready, closed) = match rt.driver.borrow_mut().proto::<HttpServerConn>(key) {
+            Some(proto) => (!busy && proto.has_request(), proto.is_closed()),
+            None => (false, true),
         };
         if closed {
             // A running handler finds the connection gone and drops its answer.
@@ -348,11 +344,16 @@ fn start_requests(lua: &Lua, rt: &Runtime, key: Key, server: u64) -> Result<()> 
             rt.driver.borrow_mut().close(key);
             return Ok(());
         }
-        let Some(request) = request else { return Ok(()) };
+        if !ready {
+            return Ok(());
+        }
+        // Looked up before the request is taken, so a failure leaves it for the next news.
         let handler =
             rt.http.borrow().servers.get(&server).map(|s| lua.registry_value::<Function>(&s.handler));
         let Some(handler) = handler else { return Ok(()) };
         let (handler, runner) = (handler?, runner(lua, rt)?);
+        let request = rt.driver.borrow_mut().proto::<HttpServerConn>(key).and_then(|p| p.take_request());
+        let Some(request) = request else { return Ok(()) };
         if let Some(c) = rt.http.borrow_mut().conns.get_mut(&key) {
             c.busy = true;
         }
@@ -383,21 +384,24 @@ fn runner(lua: &Lua, rt: &Runtime) -> Result<Function> {
 
 /// Starts `thread` (running `http_request`) on the handler and the request's fields, for a
 /// table `{method, path, query, headers, body, target, raw_query}` (Lune's, plus the target as
-/// sent and the query undecoded). Strings go straight onto the Lua stack.
+/// sent and the query undecoded). Strings go straight onto the Lua stack; the query, whose
+/// pairs are not bounded by the header limit, comes as a table.
 fn start(lua: &Lua, rt: &Runtime, thread: &mlua::Thread, handler: Function, request: &Request) -> Result<()> {
-    let query: Vec<(std::borrow::Cow<str>, std::borrow::Cow<str>)> =
-        form_urlencoded::parse(request.query.as_bytes()).collect();
-    let mut fields: Vec<&str> = Vec::with_capacity(4 + 2 * (request.headers.len() + query.len()));
+    let mut query = None;
+    for (k, v) in form_urlencoded::parse(request.query.as_bytes()) {
+        let t = match &query {
+            Some(t) => t,
+            None => query.insert(lua.create_table()?),
+        };
+        t.raw_set(k.as_ref(), v.as_ref())?;
+    }
+    let mut fields: Vec<&str> = Vec::with_capacity(4 + 2 * request.headers.len());
     fields.extend([request.method.as_str(), &request.path, &request.target, &request.query]);
     for (name, value) in &request.headers {
         fields.extend([name.as_str(), value.as_str()]);
     }
-    for (k, v) in &query {
-        fields.extend([k.as_ref(), v.as_ref()]);
-    }
     let body = lua.create_string(&request.body)?;
-    let args = (handler, body, request.headers.len(), mlua::Variadic::from(fields));
-    sched::resume(lua, rt, thread, args)
+    sched::resume(lua, rt, thread, (handler, body, query, mlua::Variadic::from(fields)))
 }
 
 /// A request's handler ended: its answer (or a 500) goes out, and the next request may start.

@@ -247,7 +247,7 @@ impl Stream {
         }
         let pending = self.proto.outgoing().len();
         self.out.extend_from_slice(self.proto.outgoing());
-        self.proto.consume_outgoing(pending);
+        self.proto.consume_outgoing(now, pending);
         self.tls = Some(Box::new(tls));
         self.phase = Phase::Handshaking;
         self.ready_told = false;
@@ -500,14 +500,14 @@ impl Stream {
                     if let Err(e) = tls.write_plaintext(data) {
                         break Err(io::Error::other(e));
                     }
-                    self.proto.consume_outgoing(len);
+                    self.proto.consume_outgoing(now, len);
                 }
                 None => {
                     let n = match write_some(socket, data) {
                         Ok(n) => n,
                         Err(e) => break Err(e),
                     };
-                    self.proto.consume_outgoing(n);
+                    self.proto.consume_outgoing(now, n);
                     written += n;
                     if n < len {
                         break Ok(());

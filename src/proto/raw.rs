@@ -233,7 +233,7 @@ impl StreamProtocol for RawStream {
         &self.out[self.out_pos..]
     }
 
-    fn consume_outgoing(&mut self, n: usize) {
+    fn consume_outgoing(&mut self, _now: Instant, n: usize) {
         self.out_pos = (self.out_pos + n).min(self.out.len());
         if self.out_pos == self.out.len() {
             self.out.clear();
@@ -377,7 +377,7 @@ mod tests {
         assert_eq!(s.write(b"defgh"), Ok(()), "a queue below the limit takes a whole write");
         assert_eq!(s.write(b"x"), Err(WriteError::Backpressure));
         assert_eq!(s.outgoing(), b"abcdefgh");
-        s.consume_outgoing(5);
+        s.consume_outgoing(Instant::now(), 5);
         assert_eq!(s.queued(), 3);
         assert_eq!(s.write(b"ij"), Ok(()));
         assert_eq!(s.outgoing(), b"fghij");

@@ -62,8 +62,8 @@ pub trait StreamProtocol: Any {
     /// Bytes waiting to be written.
     fn outgoing(&self) -> &[u8];
 
-    /// The first `n` bytes of [`outgoing`](Self::outgoing) were written.
-    fn consume_outgoing(&mut self, n: usize);
+    /// The first `n` bytes of [`outgoing`](Self::outgoing) were written, at `now`.
+    fn consume_outgoing(&mut self, now: Instant, n: usize);
 
     /// What to do with the transport.
     fn flow(&self) -> Flow;

@@ -207,6 +207,43 @@ return function(T, luna)
     T.eq(answer.headers.connection, "close", "and closed")
   end)
 
+  T.test("http: a query of thousands of pairs reaches the handler", function()
+    local seen
+    local server = luna.serve(0, { max_uri_size = 65536, max_header_size = 65536, handleRequest = function(req)
+      seen = req.query
+      return "ok"
+    end })
+    -- 4000 pairs within the default limits (more than a Lua call takes as arguments on LuaJIT).
+    T.eq(get(server.port, "/?" .. ("a&"):rep(4000)).status, 200, "4000 pairs answered")
+    T.eq(seen.a, "", "a key without a value")
+    local pairs_ = {}
+    for i = 1, 5000 do pairs_[i] = "k" .. i .. "=" .. i end
+    local r = get(server.port, "/?" .. table.concat(pairs_, "&"))
+    T.eq(r.status, 200, "answered")
+    T.eq(seen.k1, "1", "first pair")
+    T.eq(seen.k5000, "5000", "last pair")
+    server:stop()
+  end)
+
+  T.test("http: a slow reader of a long answer keeps its connection past send_timeout", function()
+    local big = ("x"):rep(8 * 1024 * 1024)
+    local server = luna.serve(0, { send_timeout = 1, handleRequest = function() return big end })
+    local s = assert(tcp.connect("127.0.0.1", server.port, { max_input = 64 * 1024 }))
+    s:write("GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+    local got, t0 = 0, luna.now()
+    while true do
+      local chunk = s:read(32 * 1024)
+      if not chunk then break end
+      got = got + #chunk
+      if got >= #big then break end
+      luna.sleep(0.008) -- about 4 MB/s: the whole answer takes about two seconds
+    end
+    T.ok(got >= #big, ("the whole answer arrived (%d of %d bytes)"):format(got, #big))
+    T.ok(luna.now() - t0 > 1.5, "well over send_timeout")
+    s:close()
+    server:stop()
+  end, 10)
+
   T.test("http: a handler may stop its own server; luna.close() stops every server", function()
     local server
     server = luna.serve(0, function(req)

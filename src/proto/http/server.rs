@@ -188,6 +188,11 @@ impl HttpServerConn {
         }
     }
 
+    /// Whether a complete request waits for [`take_request`](Self::take_request).
+    pub fn has_request(&self) -> bool {
+        self.ready.is_some()
+    }
+
     /// The complete request waiting for an answer, once.
     pub fn take_request(&mut self) -> Option<Request> {
         self.ready.take()
@@ -217,7 +222,7 @@ impl HttpServerConn {
         if !(200..=599).contains(&response.status) {
             return Err(format!("status must be 200-599, got {}", response.status));
         }
-        let (mut date, mut said_close, mut said_connection) = (true, false, false);
+        let (mut date, mut said_close, mut said_keep_alive) = (true, false, false);
         for (name, value) in response.headers {
             if name.is_empty() || !name.iter().all(|b| is_tchar(*b)) {
                 return Err(format!("invalid header name '{}'", String::from_utf8_lossy(name)));
@@ -229,7 +234,7 @@ impl HttpServerConn {
                 ));
             }
             let connection = name.eq_ignore_ascii_case(b"connection");
-            said_connection |= connection;
+            said_keep_alive |= connection && has_token(value, "keep-alive");
             said_close |= connection && has_token(value, "close");
             date &= !name.eq_ignore_ascii_case(b"date");
         }
@@ -266,7 +271,7 @@ impl HttpServerConn {
         }
         if !self.keep_alive && !said_close {
             out.extend_from_slice(b"connection: close\r\n");
-        } else if self.keep_alive && self.minor_version == 0 && !said_connection {
+        } else if self.keep_alive && self.minor_version == 0 && !said_keep_alive {
             out.extend_from_slice(b"connection: keep-alive\r\n");
         }
         out.extend_from_slice(b"\r\n");
@@ -663,12 +668,13 @@ impl StreamProtocol for HttpServerConn {
         &self.out[self.out_pos..]
     }
 
-    fn consume_outgoing(&mut self, n: usize) {
+    fn consume_outgoing(&mut self, now: Instant, n: usize) {
+        self.now = now;
         self.out_pos = (self.out_pos + n).min(self.out.len());
         if n > 0 {
             self.sent = self.now;
         }
-        if self.out_pos == self.out.len() {
+        if n > 0 && self.out_pos == self.out.len() {
             self.out_pos = 0;
             self.out.clear();
             if self.out.capacity() > 64 << 10 {
@@ -676,11 +682,12 @@ impl StreamProtocol for HttpServerConn {
             }
             if self.phase == Phase::Head && !self.head_started {
                 // The idle wait for the next request starts once the answer is out.
-                self.since = self.now;
+                self.since = now;
             }
         }
-        if self.phase == Phase::Head && !self.pending().is_empty() {
-            self.advance(self.now);
+        // What waited behind the answer: the next request, or the end of the stream.
+        if self.phase == Phase::Head && (!self.pending().is_empty() || self.eof) {
+            self.advance(now);
         }
     }
 

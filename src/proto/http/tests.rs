@@ -10,10 +10,15 @@ fn conn() -> (HttpServerConn, Instant) {
     (HttpServerConn::new(HttpLimits::default(), now), now)
 }
 
-/// Everything queued for the peer, as text, consumed.
+/// Everything queued for the peer, as text, taken by it (at `Instant::now()`).
 fn sent(c: &mut HttpServerConn) -> String {
+    sent_at(c, Instant::now())
+}
+
+/// Everything queued for the peer, as text, taken by it at `now`.
+fn sent_at(c: &mut HttpServerConn, now: Instant) -> String {
     let out = String::from_utf8_lossy(c.outgoing()).into_owned();
-    c.consume_outgoing(out.len());
+    c.consume_outgoing(now, out.len());
     out
 }
 
@@ -204,7 +209,7 @@ fn a_pipelining_client_that_never_reads_is_held_by_flow_control() {
     }
     assert_eq!(answered, 1, "the next request waits while an answer over the bound is queued");
     assert!(!c.wants_input(), "and reading pauses");
-    c.consume_outgoing(usize::MAX);
+    c.consume_outgoing(now, usize::MAX);
     assert!(c.take_request().is_some(), "once it is out, the next request goes on");
     assert!(c.take_news());
 }
@@ -359,7 +364,7 @@ fn a_blank_line_after_a_body_is_not_a_slow_head() {
     c.handle_bytes(now, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nx\r\n");
     c.take_request().unwrap();
     ok(&mut c, now, "");
-    sent(&mut c);
+    sent_at(&mut c, now);
     assert_eq!(c.poll_timeout(), Some(now + limits.idle_timeout), "idle, not a head in progress");
     c.handle_timeout(now + limits.head_timeout);
     assert_eq!((sent(&mut c), c.flow()), (String::new(), Flow::Open), "no unsolicited 408");
@@ -375,8 +380,7 @@ fn a_reader_that_stops_is_cut_off_and_idle_time_starts_when_the_answer_is_out() 
     assert_eq!(c.poll_timeout(), Some(now + limits.send_timeout), "the reader is timed while we send");
     // Progress moves it; a slow reader of a long answer keeps the connection.
     let later = now + limits.send_timeout - Duration::from_secs(1);
-    c.handle_bytes(later, b"");
-    c.consume_outgoing(1000);
+    c.consume_outgoing(later, 1000);
     assert_eq!(c.poll_timeout(), Some(later + limits.send_timeout));
     c.handle_timeout(later + limits.send_timeout);
     assert_eq!(c.flow(), Flow::Abort, "no progress for send_timeout: cut");
@@ -386,8 +390,7 @@ fn a_reader_that_stops_is_cut_off_and_idle_time_starts_when_the_answer_is_out() 
     c.take_request().unwrap();
     ok(&mut c, now, "x");
     let out_at = now + Duration::from_secs(50);
-    c.handle_bytes(out_at, b"");
-    sent(&mut c);
+    sent_at(&mut c, out_at);
     assert_eq!(c.poll_timeout(), Some(out_at + limits.idle_timeout));
 }
 
@@ -414,4 +417,22 @@ fn head_may_say_the_length_a_get_would_get() {
     c.take_request().unwrap();
     c.respond(now, Response { status: 200, headers, body: b"abc", date: DATE }).unwrap();
     assert!(sent(&mut c).contains("content-length: 3\r\n"));
+}
+
+#[test]
+fn an_end_of_stream_behind_a_large_answer_closes_once_it_is_out() {
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    c.take_request().unwrap();
+    ok(&mut c, now, &"e".repeat((1 << 20) + 600));
+    assert!(!c.wants_input(), "reading pauses behind the answer");
+    c.handle_eof(now);
+    assert_eq!(c.flow(), Flow::Open, "the answer is still going out");
+    let later = now + Duration::from_secs(1);
+    sent_at(&mut c, later);
+    assert_eq!(c.flow(), Flow::Finish, "then the connection closes");
+    // Draining nothing does not restart the idle clock.
+    let (mut c, now) = conn();
+    c.consume_outgoing(now + Duration::from_secs(30), 0);
+    assert_eq!(c.poll_timeout(), Some(now + HttpLimits::default().idle_timeout));
 }

@@ -537,7 +537,7 @@ impl StreamProtocol for WsSession {
         }
     }
 
-    fn consume_outgoing(&mut self, n: usize) {
+    fn consume_outgoing(&mut self, _now: Instant, n: usize) {
         if self.head_pos < self.head.len() {
             self.head_pos += n;
             if self.head_pos >= self.head.len() {
@@ -578,7 +578,7 @@ mod tests {
         let mut ws = WsSession::client(&url, &[], [7; 16], Arc::new(settings), now).unwrap();
         ws.handle_ready(now);
         let n = ws.outgoing().len();
-        ws.consume_outgoing(n);
+        ws.consume_outgoing(now, n);
         let mut input = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
               Sec-WebSocket-Accept: CdXSYUsvsaMthlEXWDNURGWA/1o=\r\n\r\n"
             .to_vec();
@@ -603,7 +603,7 @@ mod tests {
         // The driver writes the close reply and sees the flow; the handler reads later.
         while !ws.outgoing().is_empty() {
             let n = ws.outgoing().len();
-            ws.consume_outgoing(n);
+            ws.consume_outgoing(now, n);
         }
         let mut messages = 0;
         let end = loop {
