@@ -2,7 +2,8 @@
 //! runs its handler in a library coroutine (it may `luna.sleep`, `fetch`, wait on sockets) while
 //! the server goes on with other connections; the handler returns a string (200, text/plain) or
 //! `{status, headers, body}`. The HTTP/1.1 rules live in `proto::http`; this module turns
-//! requests into Lua tables and Lua answers into responses.
+//! requests into Lua tables (with `lua/luna.lua`'s `http_request`) and Lua answers into
+//! responses. Also `luna.url_encode` / `luna.url_decode`.
 
 use std::rc::Rc;
 use std::time::{SystemTime, UNIX_EPOCH};
