@@ -10,6 +10,7 @@ use std::time::Instant;
 use mlua::{Lua, Result};
 
 use super::Runtime;
+use crate::driver::net::{self, ListenOptions, ListenSocket};
 use crate::driver::Lookup;
 
 /// What to do once a host name resolved.
@@ -40,6 +41,25 @@ pub(crate) fn listen_ips(host: &str) -> Option<Vec<IpAddr>> {
 /// `ips` with `port`.
 pub(crate) fn with_port(ips: &[IpAddr], port: u16) -> Vec<SocketAddr> {
     ips.iter().map(|ip| SocketAddr::new(*ip, port)).collect()
+}
+
+/// A TCP socket listening on the first of `addrs` that takes one, with the address it got (a
+/// free port filled in), or why none did (the last failure).
+pub(crate) fn tcp_listen_first(
+    addrs: &[SocketAddr],
+    options: ListenOptions,
+) -> std::result::Result<(ListenSocket, SocketAddr), String> {
+    let mut last = String::from("no address to listen on");
+    for addr in addrs {
+        match net::tcp_listen(*addr, options) {
+            Ok(socket) => {
+                let local = socket.local_address().ok().and_then(|a| a.ip()).unwrap_or(*addr);
+                return Ok((socket, local));
+            }
+            Err(e) => last = format!("cannot listen on {}: {e}", show(*addr)),
+        }
+    }
+    Err(last)
 }
 
 /// `"ip:port"`, IPv6 as `"[::1]:port"`, IPv4-mapped IPv6 as plain IPv4.

@@ -15,7 +15,7 @@ use super::error::{lua_type, message, misuse};
 use super::options::Options;
 use super::policy::Policy;
 use super::{addr, runtime, sched, Runtime};
-use crate::driver::net::{self, ListenOptions};
+use crate::driver::net::ListenOptions;
 use crate::driver::{Event, EventKind, Key, ListenerConfig, Tag};
 use crate::proto::http::{HttpLimits, HttpServerConn, Request, Response};
 
@@ -23,6 +23,9 @@ use crate::proto::http::{HttpLimits, HttpServerConn, Request, Response};
 pub(crate) const TAG: Tag = 4;
 
 const CALL: &str = "luna.serve(port, handler)";
+
+/// The type of a handler's string answer and of our 500.
+const PLAIN: &[(&[u8], &[u8])] = &[(b"content-type", b"text/plain; charset=utf-8")];
 
 const CONFIG_KEYS: &[&str] = &[
     "port",
@@ -175,42 +178,29 @@ fn serve(lua: &Lua, (first, second): (Value, Value)) -> Result<Table> {
         if rt.http.borrow().servers.get(&id).is_none_or(|s| s.stopped) {
             return Ok(()); // stopped while its host name resolved
         }
-        let mut last = String::from("no address to listen on");
-        let ips = match ips {
-            Ok(ips) => ips,
+        let listening = ips
+            .and_then(|ips| addr::tcp_listen_first(&addr::with_port(&ips, port), ListenOptions::default()));
+        let (socket, local) = match listening {
+            Ok(listening) => listening,
             Err(e) => {
                 forget(lua, rt, id)?;
                 return Err(misuse(CALL, e));
             }
         };
-        for addr in addr::with_port(&ips, port) {
-            let socket = match net::tcp_listen(addr, ListenOptions::default()) {
-                Ok(socket) => socket,
-                Err(e) => {
-                    last = format!("cannot listen on {}: {e}", addr::show(addr));
-                    continue;
-                }
-            };
-            let local = socket.local_address().ok().and_then(|a| a.ip()).unwrap_or(addr);
-            let config = ListenerConfig {
-                tls: tls.clone(),
-                make: Box::new(move |now| Box::new(HttpServerConn::new(limits, now))),
-                max_connections: None,
-                nodelay: true,
-            };
-            let key = rt.driver.borrow_mut().listen(socket, config, TAG)?;
-            let mut http = rt.http.borrow_mut();
-            http.listeners.insert(key, id);
-            if let Some(server) = http.servers.get_mut(&id) {
-                server.listener = Some(key);
-            }
-            object.set("port", local.port())?;
-            let shown = addr::show(local);
-            object.set("address", format!("{scheme}://{shown}"))?;
-            return Ok(());
+        let config = ListenerConfig {
+            tls,
+            make: Box::new(move |now| Box::new(HttpServerConn::new(limits, now))),
+            max_connections: None,
+            nodelay: true,
+        };
+        let key = rt.driver.borrow_mut().listen(socket, config, TAG)?;
+        let mut http = rt.http.borrow_mut();
+        http.listeners.insert(key, id);
+        if let Some(server) = http.servers.get_mut(&id) {
+            server.listener = Some(key);
         }
-        forget(lua, rt, id)?;
-        Err(misuse(CALL, last))
+        object.set("port", local.port())?;
+        object.set("address", format!("{scheme}://{}", addr::show(local)))
     });
     addr::resolve_then(lua, &rt, &host, true, bind)?;
     Ok(handle)
@@ -253,8 +243,7 @@ fn stop(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
         _ => return Ok(()),
     };
     if let Some(key) = listener {
-        rt.driver.borrow_mut().close(key);
-        rt.http.borrow_mut().listeners.remove(&key);
+        close_listener(rt, key);
     }
     let idle: Vec<Key> =
         rt.http.borrow().conns.iter().filter(|(_, c)| c.server == id && !c.busy).map(|(k, _)| *k).collect();
@@ -288,10 +277,14 @@ fn forget_if_done(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
 fn forget(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
     let Some(server) = rt.http.borrow_mut().servers.remove(&id) else { return Ok(()) };
     if let Some(key) = server.listener {
-        rt.driver.borrow_mut().close(key);
-        rt.http.borrow_mut().listeners.remove(&key);
+        close_listener(rt, key);
     }
     lua.remove_registry_value(server.handler)
+}
+
+fn close_listener(rt: &Runtime, key: Key) {
+    rt.driver.borrow_mut().close(key);
+    rt.http.borrow_mut().listeners.remove(&key);
 }
 
 /// A driver event for one of this module's entries.
@@ -410,8 +403,10 @@ fn answered(lua: &Lua, rt: &Runtime, key: Key, server: u64, result: Result<Value
     if let Some(c) = rt.http.borrow_mut().conns.get_mut(&key) {
         c.busy = false;
     }
-    let policy = rt.http.borrow().servers.get(&server).map(|s| s.policy.clone());
-    let stopped = rt.http.borrow().servers.get(&server).is_none_or(|s| s.stopped);
+    let (policy, stopped) = match rt.http.borrow().servers.get(&server) {
+        Some(s) => (Some(s.policy.clone()), s.stopped),
+        None => (None, true),
+    };
     if stopped {
         if let Some(proto) = rt.driver.borrow_mut().proto::<HttpServerConn>(key) {
             proto.close_after_response();
@@ -422,9 +417,12 @@ fn answered(lua: &Lua, rt: &Runtime, key: Key, server: u64, result: Result<Value
         Err(e) => Some(message(&e)),
     };
     if failure.is_some() {
-        let headers: &[(&[u8], &[u8])] = &[(b"content-type", b"text/plain; charset=utf-8")];
         // Valid by construction: it cannot fail.
-        let _ = send(rt, key, Response { status: 500, headers, body: b"Internal Server Error\n", date: "" });
+        let _ = send(
+            rt,
+            key,
+            Response { status: 500, headers: PLAIN, body: b"Internal Server Error\n", date: "" },
+        );
     }
     if stopped {
         finish(rt, key);
@@ -443,7 +441,6 @@ fn answered(lua: &Lua, rt: &Runtime, key: Key, server: u64, result: Result<Value
 
 /// Sends the handler's answer; a malformed one is an error (the caller sends a 500).
 fn respond(rt: &Runtime, key: Key, value: &Value) -> std::result::Result<(), String> {
-    const PLAIN: &[(&[u8], &[u8])] = &[(b"content-type", b"text/plain; charset=utf-8")];
     let t = match value {
         Value::String(body) => {
             return send(rt, key, Response { status: 200, headers: PLAIN, body: &body.as_bytes(), date: "" })

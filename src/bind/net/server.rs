@@ -103,21 +103,19 @@ pub(super) fn listen(lua: &Lua, (kind, _call, config): (String, Value, Value)) -
     }
     let host = o.string("host")?.unwrap_or_else(|| "*".into());
     let port = o.port("port")?.ok_or_else(|| misuse(call, "'port' is required (0 picks a free port)"))?;
-    let shown = host.clone();
     let continuation: addr::Continuation = Box::new(move |lua, rt, ips| {
         let object: Table = match rt.net.borrow().servers.get(&h) {
             Some(rec) => lua.registry_value(&rec.object)?,
             None => return Ok(()), // closed while resolving
         };
-        let mut last = format!("cannot resolve '{shown}'");
-        for addr in addr::with_port(&ips.map_err(|e| misuse(call, &e))?, port) {
-            match net::tcp_listen(addr, options) {
-                Ok(socket) => return bound(rt, h, &object, socket, make(tls)),
-                Err(e) => last = format!("cannot listen on {}: {e}", addr::show(addr)),
+        let listening = ips.and_then(|ips| addr::tcp_listen_first(&addr::with_port(&ips, port), options));
+        match listening {
+            Ok((socket, _)) => bound(rt, h, &object, socket, make(tls)),
+            Err(e) => {
+                rt.net.borrow_mut().servers.remove(&h);
+                Err(misuse(call, e))
             }
         }
-        rt.net.borrow_mut().servers.remove(&h);
-        Err(misuse(call, last))
     });
     addr::resolve_then(lua, &rt, &host, true, continuation)?;
     Ok(object)

@@ -305,11 +305,7 @@ pub(super) fn client_inbox(lua: &Lua, rt: &Runtime, id: u64, conn: Key) -> Resul
         match received {
             None => {
                 // The inbox was drained: reading held back for it goes on now.
-                let mut driver = rt.driver.borrow_mut();
-                if driver.should_resume_reading(conn) {
-                    rt.service.borrow_mut().push_back(conn);
-                }
-                drop(driver);
+                rt.resume_reading(conn);
                 wake_receivers(rt, id);
                 return Ok(());
             }
@@ -403,14 +399,15 @@ fn take(lua: &Lua, (app, co): (AnyUserData, Thread)) -> Result<MultiValue> {
         c.stream
     };
     if let Some(key) = stream {
-        let mut driver = rt.driver.borrow_mut();
-        let taken = driver.proto::<WsSession>(key).filter(|s| s.has_message()).and_then(|s| s.receive());
+        let taken = rt
+            .driver
+            .borrow_mut()
+            .proto::<WsSession>(key)
+            .filter(|s| s.has_message())
+            .and_then(|s| s.receive());
         if let Some(Received::Message(op, data)) = taken {
-            if driver.should_resume_reading(key) {
-                rt.service.borrow_mut().push_back(key);
-            }
-            let more = driver.proto::<WsSession>(key).is_some_and(|s| s.has_message());
-            drop(driver);
+            rt.resume_reading(key);
+            let more = rt.driver.borrow_mut().proto::<WsSession>(key).is_some_and(|s| s.has_message());
             if more {
                 // Another coroutine may be waiting for the next one.
                 wake_receivers(&rt, id);

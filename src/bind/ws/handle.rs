@@ -102,14 +102,11 @@ impl RawFn for Send {
 /// Pops the next received message (or peeks at the end) of a session; `None` while nothing is
 /// there. A stream gone from the driver ends with 1006.
 fn take_received(rt: &Runtime, key: Key) -> Option<Received> {
-    let mut driver = rt.driver.borrow_mut();
-    let received = match driver.proto::<WsSession>(key) {
+    let received = match rt.driver.borrow_mut().proto::<WsSession>(key) {
         Some(session) => session.receive(),
         None => return Some(released()),
     };
-    if driver.should_resume_reading(key) {
-        rt.service.borrow_mut().push_back(key);
-    }
+    rt.resume_reading(key);
     if let Some(Received::Message(..)) = &received {
         rt.counters.borrow_mut().ws_in += 1;
     }

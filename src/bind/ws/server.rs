@@ -11,7 +11,7 @@ use super::super::error::{bad_arg, lua_type, message, misuse};
 use super::super::options::Options;
 use super::super::{addr, runtime, sched, Runtime};
 use super::{count_end, opcodes, policy, settings, with_stream, Conn, Server, TAG};
-use crate::driver::net::{self, ListenOptions};
+use crate::driver::net::ListenOptions;
 use crate::driver::{Key, ListenerConfig};
 use crate::proto::ws::{Settings, WsConfig, WsSession};
 
@@ -41,31 +41,14 @@ fn bind_listener(
 ) -> std::result::Result<(Key, SocketAddr), String> {
     let handlers: Arc<[String]> = handlers.into();
     let settings = Arc::new(settings);
-    let mut last = String::from("no address to listen on");
-    for addr in addrs {
-        let socket = match net::tcp_listen(*addr, ListenOptions::default()) {
-            Ok(socket) => socket,
-            Err(e) => {
-                last = format!("cannot listen on {}: {e}", addr::show(*addr));
-                continue;
-            }
-        };
-        let local = socket.local_address().ok().and_then(|a| a.ip()).unwrap_or(*addr);
-        let (handlers, settings) = (handlers.clone(), settings.clone());
-        let config = ListenerConfig {
-            tls: tls.clone(),
-            make: Box::new(move |now| Box::new(WsSession::server(handlers.clone(), settings.clone(), now))),
-            max_connections: None,
-            nodelay: true,
-        };
-        return rt
-            .driver
-            .borrow_mut()
-            .listen(socket, config, TAG)
-            .map(|key| (key, local))
-            .map_err(|e| e.to_string());
-    }
-    Err(last)
+    let (socket, local) = addr::tcp_listen_first(addrs, ListenOptions::default())?;
+    let config = ListenerConfig {
+        tls,
+        make: Box::new(move |now| Box::new(WsSession::server(handlers.clone(), settings.clone(), now))),
+        max_connections: None,
+        nodelay: true,
+    };
+    rt.driver.borrow_mut().listen(socket, config, TAG).map(|key| (key, local)).map_err(|e| e.to_string())
 }
 
 /// `luna.new_web_app(config)`.

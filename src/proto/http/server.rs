@@ -157,7 +157,6 @@ pub struct HttpServerConn {
     flow: Flow,
     closed: bool,
     news: bool,
-    error: Option<String>,
     /// The time of the last call from the driver (for work a write makes possible).
     now: Instant,
 }
@@ -183,7 +182,6 @@ impl HttpServerConn {
             flow: Flow::Open,
             closed: false,
             news: false,
-            error: None,
             now,
         }
     }
@@ -203,13 +201,9 @@ impl HttpServerConn {
         self.phase == Phase::Handling && self.ready.is_none()
     }
 
-    /// The transport is gone (closed, or failed with [`error`](Self::error)).
+    /// The transport is gone (closed, or failed).
     pub fn is_closed(&self) -> bool {
         self.closed
-    }
-
-    pub fn error(&self) -> Option<&str> {
-        self.error.as_deref()
     }
 
     /// Answers the request taken with [`take_request`](Self::take_request), then goes on with
@@ -245,19 +239,14 @@ impl HttpServerConn {
         // Writing into a Vec cannot fail.
         let _ = write!(out, "HTTP/1.1 {status} {}\r\n", super::reason(status));
         if date {
-            out.extend_from_slice(b"date: ");
-            out.extend_from_slice(response.date.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            push_field(out, b"date", response.date.as_bytes());
         }
         for (name, value) in response.headers {
-            if name.eq_ignore_ascii_case(b"content-length") || name.eq_ignore_ascii_case(b"transfer-encoding")
+            if !name.eq_ignore_ascii_case(b"content-length")
+                && !name.eq_ignore_ascii_case(b"transfer-encoding")
             {
-                continue;
+                push_field(out, name, value);
             }
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
         }
         if body_allowed {
             let given = response.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(b"content-length"));
@@ -265,9 +254,7 @@ impl HttpServerConn {
                 Some((_, v)) if self.head_request && response.body.is_empty() && is_length(v) => v,
                 _ => &response.body.len().to_string().into_bytes()[..],
             };
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(length);
-            out.extend_from_slice(b"\r\n");
+            push_field(out, b"content-length", length);
         }
         if !self.keep_alive && !said_close {
             out.extend_from_slice(b"connection: close\r\n");
@@ -626,8 +613,7 @@ impl StreamProtocol for HttpServerConn {
         self.advance(now);
     }
 
-    fn handle_error(&mut self, _now: Instant, error: &str) {
-        self.error = Some(error.to_owned());
+    fn handle_error(&mut self, _now: Instant, _error: &str) {
         self.closed = true;
         self.news = true;
         self.phase = Phase::Done;
@@ -735,6 +721,13 @@ fn split_target(target: &str) -> Option<(String, String, Option<String>)> {
 /// Whether comma-separated `value` has `token` (case-insensitive).
 fn has_token(value: &[u8], token: &str) -> bool {
     value.split(|b| *b == b',').any(|t| t.trim_ascii().eq_ignore_ascii_case(token.as_bytes()))
+}
+
+/// Appends the header field `name: value`.
+fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    for part in [name, b": ", value, b"\r\n"] {
+        out.extend_from_slice(part);
+    }
 }
 
 /// Whether `v` is a Content-Length value: 1 to 18 digits.

@@ -10,6 +10,14 @@ fn conn() -> (HttpServerConn, Instant) {
     (HttpServerConn::new(HttpLimits::default(), now), now)
 }
 
+/// A connection that received `bytes`, one request, taken by the layer above.
+fn answering(bytes: &[u8]) -> (HttpServerConn, Instant) {
+    let (mut c, now) = conn();
+    c.handle_bytes(now, bytes);
+    c.take_request().expect("one complete request");
+    (c, now)
+}
+
 /// Everything queued for the peer, as text, taken by it (at `Instant::now()`).
 fn sent(c: &mut HttpServerConn) -> String {
     sent_at(c, Instant::now())
@@ -110,9 +118,7 @@ fn http10_closes_unless_keep_alive_and_head_has_no_body() {
     assert!(sent(&mut c).contains("connection: close"));
     assert_eq!(c.flow(), Flow::Finish);
 
-    let (mut c, now) = conn();
-    c.handle_bytes(now, b"HEAD / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
-    c.take_request().unwrap();
+    let (mut c, now) = answering(b"HEAD / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
     ok(&mut c, now, "12345");
     let out = sent(&mut c);
     assert!(
@@ -265,9 +271,7 @@ fn half_closed_client_still_gets_its_answer() {
 
 #[test]
 fn bad_responses_are_refused_and_the_request_can_still_be_answered() {
-    let (mut c, now) = conn();
-    c.handle_bytes(now, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
-    c.take_request().unwrap();
+    let (mut c, now) = answering(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
     let bad: [&[(&[u8], &[u8])]; 3] =
         [&[(b"x-a", b"1\r\nInjected: yes")], &[(b"bad name", b"1")], &[(b"", b"1")]];
     for headers in bad {
@@ -360,9 +364,7 @@ fn absolute_form_keeps_the_path_as_sent_and_its_authority_is_the_host() {
 #[test]
 fn a_blank_line_after_a_body_is_not_a_slow_head() {
     let limits = HttpLimits::default();
-    let (mut c, now) = conn();
-    c.handle_bytes(now, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nx\r\n");
-    c.take_request().unwrap();
+    let (mut c, now) = answering(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 1\r\n\r\nx\r\n");
     ok(&mut c, now, "");
     sent_at(&mut c, now);
     assert_eq!(c.poll_timeout(), Some(now + limits.idle_timeout), "idle, not a head in progress");
@@ -373,9 +375,7 @@ fn a_blank_line_after_a_body_is_not_a_slow_head() {
 #[test]
 fn a_reader_that_stops_is_cut_off_and_idle_time_starts_when_the_answer_is_out() {
     let limits = HttpLimits::default();
-    let (mut c, now) = conn();
-    c.handle_bytes(now, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
-    c.take_request().unwrap();
+    let (mut c, now) = answering(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
     ok(&mut c, now, &"x".repeat(100_000));
     assert_eq!(c.poll_timeout(), Some(now + limits.send_timeout), "the reader is timed while we send");
     // Progress moves it; a slow reader of a long answer keeps the connection.
@@ -385,9 +385,7 @@ fn a_reader_that_stops_is_cut_off_and_idle_time_starts_when_the_answer_is_out() 
     c.handle_timeout(later + limits.send_timeout);
     assert_eq!(c.flow(), Flow::Abort, "no progress for send_timeout: cut");
     // Once all is out, the keep-alive idle time counts from then.
-    let (mut c, now) = conn();
-    c.handle_bytes(now, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
-    c.take_request().unwrap();
+    let (mut c, now) = answering(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
     ok(&mut c, now, "x");
     let out_at = now + Duration::from_secs(50);
     sent_at(&mut c, out_at);
@@ -396,18 +394,14 @@ fn a_reader_that_stops_is_cut_off_and_idle_time_starts_when_the_answer_is_out() 
 
 #[test]
 fn http10_keep_alive_is_announced() {
-    let (mut c, now) = conn();
-    c.handle_bytes(now, b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
-    c.take_request().unwrap();
+    let (mut c, now) = answering(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
     ok(&mut c, now, "x");
     assert!(sent(&mut c).contains("connection: keep-alive\r\n"));
 }
 
 #[test]
 fn head_may_say_the_length_a_get_would_get() {
-    let (mut c, now) = conn();
-    c.handle_bytes(now, b"HEAD /big HTTP/1.1\r\nHost: h\r\n\r\n");
-    c.take_request().unwrap();
+    let (mut c, now) = answering(b"HEAD /big HTTP/1.1\r\nHost: h\r\n\r\n");
     let headers: &[(&[u8], &[u8])] = &[(b"Content-Length", b"1048576")];
     c.respond(now, Response { status: 200, headers, body: b"", date: DATE }).unwrap();
     let out = sent(&mut c);
@@ -421,9 +415,7 @@ fn head_may_say_the_length_a_get_would_get() {
 
 #[test]
 fn an_end_of_stream_behind_a_large_answer_closes_once_it_is_out() {
-    let (mut c, now) = conn();
-    c.handle_bytes(now, b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
-    c.take_request().unwrap();
+    let (mut c, now) = answering(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
     ok(&mut c, now, &"e".repeat((1 << 20) + 600));
     assert!(!c.wants_input(), "reading pauses behind the answer");
     c.handle_eof(now);
