@@ -137,8 +137,9 @@ internal.ws_client_wait = client_wait("app:wait_connected()", core.ws_client_wai
 -- Runs an HTTP handler (luna.serve) on a request whose fields Rust hands over as arguments:
 -- one resume builds the table here, instead of a C API call per field. `...` is the header
 -- names and values (repeated names in order, at most the header limit); `query` is the decoded
--- query (nil for none: a query may hold thousands of pairs, too many for arguments).
-function internal.http_request(handler, body, query, method, path, target, raw_query, ...)
+-- query (nil for none: a query may hold thousands of pairs, too many for arguments);
+-- `connection` numbers the connection, `peer` is the client's "ip:port".
+function internal.http_request(handler, body, query, connection, peer, method, path, target, raw_query, ...)
   local fields, headers = { ... }, {}
   for i = 1, #fields, 2 do
     local name, value = fields[i], fields[i + 1]
@@ -149,7 +150,7 @@ function internal.http_request(handler, body, query, method, path, target, raw_q
     headers[name] = value
   end
   return handler({ method = method, path = path, target = target, raw_query = raw_query,
-    body = body, headers = headers, query = query or {} })
+    body = body, headers = headers, query = query or {}, connection = connection, peer_address = peer })
 end
 
 return api, internal

@@ -56,6 +56,11 @@ fn rpc_suite() {
 }
 
 #[test]
+fn http_app_suite() {
+    run_suite("http_app_suite");
+}
+
+#[test]
 fn reentry_suite() {
     run_suite("reentry_suite");
 }

@@ -14,6 +14,7 @@ mod addr;
 mod budget;
 mod error;
 mod http;
+mod json;
 mod msgpack;
 mod net;
 mod options;
@@ -415,6 +416,7 @@ fn fill_common(lua: &Lua, module: &Table, name: &'static str) -> Result<()> {
     module.set("close", lua.create_function(move |lua, ()| close_side(lua, side))?)?;
     ws::register(lua, module, side)?;
     rpc::register(lua, module, side)?;
+    json::register(lua, module)?;
     if side == Side::Server {
         http::register(lua, module)?;
     }

@@ -39,6 +39,19 @@ impl Options {
         Ok(Options { call, table })
     }
 
+    /// As [`new`](Self::new), with `nil` taken as an empty table (options that may be left out).
+    pub fn optional(
+        lua: &mlua::Lua,
+        call: &'static str,
+        value: Value,
+        known: &[&str],
+    ) -> mlua::Result<Options> {
+        match value {
+            Value::Nil => Options::new(call, Value::Table(lua.create_table()?), known),
+            other => Options::new(call, other, known),
+        }
+    }
+
     fn get(&self, key: &str) -> mlua::Result<Value> {
         self.table.raw_get(key)
     }

@@ -1,4 +1,4 @@
-"""Our HTTP server (luna.serve under luna-host) against independent clients: curl (keep-alive,
+"""Our HTTP server (luna.serve and an HTTP app under luna-host) against independent clients: curl (keep-alive,
 chunked upload, Expect: 100-continue, HEAD, https with the test CA), Python's http.client, raw
 sockets (pipelining, slowloris, garbage, a client that never reads) and 200 concurrent
 connections. Prints one line per check and "N passed, M failed"."""
@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import http.client
+import json
 
 from peer_common import DATA, HOST_BIN, PEERS, check, free_port, summary
 
@@ -177,23 +178,85 @@ def hostile_checks(port, server):
     check("the server survived everything", server.poll() is None)
 
 
+def static_tree(base):
+    """A static root with index.html and a 64 MiB file, and a secret beside it."""
+    root = os.path.join(base, "root")
+    os.makedirs(root)
+    with open(os.path.join(base, "secret.txt"), "w") as f:
+        f.write("SECRET")
+    with open(os.path.join(root, "index.html"), "w") as f:
+        f.write("<p>home</p>")
+    big = os.path.join(root, "big.bin")
+    with open(big, "wb") as f:
+        for _ in range(64):
+            f.write(os.urandom(1 << 20))
+    return root, big
+
+
+def app_checks(port, server, big):
+    base = f"http://127.0.0.1:{port}"
+    with open(big, "rb") as f:
+        want = hashlib.sha256(f.read()).hexdigest()
+    before = rss_kb(server.pid)
+    with tempfile.NamedTemporaryFile() as out:
+        rc, _, err = curl("--max-time", "60", "-o", out.name, f"{base}/big.bin")
+        got = hashlib.sha256(open(out.name, "rb").read()).hexdigest()
+    grown = rss_kb(server.pid) - before
+    check("curl: a 64 MiB static file arrives whole", rc == 0 and got == want, (rc, err[-200:]))
+    check("serving it grew the server by under 16 MiB", grown < 16 << 10, f"{grown} KiB")
+    rc, out, _ = curl("-r", "1000-1009", f"{base}/big.bin")
+    with open(big, "rb") as f:
+        f.seek(1000)
+        check("curl: a range", rc == 0 and out == f.read(10), out)
+    rc, out, err = curl("-v", f"{base}/")
+    etag = next((line.split(":", 1)[1].strip() for line in err.splitlines() if line.lower().startswith("< etag:")), "")
+    check("curl: / is index.html, with an ETag", rc == 0 and out == b"<p>home</p>" and etag, err[-300:])
+    rc, out, err = curl("-v", "-H", f"If-None-Match: {etag}", f"{base}/")
+    check("curl: If-None-Match gives 304", rc == 0 and "< HTTP/1.1 304" in err and out == b"", err[-300:])
+    for attack in ["/../secret.txt", "/%2e%2e/secret.txt", "/..%2fsecret.txt", "/..././secret.txt"]:
+        rc, out, _ = curl("--path-as-is", f"{base}{attack}")
+        check(f"curl --path-as-is {attack}: refused", b"SECRET" not in out, out[:80])
+    rc, out, _ = curl(f"{base}/api/items/a%20b")
+    check("curl: a route parameter in a group, as JSON", rc == 0 and out == b'{"id":"a b"}', out)
+    rc, out, _ = curl("-d", "name=ada&lang=lua", f"{base}/form")
+    got = json.loads(out) if rc == 0 else None
+    check("curl: a urlencoded form through body_parser", got == {"name": "ada", "lang": "lua"}, out)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    conn.request("DELETE", "/api/items/1")
+    r = conn.getresponse()
+    r.read()
+    check("http.client: 405 with Allow", r.status == 405 and r.getheader("Allow") == "GET, HEAD, OPTIONS",
+          (r.status, r.getheader("Allow")))
+    conn.request("HEAD", "/big.bin")
+    r = conn.getresponse()
+    r.read()
+    check("http.client: HEAD of the big file on the same connection",
+          r.status == 200 and r.getheader("Content-Length") == str(64 << 20), r.getheader("Content-Length"))
+    conn.close()
+
+
 def main():
-    port, tls_port = free_port(), free_port()
-    server = subprocess.Popen([HOST_BIN, os.path.join(PEERS, "http_server.lua"), str(port), str(tls_port), DATA],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        ready = server.stdout.readline().strip() == "ready"
-        check("the server starts", ready)
-        if ready:
-            curl_checks(port, tls_port)
-            python_checks(port)
-            hostile_checks(port, server)
-    finally:
-        server.terminate()
+    port, tls_port, app_port = free_port(), free_port(), free_port()
+    with tempfile.TemporaryDirectory() as base:
+        root, big = static_tree(base)
+        server = subprocess.Popen([HOST_BIN, os.path.join(PEERS, "http_server.lua"), str(port), str(tls_port), DATA,
+                                   str(app_port), root],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            server.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            server.kill()
+            # The app prints where it listens first.
+            ready = "ready" in (server.stdout.readline().strip(), server.stdout.readline().strip())
+            check("the server starts", ready)
+            if ready:
+                curl_checks(port, tls_port)
+                python_checks(port)
+                app_checks(app_port, server, big)
+                hostile_checks(port, server)
+        finally:
+            server.terminate()
+            try:
+                server.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                server.kill()
     sys.exit(summary())
 
 

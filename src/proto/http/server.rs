@@ -123,6 +123,19 @@ enum Chunk {
     Trailers,
 }
 
+/// How the rest of a streamed answer's body is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Outgoing {
+    /// This many bytes still to come (the head said `Content-Length`).
+    Length(u64),
+    Chunked,
+    /// Until the connection closes (HTTP/1.0 without a length).
+    UntilClose,
+}
+
+/// A streamed body gets more while less than this waits to be sent.
+const STREAM_QUEUE: usize = 256 << 10;
+
 /// Header fields parsed without a heap allocation.
 const STACK_HEADERS: usize = 100;
 
@@ -159,6 +172,10 @@ pub struct HttpServerConn {
     news: bool,
     /// The time of the last call from the driver (for work a write makes possible).
     now: Instant,
+    /// Why the connection ends, once it does (see [`close_reason`](Self::close_reason)).
+    why: Option<&'static str>,
+    /// The framing of a streamed answer's body still to come.
+    streaming: Option<Outgoing>,
 }
 
 impl HttpServerConn {
@@ -183,6 +200,8 @@ impl HttpServerConn {
             closed: false,
             news: false,
             now,
+            why: None,
+            streaming: None,
         }
     }
 
@@ -198,7 +217,7 @@ impl HttpServerConn {
 
     /// Whether a request was taken and not answered yet.
     pub fn awaits_response(&self) -> bool {
-        self.phase == Phase::Handling && self.ready.is_none()
+        self.phase == Phase::Handling && self.ready.is_none() && self.streaming.is_none()
     }
 
     /// The transport is gone (closed, or failed).
@@ -210,6 +229,102 @@ impl HttpServerConn {
     /// the next one (perhaps already buffered). An invalid header field or status is an error
     /// and nothing is sent (answer again, e.g. with a 500).
     pub fn respond(&mut self, now: Instant, response: Response) -> Result<(), String> {
+        let given = response.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(b"content-length"));
+        let length = match given {
+            // The size a GET would get, for a HEAD answered without the body.
+            Some((_, v)) if self.head_request && response.body.is_empty() && is_length(v) => {
+                std::str::from_utf8(v).ok().and_then(|v| v.parse().ok())
+            }
+            _ => None,
+        };
+        if self.head(&response, Some(length.unwrap_or(response.body.len() as u64)))? {
+            self.out.extend_from_slice(response.body);
+        }
+        self.response_sent(now);
+        Ok(())
+    }
+
+    /// Answers with a head now and a body that follows in [`send_body`](Self::send_body) calls
+    /// (`response.body` is not used): `length` bytes of it, or without a length chunked (on
+    /// HTTP/1.0: until the connection closes), ended by [`end_body`](Self::end_body). Errors as
+    /// [`respond`](Self::respond).
+    pub fn respond_streamed(
+        &mut self,
+        now: Instant,
+        response: Response,
+        length: Option<u64>,
+    ) -> Result<(), String> {
+        let body = self.head(&response, length)?;
+        self.news = true;
+        self.sent = now;
+        self.streaming = match (body, length) {
+            (false, _) | (true, Some(0)) => None,
+            (true, Some(n)) => Some(Outgoing::Length(n)),
+            (true, None) if self.minor_version == 1 => Some(Outgoing::Chunked),
+            (true, None) => Some(Outgoing::UntilClose),
+        };
+        if self.streaming.is_none() {
+            self.response_sent(now);
+        }
+        Ok(())
+    }
+
+    /// More of a streamed body. Bytes past its length are dropped; once all of it came the
+    /// answer is complete.
+    pub fn send_body(&mut self, now: Instant, data: &[u8]) {
+        match self.streaming {
+            Some(Outgoing::Length(left)) => {
+                let n = data.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                self.out.extend_from_slice(&data[..n]);
+                let left = left - n as u64;
+                self.streaming = Some(Outgoing::Length(left));
+                if left == 0 {
+                    self.streaming = None;
+                    self.response_sent(now);
+                }
+            }
+            Some(Outgoing::Chunked) if !data.is_empty() => {
+                let _ = write!(self.out, "{:x}\r\n", data.len());
+                self.out.extend_from_slice(data);
+                self.out.extend_from_slice(b"\r\n");
+            }
+            Some(Outgoing::UntilClose) => self.out.extend_from_slice(data),
+            _ => {}
+        }
+    }
+
+    /// Ends a streamed body. One shorter than the length its head announced cannot be ended
+    /// well: the connection is cut, so the client sees a truncated answer, not a wrong one.
+    pub fn end_body(&mut self, now: Instant) {
+        match self.streaming.take() {
+            Some(Outgoing::Chunked) => {
+                self.out.extend_from_slice(b"0\r\n\r\n");
+                self.response_sent(now);
+            }
+            Some(Outgoing::UntilClose) => self.response_sent(now),
+            Some(Outgoing::Length(_)) => {
+                self.why.get_or_insert("socket_error");
+                self.phase = Phase::Done;
+                self.flow = Flow::Abort;
+            }
+            None => {}
+        }
+    }
+
+    /// Whether a streamed body is being sent.
+    pub fn is_streaming(&self) -> bool {
+        self.streaming.is_some()
+    }
+
+    /// Whether a streamed body should get more now: little of it waits to be sent.
+    pub fn wants_body(&self) -> bool {
+        self.streaming.is_some() && self.flow == Flow::Open && self.out.len() - self.out_pos < STREAM_QUEUE
+    }
+
+    /// Writes the head of the answer to the request taken, for a body of `length` bytes
+    /// (`None`: chunked, or on HTTP/1.0 until the connection closes); returns whether a body
+    /// follows (not for HEAD, 204, 304).
+    fn head(&mut self, response: &Response, length: Option<u64>) -> Result<bool, String> {
         if !self.awaits_response() {
             return Err("no request is waiting for a response".into());
         }
@@ -232,9 +347,10 @@ impl HttpServerConn {
             said_close |= connection && has_token(value, "close");
             date &= !name.eq_ignore_ascii_case(b"date");
         }
-        self.keep_alive &= !said_close;
         let status = response.status;
         let body_allowed = status != 204 && status != 304;
+        let until_close = body_allowed && length.is_none() && self.minor_version == 0;
+        self.keep_alive &= !said_close && !until_close;
         let out = &mut self.out;
         // Writing into a Vec cannot fail.
         let _ = write!(out, "HTTP/1.1 {status} {}\r\n", super::reason(status));
@@ -248,13 +364,11 @@ impl HttpServerConn {
                 push_field(out, name, value);
             }
         }
-        if body_allowed {
-            let given = response.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(b"content-length"));
-            let length = match given {
-                Some((_, v)) if self.head_request && response.body.is_empty() && is_length(v) => v,
-                _ => &response.body.len().to_string().into_bytes()[..],
-            };
-            push_field(out, b"content-length", length);
+        match length {
+            _ if !body_allowed => {}
+            Some(n) => push_field(out, b"content-length", n.to_string().as_bytes()),
+            None if self.minor_version == 1 => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            None => {}
         }
         if !self.keep_alive && !said_close {
             out.extend_from_slice(b"connection: close\r\n");
@@ -262,9 +376,11 @@ impl HttpServerConn {
             out.extend_from_slice(b"connection: keep-alive\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        if body_allowed && !self.head_request {
-            out.extend_from_slice(response.body);
-        }
+        Ok(body_allowed && !self.head_request)
+    }
+
+    /// The answer is complete: the next request may come (or the connection closes).
+    fn response_sent(&mut self, now: Instant) {
         self.news = true;
         self.sent = now;
         if self.keep_alive {
@@ -273,18 +389,33 @@ impl HttpServerConn {
             self.since = now;
             self.advance(now);
         } else {
-            self.finish();
+            self.end("response_sent");
         }
-        Ok(())
     }
 
     /// The next response says `Connection: close` and the connection closes after it.
     pub fn close_after_response(&mut self) {
+        self.why.get_or_insert("server_stopped");
         self.keep_alive = false;
     }
 
-    /// Stops reading and closes once the queued bytes are out.
+    /// Stops reading and closes once the queued bytes are out (the server stops).
     pub fn finish(&mut self) {
+        self.end("server_stopped");
+    }
+
+    /// Why the connection ends or ended: `client_closed` (the peer closed, or went away),
+    /// `response_sent` (an answer said `Connection: close`), `timeout` (idle, slow head or body,
+    /// a reader that stalled), `parse_error` (a request we refused), `socket_error`,
+    /// `server_stopped`.
+    pub fn close_reason(&self) -> &'static str {
+        self.why.unwrap_or("client_closed")
+    }
+
+    /// Stops reading and closes once the queued bytes are out, for reason `why` (the first one
+    /// given counts).
+    fn end(&mut self, why: &'static str) {
+        self.why.get_or_insert(why);
         self.phase = Phase::Done;
         self.ready = None;
         if self.flow == Flow::Open {
@@ -318,7 +449,7 @@ impl HttpServerConn {
                     self.consume(blank);
                     if self.pending().is_empty() {
                         if self.eof {
-                            self.finish();
+                            self.end("client_closed");
                         }
                         return;
                     }
@@ -328,14 +459,14 @@ impl HttpServerConn {
                     }
                     match self.parse_head() {
                         Ok(Some(())) => {}
-                        Ok(None) if self.eof => return self.finish(),
+                        Ok(None) if self.eof => return self.end("client_closed"),
                         Ok(None) => return,
                         Err(status) => return self.reject(status),
                     }
                 }
                 Phase::Body(framing) => match self.read_body(framing, now) {
                     Ok(true) => self.complete(),
-                    Ok(false) if self.eof => return self.finish(),
+                    Ok(false) if self.eof => return self.end("client_closed"),
                     Ok(false) => return,
                     Err(status) => return self.reject(status),
                 },
@@ -574,7 +705,7 @@ impl HttpServerConn {
         self.input = Vec::new();
         self.start = 0;
         self.news = true;
-        self.finish();
+        self.end(if status == 408 { "timeout" } else { "parse_error" });
     }
 
     /// Whether some of our output waits for the peer to take it.
@@ -589,6 +720,9 @@ impl HttpServerConn {
             Phase::Head if self.head_started => Some(self.since + self.limits.head_timeout),
             Phase::Head => Some(self.since + self.limits.idle_timeout),
             Phase::Body(_) => Some(self.since + self.limits.body_timeout),
+            Phase::Handling if self.streaming.is_some() && self.sending() => {
+                Some(self.sent + self.limits.send_timeout)
+            }
             Phase::Handling | Phase::Done => None,
         }
     }
@@ -614,6 +748,7 @@ impl StreamProtocol for HttpServerConn {
     }
 
     fn handle_error(&mut self, _now: Instant, _error: &str) {
+        self.why.get_or_insert("socket_error");
         self.closed = true;
         self.news = true;
         self.phase = Phase::Done;
@@ -629,11 +764,12 @@ impl StreamProtocol for HttpServerConn {
             return;
         }
         match self.phase {
-            Phase::Head if self.sending() => {
+            Phase::Head | Phase::Handling if self.sending() => {
+                self.why.get_or_insert("timeout");
                 self.phase = Phase::Done;
                 self.flow = Flow::Abort;
             }
-            Phase::Head if !self.head_started => self.finish(),
+            Phase::Head if !self.head_started => self.end("timeout"),
             Phase::Head | Phase::Body(_) => self.reject(408),
             Phase::Handling | Phase::Done => {}
         }

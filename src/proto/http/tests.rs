@@ -428,3 +428,91 @@ fn an_end_of_stream_behind_a_large_answer_closes_once_it_is_out() {
     c.consume_outgoing(now + Duration::from_secs(30), 0);
     assert_eq!(c.poll_timeout(), Some(now + HttpLimits::default().idle_timeout));
 }
+
+fn streamed(c: &mut HttpServerConn, now: Instant, length: Option<u64>) {
+    c.respond_streamed(now, Response { status: 200, headers: &[], body: b"ignored", date: DATE }, length)
+        .unwrap();
+}
+
+#[test]
+fn streamed_body_with_a_length_then_the_next_request() {
+    let (mut c, now) = answering(b"GET /f HTTP/1.1\r\nHost: h\r\n\r\nGET /next HTTP/1.1\r\nHost: h\r\n\r\n");
+    streamed(&mut c, now, Some(10));
+    assert!(c.is_streaming() && c.wants_body() && !c.awaits_response());
+    assert!(!c.has_request(), "the next request waits behind the streamed body");
+    c.send_body(now, b"01234");
+    c.send_body(now, b"56789 and more than announced");
+    assert!(!c.is_streaming());
+    assert_eq!(
+        sent(&mut c),
+        format!("HTTP/1.1 200 OK\r\ndate: {DATE}\r\ncontent-length: 10\r\n\r\n0123456789")
+    );
+    assert_eq!(c.take_request().map(|r| r.path), Some("/next".into()), "then the next request");
+}
+
+#[test]
+fn streamed_body_without_a_length_is_chunked_or_close_delimited() {
+    let (mut c, now) = answering(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    streamed(&mut c, now, None);
+    c.send_body(now, b"hello");
+    c.send_body(now, b"");
+    c.end_body(now);
+    let out = sent(&mut c);
+    assert!(out.contains("transfer-encoding: chunked\r\n"), "{out}");
+    assert!(out.ends_with("\r\n\r\n5\r\nhello\r\n0\r\n\r\n"), "{out}");
+    assert_eq!(c.flow(), Flow::Open, "kept alive");
+
+    let (mut old, now) = answering(b"GET / HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+    streamed(&mut old, now, None);
+    old.send_body(now, b"raw");
+    old.end_body(now);
+    let out = sent(&mut old);
+    assert!(out.contains("connection: close\r\n") && out.ends_with("\r\n\r\nraw"), "{out}");
+    assert_eq!((old.flow(), old.close_reason()), (Flow::Finish, "response_sent"));
+}
+
+#[test]
+fn streamed_body_ended_short_cuts_the_connection_and_head_sends_none() {
+    let (mut c, now) = answering(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    streamed(&mut c, now, Some(100));
+    c.send_body(now, b"partial");
+    c.end_body(now);
+    assert_eq!(c.flow(), Flow::Abort, "a body shorter than announced is never passed off as whole");
+
+    let (mut h, now) = answering(b"HEAD / HTTP/1.1\r\nHost: h\r\n\r\n");
+    streamed(&mut h, now, Some(100));
+    assert!(!h.is_streaming(), "HEAD: the head is the whole answer");
+    assert!(sent(&mut h).ends_with("content-length: 100\r\n\r\n"));
+}
+
+#[test]
+fn a_reader_that_stalls_a_streamed_body_is_cut_off() {
+    let (mut c, now) = answering(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
+    streamed(&mut c, now, Some(1 << 20));
+    c.send_body(now, &[0; 300 << 10]);
+    assert!(!c.wants_body(), "enough is queued");
+    let late = now + HttpLimits::default().send_timeout + Duration::from_secs(1);
+    assert_eq!(c.poll_timeout(), Some(now + HttpLimits::default().send_timeout));
+    c.handle_timeout(late);
+    assert_eq!((c.flow(), c.close_reason()), (Flow::Abort, "timeout"));
+}
+
+#[test]
+fn close_reasons() {
+    let (mut c, now) = conn();
+    c.handle_eof(now);
+    assert_eq!(c.close_reason(), "client_closed");
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"BAD\r\n\r\n");
+    assert_eq!(c.close_reason(), "parse_error");
+    let (mut c, now) = conn();
+    c.handle_timeout(now + HttpLimits::default().idle_timeout);
+    assert_eq!(c.close_reason(), "timeout");
+    let (mut c, now) = answering(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n");
+    ok(&mut c, now, "bye");
+    assert_eq!(c.close_reason(), "response_sent");
+    let (mut c, now) = conn();
+    c.finish();
+    c.handle_error(now, "reset");
+    assert_eq!(c.close_reason(), "server_stopped", "the first reason counts");
+}

@@ -11,6 +11,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use mlua::{Function, Lua, RegistryKey, Result, Table, Value};
 use rustc_hash::FxHashMap;
 
+mod app;
+
 use super::error::{lua_type, message, misuse};
 use super::options::Options;
 use super::policy::Policy;
@@ -43,17 +45,41 @@ const CONFIG_KEYS: &[&str] = &[
     "send_timeout",
     "error_handler",
     "no_errors",
+    "on_open",
+    "on_close",
 ];
 
 struct Server {
     handler: RegistryKey,
-    policy: Rc<Policy>,
+    shared: Rc<Shared>,
     listener: Option<Key>,
     stopped: bool,
 }
 
+/// What a server's connections share with it, kept by each so a connection that outlives its
+/// stopped server still reports its end.
+struct Shared {
+    policy: Policy,
+    /// `on_open(connection, peer_address)` and `on_close(connection, reason)`.
+    on_open: Option<RegistryKey>,
+    on_close: Option<RegistryKey>,
+}
+
+/// What is left of a file being sent as an answer's body.
+struct FileBody {
+    file: std::fs::File,
+    left: u64,
+}
+
 struct Conn {
     server: u64,
+    shared: Rc<Shared>,
+    /// The number `on_open`, `on_close` and requests name the connection by.
+    id: u64,
+    /// The peer's `"ip:port"`.
+    address: String,
+    /// The file an answer's body is being read from.
+    file: Option<Box<FileBody>>,
     /// A request's handler is running.
     busy: bool,
     /// [`news`] is starting this connection's requests.
@@ -66,10 +92,13 @@ pub(crate) struct HttpState {
     listeners: FxHashMap<Key, u64>,
     conns: FxHashMap<Key, Conn>,
     next_id: u64,
+    next_conn: u64,
     /// The `Date` value and the second it is for.
     date: (u64, String),
     /// `lua/luna.lua`'s `http_request`.
     runner: Option<RegistryKey>,
+    /// File bytes sent in the tick of that instant (see [`pump`]).
+    pumped: Option<(std::time::Instant, usize)>,
 }
 
 impl HttpState {
@@ -149,13 +178,15 @@ fn serve(lua: &Lua, (first, second): (Value, Value)) -> Result<Table> {
         None => None,
     };
     let limits = limits(&opts)?;
-    let policy = Rc::new(Policy {
+    let policy = Policy {
         label: format!("HTTP server on port {port}"),
         // As in Lune: a failing handler is a 500 and a printed error, not a stopped server.
         no_errors: opts.boolean("no_errors")?.unwrap_or(true),
         handler: opts.function("error_handler")?.map(|f| lua.create_registry_value(f)).transpose()?,
         debug: false,
-    });
+    };
+    let hook = |name| opts.function(name).and_then(|f| f.map(|f| lua.create_registry_value(f)).transpose());
+    let shared = Rc::new(Shared { policy, on_open: hook("on_open")?, on_close: hook("on_close")? });
 
     let rt = runtime(lua)?;
     let id = {
@@ -165,7 +196,7 @@ fn serve(lua: &Lua, (first, second): (Value, Value)) -> Result<Table> {
     };
     rt.http.borrow_mut().servers.insert(
         id,
-        Server { handler: lua.create_registry_value(handler)?, policy, listener: None, stopped: false },
+        Server { handler: lua.create_registry_value(handler)?, shared, listener: None, stopped: false },
     );
     let handle = lua.create_table()?;
     handle.set("port", port)?;
@@ -245,8 +276,14 @@ fn stop(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
     if let Some(key) = listener {
         close_listener(rt, key);
     }
-    let idle: Vec<Key> =
-        rt.http.borrow().conns.iter().filter(|(_, c)| c.server == id && !c.busy).map(|(k, _)| *k).collect();
+    let idle: Vec<Key> = rt
+        .http
+        .borrow()
+        .conns
+        .iter()
+        .filter(|(_, c)| c.server == id && !c.busy && c.file.is_none())
+        .map(|(k, _)| *k)
+        .collect();
     for key in idle {
         finish(rt, key);
     }
@@ -292,19 +329,59 @@ pub(crate) fn event(lua: &Lua, rt: &Runtime, event: Event) -> Result<()> {
     match event.kind {
         EventKind::Accepted { listener } => accepted(lua, rt, event.key, listener),
         EventKind::News => news(lua, rt, event.key),
-        EventKind::Drained | EventKind::Wake => Ok(()),
+        EventKind::Drained | EventKind::Wake => {
+            pump(rt, event.key);
+            Ok(())
+        }
     }
 }
 
 fn accepted(lua: &Lua, rt: &Runtime, key: Key, listener: Key) -> Result<()> {
-    let server = rt.http.borrow().listeners.get(&listener).copied();
-    let Some(server) = server else {
+    let found = {
+        let http = rt.http.borrow();
+        http.listeners.get(&listener).and_then(|id| Some((*id, http.servers.get(id)?.shared.clone())))
+    };
+    let Some((server, shared)) = found else {
         rt.driver.borrow_mut().close(key);
         return Ok(());
     };
-    rt.driver.borrow_mut().adopt(key);
-    rt.http.borrow_mut().conns.insert(key, Conn { server, busy: false, starting: false });
+    let address = {
+        let mut driver = rt.driver.borrow_mut();
+        driver.adopt(key);
+        driver.stream(key).map(|s| s.peer.to_string()).unwrap_or_default()
+    };
+    let id = {
+        let mut http = rt.http.borrow_mut();
+        http.next_conn += 1;
+        let id = http.next_conn;
+        let conn = Conn {
+            server,
+            shared: shared.clone(),
+            id,
+            address: address.clone(),
+            file: None,
+            busy: false,
+            starting: false,
+        };
+        http.conns.insert(key, conn);
+        id
+    };
+    call_hook(lua, &shared, shared.on_open.as_ref(), (id, address))?;
     news(lua, rt, key)
+}
+
+/// Calls a connection hook; its errors go to the server's error policy.
+fn call_hook(
+    lua: &Lua,
+    shared: &Shared,
+    hook: Option<&RegistryKey>,
+    args: impl mlua::IntoLuaMulti,
+) -> Result<()> {
+    let Some(hook) = hook else { return Ok(()) };
+    match lua.registry_value::<Function>(hook)?.call::<()>(args) {
+        Ok(()) => Ok(()),
+        Err(e) => shared.policy.report(lua, &message(&e)),
+    }
 }
 
 /// A connection has news: a complete request, or its end. Requests a connection holds are
@@ -329,14 +406,17 @@ fn start_requests(lua: &Lua, rt: &Runtime, key: Key, server: u64) -> Result<()> 
     loop {
         let Some(busy) = rt.http.borrow().conns.get(&key).map(|c| c.busy) else { return Ok(()) };
         let (ready, closed) = match rt.driver.borrow_mut().proto::<HttpServerConn>(key) {
-            Some(proto) => (!busy && proto.has_request(), proto.is_closed()),
-            None => (false, true),
+            Some(proto) => (!busy && proto.has_request(), proto.is_closed().then(|| proto.close_reason())),
+            None => (false, Some("client_closed")),
         };
-        if closed {
+        if let Some(reason) = closed {
             // A running handler finds the connection gone and drops its answer.
-            rt.http.borrow_mut().conns.remove(&key);
+            let conn = rt.http.borrow_mut().conns.remove(&key);
             rt.driver.borrow_mut().close(key);
-            return Ok(());
+            return match conn {
+                Some(c) => call_hook(lua, &c.shared, c.shared.on_close.as_ref(), (c.id, reason)),
+                None => Ok(()),
+            };
         }
         if !ready {
             return Ok(());
@@ -353,7 +433,7 @@ fn start_requests(lua: &Lua, rt: &Runtime, key: Key, server: u64) -> Result<()> 
         }
         let hook: sched::Hook = Box::new(move |lua, rt, result| answered(lua, rt, key, server, result));
         let started = match sched::create_owned(lua, rt, runner, hook) {
-            Ok(thread) => start(lua, rt, &thread, handler, &request),
+            Ok(thread) => start(lua, rt, key, &thread, handler, &request),
             Err(e) => Err(e),
         };
         if let Err(e) = started {
@@ -377,25 +457,44 @@ fn runner(lua: &Lua, rt: &Runtime) -> Result<Function> {
 }
 
 /// Starts `thread` (running `http_request`) on the handler and the request's fields, for a
-/// table `{method, path, query, headers, body, target, raw_query}` (Lune's, plus the target as
-/// sent and the query undecoded). Strings go straight onto the Lua stack; the query, whose
-/// pairs are not bounded by the header limit, comes as a table.
-fn start(lua: &Lua, rt: &Runtime, thread: &mlua::Thread, handler: Function, request: &Request) -> Result<()> {
-    let mut query = None;
-    for (k, v) in form_urlencoded::parse(request.query.as_bytes()) {
-        let t = match &query {
-            Some(t) => t,
-            None => query.insert(lua.create_table()?),
-        };
-        t.raw_set(k.as_ref(), v.as_ref())?;
-    }
+/// table `{method, path, query, headers, body, target, raw_query, connection, peer_address}`
+/// (Lune's, plus the target as sent, the query undecoded and who sent it). Strings go straight
+/// onto the Lua stack; the query, whose pairs are not bounded by the header limit, comes as a
+/// table.
+fn start(
+    lua: &Lua,
+    rt: &Runtime,
+    key: Key,
+    thread: &mlua::Thread,
+    handler: Function,
+    request: &Request,
+) -> Result<()> {
+    let query = form_table(lua, request.query.as_bytes())?;
     let mut fields: Vec<&str> = Vec::with_capacity(4 + 2 * request.headers.len());
     fields.extend([request.method.as_str(), &request.path, &request.target, &request.query]);
     for (name, value) in &request.headers {
         fields.extend([name.as_str(), value.as_str()]);
     }
     let body = lua.create_string(&request.body)?;
-    sched::resume(lua, rt, thread, (handler, body, query, mlua::Variadic::from(fields)))
+    let (id, address) = match rt.http.borrow().conns.get(&key) {
+        Some(c) => (c.id, lua.create_string(&c.address)?),
+        None => return Ok(()),
+    };
+    sched::resume(lua, rt, thread, (handler, body, query, id, address, mlua::Variadic::from(fields)))
+}
+
+/// The pairs of a urlencoded query or form as a table (the last of a repeated name wins), nil
+/// for none.
+fn form_table(lua: &Lua, text: &[u8]) -> Result<Option<Table>> {
+    let mut table = None;
+    for (k, v) in form_urlencoded::parse(text) {
+        let t = match &table {
+            Some(t) => t,
+            None => table.insert(lua.create_table()?),
+        };
+        t.raw_set(k.as_ref(), v.as_ref())?;
+    }
+    Ok(table)
 }
 
 /// A request's handler ended: its answer (or a 500) goes out, and the next request may start.
@@ -403,8 +502,8 @@ fn answered(lua: &Lua, rt: &Runtime, key: Key, server: u64, result: Result<Value
     if let Some(c) = rt.http.borrow_mut().conns.get_mut(&key) {
         c.busy = false;
     }
-    let (policy, stopped) = match rt.http.borrow().servers.get(&server) {
-        Some(s) => (Some(s.policy.clone()), s.stopped),
+    let (shared, stopped) = match rt.http.borrow().servers.get(&server) {
+        Some(s) => (Some(s.shared.clone()), s.stopped),
         None => (None, true),
     };
     if stopped {
@@ -424,8 +523,13 @@ fn answered(lua: &Lua, rt: &Runtime, key: Key, server: u64, result: Result<Value
             Response { status: 500, headers: PLAIN, body: b"Internal Server Error\n", date: "" },
         );
     }
+    pump(rt, key);
+    let streaming = rt.http.borrow().conns.get(&key).is_some_and(|c| c.file.is_some());
     if stopped {
-        finish(rt, key);
+        // A file being sent finishes first (it closes after: the answer said so).
+        if !streaming {
+            finish(rt, key);
+        }
         forget_if_done(lua, rt, server)?;
     } else {
         rt.flush(key);
@@ -433,8 +537,8 @@ fn answered(lua: &Lua, rt: &Runtime, key: Key, server: u64, result: Result<Value
     }
     // The next pipelined request, if one is buffered.
     news(lua, rt, key)?;
-    match (failure, policy) {
-        (Some(why), Some(policy)) => policy.report(lua, &why),
+    match (failure, shared) {
+        (Some(why), Some(shared)) => shared.policy.report(lua, &why),
         _ => Ok(()),
     }
 }
@@ -467,6 +571,17 @@ fn respond(rt: &Runtime, key: Key, value: &Value) -> std::result::Result<(), Str
         Value::Table(fields) => header_fields(&fields)?,
         other => return Err(format!("the response's headers must be a table, got {}", lua_type(&other))),
     };
+    if let Value::String(path) = field("file")? {
+        let range = (field("offset")?, field("length")?);
+        let headers: Vec<(&[u8], &[u8])> = headers.iter().map(|(n, v)| (&n[..], &v[..])).collect();
+        return send_file(
+            rt,
+            key,
+            Response { status, headers: &headers, body: b"", date: "" },
+            &path.to_str().map_err(|e| message(&e))?,
+            range,
+        );
+    }
     let body = match field("body")? {
         Value::Nil => None,
         Value::String(s) => Some(s),
@@ -513,6 +628,115 @@ fn header_fields(fields: &Table) -> std::result::Result<Vec<Field>, String> {
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(out)
+}
+
+/// Bytes of files sent per tick, over all connections; the rest waits for the next tick, so a
+/// large file on a fast link cannot hold a frame.
+const PUMP_BUDGET: usize = 4 << 20;
+
+/// Bytes read from a file at a time.
+const FILE_CHUNK: u64 = 64 << 10;
+
+/// Answers with the file at `path` (from byte `offset`, `length` bytes; default: to its end),
+/// read as the client takes it, so memory does not follow the file's size.
+fn send_file(
+    rt: &Runtime,
+    key: Key,
+    response: Response,
+    path: &str,
+    range: (Value, Value),
+) -> std::result::Result<(), String> {
+    use std::io::{Seek, SeekFrom};
+    let whole = |v: &Value, what: &str| match v {
+        Value::Nil => Ok(None),
+        Value::Integer(n) if *n >= 0 => Ok(Some(*n as u64)),
+        Value::Number(n) if *n >= 0.0 && n.fract() == 0.0 => Ok(Some(*n as u64)),
+        other => Err(format!("the response's {what} must be a whole number >= 0, got {}", show(other))),
+    };
+    let (offset, length) = (whole(&range.0, "offset")?.unwrap_or(0), whole(&range.1, "length")?);
+    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot open '{path}': {e}"))?;
+    let size = file.metadata().map_err(|e| format!("cannot read '{path}': {e}"))?.len();
+    let left = length.unwrap_or(u64::MAX).min(size.saturating_sub(offset));
+    file.seek(SeekFrom::Start(offset)).map_err(|e| format!("cannot read '{path}': {e}"))?;
+    let date = rt.http.borrow_mut().date().to_owned();
+    let streaming = {
+        let mut driver = rt.driver.borrow_mut();
+        let now = driver.now();
+        match driver.proto::<HttpServerConn>(key) {
+            Some(proto) if proto.awaits_response() && !proto.is_closed() => {
+                proto.respond_streamed(now, Response { date: &date, ..response }, Some(left))?;
+                proto.is_streaming()
+            }
+            _ => false,
+        }
+    };
+    if streaming {
+        if let Some(conn) = rt.http.borrow_mut().conns.get_mut(&key) {
+            conn.file = Some(Box::new(FileBody { file, left }));
+        }
+    }
+    Ok(())
+}
+
+/// Feeds a connection's file body while the socket takes it and the tick's budget lasts (then
+/// it asks to be woken next tick); once the file is sent the next request may start. Each
+/// piece is written at once, not at the end of the tick, so a socket that takes everything is
+/// fed again (it will not report itself drained).
+fn pump(rt: &Runtime, key: Key) {
+    use std::io::Read;
+    let now = rt.driver.borrow().now();
+    let mut chunk = Vec::new();
+    let done = loop {
+        let mut guard = rt.http.borrow_mut();
+        let http = &mut *guard;
+        let used = match http.pumped {
+            Some((at, used)) if at == now => used,
+            _ => 0,
+        };
+        let Some(body) = http.conns.get_mut(&key).and_then(|c| c.file.as_mut()) else { return };
+        let mut driver = rt.driver.borrow_mut();
+        let Some(proto) = driver.proto::<HttpServerConn>(key) else { return };
+        if !proto.is_streaming() {
+            break true;
+        }
+        if !proto.wants_body() {
+            driver.flush(key);
+            match driver.proto::<HttpServerConn>(key) {
+                Some(proto) if proto.wants_body() => continue,
+                // A backlog: the socket reports when it drained.
+                _ => return,
+            }
+        }
+        if used >= PUMP_BUDGET {
+            // A later tick (a wake due now could come back within this one).
+            driver.set_wake(key, Some(now + std::time::Duration::from_millis(1)));
+            break false;
+        }
+        chunk.resize(FILE_CHUNK.min(body.left) as usize, 0);
+        match body.file.read(&mut chunk) {
+            // The file shrank or failed under us: the answer cannot be completed.
+            Ok(0) | Err(_) => {
+                proto.end_body(now);
+                break true;
+            }
+            Ok(n) => {
+                proto.send_body(now, &chunk[..n]);
+                body.left -= n as u64;
+                http.pumped = Some((now, used + n));
+            }
+        }
+    };
+    if done {
+        let server = rt.http.borrow_mut().conns.get_mut(&key).map(|c| {
+            c.file = None;
+            c.server
+        });
+        let stopped = server.is_some_and(|id| rt.http.borrow().servers.get(&id).is_none_or(|s| s.stopped));
+        if stopped {
+            finish(rt, key);
+        }
+    }
+    rt.flush(key);
 }
 
 /// Hands `response` to the connection, dated now; nothing if it went away meanwhile (closed, or
@@ -578,9 +802,21 @@ fn url_decode(lua: &Lua, (s, binary): (mlua::String, Option<bool>)) -> Result<ml
     lua.create_string(decoded)
 }
 
-/// Adds `luna.serve`, `luna.url_encode` and `luna.url_decode`.
+/// Adds `luna.serve`, `luna.new_http_app`, `luna.url_encode` and `luna.url_decode`.
 pub(crate) fn register(lua: &Lua, module: &Table) -> Result<()> {
     module.set("serve", lua.create_function(serve)?)?;
     module.set("url_encode", lua.create_function(url_encode)?)?;
-    module.set("url_decode", lua.create_function(url_decode)?)
+    module.set("url_decode", lua.create_function(url_decode)?)?;
+    let status_codes = lua.create_table()?;
+    for code in 100..600 {
+        let reason = crate::proto::http::reason(code);
+        if !reason.is_empty() {
+            status_codes.raw_set(code, reason)?;
+        }
+    }
+    let new_http_app: Function = lua
+        .load(include_str!("../../../lua/http_app.lua"))
+        .set_name("=http_app.lua")
+        .call((module.clone(), app::core(lua)?, status_codes))?;
+    module.set("new_http_app", new_http_app)
 }

@@ -1,0 +1,672 @@
+-- luna.new_http_app: the original Luna's HTTP apps (routes, groups, middleware, templates) on
+-- luna.serve's engine, with the original's bugs fixed and route parameters, HEAD from GET,
+-- 405 with Allow and cookies added. Rust (bind/http) parses, frames and limits every request;
+-- this file only decides what to answer. Handlers run in the engine's coroutine per request, so
+-- they may sleep or wait on sockets.
+local luna, core, STATUS_CODES = ...
+
+local METHODS = { "get", "post", "put", "delete", "patch", "head", "options" }
+
+-- The original's table, extended; a type not listed falls back to what the extension says
+-- (mime_guess), then application/octet-stream.
+local MIME_TYPES = {
+  html = "text/html", htm = "text/html", css = "text/css", js = "application/javascript",
+  mjs = "application/javascript", json = "application/json", txt = "text/plain",
+  md = "text/markdown", xml = "application/xml", png = "image/png", jpg = "image/jpeg",
+  jpeg = "image/jpeg", gif = "image/gif", svg = "image/svg+xml", ico = "image/x-icon",
+  bmp = "image/bmp", webp = "image/webp", avif = "image/avif", mp3 = "audio/mpeg",
+  ogg = "audio/ogg", wav = "audio/wav", mp4 = "video/mp4", webm = "video/webm",
+  csv = "text/csv", bin = "application/octet-stream", wasm = "application/wasm",
+  woff = "font/woff", woff2 = "font/woff2", ttf = "font/ttf", otf = "font/otf",
+  eot = "application/vnd.ms-fontobject", pdf = "application/pdf", zip = "application/zip",
+  tar = "application/x-tar", gz = "application/gzip",
+}
+
+-- The Content-Type for a file: text types say UTF-8 unless the table says otherwise.
+local function content_type(path, mime_types)
+  local ext = path:match("%.([^./\\]+)$")
+  local t = (ext and (mime_types[ext:lower()] or core.mime(path))) or "application/octet-stream"
+  if (t:find("^text/") or t == "application/javascript" or t == "application/json")
+      and not t:find("charset", 1, true) then
+    t = t .. "; charset=utf-8"
+  end
+  return t
+end
+
+local function check(cond, call, what)
+  if not cond then error(call .. ": " .. what, 3) end
+end
+
+---------------------------------------------------------------------------------------------
+-- Responses
+
+local Response = {}
+Response.__index = Response
+
+function Response:status(code)
+  check(type(code) == "number" and code % 1 == 0 and code >= 200 and code <= 599,
+    "res:status(code)", "'code' must be a whole number 200-599, got " .. tostring(code))
+  self.status_code = code
+  return self
+end
+
+function Response:setHeader(name, value)
+  check(type(name) == "string", "res:setHeader(name, value)", "'name' must be a string, got " .. type(name))
+  local t = type(value)
+  check(t == "string" or t == "number" or t == "table" or value == nil, "res:setHeader(name, value)",
+    "'value' must be a string, a number or a list of them, got " .. t)
+  self.headers[name:lower()] = value
+  return self
+end
+
+function Response:getHeader(name)
+  return self.headers[name:lower()]
+end
+
+function Response:send(data)
+  check(not self.sent, "res:send(data)", "a response was already sent for this request")
+  local t = type(data)
+  check(t == "string" or t == "number" or data == nil, "res:send(data)",
+    "'data' must be a string, got " .. t .. " (use res:json for tables)")
+  self.body = data and tostring(data) or ""
+  self.sent = true
+  local hooks = self.on_send
+  if hooks then
+    for i = 1, #hooks do hooks[i](self) end
+  end
+  return self
+end
+
+function Response:json(value)
+  self.headers["content-type"] = "application/json"
+  if type(value) == "string" then
+    return self:send(value)
+  end
+  return self:send(luna.json.encode(value))
+end
+
+-- Answers with bytes `offset`.. of the file at `path` (`length` of them; default: the rest),
+-- which the engine reads as the client takes them.
+local function send_file(res, path, offset, length)
+  res.file, res.offset, res.length = path, offset, length
+  return res:send("")
+end
+
+function Response:sendFile(path, mime)
+  check(type(path) == "string", "res:sendFile(path, mime)", "'path' must be a string, got " .. type(path))
+  if not core.is_file(path) then
+    self.headers["content-type"] = "text/plain; charset=utf-8"
+    return self:status(404):send("File not found")
+  end
+  self.headers["content-type"] = mime or content_type(path, self.app.MIME_TYPES)
+  return send_file(self, path)
+end
+
+function Response:cookie(name, value, options)
+  check(type(name) == "string", "res:cookie(name, value, options)", "'name' must be a string, got " .. type(name))
+  check(type(value) == "string" or type(value) == "number", "res:cookie(name, value, options)",
+    "'value' must be a string, got " .. type(value))
+  local line = core.set_cookie(name, tostring(value), options)
+  local before = self.headers["set-cookie"]
+  if before == nil then
+    self.headers["set-cookie"] = { line }
+  elseif type(before) == "table" then
+    before[#before + 1] = line
+  else
+    self.headers["set-cookie"] = { before, line }
+  end
+  return self
+end
+
+function Response:redirect(url, code)
+  check(type(url) == "string", "res:redirect(url, code)", "'url' must be a string, got " .. type(url))
+  self:status(code or 302):setHeader("Location", url)
+  self.headers["content-type"] = "text/plain; charset=utf-8"
+  return self:send("Redirecting to " .. url)
+end
+
+local function new_response(app)
+  return setmetatable({ app = app, status_code = 200, body = "", sent = false,
+    headers = { ["content-type"] = "text/html; charset=utf-8" } }, Response)
+end
+
+---------------------------------------------------------------------------------------------
+-- Requests: the engine's table with params, client_data, ip, and cookies parsed when read.
+
+local Request = {
+  __index = function(req, key)
+    if key == "cookies" then
+      local header = rawget(req, "headers").cookie
+      local cookies = header and core.cookies(header) or {}
+      rawset(req, "cookies", cookies)
+      return cookies
+    end
+  end,
+}
+
+---------------------------------------------------------------------------------------------
+-- Routes: exact paths in a table per method, patterns (":name" segments, a final "*name") in
+-- order of addition. Paths are matched as sent (not decoded; a trailing slash counts);
+-- parameters are decoded.
+
+local function segments(path)
+  local out = {}
+  for seg in (path:sub(2) .. "/"):gmatch("([^/]*)/") do out[#out + 1] = seg end
+  return out
+end
+
+local function compile(path)
+  if not path:find("[:*]") then return nil end
+  local parts = segments(path)
+  local pattern = {}
+  for i, seg in ipairs(parts) do
+    local kind, name = seg:sub(1, 1), seg:sub(2)
+    if kind == ":" and name ~= "" then
+      pattern[i] = { param = name }
+    elseif kind == "*" then
+      check(i == #parts, "app:get(path, handler)", "a wildcard '" .. seg .. "' must be the last segment of '" .. path .. "'")
+      pattern[i] = { rest = name ~= "" and name or "*" }
+    else
+      pattern[i] = { literal = seg }
+    end
+  end
+  return pattern
+end
+
+local function decode(s)
+  return luna.url_decode(s, true)
+end
+
+-- The parameters if `parts` (a request path's segments) fits `pattern`, else nil.
+local function match(pattern, parts)
+  local params = {}
+  for i, p in ipairs(pattern) do
+    local seg = parts[i]
+    if p.rest then
+      if seg == nil then return nil end
+      params[p.rest] = decode(table.concat(parts, "/", i))
+      return params
+    end
+    if seg == nil then return nil end
+    if p.literal then
+      if p.literal ~= seg then return nil end
+    else
+      if seg == "" then return nil end
+      params[p.param] = decode(seg)
+    end
+  end
+  if #parts ~= #pattern then return nil end
+  return params
+end
+
+-- The route for `method` and `path`, and its parameters.
+local function find(app, method, path, parts)
+  local exact = app.exact[method]
+  local route = exact and exact[path]
+  if route then return route, {} end
+  local list = app.patterns[method]
+  if list then
+    parts = parts or segments(path)
+    for i = 1, #list do
+      local params = match(list[i].pattern, parts)
+      if params then return list[i], params end
+    end
+  end
+  return nil, nil, parts
+end
+
+local function add_route(group, method, path, handler)
+  local call = "app:" .. method:lower() .. "(path, handler)"
+  check(type(path) == "string" and path:sub(1, 1) == "/", call, "'path' must be a string starting with '/', got " .. tostring(path))
+  check(type(handler) == "function", call, "'handler' must be a function(req, res, client_data), got " .. type(handler))
+  local full = group.prefix .. path
+  if path == "/" and group.prefix ~= "" then full = group.prefix end
+  local app = group.app
+  local route = { handler = handler, group = group, path = full, pattern = compile(full) }
+  if route.pattern then
+    local list = app.patterns[method] or {}
+    app.patterns[method] = list
+    list[#list + 1] = route
+  else
+    app.exact[method] = app.exact[method] or {}
+    app.exact[method][full] = route
+  end
+  return group
+end
+
+---------------------------------------------------------------------------------------------
+-- Groups (an app is its own root group): routes go into the app's tables at once, so nested
+-- groups and routes added after listen work.
+
+local Group = {}
+Group.__index = Group
+
+for _, m in ipairs(METHODS) do
+  local method = m:upper()
+  Group[m] = function(self, path, handler)
+    check(getmetatable(self) and self.app, "app:" .. m .. "(path, handler)", "call it with a colon: app:" .. m .. "(path, handler)")
+    return add_route(self, method, path, handler)
+  end
+end
+
+function Group:group(prefix)
+  check(type(prefix) == "string" and prefix:sub(1, 1) == "/", "app:group(prefix)",
+    "'prefix' must be a string starting with '/', got " .. tostring(prefix))
+  return setmetatable({ app = self.app, parent = self, prefix = self.prefix .. prefix:gsub("/+$", ""),
+    middlewares = {} }, Group)
+end
+
+function Group:use(middleware)
+  check(type(middleware) == "function", "app:use(middleware)",
+    "'middleware' must be a function(req, res, next), got " .. type(middleware))
+  local list = self.middlewares
+  list[#list + 1] = middleware
+  return self
+end
+
+---------------------------------------------------------------------------------------------
+-- Answering a request
+
+local function allowed(app, path)
+  local allow, parts = {}, segments(path)
+  for _, m in ipairs(METHODS) do
+    local method = m:upper()
+    if find(app, method, path, parts) then allow[#allow + 1] = method end
+  end
+  if #allow > 0 then
+    local has = {}
+    for _, m in ipairs(allow) do has[m] = true end
+    if has.GET and not has.HEAD then allow[#allow + 1] = "HEAD" end
+    if not has.OPTIONS then allow[#allow + 1] = "OPTIONS" end
+  end
+  return allow
+end
+
+-- The last link of the chain: the route's handler, or what answers when there is none.
+local function final_link(app, route, req, res)
+  if route then
+    return function()
+      if res.sent then return end
+      local answer = route.handler(req, res, req.client_data)
+      if not res.sent and type(answer) == "string" then res:send(answer) end
+    end
+  end
+  return function()
+    if res.sent then return end
+    local allow = allowed(app, req.path)
+    res.headers["content-type"] = "text/plain; charset=utf-8"
+    if #allow == 0 then
+      return res:status(404):send("Not Found: " .. req.path)
+    end
+    res.headers.allow = table.concat(allow, ", ")
+    if req.method == "OPTIONS" then
+      return res:status(204):send("")
+    end
+    return res:status(405):send("Method Not Allowed")
+  end
+end
+
+-- Runs `chain[i]` with a `next` that runs the rest once; a link that does not call `next`
+-- ends the chain (the handler does not run).
+local function step(chain, i, req, res)
+  local link = chain[i]
+  if not link then return end
+  if i == #chain then return link() end
+  local called = false
+  return link(req, res, function()
+    check(not called, "next()", "a middleware called next() twice")
+    called = true
+    return step(chain, i + 1, req, res)
+  end)
+end
+
+local function dispatch(app, req)
+  setmetatable(req, Request)
+  req.client_data = app.clients[req.connection] or {}
+  req.ip = req.peer_address
+  local res = new_response(app)
+  local method = req.method
+  local route, params = find(app, method, req.path)
+  if not route and method == "HEAD" then
+    route, params = find(app, "GET", req.path)
+  end
+  req.params = params or {}
+  local chain = {}
+  for _, mw in ipairs(app.middlewares) do chain[#chain + 1] = mw end
+  if route then
+    local groups, g = {}, route.group
+    while g and g ~= app do
+      table.insert(groups, 1, g)
+      g = g.parent
+    end
+    for _, group in ipairs(groups) do
+      for _, mw in ipairs(group.middlewares) do chain[#chain + 1] = mw end
+    end
+  end
+  chain[#chain + 1] = final_link(app, route, req, res)
+  step(chain, 1, req, res)
+  return { status = res.status_code, headers = res.headers, body = res.body, file = res.file,
+    offset = res.offset, length = res.length }
+end
+
+---------------------------------------------------------------------------------------------
+-- Templates: middleware factories.
+
+local templates = {}
+
+local function header_list(list)
+  return table.concat(list, ", ")
+end
+
+local function contains(list, value, fold)
+  for _, v in ipairs(list) do
+    if v == value or (fold and v:lower() == value:lower()) then return true end
+  end
+  return false
+end
+
+-- The one byte range of a `Range` header within `size`: first, last; false when it cannot be
+-- satisfied; nil when the header is to be ignored (absent, several ranges, not bytes).
+local function byte_range(header, size)
+  if not header then return nil end
+  local a, b = header:match("^%s*bytes%s*=%s*(%d*)%s*%-%s*(%d*)%s*$")
+  if not a or (a == "" and b == "") then return nil end
+  local first, last
+  if a == "" then
+    local n = tonumber(b)
+    if n == 0 then return false end
+    first, last = math.max(size - n, 0), size - 1
+  else
+    first, last = tonumber(a), b == "" and size - 1 or math.min(tonumber(b), size - 1)
+  end
+  if first >= size or last < first then return false end
+  return first, last
+end
+
+function templates.static(dir)
+  check(type(dir) == "string", "templates.static(dir)", "'dir' must be a directory path, got " .. type(dir))
+  return function(req, res, nxt)
+    if req.method ~= "GET" and req.method ~= "HEAD" then return nxt() end
+    local path, size, mtime = core.file(dir, req.path)
+    if not path then
+      if size == "forbidden" then
+        res.headers["content-type"] = "text/plain; charset=utf-8"
+        return res:status(403):send("Forbidden")
+      end
+      return nxt()
+    end
+    local etag = ('"%x-%x"'):format(mtime, size)
+    res.headers["content-type"] = content_type(path, res.app.MIME_TYPES)
+    res.headers.etag = etag
+    res.headers["last-modified"] = core.http_date(mtime)
+    res.headers["accept-ranges"] = "bytes"
+    local h = req.headers
+    local none_match, since = h["if-none-match"], h["if-modified-since"]
+    local fresh = false
+    if none_match then
+      for tag in none_match:gmatch("[^,]+") do
+        tag = tag:match("^%s*(.-)%s*$")
+        fresh = fresh or tag == "*" or tag == etag or tag == "W/" .. etag
+      end
+    elseif since then
+      local t = core.parse_http_date(since)
+      fresh = t ~= nil and mtime <= t
+    end
+    if fresh then
+      res.headers["content-type"] = nil
+      return res:status(304):send("")
+    end
+    local first, last = byte_range(h.range, size)
+    if h["if-range"] and h["if-range"] ~= etag then first = nil end
+    if first == false then
+      res.headers["content-range"] = "bytes */" .. size
+      res.headers["content-type"] = "text/plain; charset=utf-8"
+      return res:status(416):send("Range Not Satisfiable")
+    end
+    if first then
+      res:status(206)
+      res.headers["content-range"] = ("bytes %d-%d/%d"):format(first, last, size)
+    else
+      first, last = 0, size - 1
+    end
+    return send_file(res, path, first, last - first + 1)
+  end
+end
+
+function templates.cors(options)
+  options = options or {}
+  local origins = options.origins or { "*" }
+  local methods = options.methods or { "GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD" }
+  local headers = options.headers or { "Content-Type", "Authorization", "X-Requested-With" }
+  local credentials, max_age = options.credentials or false, options.max_age or 86400
+  local any = contains(origins, "*")
+  return function(req, res, nxt)
+    local origin = req.headers.origin
+    local allow = any and "*" or (origin and contains(origins, origin) and origin) or "null"
+    res:setHeader("Access-Control-Allow-Origin", allow)
+    if allow ~= "*" then res:setHeader("Vary", "Origin") end
+    res:setHeader("Access-Control-Allow-Methods", header_list(methods))
+    res:setHeader("Access-Control-Allow-Headers", header_list(headers))
+    if credentials and allow ~= "*" and allow ~= "null" then res:setHeader("Access-Control-Allow-Credentials", "true") end
+    res:setHeader("Access-Control-Max-Age", tostring(max_age))
+    if req.method == "OPTIONS" then
+      local want = req.headers["access-control-request-method"]
+      if want and not contains(methods, want:upper()) then
+        return res:status(405):json({ error = "Method " .. want .. " not allowed" })
+      end
+      for name in (req.headers["access-control-request-headers"] or ""):gmatch("[^,%s]+") do
+        if not contains(headers, name, true) then
+          return res:status(400):json({ error = "Header " .. name .. " not allowed" })
+        end
+      end
+      return res:status(204):send("")
+    end
+    if not contains(methods, req.method) then
+      return res:status(405):json({ error = "Method " .. req.method .. " not allowed" })
+    end
+    return nxt()
+  end
+end
+
+-- The IP of "ip:port" / "[ip]:port".
+local function ip_of(address)
+  return address and (address:match("^%[(.*)%]:%d+$") or address:match("^(.*):%d+$")) or address
+end
+
+function templates.rate_limited(options)
+  options = options or {}
+  local window = (options.window_ms or 60000) / 1000
+  local max = options.max_requests or 100
+  local message, status = options.message or "Too many requests", options.status_code or 429
+  local skip, key_of = options.skip, options.key_generator
+  if not key_of then
+    key_of = function(req)
+      local forwarded = options.trust_proxy and req.headers["x-forwarded-for"]
+      return forwarded and forwarded:match("^%s*([^,%s]+)") or ip_of(req.ip)
+    end
+  end
+  local hits, next_sweep = {}, 0
+  return function(req, res, nxt)
+    if skip and skip(req, res) then return nxt() end
+    local now = luna.now()
+    if now >= next_sweep then
+      -- Forget the windows that ended, so memory follows the clients of one window.
+      for key, hit in pairs(hits) do
+        if hit.reset <= now then hits[key] = nil end
+      end
+      next_sweep = now + window
+    end
+    local key = tostring(key_of(req))
+    local hit = hits[key]
+    if not hit or hit.reset <= now then
+      hit = { count = 0, reset = now + window }
+      hits[key] = hit
+    end
+    hit.count = hit.count + 1
+    local left = hit.reset - now
+    res:setHeader("X-RateLimit-Limit", tostring(max))
+    res:setHeader("X-RateLimit-Remaining", tostring(math.max(max - hit.count, 0)))
+    res:setHeader("X-RateLimit-Reset", tostring(os.time() + math.ceil(left)))
+    if hit.count > max then
+      res:setHeader("Retry-After", tostring(math.ceil(left)))
+      return res:status(status):json({ error = message })
+    end
+    return nxt()
+  end
+end
+
+function templates.body_parser()
+  return function(req, res, nxt)
+    local kind = req.headers["content-type"] or ""
+    if kind:find("application/json", 1, true) then
+      local ok, value = pcall(luna.json.decode, req.body)
+      if ok then req.body = value end
+    elseif kind:find("application/x-www-form-urlencoded", 1, true) then
+      req.body = core.form(req.body)
+    end
+    return nxt()
+  end
+end
+
+function templates.logger(options)
+  options = options or {}
+  local format = options.format or ":method :url :status :response-time ms"
+  local stream, skip = options.stream, options.skip
+  local function write(line)
+    if type(stream) == "function" then
+      stream(line)
+    elseif stream then
+      stream:write(line, "\n")
+    else
+      print(line)
+    end
+  end
+  return function(req, res, nxt)
+    local start = luna.now()
+    res.on_send = res.on_send or {}
+    table.insert(res.on_send, function()
+      if skip and skip(req, res) then return end
+      local tokens = {
+        method = req.method, url = req.target, path = req.path, status = tostring(res.status_code),
+        ["response-time"] = ("%.3f"):format((luna.now() - start) * 1000), ip = req.ip or "-",
+        ["user-agent"] = req.headers["user-agent"] or "-", ["content-length"] = tostring(#res.body),
+      }
+      write((format:gsub(":([%a%-]+)", function(t) return tokens[t] end)))
+    end)
+    return nxt()
+  end
+end
+
+---------------------------------------------------------------------------------------------
+-- Apps
+
+local App = setmetatable({}, { __index = Group })
+App.__index = App
+
+local function is_app(self, call)
+  check(type(self) == "table" and getmetatable(self) == App, call, "call it with a colon: " .. call)
+end
+
+local CONFIG = { name = true, debug = true, no_errors = true, error_handler = true, new_client = true,
+  close_client = true, timeout_client = true, error_client = true }
+
+-- Calls event `name` of the config, if set.
+local function event(app, name, ...)
+  local fn = app.config[name]
+  if fn then fn(...) end
+end
+
+function App:listen(port, host, protocol, ssl)
+  local call = "app:listen(port, host, protocol, ssl_config)"
+  is_app(self, call)
+  check(not self.server, call, "the app is already listening: call app:stop() first")
+  port, host, protocol = port or 8080, host or "127.0.0.1", protocol or "http"
+  check(protocol == "http" or protocol == "https", call, "'protocol' must be \"http\" or \"https\", got " .. tostring(protocol))
+  local tls
+  if protocol == "https" then
+    check(type(ssl) == "table" and ssl.key and ssl.cert, call, "https needs ssl_config = {key = path, cert = path}")
+    tls = { key = ssl.key, cert = ssl.cert }
+  end
+  local config = self.config
+  local clients = self.clients
+  self.server = luna.serve({
+    port = port, host = host, tls = tls,
+    max_header_size = self.max_header_size, max_body_size = self.max_body_size, idle_timeout = self.timeout,
+    no_errors = config.no_errors ~= false, error_handler = config.error_handler,
+    handleRequest = function(req) return dispatch(self, req) end,
+    on_open = function(id, address)
+      local data = { ip = address, connected_at = luna.now() }
+      clients[id] = data
+      self.client_count = self.client_count + 1
+      event(self, "new_client", address, data)
+    end,
+    on_close = function(id, reason)
+      local data = clients[id]
+      if not data then return end
+      clients[id] = nil
+      self.client_count = self.client_count - 1
+      if reason == "timeout" then
+        event(self, "timeout_client", data.ip, data, luna.now() - data.connected_at)
+      elseif reason == "parse_error" or reason == "socket_error" then
+        event(self, "error_client", data.ip, data, reason)
+      end
+      event(self, "close_client", data.ip, data, reason)
+    end,
+  })
+  self.is_listen = true
+  print(("Server listening on %s://%s:%d"):format(protocol, host, self.server.port))
+  return self
+end
+
+function App:stop()
+  is_app(self, "app:stop()")
+  if self.server then
+    self.server:stop()
+    self.server, self.is_listen = nil, false
+  end
+end
+
+function App:is_running()
+  is_app(self, "app:is_running()")
+  return self.server ~= nil
+end
+
+function App:get_client_count()
+  is_app(self, "app:get_client_count()")
+  return self.client_count
+end
+
+local function setter(field, call, what)
+  return function(self, value)
+    is_app(self, call)
+    check(type(value) == "number" and value > 0, call, "'" .. what .. "' must be a number > 0, got " .. tostring(value))
+    self[field] = value
+    return self
+  end
+end
+
+App.set_default_timeout = setter("timeout", "app:set_default_timeout(seconds)", "seconds")
+App.set_default_max_header_size = setter("max_header_size", "app:set_default_max_header_size(bytes)", "bytes")
+App.set_default_max_body_size = setter("max_body_size", "app:set_default_max_body_size(bytes)", "bytes")
+
+return function(config)
+  config = config or {}
+  check(type(config) == "table", "luna.new_http_app(config)", "'config' must be a table, got " .. type(config))
+  for key in pairs(config) do
+    check(CONFIG[key], "luna.new_http_app(config)", "unknown option '" .. tostring(key) .. "'")
+  end
+  local mime = {}
+  for k, v in pairs(MIME_TYPES) do mime[k] = v end
+  local app = setmetatable({ config = config, name = config.name, prefix = "", middlewares = {},
+    exact = {}, patterns = {}, clients = {}, client_count = 0, is_listen = false,
+    timeout = 30, max_header_size = 16 * 1024, max_body_size = 10 * 1024 * 1024,
+    STATUS_CODES = STATUS_CODES, MIME_TYPES = mime, templates = templates }, App)
+  app.app = app
+  if config.debug then
+    app:use(function(req, _, nxt)
+      print(("[%s] %s %s"):format(os.date("%H:%M:%S"), req.method, req.path))
+      return nxt()
+    end)
+  end
+  return app
+end

@@ -1,0 +1,168 @@
+//! What `lua/http_app.lua` (`luna.new_http_app`) asks of Rust: finding files under a static
+//! root without escaping it, cookies, forms and MIME types. The app itself
+//! (routes, groups, middleware, templates) is Lua on `luna.serve`'s engine.
+
+use std::fs;
+use std::path::{Component, Path, PathBuf};
+use std::time::UNIX_EPOCH;
+
+use cookie::time::{Duration, OffsetDateTime};
+use cookie::{Cookie, SameSite};
+use mlua::{Lua, MultiValue, Result, Table, Value};
+
+use crate::bind::error::misuse;
+use crate::bind::options::Options;
+
+/// The file of URL path `path` (percent-encoded, as sent) under directory `root`: the path of a
+/// regular file (a directory's `index.html`) inside `root` once symlinks are resolved, or why
+/// not. Decoded NUL bytes, backslashes and `..` segments are refused before the disk is asked.
+pub(crate) fn resolve(root: &Path, path: &[u8]) -> std::result::Result<PathBuf, &'static str> {
+    let decoded: Vec<u8> = percent_encoding::percent_decode(path).collect();
+    let decoded = std::str::from_utf8(&decoded).map_err(|_| "forbidden")?;
+    if decoded.contains(['\0', '\\']) {
+        return Err("forbidden");
+    }
+    let mut relative = PathBuf::new();
+    for part in decoded.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        match Path::new(part).components().next() {
+            Some(Component::Normal(_)) => relative.push(part),
+            _ => return Err("forbidden"),
+        }
+    }
+    let root = fs::canonicalize(root).map_err(|_| "not found")?;
+    let mut full = fs::canonicalize(root.join(&relative)).map_err(|_| "not found")?;
+    if full.is_dir() {
+        full = fs::canonicalize(full.join("index.html")).map_err(|_| "not found")?;
+    }
+    if !full.starts_with(&root) {
+        return Err("forbidden");
+    }
+    if !full.is_file() {
+        return Err("not found");
+    }
+    Ok(full)
+}
+
+/// `core.file(root, path)` → `path, size, mtime` (seconds since the epoch), or `nil, "not
+/// found" | "forbidden"`.
+fn file(lua: &Lua, (root, path): (mlua::String, mlua::String)) -> Result<MultiValue> {
+    let root = PathBuf::from(root.to_str()?.to_string());
+    let found = resolve(&root, &path.as_bytes()).and_then(|p| {
+        let meta = fs::metadata(&p).map_err(|_| "not found")?;
+        Ok((p, meta))
+    });
+    match found {
+        Ok((p, meta)) => {
+            let mtime = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok());
+            let p = lua.create_string(p.as_os_str().as_encoded_bytes())?;
+            let size = meta.len() as f64;
+            Ok(MultiValue::from_iter([
+                Value::String(p),
+                Value::Number(size),
+                Value::Number(mtime.map_or(0, |d| d.as_secs()) as f64),
+            ]))
+        }
+        Err(why) => Ok(MultiValue::from_iter([Value::Nil, Value::String(lua.create_string(why)?)])),
+    }
+}
+
+/// `core.is_file(path)` → whether `path` is a regular file (following symlinks).
+fn is_file(_: &Lua, path: mlua::String) -> Result<bool> {
+    Ok(Path::new(&*path.to_str()?).is_file())
+}
+
+/// `core.cookies(header)` → name → value of a `Cookie` header (values percent-decoded; the
+/// first of a repeated name wins, as the most specific is sent first; malformed pairs skipped).
+fn cookies(lua: &Lua, header: mlua::String) -> Result<Table> {
+    let t = lua.create_table()?;
+    let header = header.to_string_lossy();
+    for c in Cookie::split_parse_encoded(header.as_str()).flatten() {
+        if t.raw_get::<Value>(c.name())?.is_nil() {
+            t.raw_set(c.name(), c.value())?;
+        }
+    }
+    Ok(t)
+}
+
+const SET_COOKIE: &str = "res:cookie(name, value, options)";
+
+/// `core.set_cookie(name, value, options)` → a `Set-Cookie` value (name and value
+/// percent-encoded). Options: `path`, `domain`, `max_age` (seconds), `expires` (seconds since the
+/// epoch), `secure`, `http_only`, `same_site` (`"Strict"`, `"Lax"`, `"None"`), `partitioned`.
+fn set_cookie(lua: &Lua, (name, value, options): (String, String, Value)) -> Result<String> {
+    if name.is_empty() {
+        return Err(misuse(SET_COOKIE, "'name' must not be empty"));
+    }
+    let keys = ["path", "domain", "max_age", "expires", "secure", "http_only", "same_site", "partitioned"];
+    let opts = Options::optional(lua, SET_COOKIE, options, &keys)?;
+    let mut c = Cookie::new(name, value);
+    if let Some(path) = opts.string("path")? {
+        c.set_path(path);
+    }
+    if let Some(domain) = opts.string("domain")? {
+        c.set_domain(domain);
+    }
+    if let Some(secs) = opts.number("max_age")? {
+        c.set_max_age(Duration::seconds(secs as i64));
+    }
+    if let Some(at) = opts.number("expires")? {
+        let at = OffsetDateTime::from_unix_timestamp(at as i64)
+            .map_err(|e| misuse(SET_COOKIE, format!("'expires' is out of range: {e}")))?;
+        c.set_expires(at);
+    }
+    c.set_secure(opts.boolean("secure")?);
+    c.set_http_only(opts.boolean("http_only")?);
+    c.set_partitioned(opts.boolean("partitioned")?);
+    if let Some(s) = opts.string("same_site")? {
+        let same_site = match s.to_ascii_lowercase().as_str() {
+            "strict" => SameSite::Strict,
+            "lax" => SameSite::Lax,
+            "none" => SameSite::None,
+            _ => {
+                return Err(misuse(
+                    SET_COOKIE,
+                    format!("'same_site' must be \"Strict\", \"Lax\" or \"None\", got \"{s}\""),
+                ))
+            }
+        };
+        c.set_same_site(same_site);
+    }
+    Ok(c.encoded().to_string())
+}
+
+/// `core.form(text)` → the pairs of a urlencoded form or query (decoded; the last of a
+/// repeated name wins).
+fn form(lua: &Lua, text: mlua::String) -> Result<Table> {
+    Ok(super::form_table(lua, &text.as_bytes())?.unwrap_or(lua.create_table()?))
+}
+
+/// `core.mime(path)` → the MIME type its extension suggests, or nil.
+fn mime(_: &Lua, path: String) -> Result<Option<String>> {
+    Ok(mime_guess::from_path(path).first_raw().map(str::to_owned))
+}
+
+/// `core.http_date(seconds)` → an HTTP date (`Last-Modified`).
+fn http_date(_: &Lua, secs: f64) -> Result<String> {
+    let at = UNIX_EPOCH + std::time::Duration::from_secs(secs.max(0.0) as u64);
+    Ok(httpdate::fmt_http_date(at))
+}
+
+/// `core.parse_http_date(text)` → seconds since the epoch, or nil for a malformed date.
+fn parse_http_date(_: &Lua, text: String) -> Result<Option<f64>> {
+    let at = httpdate::parse_http_date(&text).ok();
+    Ok(at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs() as f64))
+}
+
+/// The helpers, for `lua/http_app.lua`.
+pub(crate) fn core(lua: &Lua) -> Result<Table> {
+    let core = lua.create_table()?;
+    core.set("file", lua.create_function(file)?)?;
+    core.set("is_file", lua.create_function(is_file)?)?;
+    core.set("cookies", lua.create_function(cookies)?)?;
+    core.set("set_cookie", lua.create_function(set_cookie)?)?;
+    core.set("form", lua.create_function(form)?)?;
+    core.set("mime", lua.create_function(mime)?)?;
+    core.set("http_date", lua.create_function(http_date)?)?;
+    core.set("parse_http_date", lua.create_function(parse_http_date)?)?;
+    Ok(core)
+}
