@@ -7,13 +7,18 @@
 # Luna's ratios to the two nginx setups. The peers (wrk, nginx, libnginx-mod-http-lua with
 # luajit2, which Debian makes replace the luajit package) are installed here, not in CI.
 #
+# PAGE=static: a 16 KiB file instead, from an HTTP app's `static` template
+# (benches/http/static_server.lua) against nginx serving the same directory (sendfile on, as
+# Debian's nginx ships); target >= 0.8x nginx.
+#
 # Environment: RUNS (3), DURATION (10 s per run), CONNS (50), PORT (first port, 19501),
-# FLAVOURS ("luajit lua54").
+# FLAVOURS ("luajit lua54"), PAGE (hello | static).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source benches/lib.sh
 DURATION=${DURATION:-10}
 PORT=${PORT:-19501}
+PAGE=${PAGE:-hello}
 
 missing=()
 command -v wrk >/dev/null || missing+=(wrk)
@@ -27,6 +32,15 @@ print_machine
 bench_setup
 build_hosts "$FLAVOURS"
 echo "$(wrk --version 2>&1 | head -1 | cut -c1-40); $(nginx -v 2>&1); $CONNS connections, $DURATION s per run, $RUNS runs"
+mkdir -p "$bench_tmp/static"
+head -c 16384 /dev/urandom >"$bench_tmp/static/file16k.bin"
+path=/
+luna_script=(benches/http/hello_server.lua)
+if [ "$PAGE" = static ]; then
+  path=/file16k.bin
+  luna_script=(benches/http/static_server.lua "$bench_tmp/static")
+  echo "page: a 16 KiB file from $bench_tmp/static"
+fi
 
 # cpu0_busy: CPU 0's busy and total jiffies so far.
 cpu0_busy() {
@@ -36,7 +50,7 @@ cpu0_busy() {
 start() {
   next_port
   case $1 in
-    luna-*) serve "$1" tcp "$port" "$(host_bin "${1#luna-}")" benches/http/hello_server.lua "$port" ;;
+    luna-*) serve "$1" tcp "$port" "$(host_bin "${1#luna-}")" "${luna_script[0]}" "$port" "${luna_script[@]:1}" ;;
     nginx|nginx-lua)
       local dir=$bench_tmp/nginx-$port lua_port=$((port + 1)) load_lua=
       mkdir -p "$dir"
@@ -44,6 +58,7 @@ start() {
       [ "$1" = nginx-lua ] && port=$lua_port
       load_lua=$(grep -h load_module /usr/share/nginx/modules-available/mod-http-ndk.conf /usr/share/nginx/modules-available/mod-http-lua.conf | paste -sd ' ')
       sed -e "s|@DIR@|$dir|g; s|@PORT@|$((lua_port - 1))|g; s|@LUA_PORT@|$lua_port|g; s|@LOAD_LUA@|$load_lua|" \
+        -e "s|@STATIC@|$bench_tmp/static|g" \
         benches/http/nginx.conf.in >"$dir/nginx.conf"
       serve "$1" tcp "$port" nginx -c "$dir/nginx.conf" -e "$dir/error.log"
       ;;
@@ -51,7 +66,8 @@ start() {
 }
 servers=""
 for f in $built; do servers+=" luna-$f"; done
-servers+=" nginx nginx-lua"
+servers+=" nginx"
+[ "$PAGE" = static ] || servers+=" nginx-lua"
 for mode in keep-alive close; do
   header=()
   [ "$mode" = close ] && header=(-H "Connection: close")
@@ -59,9 +75,9 @@ for mode in keep-alive close; do
   for run in $(seq "$RUNS"); do
     for server in $servers; do
       start "$server" || continue
-      taskset -c 1 wrk -t1 -c"$CONNS" -d1s "${header[@]}" "http://127.0.0.1:$port/" >/dev/null 2>&1 || true
+      taskset -c 1 wrk -t1 -c"$CONNS" -d1s "${header[@]}" "http://127.0.0.1:$port$path" >/dev/null 2>&1 || true
       read -r busy0 total0 < <(cpu0_busy)
-      out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" "${header[@]}" "http://127.0.0.1:$port/" 2>&1 || true)
+      out=$(taskset -c 1 wrk -t1 -c"$CONNS" -d"${DURATION}s" "${header[@]}" "http://127.0.0.1:$port$path" 2>&1 || true)
       read -r busy1 total1 < <(cpu0_busy)
       stop_server
       rps=$(echo "$out" | awk '/^Requests\/sec/ { print $2 }')

@@ -63,6 +63,14 @@ function Response:getHeader(name)
   return self.headers[name:lower()]
 end
 
+-- What template middleware (the logger) wants done once the answer is decided.
+local function sent_hooks(res)
+  local hooks = res.on_send
+  if hooks then
+    for i = 1, #hooks do hooks[i](res) end
+  end
+end
+
 function Response:send(data)
   check(not self.sent, "res:send(data)", "a response was already sent for this request")
   local t = type(data)
@@ -70,10 +78,7 @@ function Response:send(data)
     "'data' must be a string, got " .. t .. " (use res:json for tables)")
   self.body = data and tostring(data) or ""
   self.sent = true
-  local hooks = self.on_send
-  if hooks then
-    for i = 1, #hooks do hooks[i](self) end
-  end
+  sent_hooks(self)
   return self
 end
 
@@ -118,11 +123,102 @@ function Response:cookie(name, value, options)
   return self
 end
 
+-- Whether this answer is gzip-compressed when the client accepts it (default: the app's
+-- `compress`).
+function Response:compress(on)
+  self.compressed = on ~= false
+  return self
+end
+
 function Response:redirect(url, code)
   check(type(url) == "string", "res:redirect(url, code)", "'url' must be a string, got " .. type(url))
   self:status(code or 302):setHeader("Location", url)
   self.headers["content-type"] = "text/plain; charset=utf-8"
   return self:send("Redirecting to " .. url)
+end
+
+-- Answers sent piece by piece (Moonbridge's request:send_status/send_header/send_data/flush/
+-- finish): the head goes out with the first piece; a Content-Length set before it frames the
+-- body, otherwise it is chunked. Each piece is queued at once; past STREAM_QUEUE bytes waiting,
+-- send_data waits for the client (memory stays bounded whatever the handler sends).
+local STREAM_QUEUE = 256 * 1024
+local PARK = core.PARK
+
+local function stream_started(res, call)
+  if res.streaming then return end
+  check(not res.sent, call, "the response was already sent with res:send (use one or the other)")
+  local length = res.headers["content-length"]
+  res.headers["content-length"] = nil
+  local ok, err = core.stream_start(res.connection, res.status_code, res.headers, tonumber(length))
+  check(ok, call, tostring(err))
+  res.streaming, res.sent = true, true
+  sent_hooks(res)
+end
+
+function Response:send_status(code)
+  check(not self.streaming, "res:send_status(code)", "the head was already sent (call it before send_data)")
+  return self:status(code)
+end
+
+function Response:send_header(name, value)
+  local call = "res:send_header(name, value)"
+  check(not self.streaming, call, "the head was already sent (call it before send_data)")
+  check(type(name) == "string" and (type(value) == "string" or type(value) == "number"), call,
+    "'name' and 'value' must be strings")
+  local key, before = name:lower(), self.headers[name:lower()]
+  if before == nil or key == "content-type" or key == "content-length" then
+    self.headers[key] = value
+  elseif type(before) == "table" then
+    before[#before + 1] = value
+  else
+    self.headers[key] = { before, value }
+  end
+  return self
+end
+
+-- Waits (in the handler's coroutine) until at most `most` bytes of the answer wait to be sent;
+-- nil and the reason once the connection is gone.
+local function wait_queue(res, most)
+  local co = coroutine.running()
+  while true do
+    local parked, err = core.stream_wait(res.connection, co, most)
+    if parked == nil then return nil, err end
+    if not parked then return true end
+    coroutine.yield(PARK)
+  end
+end
+
+function Response:send_data(...)
+  stream_started(self, "res:send_data(...)")
+  for i = 1, select("#", ...) do
+    local piece = select(i, ...)
+    check(type(piece) == "string" or type(piece) == "number", "res:send_data(...)",
+      "every piece must be a string, got " .. type(piece))
+    local queued, err = core.stream_send(self.connection, tostring(piece))
+    if not queued then return nil, err end
+    if queued > STREAM_QUEUE then
+      local ok, why = wait_queue(self, STREAM_QUEUE)
+      if not ok then return nil, why end
+    end
+  end
+  return true
+end
+
+function Response:flush()
+  stream_started(self, "res:flush()")
+  return wait_queue(self, 0)
+end
+
+function Response:finish()
+  stream_started(self, "res:finish()")
+  core.stream_end(self.connection)
+  self.finished = true
+  return true
+end
+
+function Response:close_after_finish()
+  core.stream_close_after(self.connection)
+  return self
 end
 
 local function new_response(app)
@@ -133,6 +229,35 @@ end
 ---------------------------------------------------------------------------------------------
 -- Requests: the engine's table with params, client_data, ip, and cookies parsed when read.
 
+-- Moonbridge's post_params, post_params_list, post_metadata and post_metadata_list of a
+-- urlencoded or multipart/form-data body (the last of a repeated name in the single-value
+-- tables); `post_error` says why a multipart body could not be read.
+local function post_fields(req)
+  local kind, body = rawget(req, "headers")["content-type"] or "", rawget(req, "raw_body")
+  local fields = { post_params = {}, post_params_list = {}, post_metadata = {}, post_metadata_list = {} }
+  if kind:find("application/x-www-form-urlencoded", 1, true) then
+    fields.post_params, fields.post_params_list = core.form(body), core.form_lists(body)
+  elseif kind:find("multipart/form-data", 1, true) then
+    local parts, err = core.multipart(body, kind)
+    fields.post_error = err
+    for _, part in ipairs(parts or {}) do
+      local name = part.name or ""
+      local meta = { file_name = part.file_name, content_type = part.content_type }
+      fields.post_params[name], fields.post_metadata[name] = part.value, meta
+      for list, value in pairs({ post_params_list = part.value, post_metadata_list = meta }) do
+        local t = fields[list][name] or {}
+        t[#t + 1] = value
+        fields[list][name] = t
+      end
+    end
+  end
+  for k, v in pairs(fields) do rawset(req, k, v) end
+end
+
+local POST_FIELDS = { post_params = true, post_params_list = true, post_metadata = true,
+  post_metadata_list = true, post_error = true }
+
+-- Fields made when first read.
 local Request = {
   __index = function(req, key)
     if key == "cookies" then
@@ -140,6 +265,15 @@ local Request = {
       local cookies = header and core.cookies(header) or {}
       rawset(req, "cookies", cookies)
       return cookies
+    elseif key == "get_params" then
+      return rawget(req, "query")
+    elseif key == "get_params_list" then
+      local lists = core.form_lists(rawget(req, "raw_query"))
+      rawset(req, key, lists)
+      return lists
+    elseif POST_FIELDS[key] and rawget(req, "post_params") == nil then
+      post_fields(req)
+      return rawget(req, key)
     end
   end,
 }
@@ -215,10 +349,10 @@ local function find(app, method, path, parts)
   return nil, nil, parts
 end
 
-local function add_route(group, method, path, handler)
-  local call = "app:" .. method:lower() .. "(path, handler)"
+local function add_route(group, method, path, handler, call)
+  call = call or "app:" .. method:lower() .. "(path, handler)"
   check(type(path) == "string" and path:sub(1, 1) == "/", call, "'path' must be a string starting with '/', got " .. tostring(path))
-  check(type(handler) == "function", call, "'handler' must be a function(req, res, client_data), got " .. type(handler))
+  check(type(handler) == "function", call, "'handler' must be a function, got " .. type(handler))
   local full = group.prefix .. path
   if path == "/" and group.prefix ~= "" then full = group.prefix end
   local app = group.app
@@ -231,7 +365,7 @@ local function add_route(group, method, path, handler)
     app.exact[method] = app.exact[method] or {}
     app.exact[method][full] = route
   end
-  return group
+  return route
 end
 
 ---------------------------------------------------------------------------------------------
@@ -245,8 +379,22 @@ for _, m in ipairs(METHODS) do
   local method = m:upper()
   Group[m] = function(self, path, handler)
     check(getmetatable(self) and self.app, "app:" .. m .. "(path, handler)", "call it with a colon: app:" .. m .. "(path, handler)")
-    return add_route(self, method, path, handler)
+    add_route(self, method, path, handler)
+    return self
   end
+end
+
+-- A GET route that upgrades to WebSocket: `handler(ws)` gets luna.new_web_app's `ws` object;
+-- the route's connections are one broadcast group. A request that asks for no upgrade gets 426.
+function Group:websocket(path, handler)
+  local call = "app:websocket(path, handler)"
+  check(getmetatable(self) and self.app, call, "call it with a colon: " .. call)
+  check(type(handler) == "function", call, "'handler' must be a function(ws), got " .. type(handler))
+  local route
+  route = add_route(self, "GET", path, function(_, res)
+    res.websocket, res.group, res.sent = handler, route.path, true
+  end, call)
+  return self
 end
 
 function Group:group(prefix)
@@ -320,11 +468,44 @@ local function step(chain, i, req, res)
   end)
 end
 
+-- Types worth compressing.
+local COMPRESSIBLE = { ["application/json"] = true, ["application/javascript"] = true,
+  ["application/xml"] = true, ["image/svg+xml"] = true, ["application/wasm"] = true }
+
+-- Whether an Accept-Encoding header takes gzip (or anything) with a weight above 0.
+local function accepts_gzip(header)
+  for coding, params in (header or ""):gmatch("%s*([^,;%s]+)([^,]*)") do
+    coding = coding:lower()
+    if coding == "gzip" or coding == "*" then
+      local q = tonumber(params:match("[qQ]%s*=%s*([%d.]+)") or "1")
+      return q ~= nil and q > 0
+    end
+  end
+  return false
+end
+
+-- Compresses the answer's body when asked to, the client takes gzip, the type compresses and the
+-- body is big enough to gain (a streamed answer or a file goes as it is).
+local function compress(app, req, res)
+  local on = res.compressed
+  if on == nil then on = app.config.compress end
+  if not on or res.streaming or res.file or #res.body < 1024 or res.headers["content-encoding"] then return end
+  local kind = (res.headers["content-type"] or ""):match("^[^;%s]+") or ""
+  if not (kind:find("^text/") or COMPRESSIBLE[kind:lower()]) then return end
+  local vary = res.headers.vary
+  res.headers.vary = vary and (vary .. ", Accept-Encoding") or "Accept-Encoding"
+  if not accepts_gzip(req.headers["accept-encoding"]) then return end
+  res.body = core.gzip(res.body)
+  res.headers["content-encoding"] = "gzip"
+end
+
 local function dispatch(app, req)
+  req.raw_body = req.body
   setmetatable(req, Request)
   req.client_data = app.clients[req.connection] or {}
   req.ip = req.peer_address
   local res = new_response(app)
+  res.connection = req.connection
   local method = req.method
   local route, params = find(app, method, req.path)
   if not route and method == "HEAD" then
@@ -345,8 +526,9 @@ local function dispatch(app, req)
   end
   chain[#chain + 1] = final_link(app, route, req, res)
   step(chain, 1, req, res)
+  compress(app, req, res)
   return { status = res.status_code, headers = res.headers, body = res.body, file = res.file,
-    offset = res.offset, length = res.length }
+    offset = res.offset, length = res.length, websocket = res.websocket, group = res.group }
 end
 
 ---------------------------------------------------------------------------------------------
@@ -568,7 +750,7 @@ local function is_app(self, call)
 end
 
 local CONFIG = { name = true, debug = true, no_errors = true, error_handler = true, new_client = true,
-  close_client = true, timeout_client = true, error_client = true }
+  close_client = true, timeout_client = true, error_client = true, compress = true }
 
 -- Calls event `name` of the config, if set.
 local function event(app, name, ...)

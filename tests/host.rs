@@ -286,6 +286,26 @@ fn udp_echo_example_pings_itself_and_serves_others() {
 }
 
 #[test]
+fn http_app_example_answers_routes_and_chats() {
+    let (out, took) = run(host().arg("examples/http_app.lua"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    assert!(lines[0].starts_with("Server listening on http://127.0.0.1:"), "{text}");
+    assert_eq!(lines[1], r#"201 {"saved":"ada"}"#);
+    assert!(
+        lines[2].starts_with("200 {")
+            && lines[2].contains(r#""points":7"#)
+            && lines[2].contains(r#""name":"ada""#),
+        "{text}"
+    );
+    assert_eq!(lines[3], "405 Method Not Allowed");
+    assert_eq!(lines[4], "chat: hello from Lua");
+    assert!(took < Duration::from_secs(5), "took {took:?}");
+}
+
+#[test]
 fn http_example_asks_itself_and_serves_others() {
     use std::io::Read;
     use std::net::TcpStream;

@@ -562,6 +562,17 @@ impl Driver {
         self.entries.get(key)?.listener
     }
 
+    /// Runs a stream on another protocol from now on, its events reported with `tag` (see
+    /// `Stream::replace_proto`), and writes what that protocol has to say.
+    pub fn replace_proto(&mut self, key: Key, proto: Box<dyn StreamProtocol>, tag: Tag, received: &[u8]) {
+        let now = self.now;
+        let Some(entry) = self.entries.get_mut(key) else { return };
+        let Io::Stream(stream) = &mut entry.io else { return };
+        entry.tag = tag;
+        stream.replace_proto(proto, received, now);
+        self.flush(key);
+    }
+
     /// Upgrades a ready plain stream to TLS (see `Stream::start_tls`).
     pub fn start_tls(&mut self, key: Key, tls: Tls, leftover: &[u8]) -> std::result::Result<(), String> {
         let now = self.now;

@@ -235,6 +235,17 @@ impl Stream {
         self.read_paused && self.proto.wants_input()
     }
 
+    /// Hands the stream to another protocol (an HTTP connection upgraded to WebSocket): what
+    /// the old one queued goes out first; the new one gets `received`, bytes the old one had
+    /// read and not used.
+    pub(super) fn replace_proto(&mut self, proto: Box<dyn StreamProtocol>, received: &[u8], now: Instant) {
+        let pending = self.proto.outgoing().len();
+        self.out.extend_from_slice(self.proto.outgoing());
+        self.proto.consume_outgoing(now, pending);
+        self.proto = proto;
+        self.proto.handle_bytes(now, received);
+    }
+
     /// Adds TLS to a plain, ready stream: what the protocol queued so far goes out in plaintext
     /// first; `leftover` (bytes already read past the plaintext part) is the start of the
     /// peer's TLS records.

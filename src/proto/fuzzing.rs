@@ -106,7 +106,7 @@ impl Subject {
                 }
                 _ => while let Some(Received::Message(..)) = ws.receive() {},
             },
-            Subject::Http(http) => match arg & 7 {
+            Subject::Http(http) => match arg & 15 {
                 0 | 1 => {
                     if let Some(r) = http.take_request() {
                         assert!(r.body.len() <= HTTP_LIMITS.max_body_size);
@@ -118,6 +118,19 @@ impl Subject {
                 4 => answer(http, now, 200, &[(b"connection", b"close")], b"bye"),
                 5 => answer(http, now, 200, &[(b"bad name", b"1")], b""),
                 6 => http.finish(),
+                8 | 9 => {
+                    let length = (arg & 1 == 0).then_some(size as u64 * 100);
+                    let response = Response { status: 200, headers: &[], body: b"", date: "" };
+                    let _ = http.respond_streamed(now, response, length);
+                }
+                // As the layer above feeds a body: while it wants more.
+                10 if http.wants_body() => http.send_body(now, &vec![b's'; size * 50]),
+                11 => http.end_body(now),
+                12 => {
+                    if let Some(bytes) = http.take_upgrade() {
+                        assert!(!bytes.is_empty() && !http.awaits_response());
+                    }
+                }
                 _ => answer(http, now, 500, &[], &vec![b'e'; size * 64]),
             },
         }
@@ -310,11 +323,13 @@ impl Harness {
         }
         for _ in 0..20 {
             if let Subject::Http(http) = &mut self.subject {
-                // The layer above answers what it was given (a handler ends, or gets a 500).
+                // The layer above answers what it was given (a handler ends, or gets a 500) and
+                // ends a streamed body (a file is read to its end).
                 let _ = http.take_request();
                 if http.awaits_response() {
                     answer(http, self.now, 200, &[], b"late");
                 }
+                http.end_body(self.now);
             }
             self.drain(usize::MAX);
             self.settle();

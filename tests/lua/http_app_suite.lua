@@ -289,6 +289,125 @@ return function(T, luna)
     os.remove(base)
   end, 20)
 
+  T.test("http app: answers sent piece by piece (Moonbridge's send_data, flush, finish)", function()
+    local flushed, errors_seen
+    local app, port, errors = app_on(nil, function(app)
+      app:get("/chunked", function(_, res)
+        res:send_status(201):send_header("X-Part", "1"):send_header("X-Part", "2")
+        res:send_data("one ", "two ")
+        res:send_data(3)
+        res:finish()
+      end)
+      app:get("/length", function(_, res)
+        res:send_header("Content-Length", "10")
+        res:send_data("0123456789")
+      end)
+      app:get("/big", function(_, res)
+        for _ = 1, 512 do assert(res:send_data(("x"):rep(65536))) end
+        flushed = res:flush()
+      end)
+      app:get("/close", function(_, res)
+        res:close_after_finish()
+        res:send_data("bye")
+      end)
+      app:get("/fail", function(_, res)
+        res:send_data("partial")
+        error("failed half-way")
+      end)
+    end)
+    local s = assert(luna.tcp.connect("127.0.0.1", port))
+    s:write("GET /chunked HTTP/1.1\r\nHost: t\r\n\r\nGET /length HTTP/1.1\r\nHost: t\r\n\r\n")
+    local raw = ""
+    while not raw:find("0123456789", 1, true) do raw = raw .. assert(s:read()) end
+    T.ok(raw:find("^HTTP/1.1 201 Created\r\n"), raw)
+    T.ok(raw:find("transfer-encoding: chunked\r\n", 1, true), "chunked without a length")
+    T.ok(raw:find("x-part: 1\r\nx-part: 2\r\n", 1, true), "repeated send_header")
+    T.ok(raw:find("\r\n\r\n4\r\none \r\n4\r\ntwo \r\n1\r\n3\r\n0\r\n\r\nHTTP/1.1 200 OK", 1, true), raw)
+    T.ok(raw:find("content-length: 10\r\n", 1, true) and raw:find("\r\n\r\n0123456789$"), "a length given first")
+    s:close()
+    -- A client that reads slowly: the handler waits in send_data and flush, memory stays bounded.
+    s = assert(luna.tcp.connect("127.0.0.1", port))
+    s:write("GET /big HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
+    luna.sleep(0.2)
+    T.eq(flushed, nil, "the handler still waits for the client")
+    local got = 0
+    while true do
+      local chunk = s:read()
+      if not chunk then break end
+      got = got + #chunk
+    end
+    T.ok(got > 512 * 65536, "all 32 MiB arrived: " .. got)
+    T.wait_until(function() return flushed end, 2, "flush returned")
+    local closing = exchange(port, "GET /close HTTP/1.1\r\nHost: t\r\n\r\n")
+    T.eq(closing[1] and closing[1].headers.connection, "close", "close_after_finish")
+    s = assert(luna.tcp.connect("127.0.0.1", port))
+    s:write("GET /fail HTTP/1.1\r\nHost: t\r\n\r\n")
+    raw = ""
+    while true do
+      local chunk = s:read()
+      if not chunk then break end
+      raw = raw .. chunk
+    end
+    -- What was queued may or may not have left before the cut; it is never ended as if whole.
+    T.ok(not raw:find("0\r\n\r\n", 1, true) and not raw:find(" 500 ", 1, true), "cut: " .. raw)
+    T.ok(errors[1] and errors[1]:find("failed half-way", 1, true), tostring(errors[1]))
+    app:stop()
+  end)
+
+  T.test("http app: Moonbridge's GET and POST parameters, urlencoded and multipart", function()
+    local seen
+    local app, port = app_on(nil, function(app)
+      app:use(app.templates.body_parser())
+      app:post("/form", function(req, res)
+        seen = req
+        res:send("ok")
+      end)
+    end)
+    request(port, "POST", "/form?a=1&a=2&b=x%20y", "Content-Type: application/x-www-form-urlencoded\r\n", "n=1&n=2&m=%C3%A9")
+    T.eq(seen.get_params.b, "x y", "get_params")
+    T.eq(table.concat(seen.get_params_list.a, ","), "1,2", "get_params_list")
+    T.eq(seen.post_params.m, "é", "post_params")
+    T.eq(table.concat(seen.post_params_list.n, ","), "1,2", "post_params_list")
+    T.eq(type(seen.body), "table", "body_parser replaced req.body")
+    T.eq(seen.raw_body, "n=1&n=2&m=%C3%A9", "raw_body keeps the text")
+    local b = "XyZ"
+    local body = "--" .. b .. "\r\nContent-Disposition: form-data; name=\"title\"\r\n\r\nhello\r\n"
+      .. "--" .. b .. "\r\nContent-Disposition: form-data; name=\"file\"; filename=\"a.bin\"\r\n"
+      .. "Content-Type: application/octet-stream\r\n\r\n\0\1\2\r\n"
+      .. "--" .. b .. "\r\nContent-Disposition: form-data; name=\"file\"; filename=\"b.txt\"\r\n\r\nsecond\r\n"
+      .. "--" .. b .. "--\r\n"
+    request(port, "POST", "/form", "Content-Type: multipart/form-data; boundary=" .. b .. "\r\n", body)
+    T.eq(seen.post_params.title, "hello", "a text field")
+    T.eq(seen.post_params_list.file[1], "\0\1\2", "a file's bytes")
+    T.eq(seen.post_metadata_list.file[1].file_name, "a.bin", "its file name")
+    T.eq(seen.post_metadata_list.file[1].content_type, "application/octet-stream", "its type")
+    T.eq(seen.post_metadata.file.file_name, "b.txt", "the last of a repeated name")
+    request(port, "POST", "/form", "Content-Type: multipart/form-data; boundary=" .. b .. "\r\n", "--" .. b .. "\r\ngarbage")
+    T.ok(seen.post_error, "a malformed body says why")
+    T.eq(next(seen.post_params), nil, "and has no fields")
+    app:stop()
+  end)
+
+  T.test("http app: gzip when asked, accepted and worth it", function()
+    local text = ("Luna compresses text. "):rep(200)
+    local app, port = app_on({ compress = true }, function(app)
+      app:get("/text", function(_, res) res:send(text) end)
+      app:get("/small", function(_, res) res:send("tiny") end)
+      app:get("/png", function(_, res) res:setHeader("Content-Type", "image/png"):send(text) end)
+      app:get("/off", function(_, res) res:compress(false):send(text) end)
+    end)
+    local gz = get(port, "/text", "Accept-Encoding: br;q=1, gzip;q=0.5\r\n")
+    T.eq(gz.headers["content-encoding"], "gzip", "compressed")
+    T.eq(gz.headers.vary, "Accept-Encoding", "Vary")
+    T.ok(#gz.body < #text / 5 and gz.body:sub(1, 2) == "\31\139", "a gzip stream, smaller: " .. #gz.body)
+    T.eq(get(port, "/text").body, text, "not without Accept-Encoding")
+    T.eq(get(port, "/text", "Accept-Encoding: gzip;q=0\r\n").body, text, "not when refused (q=0)")
+    T.eq(get(port, "/small", "Accept-Encoding: gzip\r\n").headers["content-encoding"], nil, "not for a tiny body")
+    T.eq(get(port, "/png", "Accept-Encoding: gzip\r\n").headers["content-encoding"], nil, "not for images")
+    T.eq(get(port, "/off", "Accept-Encoding: gzip\r\n").headers["content-encoding"], nil, "not when turned off")
+    app:stop()
+  end)
+
   T.test("http app: cors, rate_limited, body_parser, logger templates", function()
     local lines = {}
     local app, port = app_on(nil, function(app)
@@ -354,6 +473,72 @@ return function(T, luna)
     T.eq(events[5], "close response_sent", "reason")
     app:stop()
     T.ok(not app:is_running(), "stopped")
+  end)
+
+  T.test("http app: WebSocket routes on the same port, with middleware, groups and 426", function()
+    local lunac = require("lunac")
+    local seen = {}
+    local app, port = app_on(nil, function(app)
+      app:use(function(req, res, nxt)
+        seen[#seen + 1] = req.path
+        if req.query.token ~= "ok" then return res:status(401):send("no token") end
+        nxt()
+      end)
+      app:get("/page", function(_, res) res:send("a page") end)
+      app:websocket("/chat", function(ws)
+        while true do
+          local message = ws:receive()
+          if not message then return end
+          ws:broadcast("all: " .. message)
+          ws:send("echo: " .. message)
+        end
+      end)
+    end)
+    local log = { messages = {} }
+    local c = lunac.connect_to_web_app({ name = "app chat client", url = "ws://127.0.0.1:" .. port .. "/chat?token=ok",
+      debug = false,
+      on_connect = function() log.connected = true end,
+      on_message = function(_, message) log.messages[#log.messages + 1] = message end,
+      on_close = function(_, code) log.closed = code end })
+    T.wait_until(function() return log.connected end, 2, "the upgrade")
+    T.eq(app:get_client_count(), 0, "an upgraded connection is no HTTP client any more")
+    c:send("hi")
+    T.wait_until(function() return #log.messages == 2 end, 2, "two answers")
+    T.eq(log.messages[1], "all: hi", "broadcast to the route's group")
+    T.eq(log.messages[2], "echo: hi", "the ws object")
+    T.eq(get(port, "/page?token=ok").body, "a page", "plain HTTP on the same port")
+    local plain = get(port, "/chat?token=ok")
+    T.eq(plain.status, 426, "a plain request to a WebSocket route")
+    T.eq(plain.headers.upgrade, "websocket", "with Upgrade")
+    local refused = { messages = {} }
+    lunac.connect_to_web_app({ name = "refused client", url = "ws://127.0.0.1:" .. port .. "/chat", debug = false,
+      on_close = function(_, code) refused.closed = code or true end })
+    T.wait_until(function() return refused.closed end, 2, "the refusal")
+    T.eq(seen[#seen], "/chat", "middleware saw the upgrade request")
+    lunac.disconnect_to_web_app(c)
+    T.wait_until(function() return log.closed end, 2, "closed")
+    app:stop()
+  end)
+
+  T.test("luna.serve: handleWebSocket takes every upgrade", function()
+    local lunac = require("lunac")
+    local server = luna.serve({ port = 0, handleRequest = function() return "http" end,
+      handleWebSocket = function(ws)
+        local message = ws:receive()
+        ws:send("got " .. message)
+        ws:close(1000, "done")
+      end })
+    local log = { messages = {} }
+    local c = lunac.connect_to_web_app({ name = "serve ws client", url = "ws://127.0.0.1:" .. server.port .. "/any",
+      debug = false,
+      on_connect = function(self) self:send("x") end,
+      on_message = function(_, message) log.messages[#log.messages + 1] = message end,
+      on_close = function(_, code) log.closed = code end })
+    T.wait_until(function() return log.closed end, 2, "the session")
+    T.eq(log.messages[1], "got x", "handled")
+    T.eq(log.closed, 1000, "closed by the handler")
+    T.eq(get(server.port, "/").body, "http", "other requests go to handleRequest")
+    server:stop()
   end)
 
   T.main("http app: misuse names the call and the fix", function()

@@ -226,8 +226,8 @@ return function(T, luna)
   T.main("http: misuse names the call and the fix", function()
     T.raises({ "luna.serve", "port" }, luna.serve, "x")
     T.raises({ "luna.serve", "handleRequest" }, luna.serve, 0, {})
-    T.raises({ "luna.serve", "handleWebSocket", "new_web_app" }, luna.serve, 0,
-      { handleRequest = print, handleWebSocket = print })
+    T.raises({ "luna.serve", "unknown option 'max_mesage_size'" }, luna.serve, 0,
+      { handleRequest = print, websocket = { max_mesage_size = 1 } })
     T.raises({ "luna.serve", "unknown" }, luna.serve, 0, { handleRequest = print, prot = 1 })
     T.raises({ "luna.serve", "given twice" }, luna.serve, 0, { handleRequest = print, port = 1 })
   end)

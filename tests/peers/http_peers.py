@@ -4,6 +4,8 @@ sockets (pipelining, slowloris, garbage, a client that never reads) and 200 conc
 connections. Prints one line per check and "N passed, M failed"."""
 
 import hashlib
+import queue
+import shutil
 import os
 import socket
 import subprocess
@@ -178,6 +180,51 @@ def hostile_checks(port, server):
     check("the server survived everything", server.poll() is None)
 
 
+# Loaded from our static server; talks WebSocket to the same origin and posts what it got.
+BROWSER_PAGE = """<!doctype html><meta charset="utf-8"><body>waiting<script>
+const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/chat");
+const report = text => fetch("/result", {method: "POST", body: text}).then(() => document.body.textContent = text);
+ws.onopen = () => ws.send("ping");
+ws.onmessage = e => report(e.data);
+ws.onerror = () => report("error");
+</script>"""
+
+
+def server_lines(server):
+    """The server's later output lines, as a queue filled by a thread."""
+    lines = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(l.strip()) for l in server.stdout], daemon=True).start()
+    return lines
+
+
+def browser_check(port, tls_port, lines):
+    """Headless Chromium loads a page from the app's static directory (http and https) whose
+    script opens a WebSocket to the same port; the server prints what the page reports."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if not chromium:
+        check("chromium is installed (.ci/run installs it)", False)
+        return
+    for protocol, p in (("http", port), ("https", tls_port)):
+        with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
+            browser = subprocess.Popen(
+                [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--ignore-certificate-errors", f"--user-data-dir={profile}",
+                 f"{protocol}://127.0.0.1:{p}/ws.html"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            line, deadline = "", time.time() + 60
+            try:
+                while time.time() < deadline and not line.startswith("result"):
+                    try:
+                        line = lines.get(timeout=max(0.1, deadline - time.time()))
+                    except queue.Empty:
+                        break
+            finally:
+                os.killpg(browser.pid, 9)
+                browser.wait(5)
+        check(f"Chromium over {protocol}: a page from static, a WebSocket to the same port",
+              line == f"result {protocol} pong ping", line)
+
+
 def static_tree(base):
     """A static root with index.html and a 64 MiB file, and a secret beside it."""
     root = os.path.join(base, "root")
@@ -186,6 +233,8 @@ def static_tree(base):
         f.write("SECRET")
     with open(os.path.join(root, "index.html"), "w") as f:
         f.write("<p>home</p>")
+    with open(os.path.join(root, "ws.html"), "w") as f:
+        f.write(BROWSER_PAGE)
     big = os.path.join(root, "big.bin")
     with open(big, "wb") as f:
         for _ in range(64):
@@ -216,6 +265,16 @@ def app_checks(port, server, big):
     for attack in ["/../secret.txt", "/%2e%2e/secret.txt", "/..%2fsecret.txt", "/..././secret.txt"]:
         rc, out, _ = curl("--path-as-is", f"{base}{attack}")
         check(f"curl --path-as-is {attack}: refused", b"SECRET" not in out, out[:80])
+    with tempfile.NamedTemporaryFile(suffix=".bin") as f:
+        f.write(os.urandom(3 << 20))
+        f.flush()
+        rc, out, _ = curl("-F", "title=a game", "-F", f"file=@{f.name}", f"{base}/upload")
+        got = json.loads(out) if rc == 0 else None
+        check("curl -F: a 3 MiB multipart upload", got == {"title": "a game", "name": os.path.basename(f.name),
+                                                          "size": 3 << 20}, out[:200])
+    rc, out, err = curl("-v", "--compressed", f"{base}/text")
+    check("curl --compressed: a gzip answer, decoded by curl", rc == 0 and out == b"gzip me " * 4096
+          and "< content-encoding: gzip" in err, err[-300:])
     rc, out, _ = curl(f"{base}/api/items/a%20b")
     check("curl: a route parameter in a group, as JSON", rc == 0 and out == b'{"id":"a b"}', out)
     rc, out, _ = curl("-d", "name=ada&lang=lua", f"{base}/form")
@@ -236,20 +295,21 @@ def app_checks(port, server, big):
 
 
 def main():
-    port, tls_port, app_port = free_port(), free_port(), free_port()
+    port, tls_port, app_port, app_tls_port = free_port(), free_port(), free_port(), free_port()
     with tempfile.TemporaryDirectory() as base:
         root, big = static_tree(base)
         server = subprocess.Popen([HOST_BIN, os.path.join(PEERS, "http_server.lua"), str(port), str(tls_port), DATA,
-                                   str(app_port), root],
+                                   str(app_port), str(app_tls_port), root],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            # The app prints where it listens first.
-            ready = "ready" in (server.stdout.readline().strip(), server.stdout.readline().strip())
+            # The apps print where they listen first.
+            ready = any(server.stdout.readline().strip() == "ready" for _ in range(4))
             check("the server starts", ready)
             if ready:
                 curl_checks(port, tls_port)
                 python_checks(port)
                 app_checks(app_port, server, big)
+                browser_check(app_port, app_tls_port, server_lines(server))
                 hostile_checks(port, server)
         finally:
             server.terminate()

@@ -55,12 +55,10 @@ fn file(lua: &Lua, (root, path): (mlua::String, mlua::String)) -> Result<MultiVa
         Ok((p, meta)) => {
             let mtime = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok());
             let p = lua.create_string(p.as_os_str().as_encoded_bytes())?;
-            let size = meta.len() as f64;
-            Ok(MultiValue::from_iter([
-                Value::String(p),
-                Value::Number(size),
-                Value::Number(mtime.map_or(0, |d| d.as_secs()) as f64),
-            ]))
+            // Integers, so Lua 5.4 shows them without a fraction.
+            let size = meta.len() as i64;
+            let mtime = mtime.map_or(0, |d| d.as_secs() as i64);
+            Ok(MultiValue::from_iter([Value::String(p), Value::Integer(size), Value::Integer(mtime)]))
         }
         Err(why) => Ok(MultiValue::from_iter([Value::Nil, Value::String(lua.create_string(why)?)])),
     }
@@ -148,9 +146,71 @@ fn http_date(_: &Lua, secs: f64) -> Result<String> {
 }
 
 /// `core.parse_http_date(text)` → seconds since the epoch, or nil for a malformed date.
-fn parse_http_date(_: &Lua, text: String) -> Result<Option<f64>> {
+fn parse_http_date(_: &Lua, text: String) -> Result<Option<i64>> {
     let at = httpdate::parse_http_date(&text).ok();
-    Ok(at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs() as f64))
+    Ok(at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs() as i64))
+}
+
+/// `core.gzip(data)` → `data` gzip-compressed.
+fn gzip(lua: &Lua, data: mlua::String) -> Result<mlua::String> {
+    use std::io::Write;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(&data.as_bytes()).map_err(mlua::Error::external)?;
+    lua.create_string(encoder.finish().map_err(mlua::Error::external)?)
+}
+
+/// `core.multipart(body, content_type)` → the fields of a `multipart/form-data` body, in order,
+/// as `{name, value, file_name, content_type}`; or nil and why it is malformed. The body is
+/// whole already (within the server's body limit), so this never waits.
+fn multipart(
+    lua: &Lua,
+    (body, content_type): (mlua::String, String),
+) -> Result<(Option<Table>, Option<String>)> {
+    let Ok(boundary) = multer::parse_boundary(&content_type) else {
+        return Ok((None, Some("no multipart boundary in the Content-Type".into())));
+    };
+    let body = multer::bytes::Bytes::copy_from_slice(&body.as_bytes());
+    let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(body) });
+    let mut parts = multer::Multipart::new(stream, boundary);
+    let list = lua.create_table()?;
+    let read = pollster::block_on(async {
+        while let Some(field) = parts.next_field().await? {
+            let t = lua.create_table().map_err(multer_error)?;
+            t.raw_set("name", field.name()).map_err(multer_error)?;
+            t.raw_set("file_name", field.file_name()).map_err(multer_error)?;
+            t.raw_set("content_type", field.content_type().map(|m| m.to_string())).map_err(multer_error)?;
+            let value = field.bytes().await?;
+            t.raw_set("value", lua.create_string(&value).map_err(multer_error)?).map_err(multer_error)?;
+            list.raw_push(t).map_err(multer_error)?;
+        }
+        Ok::<_, multer::Error>(())
+    });
+    match read {
+        Ok(()) => Ok((Some(list), None)),
+        Err(e) => Ok((None, Some(e.to_string()))),
+    }
+}
+
+/// A Lua failure inside the multipart reader (out of memory), carried as a multipart error.
+fn multer_error(e: mlua::Error) -> multer::Error {
+    multer::Error::StreamReadFailed(Box::new(std::io::Error::other(e.to_string())))
+}
+
+/// `core.form_lists(text)` → name → every value of a urlencoded form or query, in order.
+fn form_lists(lua: &Lua, text: mlua::String) -> Result<Table> {
+    let t = lua.create_table()?;
+    for (k, v) in form_urlencoded::parse(&text.as_bytes()) {
+        let list = match t.raw_get::<Option<Table>>(k.as_ref())? {
+            Some(list) => list,
+            None => {
+                let list = lua.create_table()?;
+                t.raw_set(k.as_ref(), &list)?;
+                list
+            }
+        };
+        list.raw_push(v.as_ref())?;
+    }
+    Ok(t)
 }
 
 /// The helpers, for `lua/http_app.lua`.
@@ -162,7 +222,11 @@ pub(crate) fn core(lua: &Lua) -> Result<Table> {
     core.set("set_cookie", lua.create_function(set_cookie)?)?;
     core.set("form", lua.create_function(form)?)?;
     core.set("mime", lua.create_function(mime)?)?;
+    core.set("gzip", lua.create_function(gzip)?)?;
+    core.set("multipart", lua.create_function(multipart)?)?;
+    core.set("form_lists", lua.create_function(form_lists)?)?;
     core.set("http_date", lua.create_function(http_date)?)?;
     core.set("parse_http_date", lua.create_function(parse_http_date)?)?;
+    super::streamed::register(lua, &core)?;
     Ok(core)
 }

@@ -6,20 +6,23 @@
 //! responses. Also `luna.url_encode` / `luna.url_decode`.
 
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use mlua::{Function, Lua, RegistryKey, Result, Table, Value};
 use rustc_hash::FxHashMap;
 
 mod app;
+mod streamed;
 
 use super::error::{lua_type, message, misuse};
 use super::options::Options;
 use super::policy::Policy;
-use super::{addr, runtime, sched, Runtime};
+use super::{addr, runtime, sched, ws, Runtime};
 use crate::driver::net::ListenOptions;
 use crate::driver::{Event, EventKind, Key, ListenerConfig, Tag};
 use crate::proto::http::{HttpLimits, HttpServerConn, Request, Response};
+use crate::proto::ws::Settings;
 
 /// The tag of every entry this module opens.
 pub(crate) const TAG: Tag = 4;
@@ -47,6 +50,7 @@ const CONFIG_KEYS: &[&str] = &[
     "no_errors",
     "on_open",
     "on_close",
+    "websocket",
 ];
 
 struct Server {
@@ -54,12 +58,18 @@ struct Server {
     shared: Rc<Shared>,
     listener: Option<Key>,
     stopped: bool,
+    /// `handleWebSocket`: runs every WebSocket upgrade request (not `handleRequest`).
+    ws_handler: Option<RegistryKey>,
+    /// The sessions of upgraded connections get these.
+    ws_settings: Arc<Settings>,
+    /// The WebSocket server record of the connections upgraded so far.
+    ws_server: Option<u64>,
 }
 
 /// What a server's connections share with it, kept by each so a connection that outlives its
 /// stopped server still reports its end.
 struct Shared {
-    policy: Policy,
+    policy: Rc<Policy>,
     /// `on_open(connection, peer_address)` and `on_close(connection, reason)`.
     on_open: Option<RegistryKey>,
     on_close: Option<RegistryKey>,
@@ -91,6 +101,8 @@ pub(crate) struct HttpState {
     servers: FxHashMap<u64, Server>,
     listeners: FxHashMap<Key, u64>,
     conns: FxHashMap<Key, Conn>,
+    /// Connections by the number requests carry.
+    keys: FxHashMap<u64, Key>,
     next_id: u64,
     next_conn: u64,
     /// The `Date` value and the second it is for.
@@ -157,12 +169,11 @@ fn serve(lua: &Lua, (first, second): (Value, Value)) -> Result<Table> {
     let handler = opts.function("handleRequest")?.ok_or_else(|| {
         misuse(CALL, "'handleRequest' is required: a function(request) returning the response")
     })?;
-    if opts.function("handleWebSocket")?.is_some() {
-        return Err(misuse(
-            CALL,
-            "'handleWebSocket' is not supported yet; serve WebSockets with luna.new_web_app",
-        ));
-    }
+    let ws_handler = opts.function("handleWebSocket")?.map(|f| lua.create_registry_value(f)).transpose()?;
+    let ws_settings = match opts.table("websocket")? {
+        Some(t) => ws::upgrade_settings(&Options::new(CALL, Value::Table(t), ws::UPGRADE_KEYS)?)?,
+        None => Arc::new(Settings::default()),
+    };
     let host = match (opts.string("host")?, opts.string("address")?) {
         (Some(host), _) => host,
         // Lune's form: "http://0.0.0.0".
@@ -186,7 +197,8 @@ fn serve(lua: &Lua, (first, second): (Value, Value)) -> Result<Table> {
         debug: false,
     };
     let hook = |name| opts.function(name).and_then(|f| f.map(|f| lua.create_registry_value(f)).transpose());
-    let shared = Rc::new(Shared { policy, on_open: hook("on_open")?, on_close: hook("on_close")? });
+    let shared =
+        Rc::new(Shared { policy: Rc::new(policy), on_open: hook("on_open")?, on_close: hook("on_close")? });
 
     let rt = runtime(lua)?;
     let id = {
@@ -196,7 +208,15 @@ fn serve(lua: &Lua, (first, second): (Value, Value)) -> Result<Table> {
     };
     rt.http.borrow_mut().servers.insert(
         id,
-        Server { handler: lua.create_registry_value(handler)?, shared, listener: None, stopped: false },
+        Server {
+            handler: lua.create_registry_value(handler)?,
+            shared,
+            listener: None,
+            stopped: false,
+            ws_handler,
+            ws_settings,
+            ws_server: None,
+        },
     );
     let handle = lua.create_table()?;
     handle.set("port", port)?;
@@ -316,6 +336,12 @@ fn forget(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
     if let Some(key) = server.listener {
         close_listener(rt, key);
     }
+    if let Some(ws_server) = server.ws_server {
+        ws::remove_server(lua, rt, ws_server)?; // its connections get a close frame (1001)
+    }
+    if let Some(handler) = server.ws_handler {
+        lua.remove_registry_value(handler)?;
+    }
     lua.remove_registry_value(server.handler)
 }
 
@@ -331,6 +357,8 @@ pub(crate) fn event(lua: &Lua, rt: &Runtime, event: Event) -> Result<()> {
         EventKind::News => news(lua, rt, event.key),
         EventKind::Drained | EventKind::Wake => {
             pump(rt, event.key);
+            // A handler waiting in `res:flush()`.
+            rt.sched.borrow_mut().wake(event.key);
             Ok(())
         }
     }
@@ -364,10 +392,20 @@ fn accepted(lua: &Lua, rt: &Runtime, key: Key, listener: Key) -> Result<()> {
             starting: false,
         };
         http.conns.insert(key, conn);
+        http.keys.insert(id, key);
         id
     };
     call_hook(lua, &shared, shared.on_open.as_ref(), (id, address))?;
     news(lua, rt, key)
+}
+
+/// Drops a connection's record; a handler waiting in `res:flush()` learns it is gone.
+fn forget_conn(rt: &Runtime, key: Key) -> Option<Conn> {
+    let mut http = rt.http.borrow_mut();
+    let conn = http.conns.remove(&key)?;
+    http.keys.remove(&conn.id);
+    rt.sched.borrow_mut().wake(key);
+    Some(conn)
 }
 
 /// Calls a connection hook; its errors go to the server's error policy.
@@ -411,7 +449,7 @@ fn start_requests(lua: &Lua, rt: &Runtime, key: Key, server: u64) -> Result<()> 
         };
         if let Some(reason) = closed {
             // A running handler finds the connection gone and drops its answer.
-            let conn = rt.http.borrow_mut().conns.remove(&key);
+            let conn = forget_conn(rt, key);
             rt.driver.borrow_mut().close(key);
             return match conn {
                 Some(c) => call_hook(lua, &c.shared, c.shared.on_close.as_ref(), (c.id, reason)),
@@ -422,12 +460,19 @@ fn start_requests(lua: &Lua, rt: &Runtime, key: Key, server: u64) -> Result<()> 
             return Ok(());
         }
         // Looked up before the request is taken, so a failure leaves it for the next news.
-        let handler =
-            rt.http.borrow().servers.get(&server).map(|s| lua.registry_value::<Function>(&s.handler));
-        let Some(handler) = handler else { return Ok(()) };
-        let (handler, runner) = (handler?, runner(lua, rt)?);
+        let handlers = rt.http.borrow().servers.get(&server).map(|s| {
+            let ws = s.ws_handler.as_ref().map(|k| lua.registry_value::<Function>(k));
+            (lua.registry_value::<Function>(&s.handler), ws)
+        });
+        let Some((handler, ws_handler)) = handlers else { return Ok(()) };
+        let (handler, ws_handler, runner) = (handler?, ws_handler.transpose()?, runner(lua, rt)?);
         let request = rt.driver.borrow_mut().proto::<HttpServerConn>(key).and_then(|p| p.take_request());
         let Some(request) = request else { return Ok(()) };
+        if let Some(ws_handler) = ws_handler {
+            if hand_over(lua, rt, key, server, "default".into(), ws_handler)? {
+                return Ok(());
+            }
+        }
         if let Some(c) = rt.http.borrow_mut().conns.get_mut(&key) {
             c.busy = true;
         }
@@ -497,10 +542,73 @@ fn form_table(lua: &Lua, text: &[u8]) -> Result<Option<Table>> {
     Ok(table)
 }
 
+/// Hands the connection of a WebSocket upgrade request to a WebSocket session running
+/// `handler(ws)` in `group`; false (nothing done) when the request did not ask for an upgrade.
+fn hand_over(
+    lua: &Lua,
+    rt: &Runtime,
+    key: Key,
+    server: u64,
+    group: String,
+    handler: Function,
+) -> Result<bool> {
+    let settings = match rt.http.borrow().servers.get(&server) {
+        Some(s) => s.ws_settings.clone(),
+        None => return Ok(false),
+    };
+    let head = rt.driver.borrow_mut().proto::<HttpServerConn>(key).and_then(|p| p.take_upgrade());
+    let Some(head) = head else { return Ok(false) };
+    let existing = rt.http.borrow().servers.get(&server).and_then(|s| s.ws_server);
+    let ws_server = match existing {
+        Some(id) => id,
+        None => {
+            let Some(policy) = rt.http.borrow().servers.get(&server).map(|s| s.shared.policy.clone()) else {
+                return Ok(false);
+            };
+            let id = ws::attach(lua, rt, format!("{} (WebSocket)", policy.label), policy)?;
+            if let Some(s) = rt.http.borrow_mut().servers.get_mut(&server) {
+                s.ws_server = Some(id);
+            }
+            id
+        }
+    };
+    let conn = forget_conn(rt, key);
+    ws::upgrade(lua, rt, key, ws::Handover { server: ws_server, group, handler, settings }, &head)?;
+    match conn {
+        Some(c) => call_hook(lua, &c.shared, c.shared.on_close.as_ref(), (c.id, "upgraded")).map(|()| true),
+        None => Ok(true),
+    }
+}
+
+/// The answer to a request that asked for no upgrade when the handler accepted one.
+fn upgrade_required(rt: &Runtime, key: Key) {
+    let headers: &[(&[u8], &[u8])] = &[
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"sec-websocket-version", b"13"),
+        (b"upgrade", b"websocket"),
+    ];
+    // Valid by construction: it cannot fail.
+    let _ = send(
+        rt,
+        key,
+        Response { status: 426, headers, body: b"Upgrade Required: connect with WebSocket\n", date: "" },
+    );
+}
+
 /// A request's handler ended: its answer (or a 500) goes out, and the next request may start.
+/// An answer `{websocket = handler}` upgrades the connection to WebSocket instead (426 if the
+/// request did not ask for that).
 fn answered(lua: &Lua, rt: &Runtime, key: Key, server: u64, result: Result<Value>) -> Result<()> {
     if let Some(c) = rt.http.borrow_mut().conns.get_mut(&key) {
         c.busy = false;
+    }
+    if let Ok(Value::Table(t)) = &result {
+        if let Value::Function(handler) = t.raw_get::<Value>("websocket")? {
+            let group = t.raw_get::<Option<String>>("group")?.unwrap_or_else(|| "default".into());
+            if hand_over(lua, rt, key, server, group, handler)? {
+                return forget_if_done(lua, rt, server);
+            }
+        }
     }
     let (shared, stopped) = match rt.http.borrow().servers.get(&server) {
         Some(s) => (Some(s.shared.clone()), s.stopped),
@@ -511,7 +619,33 @@ fn answered(lua: &Lua, rt: &Runtime, key: Key, server: u64, result: Result<Value
             proto.close_after_response();
         }
     }
+    // A handler that sent its answer piece by piece (`res:send_data`) is done with it; one
+    // that failed half-way leaves a truncated answer, so the connection is cut.
+    let streamed = {
+        let mut driver = rt.driver.borrow_mut();
+        let now = driver.now();
+        match driver.proto::<HttpServerConn>(key) {
+            Some(p) if !p.is_closed() && !p.awaits_response() => {
+                if result.is_ok() {
+                    p.end_body(now);
+                } else {
+                    p.abort();
+                }
+                true
+            }
+            _ => false,
+        }
+    };
     let failure = match result {
+        Err(e) if streamed => {
+            rt.flush(key);
+            Some(message(&e))
+        }
+        Ok(_) if streamed => None,
+        Ok(Value::Table(t)) if t.raw_get::<Value>("websocket")?.is_function() => {
+            upgrade_required(rt, key);
+            None
+        }
         Ok(value) => respond(rt, key, &value).err(),
         Err(e) => Some(message(&e)),
     };

@@ -24,7 +24,8 @@ use crate::proto::ws::{
     self as proto, Contexts, DeflateConfig, Opcode, Settings, WsConfig, WsSession, WsUrl,
 };
 use client::{client_callback, client_closed, client_inbox, disconnect, start_client, ON_CONNECT};
-use server::{accepted, remove_server, server_inbox};
+use server::{accepted, server_inbox};
+pub(crate) use server::{attach, remove_server, upgrade, Handover};
 
 /// The tag of every entry this module opens.
 pub(crate) const TAG: Tag = 1;
@@ -84,6 +85,9 @@ pub(crate) struct WsState {
     next_id: u64,
     /// Client failures found outside `update` (bad address…), reported by the next `update`.
     failed: Vec<(u64, String)>,
+    /// Connections an HTTP server handed over, until their upgrade finished: the server record,
+    /// the group and the handler they will run.
+    upgrading: FxHashMap<Key, server::Upgrading>,
 }
 
 impl WsState {
@@ -189,6 +193,15 @@ fn compression(opts: &Options, server: bool) -> Result<Option<(DeflateConfig, Ar
             c.whole("max_contexts", 0, u32::MAX)?.map_or(config.max_contexts, |m| m as usize);
     }
     Ok(Some((config, Contexts::new(config.max_contexts))))
+}
+
+/// What `luna.serve`'s `websocket = {...}` may set: `luna.new_web_app`'s keys for connections.
+pub(crate) const UPGRADE_KEYS: &[&str] =
+    &["max_message_size", "compression", "ping_interval", "ping_timeout"];
+
+/// Session settings for the connections an HTTP server upgrades, from [`UPGRADE_KEYS`].
+pub(crate) fn upgrade_settings(opts: &Options) -> Result<Arc<Settings>> {
+    Ok(Arc::new(settings(opts, WsConfig::default(), true)?))
 }
 
 fn settings(opts: &Options, ws_default: WsConfig, server: bool) -> Result<Settings> {
@@ -312,14 +325,27 @@ fn news(lua: &Lua, rt: &Runtime, key: Key) -> Result<()> {
             policy.network(lua, &format!("refused upgrade from {peer}: {reason}"))?;
         }
     }
-    if upgraded {
-        let listener = rt.driver.borrow().listener_of(key);
-        match listener {
+    let handed_over = rt.ws.borrow_mut().upgrading.remove(&key);
+    let listener = rt.driver.borrow().listener_of(key);
+    match (upgraded, handed_over) {
+        (true, Some(up)) => server::start(lua, rt, key, up)?,
+        (true, None) => match listener {
             Some(listener) => accepted(lua, rt, key, listener)?,
             None => {
                 rt.driver.borrow_mut().close(key);
             }
+        },
+        (false, Some(up)) => {
+            // Still upgrading, or refused: an HTTP server's connection is ours to close.
+            let closed = rt.driver.borrow_mut().proto::<WsSession>(key).is_none_or(|s| s.is_closed());
+            if closed {
+                lua.remove_registry_value(up.handler)?;
+                rt.driver.borrow_mut().close(key);
+            } else {
+                rt.ws.borrow_mut().upgrading.insert(key, up);
+            }
         }
+        (false, None) => {}
     }
     if !rt.ws.borrow().conns.contains_key(&key) {
         return Ok(()); // not upgraded (yet): the driver forgets it if it closes

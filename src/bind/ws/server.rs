@@ -5,10 +5,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mlua::{Function, Lua, Result, Table, Value};
+use std::rc::Rc;
+
+use mlua::{Function, Lua, RegistryKey, Result, Table, Value};
 
 use super::super::error::{bad_arg, lua_type, message, misuse};
 use super::super::options::Options;
+use super::super::policy::Policy;
 use super::super::{addr, runtime, sched, Runtime};
 use super::{count_end, opcodes, policy, settings, with_stream, Conn, Server, TAG};
 use crate::driver::net::ListenOptions;
@@ -175,7 +178,7 @@ fn remove_web_app(lua: &Lua, which: Value) -> Result<(bool, Option<String>)> {
     }
 }
 
-pub(super) fn remove_server(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
+pub(crate) fn remove_server(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
     let Some(server) = rt.ws.borrow_mut().servers.remove(&id) else { return Ok(()) };
     if let Some(key) = server.listener {
         rt.driver.borrow_mut().close(key);
@@ -193,23 +196,89 @@ pub(super) fn remove_server(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
     lua.remove_registry_value(server.app)
 }
 
+/// A connection an HTTP server handed over, until its upgrade finished.
+pub(crate) struct Upgrading {
+    server: u64,
+    group: String,
+    pub(super) handler: RegistryKey,
+}
+
+/// A server record for the WebSocket connections an HTTP server upgrades (no listener of its
+/// own); `luna.remove_web_app` and [`remove_server`] treat it as any web app.
+pub(crate) fn attach(lua: &Lua, rt: &Runtime, name: String, policy: Rc<Policy>) -> Result<u64> {
+    let app = lua.create_table()?;
+    app.set("name", name.as_str())?;
+    app.set("opcodes", opcodes(lua)?)?;
+    let app = lua.create_registry_value(&app)?;
+    let mut ws = rt.ws.borrow_mut();
+    let id = ws.id();
+    let server =
+        Server { name, policy, handlers: HashMap::new(), groups: HashMap::new(), listener: None, app };
+    ws.servers.insert(id, server);
+    Ok(id)
+}
+
+/// What an HTTP server hands over with a connection.
+pub(crate) struct Handover {
+    /// The server record (from [`attach`]).
+    pub server: u64,
+    /// What `ws:broadcast` reaches.
+    pub group: String,
+    pub handler: Function,
+    pub settings: Arc<Settings>,
+}
+
+/// Runs an HTTP connection as a WebSocket session: `head` is its upgrade request as sent (and
+/// what came after), which the session answers (101, or an error and a close); once upgraded,
+/// `handler(ws)` runs.
+pub(crate) fn upgrade(lua: &Lua, rt: &Runtime, conn: Key, handover: Handover, head: &[u8]) -> Result<()> {
+    let Handover { server, group, handler, settings } = handover;
+    let handler = lua.create_registry_value(handler)?;
+    rt.ws.borrow_mut().upgrading.insert(conn, Upgrading { server, group, handler });
+    let now = rt.driver.borrow().now();
+    let session = WsSession::server(Arc::from(["default".to_owned()]), settings, now);
+    rt.driver.borrow_mut().replace_proto(conn, Box::new(session), TAG, head);
+    Ok(())
+}
+
+/// A connection that finished its upgrade after an HTTP server handed it over.
+pub(super) fn start(lua: &Lua, rt: &Runtime, conn: Key, up: Upgrading) -> Result<()> {
+    let handler = lua.registry_value::<Function>(&up.handler)?;
+    lua.remove_registry_value(up.handler)?;
+    if !rt.ws.borrow().servers.contains_key(&up.server) {
+        rt.driver.borrow_mut().close(conn); // its server went away meanwhile
+        return Ok(());
+    }
+    run_handler(lua, rt, conn, up.server, up.group, handler)
+}
+
 pub(super) fn accepted(lua: &Lua, rt: &Runtime, conn: Key, listener: Key) -> Result<()> {
     let Some(server_id) = rt.ws.borrow().listeners.get(&listener).copied() else {
         rt.driver.borrow_mut().close(conn);
         return Ok(());
     };
     rt.driver.borrow_mut().adopt(conn);
-    let (handler_name, peer) = {
-        let mut driver = rt.driver.borrow_mut();
-        let peer = driver.stream(conn).map(|s| s.peer.to_string()).unwrap_or_default();
-        let Some(session) = driver.proto::<WsSession>(conn) else { return Ok(()) };
-        (session.upgrade().handler.clone(), peer)
+    let Some(handler_name) =
+        rt.driver.borrow_mut().proto::<WsSession>(conn).map(|s| s.upgrade().handler.clone())
+    else {
+        return Ok(());
     };
-    let (handler, policy) = {
-        let ws = rt.ws.borrow();
-        let server = &ws.servers[&server_id];
-        (lua.registry_value::<Function>(&server.handlers[&handler_name])?, server.policy.clone())
-    };
+    let handler =
+        lua.registry_value::<Function>(&rt.ws.borrow().servers[&server_id].handlers[&handler_name])?;
+    run_handler(lua, rt, conn, server_id, handler_name, handler)
+}
+
+/// Starts `handler(ws)` for an upgraded connection of server record `server_id`, in `group`.
+fn run_handler(
+    lua: &Lua,
+    rt: &Runtime,
+    conn: Key,
+    server_id: u64,
+    handler_name: String,
+    handler: Function,
+) -> Result<()> {
+    let peer = rt.driver.borrow_mut().stream(conn).map(|s| s.peer.to_string()).unwrap_or_default();
+    let policy = rt.ws.borrow().servers[&server_id].policy.clone();
     policy.log(lua, &format!("client {peer} connected ({handler_name})"))?;
     let handle = rt.ws.borrow_mut().id();
     let object: Table = lua.named_registry_value::<Function>("luna.ws.new")?.call(handle)?;

@@ -103,6 +103,10 @@ enum Phase {
     Body(Framing),
     /// A complete request is with the layer above.
     Handling,
+    /// A refusal was queued: what the client still sends is read and dropped until it closes or
+    /// a while after the refusal went out, so our close does not reset the connection (and
+    /// destroy the refusal) while the client is still sending.
+    Linger,
     /// Nothing more is read (closing, or an error answered).
     Done,
 }
@@ -133,8 +137,8 @@ enum Outgoing {
     UntilClose,
 }
 
-/// A streamed body gets more while less than this waits to be sent.
-const STREAM_QUEUE: usize = 256 << 10;
+/// How long a connection lingers after a refusal went out (nginx: `lingering_timeout` 5 s).
+const LINGER: Duration = Duration::from_secs(2);
 
 /// Header fields parsed without a heap allocation.
 const STACK_HEADERS: usize = 100;
@@ -176,6 +180,8 @@ pub struct HttpServerConn {
     why: Option<&'static str>,
     /// The framing of a streamed answer's body still to come.
     streaming: Option<Outgoing>,
+    /// The head of the request being answered, as sent, when it asks for a WebSocket upgrade.
+    upgrade: Option<Vec<u8>>,
 }
 
 impl HttpServerConn {
@@ -202,6 +208,7 @@ impl HttpServerConn {
             now,
             why: None,
             streaming: None,
+            upgrade: None,
         }
     }
 
@@ -302,13 +309,45 @@ impl HttpServerConn {
                 self.response_sent(now);
             }
             Some(Outgoing::UntilClose) => self.response_sent(now),
-            Some(Outgoing::Length(_)) => {
-                self.why.get_or_insert("socket_error");
-                self.phase = Phase::Done;
-                self.flow = Flow::Abort;
-            }
+            Some(Outgoing::Length(_)) => self.abort(),
             None => {}
         }
+    }
+
+    /// Cuts the connection at once, dropping what is queued (an answer that cannot be
+    /// completed: the client must not take a part for the whole).
+    pub fn abort(&mut self) {
+        self.why.get_or_insert("socket_error");
+        self.streaming = None;
+        self.phase = Phase::Done;
+        self.flow = Flow::Abort;
+    }
+
+    /// Whether the request being answered asks for a WebSocket upgrade (`Upgrade: websocket`,
+    /// no body).
+    pub fn wants_upgrade(&self) -> bool {
+        self.upgrade.is_some() && self.awaits_response()
+    }
+
+    /// Gives up the connection to a WebSocket session: the upgrade request's head as sent and
+    /// whatever came after it; nothing more happens here (left in place, the connection would
+    /// close). `None` unless [`wants_upgrade`](Self::wants_upgrade).
+    pub fn take_upgrade(&mut self) -> Option<Vec<u8>> {
+        if !self.wants_upgrade() {
+            return None;
+        }
+        let mut bytes = self.upgrade.take()?;
+        bytes.extend_from_slice(self.pending());
+        self.input = Vec::new();
+        self.start = 0;
+        self.why.get_or_insert("upgraded");
+        self.end("upgraded");
+        Some(bytes)
+    }
+
+    /// Bytes of our answers waiting for the peer to take them.
+    pub fn queued(&self) -> usize {
+        self.out.len() - self.out_pos
     }
 
     /// Whether a streamed body is being sent.
@@ -316,9 +355,10 @@ impl HttpServerConn {
         self.streaming.is_some()
     }
 
-    /// Whether a streamed body should get more now: little of it waits to be sent.
+    /// Whether a streamed body should get more now: less than the outgoing limit waits to be
+    /// sent.
     pub fn wants_body(&self) -> bool {
-        self.streaming.is_some() && self.flow == Flow::Open && self.out.len() - self.out_pos < STREAM_QUEUE
+        self.streaming.is_some() && self.flow == Flow::Open && self.queued() < self.limits.max_outgoing
     }
 
     /// Writes the head of the answer to the request taken, for a body of `length` bytes
@@ -347,6 +387,7 @@ impl HttpServerConn {
             said_close |= connection && has_token(value, "close");
             date &= !name.eq_ignore_ascii_case(b"date");
         }
+        self.upgrade = None;
         let status = response.status;
         let body_allowed = status != 204 && status != 304;
         let until_close = body_allowed && length.is_none() && self.minor_version == 0;
@@ -395,7 +436,6 @@ impl HttpServerConn {
 
     /// The next response says `Connection: close` and the connection closes after it.
     pub fn close_after_response(&mut self) {
-        self.why.get_or_insert("server_stopped");
         self.keep_alive = false;
     }
 
@@ -407,7 +447,7 @@ impl HttpServerConn {
     /// Why the connection ends or ended: `client_closed` (the peer closed, or went away),
     /// `response_sent` (an answer said `Connection: close`), `timeout` (idle, slow head or body,
     /// a reader that stalled), `parse_error` (a request we refused), `socket_error`,
-    /// `server_stopped`.
+    /// `server_stopped`, `upgraded` (handed to a WebSocket session).
     pub fn close_reason(&self) -> &'static str {
         self.why.unwrap_or("client_closed")
     }
@@ -461,16 +501,16 @@ impl HttpServerConn {
                         Ok(Some(())) => {}
                         Ok(None) if self.eof => return self.end("client_closed"),
                         Ok(None) => return,
-                        Err(status) => return self.reject(status),
+                        Err(status) => return self.reject(status, now),
                     }
                 }
                 Phase::Body(framing) => match self.read_body(framing, now) {
                     Ok(true) => self.complete(),
                     Ok(false) if self.eof => return self.end("client_closed"),
                     Ok(false) => return,
-                    Err(status) => return self.reject(status),
+                    Err(status) => return self.reject(status, now),
                 },
-                Phase::Handling | Phase::Done => return,
+                Phase::Handling | Phase::Linger | Phase::Done => return,
             }
         }
     }
@@ -517,6 +557,11 @@ impl HttpServerConn {
             .iter()
             .map(|h| (h.name.to_ascii_lowercase(), String::from_utf8_lossy(h.value).into_owned()))
             .collect();
+        let upgrade = parsed
+            .headers
+            .iter()
+            .any(|h| h.name.eq_ignore_ascii_case("upgrade") && has_token(h.value, "websocket"));
+        self.upgrade = upgrade.then(|| buf[..n].to_vec());
         let (path, query, authority) = split_target(&target).ok_or(400u16)?;
         let mut request = Request { method, target, path, query, minor_version, headers, body: Vec::new() };
         if let Some(authority) = authority {
@@ -528,6 +573,9 @@ impl HttpServerConn {
         self.minor_version = minor_version;
         self.consume(n);
         let framing = self.framing(&request)?;
+        if framing != Framing::Length(0) {
+            self.upgrade = None;
+        }
         let connection =
             |token| request.headers.iter().any(|(n, v)| n == "connection" && has_token(v.as_bytes(), token));
         self.keep_alive = !connection("close") && (minor_version == 1 || connection("keep-alive"));
@@ -690,8 +738,8 @@ impl HttpServerConn {
         self.news = true;
     }
 
-    /// Answers a request we refuse and closes.
-    fn reject(&mut self, status: u16) {
+    /// Answers a request we refuse, then lingers and closes.
+    fn reject(&mut self, status: u16, now: Instant) {
         let text = format!("{status} {}\n", super::reason(status));
         self.out.extend_from_slice(
             format!(
@@ -702,10 +750,13 @@ impl HttpServerConn {
             .as_bytes(),
         );
         self.reading = None;
+        self.ready = None;
         self.input = Vec::new();
         self.start = 0;
         self.news = true;
-        self.end(if status == 408 { "timeout" } else { "parse_error" });
+        self.why.get_or_insert(if status == 408 { "timeout" } else { "parse_error" });
+        self.sent = now;
+        self.phase = Phase::Linger;
     }
 
     /// Whether some of our output waits for the peer to take it.
@@ -723,6 +774,8 @@ impl HttpServerConn {
             Phase::Handling if self.streaming.is_some() && self.sending() => {
                 Some(self.sent + self.limits.send_timeout)
             }
+            Phase::Linger if self.sending() => Some(self.sent + self.limits.send_timeout),
+            Phase::Linger => Some(self.sent + LINGER),
             Phase::Handling | Phase::Done => None,
         }
     }
@@ -730,7 +783,7 @@ impl HttpServerConn {
 
 impl StreamProtocol for HttpServerConn {
     fn handle_bytes(&mut self, now: Instant, data: &[u8]) {
-        if self.phase == Phase::Done {
+        if matches!(self.phase, Phase::Done | Phase::Linger) {
             return;
         }
         if self.start > 0 && self.start >= self.input.len() / 2 {
@@ -743,6 +796,10 @@ impl StreamProtocol for HttpServerConn {
 
     fn handle_eof(&mut self, now: Instant) {
         self.eof = true;
+        if self.phase == Phase::Linger {
+            // The refusal still goes out; then the connection closes.
+            return self.end(self.close_reason());
+        }
         // A request being answered is still answered; otherwise an unfinished one is dropped.
         self.advance(now);
     }
@@ -764,13 +821,14 @@ impl StreamProtocol for HttpServerConn {
             return;
         }
         match self.phase {
-            Phase::Head | Phase::Handling if self.sending() => {
+            Phase::Head | Phase::Handling | Phase::Linger if self.sending() => {
                 self.why.get_or_insert("timeout");
                 self.phase = Phase::Done;
                 self.flow = Flow::Abort;
             }
             Phase::Head if !self.head_started => self.end("timeout"),
-            Phase::Head | Phase::Body(_) => self.reject(408),
+            Phase::Head | Phase::Body(_) => self.reject(408, now),
+            Phase::Linger => self.end(self.close_reason()),
             Phase::Handling | Phase::Done => {}
         }
     }

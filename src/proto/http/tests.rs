@@ -43,7 +43,8 @@ fn ok(c: &mut HttpServerConn, now: Instant, body: &str) {
     .unwrap();
 }
 
-/// The status a connection answers `bytes` with, and whether it then closes.
+/// The status a connection answers `bytes` with, and whether it closes once the client does
+/// (it lingers until then, dropping what still comes).
 fn refused(bytes: &[u8]) -> (u16, Flow) {
     let (mut c, now) = conn();
     c.handle_bytes(now, bytes);
@@ -51,7 +52,28 @@ fn refused(bytes: &[u8]) -> (u16, Flow) {
     let out = sent(&mut c);
     let status = out.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
     assert!(out.contains("connection: close\r\n"), "{out}");
+    assert!(c.flow() == Flow::Open && c.wants_input(), "lingers, reading");
+    c.handle_bytes(now, b"GET /more HTTP/1.1\r\nHost: h\r\n\r\n the rest of a refused body");
+    assert!(c.take_request().is_none() && c.outgoing().is_empty(), "what comes after is dropped");
+    c.handle_eof(now);
     (status, c.flow())
+}
+
+#[test]
+fn a_refusal_lingers_a_while_then_closes() {
+    let (mut c, now) = conn();
+    c.handle_bytes(now, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999\r\n\r\nxx");
+    assert_eq!(
+        c.poll_timeout(),
+        Some(now + HttpLimits::default().send_timeout),
+        "the refusal is timed while it goes out"
+    );
+    let later = now + Duration::from_millis(10);
+    sent_at(&mut c, later);
+    assert_eq!(c.flow(), Flow::Open);
+    assert_eq!(c.poll_timeout(), Some(later + Duration::from_secs(2)));
+    c.handle_timeout(later + Duration::from_secs(2));
+    assert_eq!((c.flow(), c.close_reason()), (Flow::Finish, "parse_error"));
 }
 
 #[test]
@@ -488,8 +510,8 @@ fn streamed_body_ended_short_cuts_the_connection_and_head_sends_none() {
 #[test]
 fn a_reader_that_stalls_a_streamed_body_is_cut_off() {
     let (mut c, now) = answering(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n");
-    streamed(&mut c, now, Some(1 << 20));
-    c.send_body(now, &[0; 300 << 10]);
+    streamed(&mut c, now, Some(2 << 20));
+    c.send_body(now, &[0; (1 << 20) + 1]);
     assert!(!c.wants_body(), "enough is queued");
     let late = now + HttpLimits::default().send_timeout + Duration::from_secs(1);
     assert_eq!(c.poll_timeout(), Some(now + HttpLimits::default().send_timeout));
