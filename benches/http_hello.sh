@@ -34,6 +34,7 @@ build_hosts "$FLAVOURS"
 echo "$(wrk --version 2>&1 | head -1 | cut -c1-40); $(nginx -v 2>&1); $CONNS connections, $DURATION s per run, $RUNS runs"
 mkdir -p "$bench_tmp/static"
 head -c 16384 /dev/urandom >"$bench_tmp/static/file16k.bin"
+chmod a+rx "$bench_tmp" "$bench_tmp/static" && chmod a+r "$bench_tmp/static/file16k.bin" # nginx's worker is not root
 path=/
 luna_script=(benches/http/hello_server.lua)
 if [ "$PAGE" = static ]; then
@@ -105,7 +106,9 @@ for mode in keep-alive close; do
       for (i = 1; i in names; i++) {
         s = names[i]
         if (s !~ /^luna-/ || !(s in m)) continue
-        printf "  %s / nginx return 200 = %.2f, / nginx + Lua = %.2f\n", s, ("nginx" in m) ? m[s] / m["nginx"] : 0, ("nginx-lua" in m) ? m[s] / m["nginx-lua"] : 0
+        printf "  %s / nginx = %.2f", s, ("nginx" in m) ? m[s] / m["nginx"] : 0
+        if ("nginx-lua" in m) printf ", / nginx + Lua = %.2f", m[s] / m["nginx-lua"]
+        printf "\n"
       }
     }' "$results"
 done

@@ -144,15 +144,22 @@ end
 local STREAM_QUEUE = 256 * 1024
 local PARK = core.PARK
 
+-- Sends the head unless it went; nil and why when it cannot (the client is gone, or the
+-- request was answered: a `res` kept past its handler must not write into the next answer).
 local function stream_started(res, call)
-  if res.streaming then return end
+  if res.over then return nil, "the request was answered" end
+  if res.streaming then return true end
   check(not res.sent, call, "the response was already sent with res:send (use one or the other)")
   local length = res.headers["content-length"]
+  length = length and tonumber(length)
+  check(length == nil or (length >= 0 and length % 1 == 0), call,
+    "a Content-Length header must be a whole number >= 0, got " .. tostring(res.headers["content-length"]))
   res.headers["content-length"] = nil
-  local ok, err = core.stream_start(res.connection, res.status_code, res.headers, tonumber(length))
-  check(ok, call, tostring(err))
+  local ok, err = core.stream_start(res.connection, res.status_code, res.headers, length)
+  if not ok then return nil, err end
   res.streaming, res.sent = true, true
   sent_hooks(res)
+  return true
 end
 
 function Response:send_status(code)
@@ -189,7 +196,8 @@ local function wait_queue(res, most)
 end
 
 function Response:send_data(...)
-  stream_started(self, "res:send_data(...)")
+  local started, why = stream_started(self, "res:send_data(...)")
+  if not started then return nil, why end
   for i = 1, select("#", ...) do
     local piece = select(i, ...)
     check(type(piece) == "string" or type(piece) == "number", "res:send_data(...)",
@@ -205,19 +213,21 @@ function Response:send_data(...)
 end
 
 function Response:flush()
-  stream_started(self, "res:flush()")
+  local started, why = stream_started(self, "res:flush()")
+  if not started then return nil, why end
   return wait_queue(self, 0)
 end
 
 function Response:finish()
-  stream_started(self, "res:finish()")
+  local started, why = stream_started(self, "res:finish()")
+  if not started then return nil, why end
   core.stream_end(self.connection)
-  self.finished = true
+  self.over = true
   return true
 end
 
 function Response:close_after_finish()
-  core.stream_close_after(self.connection)
+  if not self.over then core.stream_close_after(self.connection) end
   return self
 end
 
@@ -289,7 +299,7 @@ local function segments(path)
   return out
 end
 
-local function compile(path)
+local function compile(path, call)
   if not path:find("[:*]") then return nil end
   local parts = segments(path)
   local pattern = {}
@@ -298,7 +308,7 @@ local function compile(path)
     if kind == ":" and name ~= "" then
       pattern[i] = { param = name }
     elseif kind == "*" then
-      check(i == #parts, "app:get(path, handler)", "a wildcard '" .. seg .. "' must be the last segment of '" .. path .. "'")
+      check(i == #parts, call, "a wildcard '" .. seg .. "' must be the last segment of '" .. path .. "'")
       pattern[i] = { rest = name ~= "" and name or "*" }
     else
       pattern[i] = { literal = seg }
@@ -356,7 +366,7 @@ local function add_route(group, method, path, handler, call)
   local full = group.prefix .. path
   if path == "/" and group.prefix ~= "" then full = group.prefix end
   local app = group.app
-  local route = { handler = handler, group = group, path = full, pattern = compile(full) }
+  local route = { handler = handler, group = group, path = full, pattern = compile(full, call) }
   if route.pattern then
     local list = app.patterns[method] or {}
     app.patterns[method] = list
@@ -493,7 +503,11 @@ local function compress(app, req, res)
   local kind = (res.headers["content-type"] or ""):match("^[^;%s]+") or ""
   if not (kind:find("^text/") or COMPRESSIBLE[kind:lower()]) then return end
   local vary = res.headers.vary
-  res.headers.vary = vary and (vary .. ", Accept-Encoding") or "Accept-Encoding"
+  if type(vary) == "table" then
+    vary[#vary + 1] = "Accept-Encoding"
+  else
+    res.headers.vary = vary and (vary .. ", Accept-Encoding") or "Accept-Encoding"
+  end
   if not accepts_gzip(req.headers["accept-encoding"]) then return end
   res.body = core.gzip(res.body)
   res.headers["content-encoding"] = "gzip"
@@ -527,6 +541,7 @@ local function dispatch(app, req)
   chain[#chain + 1] = final_link(app, route, req, res)
   step(chain, 1, req, res)
   compress(app, req, res)
+  res.over = true
   return { status = res.status_code, headers = res.headers, body = res.body, file = res.file,
     offset = res.offset, length = res.length, websocket = res.websocket, group = res.group }
 end
@@ -559,17 +574,38 @@ local function byte_range(header, size)
     if n == 0 then return false end
     first, last = math.max(size - n, 0), size - 1
   else
-    first, last = tonumber(a), b == "" and size - 1 or math.min(tonumber(b), size - 1)
+    first = tonumber(a)
+    if b ~= "" and tonumber(b) < first then return nil end -- not a valid range: ignored (RFC 9110 §14.2)
+    last = b == "" and size - 1 or math.min(tonumber(b), size - 1)
   end
-  if first >= size or last < first then return false end
+  if first >= size then return false end
   return first, last
 end
 
-function templates.static(dir)
-  check(type(dir) == "string", "templates.static(dir)", "'dir' must be a directory path, got " .. type(dir))
+local STATIC_CACHE = 1000
+
+function templates.static(dir, options)
+  local call = "templates.static(dir, options)"
+  check(type(dir) == "string", call, "'dir' must be a directory path, got " .. type(dir))
+  check(options == nil or type(options) == "table", call, "'options' must be a table, got " .. type(options))
+  local dotfiles = options and options.dotfiles or false
+  local root -- resolved once it exists
+  -- Per file: its validators, made again when its size or time changes (at most
+  -- STATIC_CACHE files; then the cache starts over).
+  local cache, cached = {}, 0
+  local function describe(path, size, mtime)
+    local d = cache[path]
+    if d and d.size == size and d.mtime == mtime then return d end
+    if cached >= STATIC_CACHE then cache, cached = {}, 0 end
+    d = { size = size, mtime = mtime, etag = ('"%x-%x"'):format(mtime, size), modified = core.http_date(mtime) }
+    cache[path], cached = d, cached + 1
+    return d
+  end
   return function(req, res, nxt)
     if req.method ~= "GET" and req.method ~= "HEAD" then return nxt() end
-    local path, size, mtime = core.file(dir, req.path)
+    root = root or core.canonical(dir)
+    if not root then return nxt() end
+    local path, size, mtime = core.file(root, req.path, dotfiles)
     if not path then
       if size == "forbidden" then
         res.headers["content-type"] = "text/plain; charset=utf-8"
@@ -577,11 +613,13 @@ function templates.static(dir)
       end
       return nxt()
     end
-    local etag = ('"%x-%x"'):format(mtime, size)
-    res.headers["content-type"] = content_type(path, res.app.MIME_TYPES)
-    res.headers.etag = etag
-    res.headers["last-modified"] = core.http_date(mtime)
-    res.headers["accept-ranges"] = "bytes"
+    local d = describe(path, size, mtime)
+    local etag = d.etag
+    local headers = res.headers
+    headers["content-type"] = content_type(path, res.app.MIME_TYPES)
+    headers.etag = etag
+    headers["last-modified"] = d.modified
+    headers["accept-ranges"] = "bytes"
     local h = req.headers
     local none_match, since = h["if-none-match"], h["if-modified-since"]
     local fresh = false
@@ -663,8 +701,9 @@ function templates.rate_limited(options)
   local skip, key_of = options.skip, options.key_generator
   if not key_of then
     key_of = function(req)
+      -- The proxy appends the address it saw: the last entry is the one a client cannot forge.
       local forwarded = options.trust_proxy and req.headers["x-forwarded-for"]
-      return forwarded and forwarded:match("^%s*([^,%s]+)") or ip_of(req.ip)
+      return forwarded and forwarded:match("([^,%s]+)%s*$") or ip_of(req.ip)
     end
   end
   local hits, next_sweep = {}, 0

@@ -563,13 +563,22 @@ impl Driver {
     }
 
     /// Runs a stream on another protocol from now on, its events reported with `tag` (see
-    /// `Stream::replace_proto`), and writes what that protocol has to say.
-    pub fn replace_proto(&mut self, key: Key, proto: Box<dyn StreamProtocol>, tag: Tag, received: &[u8]) {
+    /// `Stream::replace_proto`), and writes what that protocol has to say. The layer above
+    /// gives it up (see [`Driver::release`]) until it adopts it again.
+    pub fn replace_proto(
+        &mut self,
+        key: Key,
+        proto: Box<dyn StreamProtocol>,
+        tag: Tag,
+        received: &[u8],
+        eof: bool,
+    ) {
         let now = self.now;
         let Some(entry) = self.entries.get_mut(key) else { return };
         let Io::Stream(stream) = &mut entry.io else { return };
         entry.tag = tag;
-        stream.replace_proto(proto, received, now);
+        entry.adopted = false;
+        stream.replace_proto(proto, received, eof, now);
         self.flush(key);
     }
 

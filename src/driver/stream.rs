@@ -236,14 +236,34 @@ impl Stream {
     }
 
     /// Hands the stream to another protocol (an HTTP connection upgraded to WebSocket): what
-    /// the old one queued goes out first; the new one gets `received`, bytes the old one had
-    /// read and not used.
-    pub(super) fn replace_proto(&mut self, proto: Box<dyn StreamProtocol>, received: &[u8], now: Instant) {
-        let pending = self.proto.outgoing().len();
-        self.out.extend_from_slice(self.proto.outgoing());
-        self.proto.consume_outgoing(now, pending);
+    /// the old one queued goes out first (through TLS when there is TLS); the new one gets
+    /// `received`, bytes the old one had read and not used, and the peer's end of stream if it
+    /// came already.
+    pub(super) fn replace_proto(
+        &mut self,
+        proto: Box<dyn StreamProtocol>,
+        received: &[u8],
+        eof: bool,
+        now: Instant,
+    ) {
+        let pending = self.proto.outgoing();
+        let queued = match &mut self.tls {
+            Some(tls) => tls.write_plaintext(pending),
+            None => {
+                self.out.extend_from_slice(pending);
+                Ok(())
+            }
+        };
+        let n = pending.len();
+        self.proto.consume_outgoing(now, n);
         self.proto = proto;
+        if let Err(e) = queued {
+            return self.fail(now, &e.to_string());
+        }
         self.proto.handle_bytes(now, received);
+        if eof {
+            self.proto.handle_eof(now);
+        }
     }
 
     /// Adds TLS to a plain, ready stream: what the protocol queued so far goes out in plaintext

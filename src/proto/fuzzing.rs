@@ -127,7 +127,7 @@ impl Subject {
                 10 if http.wants_body() => http.send_body(now, &vec![b's'; size * 50]),
                 11 => http.end_body(now),
                 12 => {
-                    if let Some(bytes) = http.take_upgrade() {
+                    if let Some((bytes, _)) = http.take_upgrade() {
                         assert!(!bytes.is_empty() && !http.awaits_response());
                     }
                 }

@@ -213,6 +213,7 @@ return function(T, luna)
     write("root/data.json", '{"a":1}')
     write("root/sub/index.html", "sub home")
     write("root/big.bin", ("0123456789"):rep(100))
+    write("root/.hidden", "dot")
     return base
   end
 
@@ -241,6 +242,8 @@ return function(T, luna)
     T.eq(cached.body, "", "without a body")
     T.eq(get(port, "/", "If-Modified-Since: " .. modified .. "\r\n").status, 304, "If-Modified-Since → 304")
     T.eq(get(port, "/", 'If-None-Match: "other"\r\n').status, 200, "another tag → 200")
+    T.eq(get(port, "/big.bin", "Range: bytes=5-2\r\n").status, 200, "an invalid range is ignored")
+    T.eq(get(port, "/.hidden").status, 404, "dotfiles are not served")
     local part = get(port, "/big.bin", "Range: bytes=10-14\r\n")
     T.eq(part.status, 206, "a range → 206")
     T.eq(part.body, "01234", "the bytes asked for")
@@ -290,7 +293,7 @@ return function(T, luna)
   end, 20)
 
   T.test("http app: answers sent piece by piece (Moonbridge's send_data, flush, finish)", function()
-    local flushed, errors_seen
+    local flushed, kept
     local app, port, errors = app_on(nil, function(app)
       app:get("/chunked", function(_, res)
         res:send_status(201):send_header("X-Part", "1"):send_header("X-Part", "2")
@@ -313,6 +316,15 @@ return function(T, luna)
       app:get("/fail", function(_, res)
         res:send_data("partial")
         error("failed half-way")
+      end)
+      app:get("/tick", function(_, res)
+        res:send_data("data: 1\n\n")
+        flushed = res:flush() -- a small piece the socket takes at once
+        res:send_data("data: 2\n\n")
+      end)
+      app:get("/keep", function(_, res)
+        kept = res
+        res:send("answered")
       end)
     end)
     local s = assert(luna.tcp.connect("127.0.0.1", port))
@@ -351,6 +363,15 @@ return function(T, luna)
     -- What was queued may or may not have left before the cut; it is never ended as if whole.
     T.ok(not raw:find("0\r\n\r\n", 1, true) and not raw:find(" 500 ", 1, true), "cut: " .. raw)
     T.ok(errors[1] and errors[1]:find("failed half-way", 1, true), tostring(errors[1]))
+    flushed = nil
+    s = assert(luna.tcp.connect("127.0.0.1", port))
+    s:write("GET /tick HTTP/1.1\r\nHost: t\r\n\r\nGET /keep HTTP/1.1\r\nHost: t\r\n\r\n")
+    raw = ""
+    while not raw:find("answered", 1, true) do raw = raw .. assert(s:read()) end
+    T.ok(raw:find("data: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n", 1, true), raw)
+    T.eq(flushed, true, "flush after a small piece returned (the socket took it at once)")
+    T.eq(select(2, kept:send_data("late")), "the request was answered", "a res kept past its handler writes nothing")
+    s:close()
     app:stop()
   end)
 
@@ -517,6 +538,27 @@ return function(T, luna)
     T.eq(seen[#seen], "/chat", "middleware saw the upgrade request")
     lunac.disconnect_to_web_app(c)
     T.wait_until(function() return log.closed end, 2, "closed")
+    app:stop()
+  end)
+
+  T.test("http app: a refused WebSocket upgrade is answered and closed", function()
+    local app, port = app_on(nil, function(app)
+      app:websocket("/ws", function(ws) ws:send("never") end)
+    end)
+    for _, raw in ipairs({ "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+      "GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+        .. "Sec-WebSocket-Key: bad\r\n\r\n" }) do
+      local s = assert(luna.tcp.connect("127.0.0.1", port))
+      s:write(raw)
+      local answer = ""
+      while true do
+        local chunk = s:read()
+        if not chunk then break end
+        answer = answer .. chunk
+      end
+      T.ok(answer:find("^HTTP/1.1 4%d%d"), "refused: " .. answer)
+      s:close()
+    end
     app:stop()
   end)
 

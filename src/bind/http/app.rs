@@ -13,10 +13,15 @@ use mlua::{Lua, MultiValue, Result, Table, Value};
 use crate::bind::error::misuse;
 use crate::bind::options::Options;
 
-/// The file of URL path `path` (percent-encoded, as sent) under directory `root`: the path of a
-/// regular file (a directory's `index.html`) inside `root` once symlinks are resolved, or why
-/// not. Decoded NUL bytes, backslashes and `..` segments are refused before the disk is asked.
-pub(crate) fn resolve(root: &Path, path: &[u8]) -> std::result::Result<PathBuf, &'static str> {
+/// The file of URL path `path` (percent-encoded, as sent) under directory `root` (canonical:
+/// see [`canonical`]): the path of a regular file (a directory's `index.html`) inside `root` once
+/// symlinks are resolved, and its metadata, or why not. Decoded NUL bytes, backslashes and `..` segments are refused before the disk is asked;
+/// names starting with a dot are not found unless `dotfiles`.
+pub(crate) fn resolve(
+    root: &Path,
+    path: &[u8],
+    dotfiles: bool,
+) -> std::result::Result<(PathBuf, fs::Metadata), &'static str> {
     let decoded: Vec<u8> = percent_encoding::percent_decode(path).collect();
     let decoded = std::str::from_utf8(&decoded).map_err(|_| "forbidden")?;
     if decoded.contains(['\0', '\\']) {
@@ -24,34 +29,43 @@ pub(crate) fn resolve(root: &Path, path: &[u8]) -> std::result::Result<PathBuf, 
     }
     let mut relative = PathBuf::new();
     for part in decoded.split('/').filter(|p| !p.is_empty() && *p != ".") {
+        if part.starts_with('.') && part != ".." && !dotfiles {
+            return Err("not found"); // `.env`, `.git`: not served unless asked for
+        }
         match Path::new(part).components().next() {
             Some(Component::Normal(_)) => relative.push(part),
             _ => return Err("forbidden"),
         }
     }
-    let root = fs::canonicalize(root).map_err(|_| "not found")?;
     let mut full = fs::canonicalize(root.join(&relative)).map_err(|_| "not found")?;
-    if full.is_dir() {
+    let mut meta = fs::metadata(&full).map_err(|_| "not found")?;
+    if meta.is_dir() {
         full = fs::canonicalize(full.join("index.html")).map_err(|_| "not found")?;
+        meta = fs::metadata(&full).map_err(|_| "not found")?;
     }
-    if !full.starts_with(&root) {
+    if !full.starts_with(root) {
         return Err("forbidden");
     }
-    if !full.is_file() {
+    if !meta.is_file() {
         return Err("not found");
     }
-    Ok(full)
+    Ok((full, meta))
 }
 
-/// `core.file(root, path)` → `path, size, mtime` (seconds since the epoch), or `nil, "not
-/// found" | "forbidden"`.
-fn file(lua: &Lua, (root, path): (mlua::String, mlua::String)) -> Result<MultiValue> {
+/// `core.canonical(dir)` → `dir` with symlinks resolved (what [`resolve`] takes as its root), or
+/// nil while it does not exist.
+fn canonical(lua: &Lua, dir: mlua::String) -> Result<Option<mlua::String>> {
+    match fs::canonicalize(&*dir.to_str()?) {
+        Ok(p) => Ok(Some(lua.create_string(p.as_os_str().as_encoded_bytes())?)),
+        Err(_) => Ok(None),
+    }
+}
+
+/// `core.file(root, path, dotfiles)` (`root` canonical) → `path, size, mtime` (seconds since the epoch), or `nil,
+/// "not found" | "forbidden"`.
+fn file(lua: &Lua, (root, path, dotfiles): (mlua::String, mlua::String, bool)) -> Result<MultiValue> {
     let root = PathBuf::from(root.to_str()?.to_string());
-    let found = resolve(&root, &path.as_bytes()).and_then(|p| {
-        let meta = fs::metadata(&p).map_err(|_| "not found")?;
-        Ok((p, meta))
-    });
-    match found {
+    match resolve(&root, &path.as_bytes(), dotfiles) {
         Ok((p, meta)) => {
             let mtime = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok());
             let p = lua.create_string(p.as_os_str().as_encoded_bytes())?;
@@ -218,6 +232,7 @@ pub(crate) fn core(lua: &Lua) -> Result<Table> {
     let core = lua.create_table()?;
     core.set("file", lua.create_function(file)?)?;
     core.set("is_file", lua.create_function(is_file)?)?;
+    core.set("canonical", lua.create_function(canonical)?)?;
     core.set("cookies", lua.create_function(cookies)?)?;
     core.set("set_cookie", lua.create_function(set_cookie)?)?;
     core.set("form", lua.create_function(form)?)?;

@@ -111,6 +111,8 @@ pub(crate) struct HttpState {
     runner: Option<RegistryKey>,
     /// File bytes sent in the tick of that instant (see [`pump`]).
     pumped: Option<(std::time::Instant, usize)>,
+    /// What file pieces are read into (kept: one allocation, not one per piece).
+    scratch: Vec<u8>,
 }
 
 impl HttpState {
@@ -557,7 +559,7 @@ fn hand_over(
         None => return Ok(false),
     };
     let head = rt.driver.borrow_mut().proto::<HttpServerConn>(key).and_then(|p| p.take_upgrade());
-    let Some(head) = head else { return Ok(false) };
+    let Some((head, eof)) = head else { return Ok(false) };
     let existing = rt.http.borrow().servers.get(&server).and_then(|s| s.ws_server);
     let ws_server = match existing {
         Some(id) => id,
@@ -573,7 +575,8 @@ fn hand_over(
         }
     };
     let conn = forget_conn(rt, key);
-    ws::upgrade(lua, rt, key, ws::Handover { server: ws_server, group, handler, settings }, &head)?;
+    ws::upgrade(lua, rt, key, ws::Handover { server: ws_server, group, handler, settings }, &head, eof)?;
+    rt.resume_reading(key);
     match conn {
         Some(c) => call_hook(lua, &c.shared, c.shared.on_close.as_ref(), (c.id, "upgraded")).map(|()| true),
         None => Ok(true),
@@ -791,7 +794,9 @@ fn send_file(
     let mut file = std::fs::File::open(path).map_err(|e| format!("cannot open '{path}': {e}"))?;
     let size = file.metadata().map_err(|e| format!("cannot read '{path}': {e}"))?.len();
     let left = length.unwrap_or(u64::MAX).min(size.saturating_sub(offset));
-    file.seek(SeekFrom::Start(offset)).map_err(|e| format!("cannot read '{path}': {e}"))?;
+    if offset > 0 {
+        file.seek(SeekFrom::Start(offset)).map_err(|e| format!("cannot read '{path}': {e}"))?;
+    }
     let date = rt.http.borrow_mut().date().to_owned();
     let streaming = {
         let mut driver = rt.driver.borrow_mut();
@@ -819,7 +824,6 @@ fn send_file(
 fn pump(rt: &Runtime, key: Key) {
     use std::io::Read;
     let now = rt.driver.borrow().now();
-    let mut chunk = Vec::new();
     let done = loop {
         let mut guard = rt.http.borrow_mut();
         let http = &mut *guard;
@@ -846,8 +850,11 @@ fn pump(rt: &Runtime, key: Key) {
             driver.set_wake(key, Some(now + std::time::Duration::from_millis(1)));
             break false;
         }
-        chunk.resize(FILE_CHUNK.min(body.left) as usize, 0);
-        match body.file.read(&mut chunk) {
+        if http.scratch.is_empty() {
+            http.scratch = vec![0; FILE_CHUNK as usize];
+        }
+        let chunk = &mut http.scratch[..FILE_CHUNK.min(body.left) as usize];
+        match body.file.read(chunk) {
             // The file shrank or failed under us: the answer cannot be completed.
             Ok(0) | Err(_) => {
                 proto.end_body(now);

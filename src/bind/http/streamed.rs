@@ -57,6 +57,9 @@ fn send(lua: &Lua, (connection, data): (u64, mlua::String)) -> Result<(Option<us
 fn wait(lua: &Lua, (connection, co, most): (u64, Thread, usize)) -> Result<(Option<bool>, Option<String>)> {
     let rt = runtime(lua)?;
     let Some(key) = key_of(&rt, connection) else { return Ok((None, Some("closed".into()))) };
+    // Written now, not at the end of the update: a socket that takes it all reports no
+    // drain, and nothing would wake `co`.
+    rt.driver.borrow_mut().flush(key);
     let queued = match rt.driver.borrow_mut().proto::<HttpServerConn>(key) {
         Some(proto) if !proto.is_closed() => proto.queued(),
         _ => return Ok((None, Some("closed".into()))),

@@ -20,6 +20,7 @@ use super::options::Options;
 use super::policy::Policy;
 use super::{Runtime, Side};
 use crate::driver::{Event, EventKind, Key, Tag};
+use crate::proto::stream::{Flow, StreamProtocol};
 use crate::proto::ws::{
     self as proto, Contexts, DeflateConfig, Opcode, Settings, WsConfig, WsSession, WsUrl,
 };
@@ -336,11 +337,15 @@ fn news(lua: &Lua, rt: &Runtime, key: Key) -> Result<()> {
             }
         },
         (false, Some(up)) => {
-            // Still upgrading, or refused: an HTTP server's connection is ours to close.
-            let closed = rt.driver.borrow_mut().proto::<WsSession>(key).is_none_or(|s| s.is_closed());
-            if closed {
+            // Still upgrading, or refused (or dropped): the driver closes a refused connection
+            // once its answer is out (nobody adopted it).
+            let refused = rt
+                .driver
+                .borrow_mut()
+                .proto::<WsSession>(key)
+                .is_none_or(|s| s.is_closed() || s.flow() != Flow::Open);
+            if refused {
                 lua.remove_registry_value(up.handler)?;
-                rt.driver.borrow_mut().close(key);
             } else {
                 rt.ws.borrow_mut().upgrading.insert(key, up);
             }

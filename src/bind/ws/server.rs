@@ -229,15 +229,22 @@ pub(crate) struct Handover {
 }
 
 /// Runs an HTTP connection as a WebSocket session: `head` is its upgrade request as sent (and
-/// what came after), which the session answers (101, or an error and a close); once upgraded,
-/// `handler(ws)` runs.
-pub(crate) fn upgrade(lua: &Lua, rt: &Runtime, conn: Key, handover: Handover, head: &[u8]) -> Result<()> {
+/// what came after; `eof` if the client finished sending), which the session answers (101, or
+/// an error and a close); once upgraded, `handler(ws)` runs.
+pub(crate) fn upgrade(
+    lua: &Lua,
+    rt: &Runtime,
+    conn: Key,
+    handover: Handover,
+    head: &[u8],
+    eof: bool,
+) -> Result<()> {
     let Handover { server, group, handler, settings } = handover;
     let handler = lua.create_registry_value(handler)?;
     rt.ws.borrow_mut().upgrading.insert(conn, Upgrading { server, group, handler });
     let now = rt.driver.borrow().now();
     let session = WsSession::server(Arc::from(["default".to_owned()]), settings, now);
-    rt.driver.borrow_mut().replace_proto(conn, Box::new(session), TAG, head);
+    rt.driver.borrow_mut().replace_proto(conn, Box::new(session), TAG, head, eof);
     Ok(())
 }
 
@@ -249,6 +256,7 @@ pub(super) fn start(lua: &Lua, rt: &Runtime, conn: Key, up: Upgrading) -> Result
         rt.driver.borrow_mut().close(conn); // its server went away meanwhile
         return Ok(());
     }
+    rt.driver.borrow_mut().adopt(conn);
     run_handler(lua, rt, conn, up.server, up.group, handler)
 }
 

@@ -330,9 +330,10 @@ impl HttpServerConn {
     }
 
     /// Gives up the connection to a WebSocket session: the upgrade request's head as sent and
-    /// whatever came after it; nothing more happens here (left in place, the connection would
-    /// close). `None` unless [`wants_upgrade`](Self::wants_upgrade).
-    pub fn take_upgrade(&mut self) -> Option<Vec<u8>> {
+    /// whatever came after it, and whether the peer finished sending; nothing more happens here
+    /// (left in place, the connection would close). `None` unless
+    /// [`wants_upgrade`](Self::wants_upgrade).
+    pub fn take_upgrade(&mut self) -> Option<(Vec<u8>, bool)> {
         if !self.wants_upgrade() {
             return None;
         }
@@ -340,9 +341,8 @@ impl HttpServerConn {
         bytes.extend_from_slice(self.pending());
         self.input = Vec::new();
         self.start = 0;
-        self.why.get_or_insert("upgraded");
         self.end("upgraded");
-        Some(bytes)
+        Some((bytes, self.eof))
     }
 
     /// Bytes of our answers waiting for the peer to take them.
