@@ -69,6 +69,18 @@ return function(T, luna, lunac)
     T.eq(select(2, luna.remove_web_app("counter")), "App not found", "second removal")
   end)
 
+  T.test("a plain HTTP request to a web app gets 426 Upgrade Required", function()
+    local app = luna.new_web_app({ name = "plain", host = "127.0.0.1", port = 0, debug = false,
+      protocols = { default = function() end } })
+    local s = assert(luna.tcp.connect("127.0.0.1", app.port))
+    s:write("GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    local answer = s:read_until("\r\n\r\n")
+    T.ok(answer and answer:find("^HTTP/1.1 426 Upgrade Required\r\n"), tostring(answer))
+    T.ok(answer:find("Upgrade: websocket\r\n", 1, true), "says what to use")
+    s:close()
+    luna.remove_web_app("plain")
+  end)
+
   T.test("echo of text and binary, close codes both ways, on_close gets code and reason", function()
     local server_saw = {}
     local app = luna.new_web_app({

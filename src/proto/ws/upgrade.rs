@@ -384,7 +384,8 @@ fn validate_request(
         return Err(Rejection::new(400, "missing Host header"));
     }
     if !find(&headers, "upgrade").any(|v| has_token(v, "websocket")) {
-        return Err(Rejection::new(400, "missing 'Upgrade: websocket' header"));
+        // A plain HTTP request (a browser opening the address): RFC 9110's 426 says what to use.
+        return Err(Rejection::new(426, "this is a WebSocket server: connect with 'Upgrade: websocket'"));
     }
     if !find(&headers, "connection").any(|v| has_token(v, "upgrade")) {
         return Err(Rejection::new(400, "missing 'Connection: Upgrade' header"));
