@@ -188,6 +188,9 @@ end
 local function wait_queue(res, most)
   local co = coroutine.running()
   while true do
+    -- Waiting, a `res` kept past its handler can outlive its request (the connection's next
+    -- answer wakes it too).
+    if res.over then return nil, "the request was answered" end
     local parked, err = core.stream_wait(res.connection, co, most)
     if parked == nil then return nil, err end
     if not parked then return true end
@@ -202,6 +205,7 @@ function Response:send_data(...)
     local piece = select(i, ...)
     check(type(piece) == "string" or type(piece) == "number", "res:send_data(...)",
       "every piece must be a string, got " .. type(piece))
+    if self.over then return nil, "the request was answered" end
     local queued, err = core.stream_send(self.connection, tostring(piece))
     if not queued then return nil, err end
     if queued > STREAM_QUEUE then

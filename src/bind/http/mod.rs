@@ -878,6 +878,8 @@ fn pump(rt: &Runtime, key: Key) {
         }
     }
     rt.flush(key);
+    // Reading may have paused behind the file; nothing else restarts it (edge-triggered).
+    rt.resume_reading(key);
 }
 
 /// Hands `response` to the connection, dated now; nothing if it went away meanwhile (closed, or

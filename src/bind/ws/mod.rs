@@ -299,10 +299,18 @@ pub(crate) fn report_failures(lua: &Lua, rt: &Runtime) -> Result<()> {
 
 /// A session has news: an upgrade finished or was refused, messages or the end arrived.
 fn news(lua: &Lua, rt: &Runtime, key: Key) -> Result<()> {
-    let (upgraded, rejection, opened) = {
-        let mut driver = rt.driver.borrow_mut();
-        let Some(session) = driver.proto::<WsSession>(key) else { return Ok(()) };
-        (session.take_upgraded(), session.take_rejection(), session.take_opened())
+    let taken = rt
+        .driver
+        .borrow_mut()
+        .proto::<WsSession>(key)
+        .map(|session| (session.take_upgraded(), session.take_rejection(), session.take_opened()));
+    let Some((upgraded, rejection, opened)) = taken else {
+        // Gone already (a refused upgrade the driver closed): what waited for it goes too.
+        let handed_over = rt.ws.borrow_mut().upgrading.remove(&key);
+        return match handed_over {
+            Some(up) => lua.remove_registry_value(up.handler),
+            None => Ok(()),
+        };
     };
     let client = rt.ws.borrow().client_streams.get(&key).copied();
     if let Some(id) = client {

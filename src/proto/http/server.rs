@@ -771,9 +771,8 @@ impl HttpServerConn {
             Phase::Head if self.head_started => Some(self.since + self.limits.head_timeout),
             Phase::Head => Some(self.since + self.limits.idle_timeout),
             Phase::Body(_) => Some(self.since + self.limits.body_timeout),
-            Phase::Handling if self.streaming.is_some() && self.sending() => {
-                Some(self.sent + self.limits.send_timeout)
-            }
+            // An answer going out (streamed, or one before a pipelined request now handled).
+            Phase::Handling if self.sending() => Some(self.sent + self.limits.send_timeout),
             Phase::Linger if self.sending() => Some(self.sent + self.limits.send_timeout),
             Phase::Linger => Some(self.sent + LINGER),
             Phase::Handling | Phase::Done => None,

@@ -538,3 +538,18 @@ fn close_reasons() {
     c.handle_error(now, "reset");
     assert_eq!(c.close_reason(), "server_stopped", "the first reason counts");
 }
+
+#[test]
+fn a_reader_that_stalls_behind_a_pipelined_request_is_cut_off_too() {
+    let (mut c, now) = answering(b"GET /a HTTP/1.1\r\nHost: h\r\n\r\nGET /b HTTP/1.1\r\nHost: h\r\n\r\n");
+    streamed(&mut c, now, Some(512 << 10));
+    c.send_body(now, &[0; 512 << 10]);
+    assert!(c.take_request().is_some(), "the next request is handled while the answer goes out");
+    assert_eq!(
+        c.poll_timeout(),
+        Some(now + HttpLimits::default().send_timeout),
+        "the stalled reader is timed"
+    );
+    c.handle_timeout(now + HttpLimits::default().send_timeout);
+    assert_eq!((c.flow(), c.close_reason()), (Flow::Abort, "timeout"));
+}
