@@ -107,19 +107,25 @@ function Response:sendFile(path, mime)
   return send_file(self, path)
 end
 
+-- Adds a repeated header field (a list value gives one field per entry).
+local function append_field(headers, key, value)
+  local before = headers[key]
+  if before == nil then
+    headers[key] = value
+  elseif type(before) == "table" then
+    before[#before + 1] = value
+  else
+    headers[key] = { before, value }
+  end
+end
+
 function Response:cookie(name, value, options)
   check(type(name) == "string", "res:cookie(name, value, options)", "'name' must be a string, got " .. type(name))
   check(type(value) == "string" or type(value) == "number", "res:cookie(name, value, options)",
     "'value' must be a string, got " .. type(value))
   local line = core.set_cookie(name, tostring(value), options)
-  local before = self.headers["set-cookie"]
-  if before == nil then
-    self.headers["set-cookie"] = { line }
-  elseif type(before) == "table" then
-    before[#before + 1] = line
-  else
-    self.headers["set-cookie"] = { before, line }
-  end
+  -- Always a list, as res:getHeader("set-cookie") shows it.
+  append_field(self.headers, "set-cookie", self.headers["set-cookie"] == nil and { line } or line)
   return self
 end
 
@@ -172,13 +178,11 @@ function Response:send_header(name, value)
   check(not self.streaming, call, "the head was already sent (call it before send_data)")
   check(type(name) == "string" and (type(value) == "string" or type(value) == "number"), call,
     "'name' and 'value' must be strings")
-  local key, before = name:lower(), self.headers[name:lower()]
-  if before == nil or key == "content-type" or key == "content-length" then
+  local key = name:lower()
+  if key == "content-type" or key == "content-length" then
     self.headers[key] = value
-  elseif type(before) == "table" then
-    before[#before + 1] = value
   else
-    self.headers[key] = { before, value }
+    append_field(self.headers, key, value)
   end
   return self
 end

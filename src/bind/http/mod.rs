@@ -554,19 +554,21 @@ fn hand_over(
     group: String,
     handler: Function,
 ) -> Result<bool> {
-    let settings = match rt.http.borrow().servers.get(&server) {
-        Some(s) => s.ws_settings.clone(),
-        None => return Ok(false),
-    };
+    if !rt.driver.borrow_mut().proto::<HttpServerConn>(key).is_some_and(|p| p.wants_upgrade()) {
+        return Ok(false); // most requests: nothing to look up
+    }
+    let found = rt
+        .http
+        .borrow()
+        .servers
+        .get(&server)
+        .map(|s| (s.ws_settings.clone(), s.ws_server, s.shared.policy.clone()));
+    let Some((settings, existing, policy)) = found else { return Ok(false) };
     let head = rt.driver.borrow_mut().proto::<HttpServerConn>(key).and_then(|p| p.take_upgrade());
     let Some((head, eof)) = head else { return Ok(false) };
-    let existing = rt.http.borrow().servers.get(&server).and_then(|s| s.ws_server);
     let ws_server = match existing {
         Some(id) => id,
         None => {
-            let Some(policy) = rt.http.borrow().servers.get(&server).map(|s| s.shared.policy.clone()) else {
-                return Ok(false);
-            };
             let id = ws::attach(lua, rt, format!("{} (WebSocket)", policy.label), policy)?;
             if let Some(s) = rt.http.borrow_mut().servers.get_mut(&server) {
                 s.ws_server = Some(id);
@@ -605,12 +607,17 @@ fn answered(lua: &Lua, rt: &Runtime, key: Key, server: u64, result: Result<Value
     if let Some(c) = rt.http.borrow_mut().conns.get_mut(&key) {
         c.busy = false;
     }
-    if let Ok(Value::Table(t)) = &result {
-        if let Value::Function(handler) = t.raw_get::<Value>("websocket")? {
-            let group = t.raw_get::<Option<String>>("group")?.unwrap_or_else(|| "default".into());
-            if hand_over(lua, rt, key, server, group, handler)? {
-                return forget_if_done(lua, rt, server);
-            }
+    let websocket = match &result {
+        Ok(Value::Table(t)) => match t.raw_get::<Value>("websocket")? {
+            Value::Function(handler) => Some((handler, t.raw_get::<Option<String>>("group")?)),
+            _ => None,
+        },
+        _ => None,
+    };
+    let upgrade = websocket.is_some();
+    if let Some((handler, group)) = websocket {
+        if hand_over(lua, rt, key, server, group.unwrap_or_else(|| "default".into()), handler)? {
+            return forget_if_done(lua, rt, server);
         }
     }
     let (shared, stopped) = match rt.http.borrow().servers.get(&server) {
@@ -645,7 +652,7 @@ fn answered(lua: &Lua, rt: &Runtime, key: Key, server: u64, result: Result<Value
             Some(message(&e))
         }
         Ok(_) if streamed => None,
-        Ok(Value::Table(t)) if t.raw_get::<Value>("websocket")?.is_function() => {
+        Ok(_) if upgrade => {
             upgrade_required(rt, key);
             None
         }
@@ -708,9 +715,9 @@ fn respond(rt: &Runtime, key: Key, value: &Value) -> std::result::Result<(), Str
         Value::Table(fields) => header_fields(&fields)?,
         other => return Err(format!("the response's headers must be a table, got {}", lua_type(&other))),
     };
+    let headers = borrowed(&headers);
     if let Value::String(path) = field("file")? {
         let range = (field("offset")?, field("length")?);
-        let headers: Vec<(&[u8], &[u8])> = headers.iter().map(|(n, v)| (&n[..], &v[..])).collect();
         return send_file(
             rt,
             key,
@@ -724,7 +731,6 @@ fn respond(rt: &Runtime, key: Key, value: &Value) -> std::result::Result<(), Str
         Value::String(s) => Some(s),
         other => return Err(format!("the response's body must be a string, got {}", lua_type(&other))),
     };
-    let headers: Vec<(&[u8], &[u8])> = headers.iter().map(|(n, v)| (&n[..], &v[..])).collect();
     let body_bytes = body.as_ref().map(|b| b.as_bytes());
     let body: &[u8] = body_bytes.as_ref().map_or(b"", |b| &b[..]);
     send(rt, key, Response { status, headers: &headers, body, date: "" })
@@ -732,6 +738,11 @@ fn respond(rt: &Runtime, key: Key, value: &Value) -> std::result::Result<(), Str
 
 /// A header field: name and value.
 type Field = (Vec<u8>, Vec<u8>);
+
+/// Fields as `Response` takes them.
+fn borrowed(fields: &[Field]) -> Vec<(&[u8], &[u8])> {
+    fields.iter().map(|(n, v)| (&n[..], &v[..])).collect()
+}
 
 /// A response's `headers` table (name → string, number or list of them) as fields, sorted by
 /// name so the same table always gives the same head.
@@ -797,18 +808,10 @@ fn send_file(
     if offset > 0 {
         file.seek(SeekFrom::Start(offset)).map_err(|e| format!("cannot read '{path}': {e}"))?;
     }
-    let date = rt.http.borrow_mut().date().to_owned();
-    let streaming = {
-        let mut driver = rt.driver.borrow_mut();
-        let now = driver.now();
-        match driver.proto::<HttpServerConn>(key) {
-            Some(proto) if proto.awaits_response() && !proto.is_closed() => {
-                proto.respond_streamed(now, Response { date: &date, ..response }, Some(left))?;
-                proto.is_streaming()
-            }
-            _ => false,
-        }
-    };
+    let streaming = answer(rt, key, |proto, now, date| {
+        proto.respond_streamed(now, Response { date, ..response }, Some(left))?;
+        Ok(proto.is_streaming())
+    })?;
     if streaming {
         if let Some(conn) = rt.http.borrow_mut().conns.get_mut(&key) {
             conn.file = Some(Box::new(FileBody { file, left }));
@@ -882,19 +885,27 @@ fn pump(rt: &Runtime, key: Key) {
     rt.resume_reading(key);
 }
 
-/// Hands `response` to the connection, dated now; nothing if it went away meanwhile (closed, or
-/// failed before the layer above heard of it).
-fn send(rt: &Runtime, key: Key, response: Response) -> std::result::Result<(), String> {
+/// Runs `f` on the connection with the time and the `Date` value, if it still waits for an
+/// answer; else nothing (it closed, or failed before the layer above heard of it) and
+/// `T::default()`.
+fn answer<T: Default>(
+    rt: &Runtime,
+    key: Key,
+    f: impl FnOnce(&mut HttpServerConn, std::time::Instant, &str) -> std::result::Result<T, String>,
+) -> std::result::Result<T, String> {
     let mut http = rt.http.borrow_mut();
     let date = http.date();
     let mut driver = rt.driver.borrow_mut();
     let now = driver.now();
     match driver.proto::<HttpServerConn>(key) {
-        Some(proto) if proto.awaits_response() && !proto.is_closed() => {
-            proto.respond(now, Response { date, ..response })
-        }
-        _ => Ok(()),
+        Some(proto) if proto.awaits_response() && !proto.is_closed() => f(proto, now, date),
+        _ => Ok(T::default()),
     }
+}
+
+/// Hands `response` to the connection, dated now (see [`answer`]).
+fn send(rt: &Runtime, key: Key, response: Response) -> std::result::Result<(), String> {
+    answer(rt, key, |proto, now, date| proto.respond(now, Response { date, ..response }))
 }
 
 fn show(v: &Value) -> String {

@@ -5,7 +5,7 @@
 
 use mlua::{Lua, Result, Table, Thread, Value};
 
-use super::{header_fields, runtime, HttpServerConn, Response, Runtime};
+use super::{borrowed, header_fields, runtime, HttpServerConn, Response, Runtime};
 use crate::driver::Key;
 
 /// The connection of request `connection` (the number requests carry).
@@ -21,7 +21,7 @@ fn start(
     let rt = runtime(lua)?;
     let Some(key) = key_of(&rt, connection) else { return Ok((None, Some("closed".into()))) };
     let fields = header_fields(&headers).map_err(mlua::Error::external)?;
-    let fields: Vec<(&[u8], &[u8])> = fields.iter().map(|(n, v)| (&n[..], &v[..])).collect();
+    let fields = borrowed(&fields);
     let date = rt.http.borrow_mut().date().to_owned();
     let mut driver = rt.driver.borrow_mut();
     let now = driver.now();
