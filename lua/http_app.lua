@@ -250,30 +250,201 @@ end
 -- Moonbridge's post_params, post_params_list, post_metadata and post_metadata_list of a
 -- urlencoded or multipart/form-data body (the last of a repeated name in the single-value
 -- tables); `post_error` says why a multipart body could not be read.
+local function new_post_fields()
+  return { post_params = {}, post_params_list = {}, post_metadata = {}, post_metadata_list = {} }
+end
+
+local function add_post_field(fields, name, value, meta)
+  fields.post_params[name], fields.post_metadata[name] = value, meta
+  for list, v in pairs({ post_params_list = value, post_metadata_list = meta }) do
+    local t = fields[list][name] or {}
+    t[#t + 1] = v
+    fields[list][name] = t
+  end
+end
+
+local function set_post_fields(req, fields, err)
+  for k, v in pairs(fields) do rawset(req, k, v) end
+  rawset(req, "post_error", err)
+end
+
 local function post_fields(req)
   local kind, body = rawget(req, "headers")["content-type"] or "", rawget(req, "raw_body")
-  local fields = { post_params = {}, post_params_list = {}, post_metadata = {}, post_metadata_list = {} }
+  local fields, err = new_post_fields(), nil
   if kind:find("application/x-www-form-urlencoded", 1, true) then
     fields.post_params, fields.post_params_list = core.form(body), core.form_lists(body)
   elseif kind:find("multipart/form-data", 1, true) then
-    local parts, err = core.multipart(body, kind)
-    fields.post_error = err
+    local parts
+    parts, err = core.multipart(body, kind)
     for _, part in ipairs(parts or {}) do
-      local name = part.name or ""
-      local meta = { file_name = part.file_name, content_type = part.content_type }
-      fields.post_params[name], fields.post_metadata[name] = part.value, meta
-      for list, value in pairs({ post_params_list = part.value, post_metadata_list = meta }) do
-        local t = fields[list][name] or {}
-        t[#t + 1] = value
-        fields[list][name] = t
-      end
+      add_post_field(fields, part.name or "", part.value,
+        { file_name = part.file_name, content_type = part.content_type })
     end
   end
-  for k, v in pairs(fields) do rawset(req, k, v) end
+  set_post_fields(req, fields, err)
 end
 
 local POST_FIELDS = { post_params = true, post_params_list = true, post_metadata = true,
   post_metadata_list = true, post_error = true }
+
+-- Bodies. A route's handler gets `req.body` whole (read before the middlewares run, at most
+-- max_body_size) unless the route was added with `{stream_body = true}`: its handler then
+-- starts once the head is in and reads the body itself (`req:` methods below), or answers
+-- without it (what is left of it is read and dropped). The methods work on every route.
+local Methods = {}
+
+-- The next piece of a body still to come (all of it unless `stream`), and whether it is the
+-- last; nil and why it cannot be read.
+local function read_piece(req, stream)
+  local co = coroutine.running()
+  while true do
+    local piece, last = core.body_read(req.connection, co, req._limit, stream)
+    if piece ~= PARK then return piece, last end
+    coroutine.yield(PARK)
+  end
+end
+
+-- Takes the body still to come, once: the calls that read it say so when it went already.
+local function take_unread(req, call)
+  if rawget(req, "raw_body") then return false end
+  check(rawget(req, "_unread"), call, "the body was already streamed by an earlier call")
+  req._unread = false
+  return true
+end
+
+-- Calls `callback(piece)` for each piece of the body as it arrives; true at its end, or nil
+-- and why it cannot be read (too_large, timeout, malformed, client_closed, answered).
+function Methods:stream_request_body(callback)
+  local call = "req:stream_request_body(callback)"
+  check(type(callback) == "function", call, "'callback' must be a function(piece), got " .. type(callback))
+  if not take_unread(self, call) then
+    if self.raw_body ~= "" then callback(self.raw_body) end
+    return true
+  end
+  while true do
+    local piece, last = read_piece(self, true)
+    if not piece then return nil, last end
+    if piece ~= "" then callback(piece) end
+    if last then return true end
+  end
+end
+
+-- The whole body (at most the route's max_body_size), or nil and why.
+function Methods:read_body()
+  if take_unread(self, "req:read_body()") then
+    local body, why = read_piece(self, false)
+    if not body then return nil, why end
+    rawset(self, "raw_body", body)
+    rawset(self, "body", body)
+  end
+  return self.raw_body
+end
+
+local function add_post_stream(req, call, key, callback)
+  check(type(callback) == "function", call, "'callback' must be a function(chunk, meta), got " .. type(callback))
+  check(rawget(req, "post_params") == nil, call, "the body was already processed: register streams before")
+  local streams = rawget(req, "_post_streams") or {}
+  rawset(req, "_post_streams", streams)
+  streams[#streams + 1] = { key = key, callback = callback }
+  return req
+end
+
+-- Moonbridge's: the value of POST field `name` goes to `callback(chunk, meta)` piece by piece
+-- (then `callback(nil, meta)`) instead of into post_params, when req:process_request_body()
+-- reads the body.
+function Methods:stream_post_param(name, callback)
+  local call = "req:stream_post_param(name, callback)"
+  check(type(name) == "string", call, "'name' must be a string, got " .. type(name))
+  return add_post_stream(self, call, { name = name }, callback)
+end
+
+-- The same for every field whose name matches Lua pattern `pattern`.
+function Methods:stream_post_params(pattern, callback)
+  local call = "req:stream_post_params(pattern, callback)"
+  check(type(pattern) == "string", call, "'pattern' must be a string, got " .. type(pattern))
+  return add_post_stream(self, call, { pattern = pattern }, callback)
+end
+
+local function post_stream(req, name)
+  for _, s in ipairs(rawget(req, "_post_streams") or {}) do
+    if s.key.name == name or (s.key.pattern and name:find(s.key.pattern)) then return s.callback end
+  end
+end
+
+-- Reads a multipart body as it arrives: fields with a stream go to it, the others are held
+-- (all of them together at most the app's max_body_size).
+local function stream_multipart(req, kind)
+  local reader, err = core.multipart_reader(kind)
+  local fields = new_post_fields()
+  if not reader then
+    set_post_fields(req, fields, err)
+    return nil, err
+  end
+  local callback, meta, name, buffer, held, failed
+  held = 0
+  local function take(parts)
+    for _, part in ipairs(parts) do
+      local what = part[1]
+      if failed then return end
+      if what == "field" then
+        name = part[2] or ""
+        meta = { field_name = name, file_name = part[3], content_type = part[4] }
+        callback = post_stream(req, name)
+        buffer = {}
+      elseif what == "data" and callback then
+        callback(part[2], meta)
+      elseif what == "data" then
+        held = held + #part[2]
+        if held > req._app.max_body_size then failed = "too_large" end
+        buffer[#buffer + 1] = part[2]
+      elseif what == "end" and callback then
+        callback(nil, meta)
+      elseif what == "end" then
+        add_post_field(fields, name, table.concat(buffer), { file_name = meta.file_name, content_type = meta.content_type })
+      else
+        failed = part[2]
+      end
+    end
+  end
+  local ok, why = req:stream_request_body(function(piece) take(reader:feed(piece)) end)
+  if ok then take(reader:feed(nil)) end
+  err = failed or (not ok and why) or nil
+  set_post_fields(req, fields, err)
+  if err then return nil, err end
+  return true
+end
+
+-- Reads the body to its end: POST fields with a stream (req:stream_post_param) go to it, the
+-- others into post_params and the other post_ tables. True, or nil and why.
+function Methods:process_request_body()
+  if rawget(self, "post_params") then return true end
+  local kind = self.headers["content-type"] or ""
+  if rawget(self, "_post_streams") and kind:find("multipart/form-data", 1, true) and not rawget(self, "raw_body") then
+    check(rawget(self, "_unread"), "req:process_request_body()", "the body was already streamed by an earlier call")
+    return stream_multipart(self, kind)
+  end
+  local body, why = self:read_body()
+  if not body then
+    set_post_fields(self, new_post_fields(), why)
+    return nil, why
+  end
+  post_fields(self)
+  -- A body read whole: its streamed fields get their value in one piece.
+  for name, values in pairs(self.post_params_list) do
+    local callback = post_stream(self, name)
+    if callback then
+      for i, value in ipairs(values) do
+        local meta = self.post_metadata_list[name][i]
+        meta.field_name = name
+        callback(value, meta)
+        callback(nil, meta)
+      end
+      self.post_params[name], self.post_params_list[name] = nil, nil
+      self.post_metadata[name], self.post_metadata_list[name] = nil, nil
+    end
+  end
+  return true
+end
 
 -- Fields made when first read.
 local Request = {
@@ -290,9 +461,12 @@ local Request = {
       rawset(req, key, lists)
       return lists
     elseif POST_FIELDS[key] and rawget(req, "post_params") == nil then
+      check(not rawget(req, "_streams"), "req." .. key,
+        "this route streams its body (stream_body = true): call req:process_request_body() first")
       post_fields(req)
       return rawget(req, key)
     end
+    return Methods[key]
   end,
 }
 
@@ -367,14 +541,24 @@ local function find(app, method, path, parts)
   return nil, nil, parts
 end
 
-local function add_route(group, method, path, handler, call)
-  call = call or "app:" .. method:lower() .. "(path, handler)"
+local ROUTE_OPTIONS = { stream_body = "boolean", max_body_size = "number" }
+
+local function add_route(group, method, path, handler, call, options)
+  call = call or "app:" .. method:lower() .. "(path, handler, options)"
   check(type(path) == "string" and path:sub(1, 1) == "/", call, "'path' must be a string starting with '/', got " .. tostring(path))
   check(type(handler) == "function", call, "'handler' must be a function, got " .. type(handler))
+  options = options or {}
+  check(type(options) == "table", call, "'options' must be a table {stream_body, max_body_size}, got " .. type(options))
+  for key, value in pairs(options) do
+    check(ROUTE_OPTIONS[key], call, "unknown option '" .. tostring(key) .. "' (stream_body, max_body_size)")
+    check(type(value) == ROUTE_OPTIONS[key] and (key ~= "max_body_size" or value > 0), call,
+      "'" .. key .. "' must be a " .. (key == "max_body_size" and "number > 0" or "boolean") .. ", got " .. tostring(value))
+  end
   local full = group.prefix .. path
   if path == "/" and group.prefix ~= "" then full = group.prefix end
   local app = group.app
-  local route = { handler = handler, group = group, path = full, pattern = compile(full, call) }
+  local route = { handler = handler, group = group, path = full, pattern = compile(full, call),
+    stream_body = options.stream_body, max_body_size = options.max_body_size }
   if route.pattern then
     local list = app.patterns[method] or {}
     app.patterns[method] = list
@@ -395,9 +579,9 @@ Group.__index = Group
 
 for _, m in ipairs(METHODS) do
   local method = m:upper()
-  Group[m] = function(self, path, handler)
-    check(getmetatable(self) and self.app, "app:" .. m .. "(path, handler)", "call it with a colon: app:" .. m .. "(path, handler)")
-    add_route(self, method, path, handler)
+  Group[m] = function(self, path, handler, options)
+    check(getmetatable(self) and self.app, "app:" .. m .. "(path, handler, options)", "call it with a colon: app:" .. m .. "(path, handler)")
+    add_route(self, method, path, handler, nil, options)
     return self
   end
 end
@@ -521,18 +705,43 @@ local function compress(app, req, res)
   res.headers["content-encoding"] = "gzip"
 end
 
+-- The answer when the body a handler waits for cannot be read (the connection may have
+-- refused it already, with 413 or 408: then this goes nowhere).
+local UNREADABLE = { status = 400, headers = { ["content-type"] = "text/plain; charset=utf-8" },
+  body = "Bad Request: the body could not be read\n" }
+
+-- A body over the route's limit that came with its head (the connection applied the app's).
+local TOO_LARGE = { status = 413, headers = { ["content-type"] = "text/plain; charset=utf-8", connection = "close" },
+  body = "413 Content Too Large\n" }
+
 local function dispatch(app, req)
-  req.raw_body = req.body
-  setmetatable(req, Request)
-  req.client_data = app.clients[req.connection] or {}
-  req.ip = req.peer_address
-  local res = new_response(app)
-  res.connection = req.connection
   local method = req.method
   local route, params = find(app, method, req.path)
   if not route and method == "HEAD" then
     route, params = find(app, "GET", req.path)
   end
+  req._app = app
+  req._limit = route and route.max_body_size or app.max_body_size
+  local body, streams = req.body, route and route.stream_body
+  if body and #body > req._limit then return TOO_LARGE end
+  if body == false and not streams then
+    if route then
+      body = read_piece(req, false)
+      if not body then return UNREADABLE end
+    else
+      -- Nothing will read it: the answer (404, 405) goes out without it.
+      body = ""
+    end
+  end
+  -- false: still to come. A streaming route reads it with req: methods, even when it came.
+  req._unread, req._streams = body == false or nil, streams
+  req.raw_body = body or nil
+  req.body = not streams and body or nil
+  setmetatable(req, Request)
+  req.client_data = app.clients[req.connection] or {}
+  req.ip = req.peer_address
+  local res = new_response(app)
+  res.connection = req.connection
   req.params = params or {}
   local chain = {}
   for _, mw in ipairs(app.middlewares) do chain[#chain + 1] = mw end
@@ -747,7 +956,10 @@ end
 function templates.body_parser()
   return function(req, res, nxt)
     local kind = req.headers["content-type"] or ""
-    if kind:find("application/json", 1, true) then
+    if type(req.body) ~= "string" then
+      -- A streaming route's body is the handler's to read.
+      return nxt()
+    elseif kind:find("application/json", 1, true) then
       local ok, value = pcall(luna.json.decode, req.body)
       if ok then req.body = value end
     elseif kind:find("application/x-www-form-urlencoded", 1, true) then
@@ -818,7 +1030,7 @@ function App:listen(port, host, protocol, ssl)
   end
   local config = self.config
   local clients = self.clients
-  self.server = luna.serve({
+  self.server = core.serve({
     port = port, host = host, tls = tls,
     max_header_size = self.max_header_size, max_body_size = self.max_body_size, idle_timeout = self.timeout,
     no_errors = config.no_errors ~= false, error_handler = config.error_handler,

@@ -1,7 +1,8 @@
 //! `.ci/run --setup-only` installs what the tests need the way a fresh Debian machine allows:
-//! apt-get for the hosts and for Debian's python3-websockets, rustup for rustfmt/clippy, a
-//! virtualenv when python3 is not Debian's. The machine is simulated: PATH holds only fakes of
-//! the tools the script calls, which log their calls and "install" by creating marker files.
+//! apt-get for the hosts and for Debian's python3-websockets and python3-requests, rustup for
+//! rustfmt/clippy, a virtualenv when python3 is not Debian's. The machine is simulated: PATH
+//! holds only fakes of the tools the script calls, which log their calls and "install" by
+//! creating marker files.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -23,16 +24,17 @@ fn write_tool(dir: &Path, name: &str, body: &str) {
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
-/// A Python that imports websockets once `$marker` exists and creates virtualenvs whose
-/// interpreter is the same fake with its own marker (set by `pip install websockets`).
+/// A Python that imports websockets and requests once `$marker` exists and creates virtualenvs
+/// whose interpreter is the same fake with its own marker (set by `pip install websockets
+/// requests`).
 fn python_fake(log: &Path) -> String {
     format!(
         r#"here=$(/usr/bin/dirname "$0")
 marker="$here/.websockets"; [ -n "${{WS_MARKER:-}}" ] && [ "$0" = "$PY_MAIN" ] && marker=$WS_MARKER
 case "$1 $2" in
-  "-c import websockets") [ -e "$marker" ] ;;
+  "-c import websockets, requests") [ -e "$marker" ] ;;
   "-m venv") /bin/mkdir -p "$3/bin" && /bin/cp "$0" "$3/bin/python3" && echo "python3 -m venv" >> {log} ;;
-  "-m pip") echo "pip $3 $4 $5" >> {log}; : > "$here/.websockets" ;;
+  "-m pip") echo "pip ${{*:3}}" >> {log}; : > "$here/.websockets" ;;
   *) exit 3 ;;
 esac"#,
         log = log.display()
@@ -74,7 +76,7 @@ fn machine(name: &str, present: &[&str], components: bool) -> Machine {
         "apt-get",
         &format!(
             r#"echo "apt-get $*" >> {l}
-for p in "$@"; do [ "$p" = python3-websockets ] && : > {r}/debian-websockets; done; exit 0"#,
+for p in "$@"; do [ "$p" = python3-requests ] && : > {r}/debian-websockets; done; exit 0"#,
             r = root.display()
         ),
     );
@@ -124,7 +126,10 @@ fn fresh_debian_gets_apt_packages_rustup_components_and_debian_websockets() {
         log.contains("rustup component add rustfmt") && log.contains("rustup component add clippy"),
         "{log}"
     );
-    assert!(log.contains("apt-get install -y -qq --no-install-recommends python3-websockets"), "{log}");
+    assert!(
+        log.contains("apt-get install -y -qq --no-install-recommends python3-websockets python3-requests"),
+        "{log}"
+    );
     assert!(!log.contains("pip"), "no pip into Debian's Python: {log}");
     assert!(
         out.contains(&format!("Python for the peer tests: {}", m.root.join("bin/python3").display())),
@@ -137,7 +142,10 @@ fn a_python_that_is_not_debians_gets_a_virtualenv_under_target() {
     let m = machine("pyenv", &["luajit", "lua5.1", "love", "openssl", "prlimit", "chromium", "curl"], true);
     let (ok, log, out) = setup(&m, false);
     assert!(ok, "{out}\n{log}");
-    assert_eq!(log, "python3 -m venv\npip install --quiet websockets\n", "only the virtualenv is set up");
+    assert_eq!(
+        log, "python3 -m venv\npip install --quiet websockets requests\n",
+        "only the virtualenv is set up"
+    );
     let venv = m.root.join("target/ci-venv/bin/python3");
     assert!(out.contains(&format!("Python for the peer tests: {}", venv.display())), "{out}");
     // Run again: everything is there now, nothing is installed twice.

@@ -83,4 +83,5 @@ fn stream_glue_seeds() {
 #[test]
 fn http_server_seeds() {
     replay("http_server", luna::proto::fuzzing::http_glue);
+    replay("http_server", luna::proto::fuzzing::http_early_glue);
 }

@@ -291,7 +291,7 @@ fn http_app_example_answers_routes_and_chats() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = stdout(&out);
     let lines: Vec<&str> = text.lines().collect();
-    assert_eq!(lines.len(), 5, "{text}");
+    assert_eq!(lines.len(), 6, "{text}");
     assert!(lines[0].starts_with("Server listening on http://127.0.0.1:"), "{text}");
     assert_eq!(lines[1], r#"201 {"saved":"ada"}"#);
     assert!(
@@ -301,7 +301,13 @@ fn http_app_example_answers_routes_and_chats() {
         "{text}"
     );
     assert_eq!(lines[3], "405 Method Not Allowed");
-    assert_eq!(lines[4], "chat: hello from Lua");
+    assert!(
+        lines[4].starts_with("200 {")
+            && lines[4].contains(r#""bytes":100000"#)
+            && lines[4].contains(r#""title":"replay""#),
+        "{text}"
+    );
+    assert_eq!(lines[5], "chat: hello from Lua");
     assert!(took < Duration::from_secs(5), "took {took:?}");
 }
 

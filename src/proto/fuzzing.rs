@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::http::{HttpLimits, HttpServerConn, Response};
+use super::http::{BodyRead, HttpLimits, HttpServerConn, Response};
 use super::raw::{RawLimits, RawStream, WriteError};
 use super::stream::{Flow, StreamProtocol};
 use super::ws::{Contexts, DeflateConfig, Opcode, Received, Settings, WsConfig, WsSession, WsUrl};
@@ -129,6 +129,17 @@ impl Subject {
                 12 => {
                     if let Some((bytes, _)) = http.take_upgrade() {
                         assert!(!bytes.is_empty() && !http.awaits_response());
+                    }
+                }
+                // A handler asks for the body (early delivery), whole or in pieces, within a
+                // limit of its own; then takes what came.
+                7 => http.read_body(now, size as u64 * 16, size > 1),
+                13 => {
+                    while let BodyRead::Data(data, last) = http.take_body() {
+                        assert!(data.len() <= 64 << 10, "at most the read-ahead, or the limit given");
+                        if last || data.is_empty() {
+                            break;
+                        }
                     }
                 }
                 _ => answer(http, now, 500, &[], &vec![b'e'; size * 64]),
@@ -379,6 +390,14 @@ pub fn stream_glue(data: &[u8]) {
 pub fn http_glue(script: &[u8]) {
     let now = Instant::now();
     drive(Subject::Http(Box::new(HttpServerConn::new(HTTP_LIMITS, now))), true, now, script);
+}
+
+/// [`http_glue`] for a connection that hands requests over once their head is in
+/// (`deliver_heads`), whose bodies the layer above reads or drops.
+pub fn http_early_glue(script: &[u8]) {
+    let now = Instant::now();
+    let conn = HttpServerConn::new(HTTP_LIMITS, now).deliver_heads();
+    drive(Subject::Http(Box::new(conn)), true, now, script);
 }
 
 fn drive(subject: Subject, connected: bool, now: Instant, mut script: &[u8]) {

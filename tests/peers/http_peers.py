@@ -242,6 +242,59 @@ def static_tree(base):
     return root, big
 
 
+def streamed_upload_checks(base, server, big):
+    """Uploads of the 64 MiB file to streaming routes: memory stays flat, nothing is lost."""
+    with open(big, "rb") as f:
+        want = hashlib.sha256(f.read()).hexdigest()
+    saved = os.path.join(os.path.dirname(os.path.dirname(big)), "saved.bin")
+    before = rss_kb(server.pid)
+    rc, out, err = curl("--max-time", "60", "-F", "title=big", "-F", f"file=@{big}", f"{base}/save")
+    got = json.loads(out) if rc == 0 else None
+    with open(saved, "rb") as f:
+        same = hashlib.sha256(f.read()).hexdigest() == want
+    check("curl -F: a 64 MiB file field streamed to disk, whole", same and got == {
+        "ok": True, "title": "big", "name": "big.bin", "size": 64 << 20}, (rc, out[:200], err[-200:]))
+    rc, out, err = curl("--max-time", "60", "-T", big, "-H", "Transfer-Encoding: chunked", f"{base}/count")
+    ok, size = out.split()[0:1], out.split()[2:3]
+    check("curl -T chunked: a 64 MiB body streamed piece by piece", rc == 0 and ok == [b"true"]
+          and size == [str(64 << 20).encode()], (rc, out[:100], err[-200:]))
+    grown = rss_kb(server.pid) - before
+    check("the streamed uploads grew the server by under 16 MiB", grown < 16 << 10, f"{grown} KiB")
+    started = time.monotonic()
+    rc, out, err = curl("-v", "--max-time", "20", "-F", f"file=@{big}", f"{base}/refuse")
+    check("curl -F to a route that answers first: the answer, without the upload",
+          rc == 0 and out == b"no uploads here" and "< HTTP/1.1 403" in err and "100 Continue" not in err
+          and time.monotonic() - started < 5, (rc, out[:100], err[-300:]))
+
+
+def requests_checks(base, big):
+    """Python requests, the client most Python code uses, against the app."""
+    try:
+        import requests
+    except ImportError:
+        check("Python requests is installed (.ci/run installs it)", False)
+        return
+    with open(big, "rb") as f:
+        want = hashlib.sha256(f.read()).hexdigest()
+    with requests.Session() as session:
+        r = session.post(f"{base}/form", json={"a": [1, 2], "b": "é"}, timeout=10)
+        check("requests: a JSON body through body_parser, answered as JSON",
+              r.status_code == 200 and r.json() == {"a": [1, 2], "b": "é"}, r.text[:200])
+        r = session.post(f"{base}/upload", data={"title": "t"}, files={"file": ("f.txt", b"x" * 100000)}, timeout=10)
+        check("requests: files= multipart upload on the same session",
+              r.json() == {"title": "t", "name": "f.txt", "size": 100000}, r.text[:200])
+        r = session.put(f"{base}/count", data=(b"y" * 10000 for _ in range(100)), timeout=10)
+        check("requests: a generator body goes chunked, streamed by the route",
+              r.text.split()[0:1] == ["true"] and r.text.split()[2:3] == ["1000000"], r.text)
+        digest = hashlib.sha256()
+        with session.get(f"{base}/big.bin", stream=True, timeout=30) as r:
+            for piece in r.iter_content(1 << 16):
+                digest.update(piece)
+        check("requests: a streamed download of the 64 MiB file", digest.hexdigest() == want)
+        r = session.get(f"{base}/api/items/7", timeout=10)
+        check("requests: still the same session, JSON", r.json() == {"id": "7"}, r.text)
+
+
 def app_checks(port, server, big):
     base = f"http://127.0.0.1:{port}"
     with open(big, "rb") as f:
@@ -272,6 +325,8 @@ def app_checks(port, server, big):
         got = json.loads(out) if rc == 0 else None
         check("curl -F: a 3 MiB multipart upload", got == {"title": "a game", "name": os.path.basename(f.name),
                                                           "size": 3 << 20}, out[:200])
+    streamed_upload_checks(base, server, big)
+    requests_checks(base, big)
     rc, out, err = curl("-v", "--compressed", f"{base}/text")
     check("curl --compressed: a gzip answer, decoded by curl", rc == 0 and out == b"gzip me " * 4096
           and "< content-encoding: gzip" in err, err[-300:])

@@ -4,7 +4,8 @@
 -- Routes: /hello, /echo (answers "METHOD LENGTH SUM" of the body), /big (1 MiB), /slow (0.2 s),
 -- anything else 404. Heads must arrive within 1 s (slowloris checks). On <app port> (and with
 -- https on <app tls port>) an HTTP app serves <static dir>, /api/items/:id (JSON), a form
--- (POST /form), a multipart upload (POST /upload) and a WebSocket route (/chat). Prints "ready".
+-- (POST /form), a multipart upload (POST /upload), streaming uploads (POST /save, PUT /count,
+-- POST /refuse) and a WebSocket route (/chat). Prints "ready".
 local luna = require("luna")
 local port, tls_port, data = tonumber(arg[1]), tonumber(arg[2]), arg[3]
 local app_ports, static = { http = tonumber(arg[4]), https = tonumber(arg[5]) }, arg[6]
@@ -38,6 +39,29 @@ for _, protocol in ipairs({ "http", "https" }) do
     res:json({ title = req.post_params.title, name = meta and meta.file_name, size = file and #file,
       error = req.post_error })
   end)
+  -- Streaming routes: a file field saved to <static dir>/../saved.bin, a raw body counted, and
+  -- an answer before the body.
+  local streaming = { stream_body = true, max_body_size = 1024 * 1024 * 1024 }
+  app:post("/save", function(req, res)
+    local out, meta, size = assert(io.open(static .. "/../saved.bin", "wb")), nil, 0
+    req:stream_post_param("file", function(chunk, m)
+      if chunk then
+        out:write(chunk)
+        size = size + #chunk
+      else
+        meta = m
+      end
+    end)
+    local ok, why = req:process_request_body()
+    out:close()
+    res:json({ ok = ok, error = why, title = req.post_params.title, name = meta and meta.file_name, size = size })
+  end, streaming)
+  app:put("/count", function(req)
+    local size, pieces = 0, 0
+    local ok, why = req:stream_request_body(function(piece) size, pieces = size + #piece, pieces + 1 end)
+    return ("%s %s %d %d"):format(tostring(ok), tostring(why), size, pieces)
+  end, streaming)
+  app:post("/refuse", function(_, res) res:status(403):send("no uploads here") end, streaming)
   app:websocket("/chat", function(ws)
     local message = ws:receive()
     ws:send("pong " .. tostring(message))

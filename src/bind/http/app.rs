@@ -173,43 +173,6 @@ fn gzip(lua: &Lua, data: mlua::String) -> Result<mlua::String> {
     lua.create_string(encoder.finish().map_err(mlua::Error::external)?)
 }
 
-/// `core.multipart(body, content_type)` → the fields of a `multipart/form-data` body, in order,
-/// as `{name, value, file_name, content_type}`; or nil and why it is malformed. The body is
-/// whole already (within the server's body limit), so this never waits.
-fn multipart(
-    lua: &Lua,
-    (body, content_type): (mlua::String, String),
-) -> Result<(Option<Table>, Option<String>)> {
-    let Ok(boundary) = multer::parse_boundary(&content_type) else {
-        return Ok((None, Some("no multipart boundary in the Content-Type".into())));
-    };
-    let body = multer::bytes::Bytes::copy_from_slice(&body.as_bytes());
-    let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(body) });
-    let mut parts = multer::Multipart::new(stream, boundary);
-    let list = lua.create_table()?;
-    let read = pollster::block_on(async {
-        while let Some(field) = parts.next_field().await? {
-            let t = lua.create_table().map_err(multer_error)?;
-            t.raw_set("name", field.name()).map_err(multer_error)?;
-            t.raw_set("file_name", field.file_name()).map_err(multer_error)?;
-            t.raw_set("content_type", field.content_type().map(|m| m.to_string())).map_err(multer_error)?;
-            let value = field.bytes().await?;
-            t.raw_set("value", lua.create_string(&value).map_err(multer_error)?).map_err(multer_error)?;
-            list.raw_push(t).map_err(multer_error)?;
-        }
-        Ok::<_, multer::Error>(())
-    });
-    match read {
-        Ok(()) => Ok((Some(list), None)),
-        Err(e) => Ok((None, Some(e.to_string()))),
-    }
-}
-
-/// A Lua failure inside the multipart reader (out of memory), carried as a multipart error.
-fn multer_error(e: mlua::Error) -> multer::Error {
-    multer::Error::StreamReadFailed(Box::new(std::io::Error::other(e.to_string())))
-}
-
 /// `core.form_lists(text)` → name → every value of a urlencoded form or query, in order.
 fn form_lists(lua: &Lua, text: mlua::String) -> Result<Table> {
     let t = lua.create_table()?;
@@ -238,10 +201,11 @@ pub(crate) fn core(lua: &Lua) -> Result<Table> {
     core.set("form", lua.create_function(form)?)?;
     core.set("mime", lua.create_function(mime)?)?;
     core.set("gzip", lua.create_function(gzip)?)?;
-    core.set("multipart", lua.create_function(multipart)?)?;
     core.set("form_lists", lua.create_function(form_lists)?)?;
     core.set("http_date", lua.create_function(http_date)?)?;
     core.set("parse_http_date", lua.create_function(parse_http_date)?)?;
     super::streamed::register(lua, &core)?;
+    super::body::register(lua, &core)?;
+    super::multipart::register(lua, &core)?;
     Ok(core)
 }

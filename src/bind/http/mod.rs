@@ -13,6 +13,8 @@ use mlua::{Function, Lua, RegistryKey, Result, Table, Value};
 use rustc_hash::FxHashMap;
 
 mod app;
+mod body;
+mod multipart;
 mod streamed;
 
 use super::error::{lua_type, message, misuse};
@@ -126,8 +128,10 @@ impl HttpState {
     }
 }
 
-/// `luna.serve(port_or_config, handler_or_config)`.
-fn serve(lua: &Lua, (first, second): (Value, Value)) -> Result<Table> {
+/// `luna.serve(port_or_config, handler_or_config)`; `early` (`lua/http_app.lua`'s
+/// `core.serve`): handlers start once a request's head is in, with `body = false` when its body
+/// is still to come (read with `core.body_read`).
+fn serve(lua: &Lua, (first, second): (Value, Value), early: bool) -> Result<Table> {
     let (port, config) = match (&first, &second) {
         (Value::Integer(_) | Value::Number(_), _) => (Some(first.clone()), second),
         (Value::Table(_), Value::Nil) => (None, first),
@@ -242,7 +246,10 @@ fn serve(lua: &Lua, (first, second): (Value, Value)) -> Result<Table> {
         };
         let config = ListenerConfig {
             tls,
-            make: Box::new(move |now| Box::new(HttpServerConn::new(limits, now))),
+            make: Box::new(move |now| {
+                let conn = HttpServerConn::new(limits, now);
+                Box::new(if early { conn.deliver_heads() } else { conn })
+            }),
             max_connections: None,
             nodelay: true,
         };
@@ -430,6 +437,10 @@ fn call_hook(
 fn news(lua: &Lua, rt: &Runtime, key: Key) -> Result<()> {
     let server = match rt.http.borrow_mut().conns.get_mut(&key) {
         Some(c) if !c.starting => {
+            if c.busy {
+                // A handler waiting for the request's body.
+                rt.sched.borrow_mut().wake(key);
+            }
             c.starting = true;
             c.server
         }
@@ -468,8 +479,12 @@ fn start_requests(lua: &Lua, rt: &Runtime, key: Key, server: u64) -> Result<()> 
         });
         let Some((handler, ws_handler)) = handlers else { return Ok(()) };
         let (handler, ws_handler, runner) = (handler?, ws_handler.transpose()?, runner(lua, rt)?);
-        let request = rt.driver.borrow_mut().proto::<HttpServerConn>(key).and_then(|p| p.take_request());
-        let Some(request) = request else { return Ok(()) };
+        let request = rt
+            .driver
+            .borrow_mut()
+            .proto::<HttpServerConn>(key)
+            .and_then(|p| Some((p.take_request()?, p.body_pending())));
+        let Some((request, pending)) = request else { return Ok(()) };
         if let Some(ws_handler) = ws_handler {
             if hand_over(lua, rt, key, server, "default".into(), ws_handler)? {
                 return Ok(());
@@ -480,7 +495,7 @@ fn start_requests(lua: &Lua, rt: &Runtime, key: Key, server: u64) -> Result<()> 
         }
         let hook: sched::Hook = Box::new(move |lua, rt, result| answered(lua, rt, key, server, result));
         let started = match sched::create_owned(lua, rt, runner, hook) {
-            Ok(thread) => start(lua, rt, key, &thread, handler, &request),
+            Ok(thread) => start(lua, rt, key, &thread, handler, &request, pending),
             Err(e) => Err(e),
         };
         if let Err(e) = started {
@@ -505,7 +520,8 @@ fn runner(lua: &Lua, rt: &Runtime) -> Result<Function> {
 
 /// Starts `thread` (running `http_request`) on the handler and the request's fields, for a
 /// table `{method, path, query, headers, body, target, raw_query, connection, peer_address}`
-/// (Lune's, plus the target as sent, the query undecoded and who sent it). Strings go straight
+/// (Lune's, plus the target as sent, the query undecoded and who sent it; `body` is false while
+/// it is still to come). Strings go straight
 /// onto the Lua stack; the query, whose pairs are not bounded by the header limit, comes as a
 /// table.
 fn start(
@@ -515,6 +531,7 @@ fn start(
     thread: &mlua::Thread,
     handler: Function,
     request: &Request,
+    pending: bool,
 ) -> Result<()> {
     let query = form_table(lua, request.query.as_bytes())?;
     let mut fields: Vec<&str> = Vec::with_capacity(4 + 2 * request.headers.len());
@@ -522,7 +539,10 @@ fn start(
     for (name, value) in &request.headers {
         fields.extend([name.as_str(), value.as_str()]);
     }
-    let body = lua.create_string(&request.body)?;
+    let body = match pending {
+        true => Value::Boolean(false),
+        false => Value::String(lua.create_string(&request.body)?),
+    };
     let (id, address) = match rt.http.borrow().conns.get(&key) {
         Some(c) => (c.id, lua.create_string(&c.address)?),
         None => return Ok(()),
@@ -958,7 +978,7 @@ fn url_decode(lua: &Lua, (s, binary): (mlua::String, Option<bool>)) -> Result<ml
 
 /// Adds `luna.serve`, `luna.new_http_app`, `luna.url_encode` and `luna.url_decode`.
 pub(crate) fn register(lua: &Lua, module: &Table) -> Result<()> {
-    module.set("serve", lua.create_function(serve)?)?;
+    module.set("serve", lua.create_function(|lua, args| serve(lua, args, false))?)?;
     module.set("url_encode", lua.create_function(url_encode)?)?;
     module.set("url_decode", lua.create_function(url_decode)?)?;
     let status_codes = lua.create_table()?;
@@ -968,9 +988,11 @@ pub(crate) fn register(lua: &Lua, module: &Table) -> Result<()> {
             status_codes.raw_set(code, reason)?;
         }
     }
+    let core = app::core(lua)?;
+    core.set("serve", lua.create_function(|lua, args| serve(lua, args, true))?)?;
     let new_http_app: Function = lua
         .load(include_str!("../../../lua/http_app.lua"))
         .set_name("=http_app.lua")
-        .call((module.clone(), app::core(lua)?, status_codes))?;
+        .call((module.clone(), core, status_codes))?;
     module.set("new_http_app", new_http_app)
 }

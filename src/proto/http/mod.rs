@@ -10,7 +10,7 @@ pub mod server;
 #[cfg(test)]
 mod tests;
 
-pub use server::{HttpLimits, HttpServerConn, Request, Response};
+pub use server::{BodyRead, HttpLimits, HttpServerConn, Request, Response};
 
 /// The reason phrase of a status code (RFC 9110 §15), `""` for codes it does not name.
 pub fn reason(status: u16) -> &'static str {

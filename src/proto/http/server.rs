@@ -2,7 +2,12 @@
 //!
 //! Requests are read one at a time: a head (`httparse`), then its body by Content-Length or
 //! chunked coding, into one [`Request`] that the layer above takes with
-//! [`HttpServerConn::take_request`]. Until it answers with [`HttpServerConn::respond`], further
+//! [`HttpServerConn::take_request`]. A connection made with
+//! [`deliver_heads`](HttpServerConn::deliver_heads) hands a request over once its head is in
+//! (and its body, when that came with it): the layer above then reads the body whole or piece by
+//! piece ([`read_body`](HttpServerConn::read_body), [`take_body`](HttpServerConn::take_body)),
+//! or answers without it (what is left of it is read and dropped). `100 Continue` goes out
+//! when the body is first asked for. Until it answers with [`HttpServerConn::respond`], further
 //! bytes (pipelined requests) stay buffered, up to the header limit, so answers leave in order
 //! and a client that sends without reading meets TCP flow control, not our memory.
 //!
@@ -100,9 +105,12 @@ pub struct Response<'a> {
 enum Phase {
     /// Waiting for (the rest of) a request head.
     Head,
-    Body(Framing),
-    /// A complete request is with the layer above.
+    /// Reading a body before the request is handed over.
+    Body,
+    /// A request is with the layer above (its body may still be coming).
     Handling,
+    /// The answer went out before the body: the rest of it is read and dropped.
+    Discard,
     /// A refusal was queued: what the client still sends is read and dropped until it closes or
     /// a while after the refusal went out, so our close does not reset the connection (and
     /// destroy the refusal) while the client is still sending.
@@ -127,6 +135,44 @@ enum Chunk {
     Trailers,
 }
 
+/// The body of the request being read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BodyIn {
+    framing: Framing,
+    mode: Mode,
+    /// Body bytes read so far, and the most allowed (→ 413).
+    got: u64,
+    limit: u64,
+    /// `Expect: 100-continue` was asked and `100 Continue` has not gone out.
+    continue_owed: bool,
+    /// All of it was read.
+    done: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Not asked for yet: it stays in the input (and the socket).
+    Hold,
+    /// Read whole, then taken at once.
+    Whole,
+    /// Taken in pieces; reading pauses while [`STREAM_HOLD`] bytes wait to be taken.
+    Stream,
+    /// Read and dropped.
+    Discard,
+}
+
+/// What [`HttpServerConn::take_body`] has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BodyRead {
+    /// Nothing yet: ask again after the next news.
+    Waiting,
+    /// Body bytes, and whether they are the last.
+    Data(Vec<u8>, bool),
+    /// The body cannot be read: `too_large` (refused with 413), `timeout` (408), `malformed`
+    /// (400), `client_closed`, `answered` (the answer went out first).
+    Failed(&'static str),
+}
+
 /// How the rest of a streamed answer's body is framed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Outgoing {
@@ -146,6 +192,9 @@ const STACK_HEADERS: usize = 100;
 /// Longest chunk-size line (size, extensions, CRLF) we wait for.
 const MAX_CHUNK_LINE: usize = 1024;
 
+/// Body bytes read ahead of a layer above that takes them piece by piece.
+const STREAM_HOLD: usize = 64 << 10;
+
 /// One HTTP/1.1 server connection. See the module documentation.
 #[derive(Debug)]
 pub struct HttpServerConn {
@@ -156,8 +205,16 @@ pub struct HttpServerConn {
     start: usize,
     out: Vec<u8>,
     out_pos: usize,
-    /// The request whose body is being read.
+    /// The request whose body is read before it is handed over.
     reading: Option<Request>,
+    /// The body of the current request, while there is one to read.
+    body: Option<BodyIn>,
+    /// Body bytes read and not taken yet.
+    collected: Vec<u8>,
+    /// Why the body of the request being handled cannot be read.
+    body_failed: Option<&'static str>,
+    /// Requests are handed over once their head is in.
+    early: bool,
     /// The request waiting for [`take_request`](Self::take_request).
     ready: Option<Request>,
     keep_alive: bool,
@@ -194,6 +251,10 @@ impl HttpServerConn {
             out: Vec::new(),
             out_pos: 0,
             reading: None,
+            body: None,
+            collected: Vec::new(),
+            body_failed: None,
+            early: false,
             ready: None,
             keep_alive: true,
             head_request: false,
@@ -210,6 +271,66 @@ impl HttpServerConn {
             streaming: None,
             upgrade: None,
         }
+    }
+
+    /// Requests are handed over once their head is in; their bodies are read when asked for
+    /// ([`read_body`](Self::read_body)), with the limit given then instead of
+    /// [`HttpLimits::max_body_size`].
+    pub fn deliver_heads(mut self) -> Self {
+        self.early = true;
+        self
+    }
+
+    /// Whether the body of the request being handled is still to be asked for (with
+    /// [`read_body`](Self::read_body)).
+    pub fn body_pending(&self) -> bool {
+        self.body.is_some_and(|b| b.mode == Mode::Hold)
+    }
+
+    /// Starts reading the body of the request being handled, at most `limit` bytes of it (a
+    /// Content-Length above that is refused with 413 at once): whole (`stream` false: it is
+    /// taken at once when complete) or piece by piece. Sends `100 Continue` if it was asked for.
+    pub fn read_body(&mut self, now: Instant, limit: u64, stream: bool) {
+        let Some(body) = self.body.as_mut().filter(|b| b.mode == Mode::Hold) else { return };
+        if matches!(body.framing, Framing::Length(n) if n > limit) {
+            return self.reject(413, now);
+        }
+        body.mode = if stream { Mode::Stream } else { Mode::Whole };
+        body.limit = limit;
+        if std::mem::take(&mut body.continue_owed) {
+            self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            self.news = true;
+        }
+        self.since = now;
+        self.advance(now);
+    }
+
+    /// What there is of the body asked for with [`read_body`](Self::read_body): a body read
+    /// whole comes once complete, a streamed one in the pieces read so far. A request without
+    /// (more) body gives `Data([], true)`.
+    pub fn take_body(&mut self) -> BodyRead {
+        if let Some(why) = self.body_failed {
+            return BodyRead::Failed(why);
+        }
+        let Some(body) = self.body else { return BodyRead::Data(Vec::new(), true) };
+        let ready = match body.mode {
+            Mode::Hold => false,
+            Mode::Whole => body.done,
+            Mode::Stream => body.done || !self.collected.is_empty(),
+            Mode::Discard => return BodyRead::Failed("answered"),
+        };
+        if !ready {
+            return BodyRead::Waiting;
+        }
+        let data = std::mem::take(&mut self.collected);
+        if body.done {
+            self.body = None;
+        } else {
+            // Room again for what waits in the input.
+            let now = self.now;
+            self.advance(now);
+        }
+        BodyRead::Data(data, body.done)
     }
 
     /// Whether a complete request waits for [`take_request`](Self::take_request).
@@ -388,6 +509,7 @@ impl HttpServerConn {
             date &= !name.eq_ignore_ascii_case(b"date");
         }
         self.upgrade = None;
+        self.drop_body();
         let status = response.status;
         let body_allowed = status != 204 && status != 304;
         let until_close = body_allowed && length.is_none() && self.minor_version == 0;
@@ -420,12 +542,27 @@ impl HttpServerConn {
         Ok(body_allowed && !self.head_request)
     }
 
+    /// An answer goes out before the body was read: the rest of it is read and dropped; one
+    /// larger than its limit, or one the client holds back for a `100 Continue`, is not waited
+    /// for (the connection closes after the answer).
+    fn drop_body(&mut self) {
+        self.collected = Vec::new();
+        let Some(body) = self.body.as_mut() else { return };
+        let too_large = matches!(body.framing, Framing::Length(n) if n > body.limit - body.got);
+        if body.done || body.continue_owed || too_large {
+            self.keep_alive &= body.done;
+            self.body = None;
+        } else {
+            body.mode = Mode::Discard;
+        }
+    }
+
     /// The answer is complete: the next request may come (or the connection closes).
     fn response_sent(&mut self, now: Instant) {
         self.news = true;
         self.sent = now;
         if self.keep_alive {
-            self.phase = Phase::Head;
+            self.phase = if self.body.is_some() { Phase::Discard } else { Phase::Head };
             self.head_started = false;
             self.since = now;
             self.advance(now);
@@ -504,13 +641,25 @@ impl HttpServerConn {
                         Err(status) => return self.reject(status, now),
                     }
                 }
-                Phase::Body(framing) => match self.read_body(framing, now) {
+                Phase::Body => match self.pump_body(now) {
                     Ok(true) => self.complete(),
                     Ok(false) if self.eof => return self.end("client_closed"),
                     Ok(false) => return,
                     Err(status) => return self.reject(status, now),
                 },
-                Phase::Handling | Phase::Linger | Phase::Done => return,
+                Phase::Discard => match self.pump_body(now) {
+                    Ok(true) => {
+                        self.body = None;
+                        self.phase = Phase::Head;
+                        self.head_started = false;
+                        self.since = now;
+                    }
+                    Ok(false) if self.eof => return self.end("client_closed"),
+                    Ok(false) => return,
+                    Err(_) => return self.end("parse_error"),
+                },
+                Phase::Handling => return self.read_alongside(now),
+                Phase::Linger | Phase::Done => return,
             }
         }
     }
@@ -576,21 +725,41 @@ impl HttpServerConn {
         if framing != Framing::Length(0) {
             self.upgrade = None;
         }
+        let limit = limits.max_body_size as u64;
         let connection =
             |token| request.headers.iter().any(|(n, v)| n == "connection" && has_token(v.as_bytes(), token));
         self.keep_alive = !connection("close") && (minor_version == 1 || connection("keep-alive"));
         self.head_request = request.method == "HEAD";
-        if let Some(expect) = request.header("expect") {
-            if !expect.trim().eq_ignore_ascii_case("100-continue") {
-                return Err(417);
-            }
-            if minor_version == 1 && framing != Framing::Length(0) {
-                self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
-                self.news = true;
-            }
+        let expects = match request.header("expect") {
+            Some(e) if !e.trim().eq_ignore_ascii_case("100-continue") => return Err(417),
+            Some(_) => minor_version == 1,
+            None => false,
+        };
+        // A body that came with its head is read at once, early or not.
+        let here = matches!(framing, Framing::Length(n) if n <= limit && n <= self.pending().len() as u64);
+        let continue_owed = expects && !here;
+        let mut body =
+            BodyIn { framing, mode: Mode::Whole, got: 0, limit, continue_owed: false, done: false };
+        self.body_failed = None;
+        if self.early && !here {
+            body.mode = Mode::Hold;
+            body.continue_owed = continue_owed;
+            self.body = Some(body);
+            self.ready = Some(request);
+            self.phase = Phase::Handling;
+            self.news = true;
+            return Ok(Some(()));
         }
+        if matches!(framing, Framing::Length(n) if n > limit) {
+            return Err(413);
+        }
+        if continue_owed {
+            self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+            self.news = true;
+        }
+        self.body = Some(body);
         self.reading = Some(request);
-        self.phase = Phase::Body(framing);
+        self.phase = Phase::Body;
         Ok(Some(()))
     }
 
@@ -632,40 +801,72 @@ impl HttpServerConn {
             }
             return Ok(Framing::Chunked(Chunk::Size));
         }
-        let length = length.unwrap_or(0);
-        if length > self.limits.max_body_size as u64 {
-            return Err(413);
-        }
-        Ok(Framing::Length(length))
+        Ok(Framing::Length(length.unwrap_or(0)))
     }
 
-    /// Moves body bytes into the request: `Ok(true)` once the body is complete.
-    fn read_body(&mut self, framing: Framing, now: Instant) -> Result<bool, u16> {
+    /// Reads the body of the request being handled as far as the input goes, when it was asked
+    /// for (or is being dropped).
+    fn read_alongside(&mut self, now: Instant) {
+        let Some(body) = self.body.filter(|b| b.mode != Mode::Hold && !b.done) else { return };
+        let before = self.collected.len();
+        match self.pump_body(now) {
+            Ok(true) if body.mode == Mode::Discard => self.body = None,
+            Ok(true) => {
+                self.body = Some(BodyIn { done: true, ..self.body.unwrap_or(body) });
+                self.news = true;
+            }
+            Ok(false) if self.eof && body.mode != Mode::Discard => self.fail_body("client_closed"),
+            Ok(false) => self.news |= self.collected.len() > before,
+            Err(status) if self.awaits_response() => self.reject(status, now),
+            Err(status) => {
+                self.fail_body(failure(status));
+                self.abort();
+            }
+        }
+    }
+
+    fn fail_body(&mut self, why: &'static str) {
+        self.body_failed.get_or_insert(why);
+        self.body = None;
+        self.collected = Vec::new();
+        self.news = true;
+    }
+
+    /// Moves body bytes out of the input (into `collected`, unless they are dropped):
+    /// `Ok(true)` once the body is complete.
+    fn pump_body(&mut self, now: Instant) -> Result<bool, u16> {
+        let Some(mut body) = self.body else { return Ok(true) };
         let before = self.pending().len();
-        let result = self.read_body_bytes(framing);
+        let result = self.pump_body_bytes(&mut body);
+        self.body = Some(body);
         if self.pending().len() != before {
             self.since = now;
         }
         result
     }
 
-    fn read_body_bytes(&mut self, mut framing: Framing) -> Result<bool, u16> {
-        let max_body = self.limits.max_body_size as u64;
+    fn pump_body_bytes(&mut self, body: &mut BodyIn) -> Result<bool, u16> {
         loop {
             let buf = &self.input[self.start..];
-            let Some(request) = self.reading.as_mut() else { return Ok(true) };
-            match framing {
+            match body.framing {
                 Framing::Length(0) => return Ok(true),
-                Framing::Chunked(Chunk::Data(0)) => framing = Framing::Chunked(Chunk::DataEnd),
+                Framing::Chunked(Chunk::Data(0)) => body.framing = Framing::Chunked(Chunk::DataEnd),
                 Framing::Length(left) | Framing::Chunked(Chunk::Data(left)) => {
-                    if buf.is_empty() {
-                        break;
+                    let room = match body.mode {
+                        Mode::Stream => STREAM_HOLD.saturating_sub(self.collected.len()),
+                        _ => usize::MAX,
+                    };
+                    if buf.is_empty() || room == 0 {
+                        return Ok(false);
                     }
-                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-                    request.body.extend_from_slice(&buf[..n]);
+                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len()).min(room);
+                    if body.mode != Mode::Discard {
+                        self.collected.extend_from_slice(&buf[..n]);
+                    }
                     self.consume(n);
+                    body.got += n as u64;
                     let left = left - n as u64;
-                    framing = match framing {
+                    body.framing = match body.framing {
                         Framing::Length(_) => Framing::Length(left),
                         _ => Framing::Chunked(Chunk::Data(left)),
                     };
@@ -675,7 +876,7 @@ impl HttpServerConn {
                         if buf.len() > MAX_CHUNK_LINE {
                             return Err(400);
                         }
-                        break;
+                        return Ok(false);
                     };
                     // Stricter than httparse: at least one hex digit, CRLF-terminated, no CR or LF
                     // inside, so no other parser can read the line differently.
@@ -691,49 +892,48 @@ impl HttpServerConn {
                     else {
                         return Err(400);
                     };
-                    // `body` is within the limit, so this cannot underflow (nor overflow).
-                    if size > max_body - request.body.len() as u64 {
+                    // `got` is within the limit, so this cannot underflow (nor overflow).
+                    if size > body.limit - body.got {
                         return Err(413);
                     }
                     self.consume(n);
-                    framing = Framing::Chunked(if size == 0 { Chunk::Trailers } else { Chunk::Data(size) });
+                    body.framing =
+                        Framing::Chunked(if size == 0 { Chunk::Trailers } else { Chunk::Data(size) });
                 }
                 Framing::Chunked(Chunk::DataEnd) => {
                     if buf.len() < 2 {
                         if buf.first().is_some_and(|b| *b != b'\r') {
                             return Err(400);
                         }
-                        break;
+                        return Ok(false);
                     }
                     if &buf[..2] != b"\r\n" {
                         return Err(400);
                     }
                     self.consume(2);
-                    framing = Framing::Chunked(Chunk::Size);
+                    body.framing = Framing::Chunked(Chunk::Size);
                 }
                 Framing::Chunked(Chunk::Trailers) => {
                     let mut fields = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
-                    match httparse::parse_headers(buf, &mut fields) {
+                    return match httparse::parse_headers(buf, &mut fields) {
                         Ok(httparse::Status::Complete((n, _))) => {
                             self.consume(n);
-                            return Ok(true);
+                            body.framing = Framing::Length(0);
+                            Ok(true)
                         }
-                        Ok(httparse::Status::Partial) if buf.len() > self.limits.max_header_size => {
-                            return Err(431)
-                        }
-                        Ok(httparse::Status::Partial) => break,
-                        Err(httparse::Error::TooManyHeaders) => return Err(431),
-                        Err(_) => return Err(400),
-                    }
+                        Ok(httparse::Status::Partial) if buf.len() > self.limits.max_header_size => Err(431),
+                        Ok(httparse::Status::Partial) => Ok(false),
+                        Err(httparse::Error::TooManyHeaders) => Err(431),
+                        Err(_) => Err(400),
+                    };
                 }
             }
         }
-        self.phase = Phase::Body(framing);
-        Ok(false)
     }
 
     fn complete(&mut self) {
-        self.ready = self.reading.take();
+        self.body = None;
+        self.ready = self.reading.take().map(|r| Request { body: std::mem::take(&mut self.collected), ..r });
         self.phase = Phase::Handling;
         self.news = true;
     }
@@ -749,8 +949,13 @@ impl HttpServerConn {
             )
             .as_bytes(),
         );
+        if self.phase == Phase::Handling {
+            self.body_failed.get_or_insert(failure(status));
+        }
         self.reading = None;
         self.ready = None;
+        self.body = None;
+        self.collected = Vec::new();
         self.input = Vec::new();
         self.start = 0;
         self.news = true;
@@ -770,13 +975,28 @@ impl HttpServerConn {
             Phase::Head if self.sending() => Some(self.sent + self.limits.send_timeout),
             Phase::Head if self.head_started => Some(self.since + self.limits.head_timeout),
             Phase::Head => Some(self.since + self.limits.idle_timeout),
-            Phase::Body(_) => Some(self.since + self.limits.body_timeout),
-            // An answer going out (streamed, or one before a pipelined request now handled).
-            Phase::Handling if self.sending() => Some(self.sent + self.limits.send_timeout),
+            Phase::Body | Phase::Discard => Some(self.since + self.limits.body_timeout),
+            Phase::Handling => {
+                // An answer going out (streamed, or one before a pipelined request now
+                // handled), and a body being read that the peer stops sending.
+                let sending = self.sending().then(|| self.sent + self.limits.send_timeout);
+                let reading = self.body_stalls().then(|| self.since + self.limits.body_timeout);
+                sending.into_iter().chain(reading).min()
+            }
             Phase::Linger if self.sending() => Some(self.sent + self.limits.send_timeout),
             Phase::Linger => Some(self.sent + LINGER),
-            Phase::Handling | Phase::Done => None,
+            Phase::Done => None,
         }
+    }
+
+    /// Whether the body being read alongside a handler waits for the peer (not for the layer
+    /// above to take what was read).
+    fn body_stalls(&self) -> bool {
+        self.body.is_some_and(|b| match b.mode {
+            Mode::Hold => false,
+            Mode::Stream => !b.done && self.collected.len() < STREAM_HOLD,
+            Mode::Whole | Mode::Discard => !b.done,
+        })
     }
 }
 
@@ -819,16 +1039,24 @@ impl StreamProtocol for HttpServerConn {
         if self.deadline().is_none_or(|at| now < at) {
             return;
         }
+        let reader_stalled = self.sending() && now >= self.sent + self.limits.send_timeout;
         match self.phase {
-            Phase::Head | Phase::Handling | Phase::Linger if self.sending() => {
+            Phase::Head | Phase::Handling | Phase::Linger if reader_stalled => {
                 self.why.get_or_insert("timeout");
                 self.phase = Phase::Done;
                 self.flow = Flow::Abort;
             }
             Phase::Head if !self.head_started => self.end("timeout"),
-            Phase::Head | Phase::Body(_) => self.reject(408, now),
+            Phase::Head | Phase::Body => self.reject(408, now),
+            Phase::Handling if self.awaits_response() => self.reject(408, now),
+            Phase::Handling | Phase::Discard => {
+                self.fail_body("timeout");
+                self.why.get_or_insert("timeout");
+                self.phase = Phase::Done;
+                self.flow = Flow::Abort;
+            }
             Phase::Linger => self.end(self.close_reason()),
-            Phase::Handling | Phase::Done => {}
+            Phase::Done => {}
         }
     }
 
@@ -909,6 +1137,15 @@ fn split_target(target: &str) -> Option<(String, String, Option<String>)> {
         r => split(r),
     };
     Some((path, query, Some(authority.to_owned())))
+}
+
+/// What a body refused with `status` fails with (see [`BodyRead::Failed`]).
+fn failure(status: u16) -> &'static str {
+    match status {
+        413 => "too_large",
+        408 => "timeout",
+        _ => "malformed",
+    }
 }
 
 /// Whether comma-separated `value` has `token` (case-insensitive).

@@ -1,6 +1,6 @@
 use std::time::{Duration, Instant};
 
-use super::server::{HttpLimits, HttpServerConn, Response};
+use super::server::{BodyRead, HttpLimits, HttpServerConn, Response};
 use crate::proto::stream::{Flow, StreamProtocol};
 
 const DATE: &str = "Tue, 01 Dec 2026 21:00:00 GMT";
@@ -552,4 +552,167 @@ fn a_reader_that_stalls_behind_a_pipelined_request_is_cut_off_too() {
     );
     c.handle_timeout(now + HttpLimits::default().send_timeout);
     assert_eq!((c.flow(), c.close_reason()), (Flow::Abort, "timeout"));
+}
+
+fn early() -> (HttpServerConn, Instant) {
+    let now = Instant::now();
+    (HttpServerConn::new(HttpLimits::default(), now).deliver_heads(), now)
+}
+
+#[test]
+fn early_requests_come_with_a_body_that_came_with_their_head() {
+    let (mut c, now) = early();
+    c.handle_bytes(now, b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nok");
+    assert!(!c.body_pending());
+    assert_eq!(c.take_request().unwrap().body, b"ok");
+    assert_eq!(c.take_body(), BodyRead::Data(Vec::new(), true), "nothing more to read");
+}
+
+#[test]
+fn early_bodies_are_read_whole_when_asked_for() {
+    let (mut c, now) = early();
+    c.handle_bytes(now, b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\n\r\nab");
+    let request = c.take_request().expect("handed over with its head");
+    assert!(request.body.is_empty() && c.body_pending());
+    assert_eq!(c.take_body(), BodyRead::Waiting, "not asked for yet");
+    c.read_body(now, 100, false);
+    c.handle_bytes(now, b"cd");
+    assert_eq!(c.take_body(), BodyRead::Waiting, "whole: not before the end");
+    c.handle_bytes(now, b"efGET /next HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(c.take_body(), BodyRead::Data(b"abcdef".to_vec(), true));
+    ok(&mut c, now, "done");
+    assert_eq!(c.take_request().map(|r| r.path), Some("/next".into()), "then the next request");
+}
+
+#[test]
+fn early_bodies_stream_with_backpressure() {
+    let (mut c, now) = early();
+    c.handle_bytes(now, b"PUT /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n");
+    c.take_request().unwrap();
+    c.read_body(now, 1 << 30, true);
+    c.handle_bytes(now, b"3\r\nabc\r\n");
+    assert!(c.take_news());
+    assert_eq!(c.take_body(), BodyRead::Data(b"abc".to_vec(), false));
+    assert_eq!(c.take_body(), BodyRead::Waiting);
+    // More than the read-ahead: the rest waits in the input, then reading pauses.
+    let big = vec![b'x'; 200 << 10];
+    let mut fed = format!("{:x}\r\n", big.len()).into_bytes();
+    fed.extend_from_slice(&big);
+    fed.extend_from_slice(b"\r\n0\r\n\r\n");
+    let mut pos = 0;
+    while c.wants_input() && pos < fed.len() {
+        let end = (pos + (16 << 10)).min(fed.len());
+        c.handle_bytes(now, &fed[pos..end]);
+        pos = end;
+    }
+    assert!(pos < fed.len(), "the client is held by flow control, not our memory");
+    let mut got = Vec::new();
+    loop {
+        match c.take_body() {
+            BodyRead::Data(d, last) => {
+                assert!(d.len() <= 64 << 10, "a piece is at most the read-ahead");
+                got.extend_from_slice(&d);
+                if last {
+                    break;
+                }
+            }
+            BodyRead::Waiting => {
+                assert!(c.wants_input() && pos < fed.len(), "taking makes room; something is left to feed");
+                let end = (pos + (16 << 10)).min(fed.len());
+                c.handle_bytes(now, &fed[pos..end]);
+                pos = end;
+            }
+            BodyRead::Failed(why) => panic!("{why}"),
+        }
+    }
+    assert_eq!(got, big, "all of the body, in order");
+    assert_eq!(pos, fed.len());
+}
+
+#[test]
+fn early_continue_goes_out_when_the_body_is_asked_for() {
+    let (mut c, now) = early();
+    c.handle_bytes(now, b"PUT /f HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n");
+    c.take_request().unwrap();
+    assert_eq!(sent(&mut c), "", "not before the body is asked for");
+    c.read_body(now, 10, false);
+    assert_eq!(sent(&mut c), "HTTP/1.1 100 Continue\r\n\r\n");
+    c.handle_bytes(now, b"ok");
+    assert_eq!(c.take_body(), BodyRead::Data(b"ok".to_vec(), true));
+}
+
+#[test]
+fn early_answer_without_the_body() {
+    // The client waits for 100 Continue: it never sends the body, so the connection closes.
+    let (mut c, now) = early();
+    c.handle_bytes(now, b"PUT /f HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 9\r\n\r\n");
+    c.take_request().unwrap();
+    ok(&mut c, now, "no thanks");
+    let out = sent(&mut c);
+    assert!(!out.contains("100 Continue") && out.contains("connection: close\r\n"), "{out}");
+    assert_eq!(c.flow(), Flow::Finish);
+
+    // A body on its way is read and dropped, then the next request is served.
+    let (mut c, now) = early();
+    c.handle_bytes(now, b"PUT /f HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n01234");
+    c.take_request().unwrap();
+    ok(&mut c, now, "early");
+    assert!(!sent(&mut c).contains("connection: close"));
+    assert_eq!(c.take_body(), BodyRead::Failed("answered"), "the body is no longer there to read");
+    assert_eq!(c.poll_timeout(), Some(now + HttpLimits::default().body_timeout), "the rest is timed");
+    c.handle_bytes(now, b"56789GET /next HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(c.take_request().map(|r| r.path), Some("/next".into()));
+
+    // Answered while the body is read piece by piece: the reader learns it is over.
+    let (mut c, now) = early();
+    c.handle_bytes(now, b"PUT /f HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n");
+    c.take_request().unwrap();
+    c.read_body(now, 100, true);
+    streamed(&mut c, now, None);
+    assert_eq!(c.take_body(), BodyRead::Failed("answered"));
+    c.handle_bytes(now, b"2\r\nab\r\n0\r\n\r\n");
+    c.end_body(now);
+    c.handle_bytes(now, b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n");
+    assert_eq!(c.take_request().map(|r| r.path), Some("/next".into()));
+}
+
+#[test]
+fn early_body_limits_timeouts_and_a_client_that_goes() {
+    let (mut c, now) = early();
+    c.handle_bytes(now, b"PUT /f HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\n");
+    c.take_request().unwrap();
+    c.read_body(now, 10, false);
+    assert!(sent(&mut c).starts_with("HTTP/1.1 413 "), "a length over the limit given");
+    assert_eq!(c.take_body(), BodyRead::Failed("too_large"));
+    assert!(!c.awaits_response());
+
+    let (mut c, now) = early();
+    c.handle_bytes(now, b"PUT /f HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n");
+    c.take_request().unwrap();
+    c.read_body(now, 10, true);
+    c.handle_bytes(now, b"8\r\n12345678\r\n8\r\n");
+    assert_eq!(c.take_body(), BodyRead::Failed("too_large"), "chunks past the limit");
+    assert!(sent(&mut c).starts_with("HTTP/1.1 413 "));
+
+    let (mut c, now) = early();
+    c.handle_bytes(now, b"PUT /f HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n");
+    c.take_request().unwrap();
+    assert_eq!(c.poll_timeout(), None, "a body not asked for is not timed");
+    let later = now + Duration::from_secs(100);
+    c.read_body(later, 10, false);
+    let due = later + HttpLimits::default().body_timeout;
+    assert_eq!(c.poll_timeout(), Some(due), "timed from when it was asked for");
+    c.handle_timeout(due);
+    assert_eq!(c.take_body(), BodyRead::Failed("timeout"));
+    assert!(sent(&mut c).starts_with("HTTP/1.1 408 "));
+
+    let (mut c, now) = early();
+    c.handle_bytes(now, b"PUT /f HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nab");
+    c.take_request().unwrap();
+    c.read_body(now, 10, true);
+    assert_eq!(c.take_body(), BodyRead::Data(b"ab".to_vec(), false));
+    c.handle_eof(now);
+    assert_eq!(c.take_body(), BodyRead::Failed("client_closed"));
+    ok(&mut c, now, "still answered");
+    assert!(sent(&mut c).starts_with("HTTP/1.1 200 "));
 }

@@ -1,0 +1,196 @@
+//! `multipart/form-data` bodies read as they arrive (`req:stream_post_param`) or whole
+//! (`req.post_params`): multer's reader, driven by hand. Its input is a stream that returns
+//! `Pending` until more of the body is fed; the reader is polled again after each piece (a
+//! no-op waker: nothing else can make progress), and what it found comes out as [`Part`]s, so
+//! a file field goes by in pieces and is never held whole.
+
+use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Waker};
+
+use mlua::{Lua, Result, Table, UserData, UserDataMethods};
+use multer::bytes::Bytes;
+
+/// What of the body was fed and not read yet.
+#[derive(Default)]
+struct Feed {
+    pieces: VecDeque<Bytes>,
+    ended: bool,
+}
+
+/// multer wants a `Send` stream, hence the (uncontended) lock.
+struct FeedStream(Arc<Mutex<Feed>>);
+
+impl futures_util::Stream for FeedStream {
+    type Item = std::result::Result<Bytes, std::convert::Infallible>;
+
+    fn poll_next(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let mut feed = self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        match feed.pieces.pop_front() {
+            Some(piece) => Poll::Ready(Some(Ok(piece))),
+            None if feed.ended => Poll::Ready(None),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// What the reader found, in body order.
+enum Part {
+    /// A field starts.
+    Field { name: Option<String>, file_name: Option<String>, content_type: Option<String> },
+    /// Bytes of its value.
+    Data(Bytes),
+    /// It ended.
+    End,
+    /// The body is malformed (nothing follows).
+    Error(String),
+}
+
+/// One body's reader.
+struct Reader {
+    feed: Arc<Mutex<Feed>>,
+    found: Rc<RefCell<Vec<Part>>>,
+    /// Until it ran to the end of the body (or to an error).
+    task: Option<Pin<Box<dyn Future<Output = ()>>>>,
+}
+
+impl Reader {
+    fn new(content_type: &str) -> std::result::Result<Self, String> {
+        let boundary = multer::parse_boundary(content_type)
+            .map_err(|_| "no multipart boundary in the Content-Type".to_owned())?;
+        let feed = Arc::<Mutex<Feed>>::default();
+        let found = Rc::<RefCell<Vec<Part>>>::default();
+        let mut multipart = multer::Multipart::new(FeedStream(feed.clone()), boundary);
+        let out = found.clone();
+        let task = async move {
+            let read = async {
+                while let Some(mut field) = multipart.next_field().await? {
+                    out.borrow_mut().push(Part::Field {
+                        name: field.name().map(str::to_owned),
+                        file_name: field.file_name().map(str::to_owned),
+                        content_type: field.content_type().map(|m| m.to_string()),
+                    });
+                    while let Some(chunk) = field.chunk().await? {
+                        out.borrow_mut().push(Part::Data(chunk));
+                    }
+                    out.borrow_mut().push(Part::End);
+                }
+                Ok::<_, multer::Error>(())
+            };
+            if let Err(e) = read.await {
+                out.borrow_mut().push(Part::Error(e.to_string()));
+            }
+        };
+        Ok(Self { feed, found, task: Some(Box::pin(task)) })
+    }
+
+    fn feed(&self) -> std::sync::MutexGuard<'_, Feed> {
+        self.feed.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Feeds `piece` of the body (`None`: the end) and returns what that completes.
+    fn push(&mut self, piece: Option<&[u8]>) -> Vec<Part> {
+        {
+            let mut feed = self.feed();
+            match piece {
+                Some(p) if !p.is_empty() => feed.pieces.push_back(Bytes::copy_from_slice(p)),
+                Some(_) => {}
+                None => feed.ended = true,
+            }
+        }
+        if let Some(task) = self.task.as_mut() {
+            if task.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_ready() {
+                self.task = None;
+                // What follows the closing boundary is not read.
+                self.feed().pieces.clear();
+            }
+        }
+        std::mem::take(&mut *self.found.borrow_mut())
+    }
+}
+
+/// `core.multipart_reader(content_type)` → a reader whose `:feed(piece)` (nil: the end) returns
+/// the parts that piece completes, each `{"field", name, file_name, content_type}`,
+/// `{"data", bytes}`, `{"end"}` or `{"error", why}`; or nil and why there is no boundary.
+fn reader(lua: &Lua, content_type: String) -> Result<(Option<mlua::AnyUserData>, Option<String>)> {
+    match Reader::new(&content_type) {
+        Ok(r) => Ok((Some(lua.create_userdata(r)?), None)),
+        Err(why) => Ok((None, Some(why))),
+    }
+}
+
+impl UserData for Reader {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method_mut("feed", |lua, this, piece: Option<mlua::String>| {
+            let parts = this.push(piece.as_ref().map(|p| p.as_bytes()).as_deref());
+            let list = lua.create_table_with_capacity(parts.len(), 0)?;
+            for part in parts {
+                let t = lua.create_table()?;
+                match part {
+                    Part::Field { name, file_name, content_type } => {
+                        t.raw_set(1, "field")?;
+                        t.raw_set(2, name)?;
+                        t.raw_set(3, file_name)?;
+                        t.raw_set(4, content_type)?;
+                    }
+                    Part::Data(bytes) => {
+                        t.raw_set(1, "data")?;
+                        t.raw_set(2, lua.create_string(&bytes)?)?;
+                    }
+                    Part::End => t.raw_set(1, "end")?,
+                    Part::Error(why) => {
+                        t.raw_set(1, "error")?;
+                        t.raw_set(2, why)?;
+                    }
+                }
+                list.raw_push(t)?;
+            }
+            Ok(list)
+        });
+    }
+}
+
+/// `core.multipart(body, content_type)` → the fields of a whole `multipart/form-data` body, in
+/// order, as `{name, value, file_name, content_type}`; or nil and why it is malformed.
+fn whole(lua: &Lua, (body, content_type): (mlua::String, String)) -> Result<(Option<Table>, Option<String>)> {
+    let mut reader = match Reader::new(&content_type) {
+        Ok(r) => r,
+        Err(why) => return Ok((None, Some(why))),
+    };
+    let mut parts = reader.push(Some(&body.as_bytes()));
+    parts.extend(reader.push(None));
+    let list = lua.create_table()?;
+    let mut value = Vec::new();
+    let mut field = None;
+    for part in parts {
+        match part {
+            Part::Field { name, file_name, content_type } => {
+                let t = lua.create_table()?;
+                t.raw_set("name", name)?;
+                t.raw_set("file_name", file_name)?;
+                t.raw_set("content_type", content_type)?;
+                field = Some(t);
+                value.clear();
+            }
+            Part::Data(bytes) => value.extend_from_slice(&bytes),
+            Part::End => {
+                if let Some(t) = field.take() {
+                    t.raw_set("value", lua.create_string(&value)?)?;
+                    list.raw_push(t)?;
+                }
+            }
+            Part::Error(why) => return Ok((None, Some(why))),
+        }
+    }
+    Ok((Some(list), None))
+}
+
+/// Adds `multipart` and `multipart_reader` to `core`.
+pub(super) fn register(lua: &Lua, core: &Table) -> Result<()> {
+    core.set("multipart", lua.create_function(whole)?)?;
+    core.set("multipart_reader", lua.create_function(reader)?)
+}
