@@ -293,23 +293,36 @@ local POST_FIELDS = { post_params = true, post_params_list = true, post_metadata
 -- without it (what is left of it is read and dropped). The methods work on every route.
 local Methods = {}
 
--- The next piece of a body still to come (all of it unless `stream`), and whether it is the
--- last; nil and why it cannot be read.
-local function read_piece(req, stream)
+-- The next piece of a body still to come (all of it unless `stream`, at most `limit` bytes),
+-- and whether it is the last; nil and why it cannot be read. A streaming route's body that came
+-- with its head is handed over the same way, so how it arrived does not show.
+local function read_piece(req, stream, limit)
+  local early = rawget(req, "_early")
+  if early then
+    rawset(req, "_early", nil)
+    return early, true
+  end
   local co = coroutine.running()
   while true do
-    local piece, last = core.body_read(req.connection, co, req._limit, stream)
+    local piece, last = core.body_read(req.connection, req.number, co, limit, stream)
     if piece ~= PARK then return piece, last end
     coroutine.yield(PARK)
   end
 end
 
--- Takes the body still to come, once: the calls that read it say so when it went already.
+-- Whether the body is still to come and this call takes it: a body is taken once; later calls
+-- get what an earlier read kept, or its failure.
 local function take_unread(req, call)
-  if rawget(req, "raw_body") then return false end
+  if rawget(req, "raw_body") or rawget(req, "_failed") then return false end
   check(rawget(req, "_unread"), call, "the body was already streamed by an earlier call")
   req._unread = false
   return true
+end
+
+-- A read failed: so do the later ones, for the same reason.
+local function read_failed(req, why)
+  rawset(req, "_failed", why)
+  return nil, why
 end
 
 -- Calls `callback(piece)` for each piece of the body as it arrives; true at its end, or nil
@@ -318,26 +331,33 @@ function Methods:stream_request_body(callback)
   local call = "req:stream_request_body(callback)"
   check(type(callback) == "function", call, "'callback' must be a function(piece), got " .. type(callback))
   if not take_unread(self, call) then
+    if rawget(self, "_failed") then return nil, self._failed end
     if self.raw_body ~= "" then callback(self.raw_body) end
     return true
   end
   while true do
-    local piece, last = read_piece(self, true)
-    if not piece then return nil, last end
+    local piece, last = read_piece(self, true, self._limit)
+    if not piece then return read_failed(self, last) end
     if piece ~= "" then callback(piece) end
     if last then return true end
   end
 end
 
+-- The whole body, at most `limit` bytes, or nil and why.
+local function read_whole(req, call, limit)
+  if take_unread(req, call) then
+    local body, why = read_piece(req, false, limit)
+    if not body then return read_failed(req, why) end
+    rawset(req, "raw_body", body)
+    rawset(req, "body", body)
+  end
+  if rawget(req, "_failed") then return nil, req._failed end
+  return req.raw_body
+end
+
 -- The whole body (at most the route's max_body_size), or nil and why.
 function Methods:read_body()
-  if take_unread(self, "req:read_body()") then
-    local body, why = read_piece(self, false)
-    if not body then return nil, why end
-    rawset(self, "raw_body", body)
-    rawset(self, "body", body)
-  end
-  return self.raw_body
+  return read_whole(self, "req:read_body()", self._limit)
 end
 
 local function add_post_stream(req, call, key, callback)
@@ -407,7 +427,8 @@ local function stream_multipart(req, kind)
     end
   end
   local ok, why = req:stream_request_body(function(piece) take(reader:feed(piece)) end)
-  if ok then take(reader:feed(nil)) end
+  reader = ok and not failed and reader
+  if reader then take(reader:feed(nil)) end
   err = failed or (not ok and why) or nil
   set_post_fields(req, fields, err)
   if err then return nil, err end
@@ -418,12 +439,14 @@ end
 -- others into post_params and the other post_ tables. True, or nil and why.
 function Methods:process_request_body()
   if rawget(self, "post_params") then return true end
-  local kind = self.headers["content-type"] or ""
-  if rawget(self, "_post_streams") and kind:find("multipart/form-data", 1, true) and not rawget(self, "raw_body") then
-    check(rawget(self, "_unread"), "req:process_request_body()", "the body was already streamed by an earlier call")
+  local call, kind = "req:process_request_body()", self.headers["content-type"] or ""
+  local unread = not rawget(self, "raw_body") and not rawget(self, "_failed")
+  if unread and kind:find("multipart/form-data", 1, true) then
+    check(rawget(self, "_unread"), call, "the body was already streamed by an earlier call")
     return stream_multipart(self, kind)
   end
-  local body, why = self:read_body()
+  -- Held whole: within the app's limit too (a streaming route's may be far above it).
+  local body, why = read_whole(self, call, math.min(self._limit, self._app.max_body_size))
   if not body then
     set_post_fields(self, new_post_fields(), why)
     return nil, why
@@ -461,7 +484,7 @@ local Request = {
       rawset(req, key, lists)
       return lists
     elseif POST_FIELDS[key] and rawget(req, "post_params") == nil then
-      check(not rawget(req, "_streams"), "req." .. key,
+      check(rawget(req, "_unread") == nil or rawget(req, "raw_body"), "req." .. key,
         "this route streams its body (stream_body = true): call req:process_request_body() first")
       post_fields(req)
       return rawget(req, key)
@@ -543,6 +566,10 @@ end
 
 local ROUTE_OPTIONS = { stream_body = "boolean", max_body_size = "number" }
 
+local function is_size(v)
+  return type(v) == "number" and v > 0 and v < math.huge and v % 1 == 0
+end
+
 local function add_route(group, method, path, handler, call, options)
   call = call or "app:" .. method:lower() .. "(path, handler, options)"
   check(type(path) == "string" and path:sub(1, 1) == "/", call, "'path' must be a string starting with '/', got " .. tostring(path))
@@ -551,8 +578,8 @@ local function add_route(group, method, path, handler, call, options)
   check(type(options) == "table", call, "'options' must be a table {stream_body, max_body_size}, got " .. type(options))
   for key, value in pairs(options) do
     check(ROUTE_OPTIONS[key], call, "unknown option '" .. tostring(key) .. "' (stream_body, max_body_size)")
-    check(type(value) == ROUTE_OPTIONS[key] and (key ~= "max_body_size" or value > 0), call,
-      "'" .. key .. "' must be a " .. (key == "max_body_size" and "number > 0" or "boolean") .. ", got " .. tostring(value))
+    check(type(value) == ROUTE_OPTIONS[key] and (key ~= "max_body_size" or is_size(value)), call,
+      "'" .. key .. "' must be a " .. (key == "max_body_size" and "whole number > 0" or "boolean") .. ", got " .. tostring(value))
   end
   local full = group.prefix .. path
   if path == "/" and group.prefix ~= "" then full = group.prefix end
@@ -723,20 +750,19 @@ local function dispatch(app, req)
   req._app = app
   req._limit = route and route.max_body_size or app.max_body_size
   local body, streams = req.body, route and route.stream_body
-  if body and #body > req._limit then return TOO_LARGE end
-  if body == false and not streams then
-    if route then
-      body = read_piece(req, false)
+  -- Judged on the length announced, not on how much came with the head.
+  local length = tonumber(req.headers["content-length"])
+  if (length and length > req._limit) or (body and #body > req._limit) then return TOO_LARGE end
+  if streams then
+    -- Read with req: methods, whether or not it came with the head.
+    req._unread, req._early, req.body = true, body or nil, nil
+  else
+    if body == false then
+      body = read_piece(req, false, req._limit)
       if not body then return UNREADABLE end
-    else
-      -- Nothing will read it: the answer (404, 405) goes out without it.
-      body = ""
     end
+    req.raw_body, req.body = body, body
   end
-  -- false: still to come. A streaming route reads it with req: methods, even when it came.
-  req._unread, req._streams = body == false or nil, streams
-  req.raw_body = body or nil
-  req.body = not streams and body or nil
   setmetatable(req, Request)
   req.client_data = app.clients[req.connection] or {}
   req.ip = req.peer_address

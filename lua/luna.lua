@@ -139,7 +139,7 @@ internal.ws_client_wait = client_wait("app:wait_connected()", core.ws_client_wai
 -- names and values (repeated names in order, at most the header limit); `query` is the decoded
 -- query (nil for none: a query may hold thousands of pairs, too many for arguments);
 -- `connection` numbers the connection, `peer` is the client's "ip:port".
-function internal.http_request(handler, body, query, connection, peer, method, path, target, raw_query, ...)
+function internal.http_request(handler, body, query, connection, peer, number, method, path, target, raw_query, ...)
   local fields, headers = { ... }, {}
   for i = 1, #fields, 2 do
     local name, value = fields[i], fields[i + 1]
@@ -150,7 +150,8 @@ function internal.http_request(handler, body, query, connection, peer, method, p
     headers[name] = value
   end
   return handler({ method = method, path = path, target = target, raw_query = raw_query,
-    body = body, headers = headers, query = query or {}, connection = connection, peer_address = peer })
+    body = body, headers = headers, query = query or {}, connection = connection, peer_address = peer,
+    number = number })
 end
 
 return api, internal

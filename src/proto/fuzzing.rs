@@ -28,7 +28,8 @@ const MAX_TIMEOUTS_AT_ONCE: usize = 3;
 enum Subject {
     Raw(RawStream),
     Ws(Box<WsSession>),
-    Http(Box<HttpServerConn>),
+    /// And the number of the last request the layer above took.
+    Http(Box<HttpServerConn>, u64),
 }
 
 const HTTP_LIMITS: HttpLimits = HttpLimits {
@@ -63,7 +64,7 @@ impl Subject {
         match self {
             Subject::Raw(raw) => raw,
             Subject::Ws(ws) => ws.as_mut(),
-            Subject::Http(http) => http.as_mut(),
+            Subject::Http(http, _) => http.as_mut(),
         }
     }
 
@@ -106,11 +107,13 @@ impl Subject {
                 }
                 _ => while let Some(Received::Message(..)) = ws.receive() {},
             },
-            Subject::Http(http) => match arg & 15 {
+            Subject::Http(http, taken) => match arg & 15 {
                 0 | 1 => {
                     if let Some(r) = http.take_request() {
                         assert!(r.body.len() <= HTTP_LIMITS.max_body_size);
                         assert!(r.target.len() <= HTTP_LIMITS.max_uri);
+                        assert!(r.number > *taken, "each request is taken once");
+                        *taken = r.number;
                     }
                 }
                 2 => answer(http, now, 200, &[(b"x-a", b"1")], &vec![b'b'; size * 8]),
@@ -133,9 +136,9 @@ impl Subject {
                 }
                 // A handler asks for the body (early delivery), whole or in pieces, within a
                 // limit of its own; then takes what came.
-                7 => http.read_body(now, size as u64 * 16, size > 1),
+                7 => http.read_body(now, *taken, size as u64 * 16, size > 1),
                 13 => {
-                    while let BodyRead::Data(data, last) = http.take_body() {
+                    while let BodyRead::Data(data, last) = http.take_body(*taken) {
                         assert!(data.len() <= 64 << 10, "at most the read-ahead, or the limit given");
                         if last || data.is_empty() {
                             break;
@@ -168,7 +171,7 @@ impl Subject {
             }
             // Pipelined input waits while an answer over the bound is queued: output stays
             // within one answer of it.
-            Subject::Http(http) => assert!(http.outgoing().len() <= HTTP_LIMITS.max_outgoing + 4096),
+            Subject::Http(http, _) => assert!(http.outgoing().len() <= HTTP_LIMITS.max_outgoing + 4096),
         }
     }
 
@@ -189,7 +192,7 @@ impl Subject {
                     assert!(end.is_some(), "an established session reports its end");
                 }
             }
-            Subject::Http(http) => assert!(!http.wants_input(), "a closed connection wants no input"),
+            Subject::Http(http, _) => assert!(!http.wants_input(), "a closed connection wants no input"),
         }
     }
 }
@@ -333,7 +336,7 @@ impl Harness {
             raw.finish();
         }
         for _ in 0..20 {
-            if let Subject::Http(http) = &mut self.subject {
+            if let Subject::Http(http, _) = &mut self.subject {
                 // The layer above answers what it was given (a handler ends, or gets a 500) and
                 // ends a streamed body (a file is read to its end).
                 let _ = http.take_request();
@@ -389,7 +392,7 @@ pub fn stream_glue(data: &[u8]) {
 /// An HTTP/1.1 server connection (small limits) driven by a script as [`stream_glue`]'s.
 pub fn http_glue(script: &[u8]) {
     let now = Instant::now();
-    drive(Subject::Http(Box::new(HttpServerConn::new(HTTP_LIMITS, now))), true, now, script);
+    drive(Subject::Http(Box::new(HttpServerConn::new(HTTP_LIMITS, now)), 0), true, now, script);
 }
 
 /// [`http_glue`] for a connection that hands requests over once their head is in
@@ -397,7 +400,7 @@ pub fn http_glue(script: &[u8]) {
 pub fn http_early_glue(script: &[u8]) {
     let now = Instant::now();
     let conn = HttpServerConn::new(HTTP_LIMITS, now).deliver_heads();
-    drive(Subject::Http(Box::new(conn)), true, now, script);
+    drive(Subject::Http(Box::new(conn), 0), true, now, script);
 }
 
 fn drive(subject: Subject, connected: bool, now: Instant, mut script: &[u8]) {

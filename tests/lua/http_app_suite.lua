@@ -717,7 +717,57 @@ return function(T, luna)
     c:close()
     T.eq(rs[1] and rs[1].status, 413, "chunks over the route's limit")
     T.raises({ "app:post(path, handler, options)", "unknown option 'stream'" }, app.post, app, "/x", print, { stream = true })
-    T.raises({ "'max_body_size' must be a number > 0" }, app.post, app, "/x", print, { max_body_size = -1 })
+    T.raises({ "'max_body_size' must be a whole number > 0" }, app.post, app, "/x", print, { max_body_size = -1 })
+    app:stop()
+  end)
+
+  T.test("http app: bodies read the same however they arrive", function()
+    local seen = {}
+    local app, port = app_on(nil, function(app)
+      app:use(function(req, res, nxt)
+        if req.path == "/proxy" then return res:send("mw got " .. tostring(req.body)) end
+        return nxt()
+      end)
+      app:post("/s", function(req)
+        local ok, why = req:stream_request_body(function() end)
+        local again, why2 = req:read_body()
+        seen.s = ("%s %s %s %s"):format(tostring(ok), tostring(why), tostring(again), tostring(why2))
+        return seen.s
+      end, { stream_body = true, max_body_size = 8 })
+      app:post("/form", function(req)
+        seen.body = req:read_body()
+        return tostring(req.post_params.a)
+      end, { stream_body = true })
+    end)
+    -- With its head, or after it: the same answers.
+    for _, late in ipairs({ false, true }) do
+      local function send(raw, body)
+        local s = assert(luna.tcp.connect("127.0.0.1", port))
+        s:write(raw)
+        if late then luna.sleep(0.03) end
+        s:write(body)
+        local r = client.read_response(s)
+        s:close()
+        return r
+      end
+      local how = late and " (body after the head)" or " (body with the head)"
+      T.eq(send("POST /proxy HTTP/1.1\r\nHost: t\r\nContent-Length: 3\r\n\r\n", "abc").body, "mw got abc",
+        "a middleware answering a path without a route sees the body" .. how)
+      T.eq(send("POST /s HTTP/1.1\r\nHost: t\r\nContent-Length: 9\r\n\r\n", "123456789").status, 413,
+        "a length over the route's limit" .. how)
+      T.eq(send("POST /form HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+        .. "Content-Length: 3\r\n\r\n", "a=1").body, "1",
+        "post_params after req:read_body()" .. how)
+    end
+    -- A failed read: later reads say why, too.
+    local s = assert(luna.tcp.connect("127.0.0.1", port))
+    s:write("POST /s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n9\r\n123456789\r\n0\r\n\r\n")
+    T.eq(client.read_response(s).status, 413, "chunks past the limit")
+    s:close()
+    T.wait_until(function() return seen.s end, 2, "the handler")
+    T.eq(seen.s, "nil too_large nil too_large", "the handler learnt why, twice")
+    T.raises({ "'max_body_size' must be a whole number > 0" }, app.post, app, "/x", print, { max_body_size = 1.5 })
+    T.raises({ "'max_body_size' must be a whole number > 0" }, app.post, app, "/x", print, { max_body_size = math.huge })
     app:stop()
   end)
 

@@ -8,11 +8,15 @@ use mlua::{Lua, Result, Thread, Value};
 use super::{runtime, HttpServerConn};
 use crate::proto::http::BodyRead;
 
-/// `core.body_read(connection, co, limit, stream)` → the body whole (`stream` false) or its
-/// next piece, and whether it is the last; `PARK` when `co` is parked until more came; nil and
-/// why it cannot be read (`too_large`, `timeout`, `malformed`, `client_closed`, `answered`).
-/// The first call starts the reading, at most `limit` bytes.
-fn read(lua: &Lua, (connection, co, limit, stream): (u64, Thread, u64, bool)) -> Result<(Value, Value)> {
+/// `core.body_read(connection, request, co, limit, stream)` → the body of the connection's
+/// request number `request`, whole (`stream` false) or its next piece, and whether it is the
+/// last; `PARK` when `co` is parked until more came; nil and why it cannot be read
+/// (`too_large`, `timeout`, `malformed`, `client_closed`, `answered`). The first call starts
+/// the reading, at most `limit` bytes.
+fn read(
+    lua: &Lua,
+    (connection, request, co, limit, stream): (u64, u64, Thread, u64, bool),
+) -> Result<(Value, Value)> {
     let rt = runtime(lua)?;
     let Some(key) = rt.http.borrow().keys.get(&connection).copied() else {
         return Ok((Value::Nil, Value::String(lua.create_string("client_closed")?)));
@@ -22,8 +26,8 @@ fn read(lua: &Lua, (connection, co, limit, stream): (u64, Thread, u64, bool)) ->
         let now = driver.now();
         match driver.proto::<HttpServerConn>(key) {
             Some(proto) if !proto.is_closed() => {
-                proto.read_body(now, limit, stream);
-                proto.take_body()
+                proto.read_body(now, request, limit, stream);
+                proto.take_body(request)
             }
             _ => BodyRead::Failed("client_closed"),
         }

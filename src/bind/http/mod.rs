@@ -437,10 +437,8 @@ fn call_hook(
 fn news(lua: &Lua, rt: &Runtime, key: Key) -> Result<()> {
     let server = match rt.http.borrow_mut().conns.get_mut(&key) {
         Some(c) if !c.starting => {
-            if c.busy {
-                // A handler waiting for the request's body.
-                rt.sched.borrow_mut().wake(key);
-            }
+            // A handler (or a coroutine it left) waiting for a request's body.
+            rt.sched.borrow_mut().wake(key);
             c.starting = true;
             c.server
         }
@@ -519,9 +517,9 @@ fn runner(lua: &Lua, rt: &Runtime) -> Result<Function> {
 }
 
 /// Starts `thread` (running `http_request`) on the handler and the request's fields, for a
-/// table `{method, path, query, headers, body, target, raw_query, connection, peer_address}`
-/// (Lune's, plus the target as sent, the query undecoded and who sent it; `body` is false while
-/// it is still to come). Strings go straight
+/// table `{method, path, query, headers, body, target, raw_query, connection, peer_address,
+/// number}` (Lune's, plus the target as sent, the query undecoded, who sent it and the
+/// request's number on its connection; `body` is false while it is still to come). Strings go straight
 /// onto the Lua stack; the query, whose pairs are not bounded by the header limit, comes as a
 /// table.
 fn start(
@@ -547,7 +545,8 @@ fn start(
         Some(c) => (c.id, lua.create_string(&c.address)?),
         None => return Ok(()),
     };
-    sched::resume(lua, rt, thread, (handler, body, query, id, address, mlua::Variadic::from(fields)))
+    let args = (handler, body, query, id, address, request.number, mlua::Variadic::from(fields));
+    sched::resume(lua, rt, thread, args)
 }
 
 /// The pairs of a urlencoded query or form as a table (the last of a repeated name wins), nil

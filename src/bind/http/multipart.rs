@@ -50,10 +50,16 @@ enum Part {
     Error(String),
 }
 
+/// Body bytes fed without the reader finding anything (a preamble, a part's head), past which
+/// the body is refused: multer would keep them all.
+const MAX_UNREAD: usize = 64 << 10;
+
 /// One body's reader.
 struct Reader {
     feed: Arc<Mutex<Feed>>,
     found: Rc<RefCell<Vec<Part>>>,
+    /// Bytes fed since the reader last found something.
+    unread: usize,
     /// Until it ran to the end of the body (or to an error).
     task: Option<Pin<Box<dyn Future<Output = ()>>>>,
 }
@@ -85,7 +91,7 @@ impl Reader {
                 out.borrow_mut().push(Part::Error(e.to_string()));
             }
         };
-        Ok(Self { feed, found, task: Some(Box::pin(task)) })
+        Ok(Self { feed, found, unread: 0, task: Some(Box::pin(task)) })
     }
 
     fn feed(&self) -> std::sync::MutexGuard<'_, Feed> {
@@ -94,6 +100,9 @@ impl Reader {
 
     /// Feeds `piece` of the body (`None`: the end) and returns what that completes.
     fn push(&mut self, piece: Option<&[u8]>) -> Vec<Part> {
+        if self.task.is_none() {
+            return Vec::new(); // ended, or refused
+        }
         {
             let mut feed = self.feed();
             match piece {
@@ -109,7 +118,12 @@ impl Reader {
                 self.feed().pieces.clear();
             }
         }
-        std::mem::take(&mut *self.found.borrow_mut())
+        let mut found = std::mem::take(&mut *self.found.borrow_mut());
+        self.unread = if found.is_empty() { self.unread + piece.map_or(0, <[u8]>::len) } else { 0 };
+        if self.unread > MAX_UNREAD && self.task.take().is_some() {
+            found.push(Part::Error(format!("no multipart field within {MAX_UNREAD} bytes")));
+        }
+        found
     }
 }
 
@@ -193,4 +207,55 @@ fn whole(lua: &Lua, (body, content_type): (mlua::String, String)) -> Result<(Opt
 pub(super) fn register(lua: &Lua, core: &Table) -> Result<()> {
     core.set("multipart", lua.create_function(whole)?)?;
     core.set("multipart_reader", lua.create_function(reader)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Part, Reader};
+
+    const BODY: &[u8] = b"preamble\r\n--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\none\r\n--B\r\n\
+Content-Disposition: form-data; name=\"f\"; filename=\"x.bin\"\r\nContent-Type: application/octet-stream\r\n\r\n\
+--B-not-a-boundary\r\n\r\n--B--\r\nepilogue";
+
+    /// The fields (name, value) found when `body` is fed in pieces of `size` bytes.
+    fn fields(body: &[u8], size: usize) -> Result<Vec<(String, Vec<u8>)>, String> {
+        let mut reader = Reader::new("multipart/form-data; boundary=B").unwrap();
+        let mut parts = Vec::new();
+        for piece in body.chunks(size) {
+            parts.extend(reader.push(Some(piece)));
+        }
+        parts.extend(reader.push(None));
+        let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+        for part in parts {
+            match part {
+                Part::Field { name, .. } => out.push((name.unwrap_or_default(), Vec::new())),
+                Part::Data(d) => out.last_mut().unwrap().1.extend_from_slice(&d),
+                Part::End => {}
+                Part::Error(why) => return Err(why),
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn any_split_of_the_body_reads_the_same() {
+        let want =
+            vec![("a".to_owned(), b"one".to_vec()), ("f".to_owned(), b"--B-not-a-boundary\r\n".to_vec())];
+        for size in [1, 2, 3, 7, 16, 1000] {
+            assert_eq!(fields(BODY, size), Ok(want.clone()), "pieces of {size}");
+        }
+    }
+
+    #[test]
+    fn a_body_without_fields_is_refused_before_it_is_held() {
+        let junk = vec![b'j'; 200 << 10];
+        let mut reader = Reader::new("multipart/form-data; boundary=B").unwrap();
+        let mut refused = false;
+        for piece in junk.chunks(16 << 10) {
+            refused |= reader.push(Some(piece)).iter().any(|p| matches!(p, Part::Error(_)));
+        }
+        assert!(refused, "refused");
+        assert!(reader.feed().pieces.is_empty(), "and nothing more is kept");
+        assert!(fields(b"--B\r\nContent-Disposition: form-data; name=\"a\"\r\n\r\nunterminated", 5).is_err());
+    }
 }

@@ -27,7 +27,11 @@ fn start(
     let now = driver.now();
     let Some(proto) = driver.proto::<HttpServerConn>(key) else { return Ok((None, Some("closed".into()))) };
     let response = Response { status, headers: &fields, body: b"", date: &date };
-    match proto.respond_streamed(now, response, length) {
+    let started = proto.respond_streamed(now, response, length);
+    drop(driver);
+    // A body the answer drops is read on (reading may have paused while it was held).
+    rt.resume_reading(key);
+    match started {
         Ok(()) => Ok((Some(true), None)),
         Err(e) => Ok((None, Some(e))),
     }
@@ -83,6 +87,8 @@ fn end(lua: &Lua, connection: u64) -> Result<()> {
         }
     }
     rt.flush(key);
+    // The next request, or the rest of a dropped body, may wait behind the answer.
+    rt.resume_reading(key);
     Ok(())
 }
 

@@ -79,6 +79,9 @@ pub struct Request {
     /// Header fields in order, names in lower case, values as sent (invalid UTF-8 replaced).
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Counts the connection's requests from 1: what [`HttpServerConn::read_body`] and
+    /// [`HttpServerConn::take_body`] are asked about.
+    pub number: u64,
 }
 
 impl Request {
@@ -215,6 +218,9 @@ pub struct HttpServerConn {
     body_failed: Option<&'static str>,
     /// Requests are handed over once their head is in.
     early: bool,
+    /// The number of the last request read, and of the last one whose answer started.
+    number: u64,
+    answered: u64,
     /// The request waiting for [`take_request`](Self::take_request).
     ready: Option<Request>,
     keep_alive: bool,
@@ -255,6 +261,8 @@ impl HttpServerConn {
             collected: Vec::new(),
             body_failed: None,
             early: false,
+            number: 0,
+            answered: 0,
             ready: None,
             keep_alive: true,
             head_request: false,
@@ -287,10 +295,14 @@ impl HttpServerConn {
         self.body.is_some_and(|b| b.mode == Mode::Hold)
     }
 
-    /// Starts reading the body of the request being handled, at most `limit` bytes of it (a
-    /// Content-Length above that is refused with 413 at once): whole (`stream` false: it is
-    /// taken at once when complete) or piece by piece. Sends `100 Continue` if it was asked for.
-    pub fn read_body(&mut self, now: Instant, limit: u64, stream: bool) {
+    /// Starts reading the body of request `number` (being handled, not answered yet), at most
+    /// `limit` bytes of it (a Content-Length above that is refused with 413 at once): whole
+    /// (`stream` false: it is taken at once when complete) or piece by piece. Sends
+    /// `100 Continue` if it was asked for.
+    pub fn read_body(&mut self, now: Instant, number: u64, limit: u64, stream: bool) {
+        if number != self.number || self.answered == number {
+            return;
+        }
         let Some(body) = self.body.as_mut().filter(|b| b.mode == Mode::Hold) else { return };
         if matches!(body.framing, Framing::Length(n) if n > limit) {
             return self.reject(413, now);
@@ -305,19 +317,26 @@ impl HttpServerConn {
         self.advance(now);
     }
 
-    /// What there is of the body asked for with [`read_body`](Self::read_body): a body read
-    /// whole comes once complete, a streamed one in the pieces read so far. A request without
-    /// (more) body gives `Data([], true)`.
-    pub fn take_body(&mut self) -> BodyRead {
+    /// What there is of the body of request `number` asked for with
+    /// [`read_body`](Self::read_body): a body read whole comes once complete, a streamed one in
+    /// the pieces read so far. A request without (more) body gives `Data([], true)`; one whose
+    /// answer started (or a request before it), `Failed("answered")`.
+    pub fn take_body(&mut self, number: u64) -> BodyRead {
+        if number != self.number {
+            return BodyRead::Failed("answered");
+        }
         if let Some(why) = self.body_failed {
             return BodyRead::Failed(why);
+        }
+        if self.answered == number {
+            return BodyRead::Failed("answered");
         }
         let Some(body) = self.body else { return BodyRead::Data(Vec::new(), true) };
         let ready = match body.mode {
             Mode::Hold => false,
             Mode::Whole => body.done,
             Mode::Stream => body.done || !self.collected.is_empty(),
-            Mode::Discard => return BodyRead::Failed("answered"),
+            Mode::Discard => unreachable!("a body is dropped only once its answer started"),
         };
         if !ready {
             return BodyRead::Waiting;
@@ -385,6 +404,8 @@ impl HttpServerConn {
         let body = self.head(&response, length)?;
         self.news = true;
         self.sent = now;
+        // A body dropped for this answer is read (and dropped) while the answer goes out.
+        self.advance(now);
         self.streaming = match (body, length) {
             (false, _) | (true, Some(0)) => None,
             (true, Some(n)) => Some(Outgoing::Length(n)),
@@ -509,6 +530,7 @@ impl HttpServerConn {
             date &= !name.eq_ignore_ascii_case(b"date");
         }
         self.upgrade = None;
+        self.answered = self.number;
         self.drop_body();
         let status = response.status;
         let body_allowed = status != 204 && status != 304;
@@ -554,6 +576,8 @@ impl HttpServerConn {
             self.body = None;
         } else {
             body.mode = Mode::Discard;
+            // Timed from now: the wait before was the layer above's.
+            self.since = self.now;
         }
     }
 
@@ -712,7 +736,10 @@ impl HttpServerConn {
             .any(|h| h.name.eq_ignore_ascii_case("upgrade") && has_token(h.value, "websocket"));
         self.upgrade = upgrade.then(|| buf[..n].to_vec());
         let (path, query, authority) = split_target(&target).ok_or(400u16)?;
-        let mut request = Request { method, target, path, query, minor_version, headers, body: Vec::new() };
+        self.number += 1;
+        let number = self.number;
+        let mut request =
+            Request { method, target, path, query, minor_version, headers, body: Vec::new(), number };
         if let Some(authority) = authority {
             // RFC 9112 §3.2.2: an absolute-form target's authority is the host.
             for (_, value) in request.headers.iter_mut().filter(|(n, _)| n == "host") {
@@ -815,7 +842,10 @@ impl HttpServerConn {
                 self.body = Some(BodyIn { done: true, ..self.body.unwrap_or(body) });
                 self.news = true;
             }
-            Ok(false) if self.eof && body.mode != Mode::Discard => self.fail_body("client_closed"),
+            // At the end of the input, unless reading paused with the read-ahead full.
+            Ok(false) if self.eof && body.mode != Mode::Discard && !self.body_held() => {
+                self.fail_body("client_closed")
+            }
             Ok(false) => self.news |= self.collected.len() > before,
             Err(status) if self.awaits_response() => self.reject(status, now),
             Err(status) => {
@@ -990,13 +1020,14 @@ impl HttpServerConn {
     }
 
     /// Whether the body being read alongside a handler waits for the peer (not for the layer
-    /// above to take what was read).
+    /// above to ask for it, or to take what was read).
     fn body_stalls(&self) -> bool {
-        self.body.is_some_and(|b| match b.mode {
-            Mode::Hold => false,
-            Mode::Stream => !b.done && self.collected.len() < STREAM_HOLD,
-            Mode::Whole | Mode::Discard => !b.done,
-        })
+        self.body.is_some_and(|b| b.mode != Mode::Hold && !b.done) && !self.body_held()
+    }
+
+    /// Whether reading the body paused with the read-ahead full.
+    fn body_held(&self) -> bool {
+        self.body.is_some_and(|b| b.mode == Mode::Stream) && self.collected.len() >= STREAM_HOLD
     }
 }
 
@@ -1049,12 +1080,14 @@ impl StreamProtocol for HttpServerConn {
             Phase::Head if !self.head_started => self.end("timeout"),
             Phase::Head | Phase::Body => self.reject(408, now),
             Phase::Handling if self.awaits_response() => self.reject(408, now),
-            Phase::Handling | Phase::Discard => {
+            // The body stopped while an answer goes out: the answer still does, then the
+            // connection closes.
+            Phase::Handling => {
                 self.fail_body("timeout");
+                self.keep_alive = false;
                 self.why.get_or_insert("timeout");
-                self.phase = Phase::Done;
-                self.flow = Flow::Abort;
             }
+            Phase::Discard => self.end("timeout"),
             Phase::Linger => self.end(self.close_reason()),
             Phase::Done => {}
         }

@@ -565,7 +565,7 @@ fn early_requests_come_with_a_body_that_came_with_their_head() {
     c.handle_bytes(now, b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nok");
     assert!(!c.body_pending());
     assert_eq!(c.take_request().unwrap().body, b"ok");
-    assert_eq!(c.take_body(), BodyRead::Data(Vec::new(), true), "nothing more to read");
+    assert_eq!(c.take_body(1), BodyRead::Data(Vec::new(), true), "nothing more to read");
 }
 
 #[test]
@@ -574,12 +574,12 @@ fn early_bodies_are_read_whole_when_asked_for() {
     c.handle_bytes(now, b"POST /a HTTP/1.1\r\nHost: h\r\nContent-Length: 6\r\n\r\nab");
     let request = c.take_request().expect("handed over with its head");
     assert!(request.body.is_empty() && c.body_pending());
-    assert_eq!(c.take_body(), BodyRead::Waiting, "not asked for yet");
-    c.read_body(now, 100, false);
+    assert_eq!(c.take_body(1), BodyRead::Waiting, "not asked for yet");
+    c.read_body(now, 1, 100, false);
     c.handle_bytes(now, b"cd");
-    assert_eq!(c.take_body(), BodyRead::Waiting, "whole: not before the end");
+    assert_eq!(c.take_body(1), BodyRead::Waiting, "whole: not before the end");
     c.handle_bytes(now, b"efGET /next HTTP/1.1\r\nHost: h\r\n\r\n");
-    assert_eq!(c.take_body(), BodyRead::Data(b"abcdef".to_vec(), true));
+    assert_eq!(c.take_body(1), BodyRead::Data(b"abcdef".to_vec(), true));
     ok(&mut c, now, "done");
     assert_eq!(c.take_request().map(|r| r.path), Some("/next".into()), "then the next request");
 }
@@ -589,11 +589,11 @@ fn early_bodies_stream_with_backpressure() {
     let (mut c, now) = early();
     c.handle_bytes(now, b"PUT /a HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n");
     c.take_request().unwrap();
-    c.read_body(now, 1 << 30, true);
+    c.read_body(now, 1, 1 << 30, true);
     c.handle_bytes(now, b"3\r\nabc\r\n");
     assert!(c.take_news());
-    assert_eq!(c.take_body(), BodyRead::Data(b"abc".to_vec(), false));
-    assert_eq!(c.take_body(), BodyRead::Waiting);
+    assert_eq!(c.take_body(1), BodyRead::Data(b"abc".to_vec(), false));
+    assert_eq!(c.take_body(1), BodyRead::Waiting);
     // More than the read-ahead: the rest waits in the input, then reading pauses.
     let big = vec![b'x'; 200 << 10];
     let mut fed = format!("{:x}\r\n", big.len()).into_bytes();
@@ -608,7 +608,7 @@ fn early_bodies_stream_with_backpressure() {
     assert!(pos < fed.len(), "the client is held by flow control, not our memory");
     let mut got = Vec::new();
     loop {
-        match c.take_body() {
+        match c.take_body(1) {
             BodyRead::Data(d, last) => {
                 assert!(d.len() <= 64 << 10, "a piece is at most the read-ahead");
                 got.extend_from_slice(&d);
@@ -635,10 +635,10 @@ fn early_continue_goes_out_when_the_body_is_asked_for() {
     c.handle_bytes(now, b"PUT /f HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n");
     c.take_request().unwrap();
     assert_eq!(sent(&mut c), "", "not before the body is asked for");
-    c.read_body(now, 10, false);
+    c.read_body(now, 1, 10, false);
     assert_eq!(sent(&mut c), "HTTP/1.1 100 Continue\r\n\r\n");
     c.handle_bytes(now, b"ok");
-    assert_eq!(c.take_body(), BodyRead::Data(b"ok".to_vec(), true));
+    assert_eq!(c.take_body(1), BodyRead::Data(b"ok".to_vec(), true));
 }
 
 #[test]
@@ -658,7 +658,7 @@ fn early_answer_without_the_body() {
     c.take_request().unwrap();
     ok(&mut c, now, "early");
     assert!(!sent(&mut c).contains("connection: close"));
-    assert_eq!(c.take_body(), BodyRead::Failed("answered"), "the body is no longer there to read");
+    assert_eq!(c.take_body(1), BodyRead::Failed("answered"), "the body is no longer there to read");
     assert_eq!(c.poll_timeout(), Some(now + HttpLimits::default().body_timeout), "the rest is timed");
     c.handle_bytes(now, b"56789GET /next HTTP/1.1\r\nHost: h\r\n\r\n");
     assert_eq!(c.take_request().map(|r| r.path), Some("/next".into()));
@@ -667,9 +667,9 @@ fn early_answer_without_the_body() {
     let (mut c, now) = early();
     c.handle_bytes(now, b"PUT /f HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n");
     c.take_request().unwrap();
-    c.read_body(now, 100, true);
+    c.read_body(now, 1, 100, true);
     streamed(&mut c, now, None);
-    assert_eq!(c.take_body(), BodyRead::Failed("answered"));
+    assert_eq!(c.take_body(1), BodyRead::Failed("answered"));
     c.handle_bytes(now, b"2\r\nab\r\n0\r\n\r\n");
     c.end_body(now);
     c.handle_bytes(now, b"GET /next HTTP/1.1\r\nHost: h\r\n\r\n");
@@ -681,17 +681,17 @@ fn early_body_limits_timeouts_and_a_client_that_goes() {
     let (mut c, now) = early();
     c.handle_bytes(now, b"PUT /f HTTP/1.1\r\nHost: h\r\nContent-Length: 11\r\n\r\n");
     c.take_request().unwrap();
-    c.read_body(now, 10, false);
+    c.read_body(now, 1, 10, false);
     assert!(sent(&mut c).starts_with("HTTP/1.1 413 "), "a length over the limit given");
-    assert_eq!(c.take_body(), BodyRead::Failed("too_large"));
+    assert_eq!(c.take_body(1), BodyRead::Failed("too_large"));
     assert!(!c.awaits_response());
 
     let (mut c, now) = early();
     c.handle_bytes(now, b"PUT /f HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n");
     c.take_request().unwrap();
-    c.read_body(now, 10, true);
+    c.read_body(now, 1, 10, true);
     c.handle_bytes(now, b"8\r\n12345678\r\n8\r\n");
-    assert_eq!(c.take_body(), BodyRead::Failed("too_large"), "chunks past the limit");
+    assert_eq!(c.take_body(1), BodyRead::Failed("too_large"), "chunks past the limit");
     assert!(sent(&mut c).starts_with("HTTP/1.1 413 "));
 
     let (mut c, now) = early();
@@ -699,20 +699,87 @@ fn early_body_limits_timeouts_and_a_client_that_goes() {
     c.take_request().unwrap();
     assert_eq!(c.poll_timeout(), None, "a body not asked for is not timed");
     let later = now + Duration::from_secs(100);
-    c.read_body(later, 10, false);
+    c.read_body(later, 1, 10, false);
     let due = later + HttpLimits::default().body_timeout;
     assert_eq!(c.poll_timeout(), Some(due), "timed from when it was asked for");
     c.handle_timeout(due);
-    assert_eq!(c.take_body(), BodyRead::Failed("timeout"));
+    assert_eq!(c.take_body(1), BodyRead::Failed("timeout"));
     assert!(sent(&mut c).starts_with("HTTP/1.1 408 "));
 
     let (mut c, now) = early();
     c.handle_bytes(now, b"PUT /f HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\nab");
     c.take_request().unwrap();
-    c.read_body(now, 10, true);
-    assert_eq!(c.take_body(), BodyRead::Data(b"ab".to_vec(), false));
+    c.read_body(now, 1, 10, true);
+    assert_eq!(c.take_body(1), BodyRead::Data(b"ab".to_vec(), false));
     c.handle_eof(now);
-    assert_eq!(c.take_body(), BodyRead::Failed("client_closed"));
+    assert_eq!(c.take_body(1), BodyRead::Failed("client_closed"));
     ok(&mut c, now, "still answered");
     assert!(sent(&mut c).starts_with("HTTP/1.1 200 "));
+}
+
+#[test]
+fn early_body_dropped_behind_a_streamed_answer_is_not_cut_off() {
+    let (mut c, now) = early();
+    c.handle_bytes(now, b"PUT /f HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n01234");
+    c.take_request().unwrap();
+    let later = now + Duration::from_secs(20);
+    streamed(&mut c, later, None);
+    sent_at(&mut c, later);
+    assert_eq!(c.poll_timeout(), Some(later + HttpLimits::default().body_timeout), "timed from the answer");
+    c.handle_bytes(later, b"56789");
+    assert_eq!(c.poll_timeout(), None, "the body is all in: nothing to time while the answer waits");
+    // A body that stops while the answer goes out: the answer still does, then the close.
+    let (mut c, now) = early();
+    c.handle_bytes(now, b"PUT /f HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n01234");
+    c.take_request().unwrap();
+    streamed(&mut c, now, None);
+    let due = now + HttpLimits::default().body_timeout;
+    c.handle_timeout(due);
+    assert_eq!(c.flow(), Flow::Open, "the answer is not cut");
+    c.send_body(due, b"still");
+    c.end_body(due);
+    assert!(sent_at(&mut c, due).ends_with("5\r\nstill\r\n0\r\n\r\n"));
+    assert_eq!(c.flow(), Flow::Finish, "then the connection closes");
+}
+
+#[test]
+fn early_stream_body_then_half_close_is_read_to_its_end() {
+    let (mut c, now) = early();
+    c.handle_bytes(now, b"PUT /f HTTP/1.1\r\nHost: h\r\nContent-Length: 70000\r\n\r\n");
+    c.take_request().unwrap();
+    c.read_body(now, 1, 1 << 20, true);
+    for _ in 0..7 {
+        c.handle_bytes(now, &[b'z'; 10000]);
+    }
+    c.handle_eof(now);
+    let mut got = 0;
+    loop {
+        match c.take_body(1) {
+            BodyRead::Data(d, last) => {
+                got += d.len();
+                if last {
+                    break;
+                }
+            }
+            other => panic!("{other:?} after {got} bytes"),
+        }
+    }
+    assert_eq!(got, 70000, "all of it, though the client finished sending");
+}
+
+#[test]
+fn early_body_reads_are_for_their_own_request() {
+    let (mut c, now) = early();
+    c.handle_bytes(now, b"POST /1 HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\n");
+    let first = c.take_request().unwrap();
+    ok(&mut c, now, "answered first");
+    c.handle_bytes(now, b"abcdPOST /2 HTTP/1.1\r\nHost: h\r\nContent-Length: 4\r\n\r\n");
+    let second = c.take_request().expect("the next request");
+    assert_eq!((first.number, second.number), (1, 2));
+    c.read_body(now, first.number, 100, false);
+    assert_eq!(c.take_body(first.number), BodyRead::Failed("answered"), "the first body went");
+    assert!(c.body_pending(), "the second request's body is untouched");
+    c.handle_bytes(now, b"wxyz");
+    c.read_body(now, second.number, 100, false);
+    assert_eq!(c.take_body(second.number), BodyRead::Data(b"wxyz".to_vec(), true));
 }
