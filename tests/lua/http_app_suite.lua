@@ -197,12 +197,13 @@ return function(T, luna)
     app:stop()
   end)
 
-  -- A directory with index.html, a file, a subdirectory, and a secret outside it (plus a
-  -- symlink pointing at the secret).
+  -- A directory with index.html, a file, a subdirectory, and a secret outside it (plus
+  -- symlinks pointing at the secret, absolute and relative, and one that stays inside).
   local function static_tree()
     local base = os.tmpname()
     os.remove(base)
-    assert(os.execute("mkdir -p '" .. base .. "/root/sub' && ln -s '" .. base .. "/secret.txt' '" .. base .. "/root/link.txt'"))
+    assert(os.execute("mkdir -p '" .. base .. "/root/sub' && ln -s '" .. base .. "/secret.txt' '" .. base .. "/root/link.txt'"
+      .. " && ln -s ../secret.txt '" .. base .. "/root/rel.txt' && ln -s ../data.json '" .. base .. "/root/sub/alias.json'"))
     local function write(path, text)
       local f = assert(io.open(base .. "/" .. path, "wb"))
       f:write(text)
@@ -229,8 +230,9 @@ return function(T, luna)
     T.eq(get(port, "/sub/").body, "sub home", "a directory's index.html")
     T.eq(get(port, "/data.json").headers["content-type"], "application/json; charset=utf-8", "json type")
     T.eq(get(port, "/api").body, "route", "no file: the routes answer")
+    T.eq(get(port, "/sub/alias.json").body, '{"a":1}', "a symlink that stays inside is followed")
     for _, attack in ipairs({ "/..././secret.txt", "/../secret.txt", "/%2e%2e/secret.txt", "/sub/..%2f..%2fsecret.txt",
-      "/..%5csecret.txt", "/index.html%00.txt", "/link.txt", "//../secret.txt" }) do
+      "/..%5csecret.txt", "/index.html%00.txt", "/link.txt", "/rel.txt", "//../secret.txt" }) do
       local r = get(port, attack)
       T.ok(r.status == 403 or r.status == 404, attack .. " → " .. tostring(r.status))
       T.ok(not r.body:find("SECRET", 1, true), attack .. " must not reach the secret")

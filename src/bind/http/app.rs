@@ -13,15 +13,21 @@ use mlua::{Lua, MultiValue, Result, Table, Value};
 use crate::bind::error::misuse;
 use crate::bind::options::Options;
 
+/// A file found under a static root: the path it was found at, its metadata, and the file
+/// itself when resolving opened it (the answer sends from it instead of opening it again).
+pub(crate) type Found = (PathBuf, fs::Metadata, Option<fs::File>);
+
 /// The file of URL path `path` (percent-encoded, as sent) under directory `root` (canonical:
-/// see [`canonical`]): the path of a regular file (a directory's `index.html`) inside `root` once
-/// symlinks are resolved, and its metadata, or why not. Decoded NUL bytes, backslashes and `..` segments are refused before the disk is asked;
+/// see [`canonical`]; `root_dir` the same directory, open): a regular file (a directory's
+/// `index.html`) inside `root`, symlinks followed only while they stay inside, or why not.
+/// Decoded NUL bytes, backslashes and `..` segments are refused before the disk is asked;
 /// names starting with a dot are not found unless `dotfiles`.
-pub(crate) fn resolve(
+fn resolve(
     root: &Path,
+    root_dir: Option<&fs::File>,
     path: &[u8],
     dotfiles: bool,
-) -> std::result::Result<(PathBuf, fs::Metadata), &'static str> {
+) -> std::result::Result<Found, &'static str> {
     let decoded: Vec<u8> = percent_encoding::percent_decode(path).collect();
     let decoded = std::str::from_utf8(&decoded).map_err(|_| "forbidden")?;
     if decoded.contains(['\0', '\\']) {
@@ -37,6 +43,9 @@ pub(crate) fn resolve(
             _ => return Err("forbidden"),
         }
     }
+    if let Some(found) = root_dir.and_then(|dir| open_beneath(root, dir, relative.clone())) {
+        return found;
+    }
     let mut full = fs::canonicalize(root.join(&relative)).map_err(|_| "not found")?;
     let mut meta = fs::metadata(&full).map_err(|_| "not found")?;
     if meta.is_dir() {
@@ -49,7 +58,62 @@ pub(crate) fn resolve(
     if !meta.is_file() {
         return Err("not found");
     }
-    Ok((full, meta))
+    Ok((full, meta, None))
+}
+
+/// [`resolve`] by the kernel: `openat2` with `RESOLVE_BENEATH` refuses any `..`, absolute
+/// symlink or symlink that leads out of `dir`, in the one call that opens the file (nothing can
+/// be swapped between a check and the open). `None` where the kernel has no `openat2` (before
+/// Linux 5.6), for the portable path.
+fn open_beneath(
+    root: &Path,
+    dir: &fs::File,
+    mut relative: PathBuf,
+) -> Option<std::result::Result<Found, &'static str>> {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::unix::ffi::OsStrExt;
+    let open = |relative: &Path| -> std::result::Result<Option<fs::File>, &'static str> {
+        let name = if relative.as_os_str().is_empty() { Path::new(".") } else { relative };
+        let name = std::ffi::CString::new(name.as_os_str().as_bytes()).map_err(|_| "forbidden")?;
+        // Not constructible as a literal (non-exhaustive): zeroed, then the fields we set.
+        // SAFETY: `open_how` is plain integers, for which zero is valid.
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+        how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
+        // SAFETY: a valid directory fd, a NUL-terminated path and `how` of the size we say.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                dir.as_raw_fd(),
+                name.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd >= 0 {
+            // SAFETY: a new fd that nothing else owns.
+            return Ok(Some(unsafe { fs::File::from_raw_fd(fd as i32) }));
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENOSYS) => Ok(None),
+            Some(libc::EXDEV | libc::ELOOP) => Err("forbidden"),
+            _ => Err("not found"),
+        }
+    };
+    let found = (|| {
+        let Some(mut file) = open(&relative)? else { return Ok(None) };
+        let mut meta = file.metadata().map_err(|_| "not found")?;
+        if meta.is_dir() {
+            relative.push("index.html");
+            file = open(&relative)?.ok_or("not found")?;
+            meta = file.metadata().map_err(|_| "not found")?;
+        }
+        if !meta.is_file() {
+            return Err("not found");
+        }
+        Ok(Some((root.join(&relative), meta, Some(file))))
+    })();
+    found.transpose()
 }
 
 /// `core.canonical(dir)` → `dir` with symlinks resolved (what [`resolve`] takes as its root), or
@@ -61,18 +125,22 @@ fn canonical(lua: &Lua, dir: mlua::String) -> Result<Option<mlua::String>> {
     }
 }
 
-/// `core.file(root, path, dotfiles)` (`root` canonical) → `path, size, mtime` (seconds since the epoch), or `nil,
-/// "not found" | "forbidden"`.
+/// `core.file(root, path, dotfiles)` (`root` canonical) → `path, size, mtime` (seconds since
+/// the epoch), or `nil, "not found" | "forbidden"`. The file it opened waits for the answer
+/// that sends it (see [`super::take_opened`]).
 fn file(lua: &Lua, (root, path, dotfiles): (mlua::String, mlua::String, bool)) -> Result<MultiValue> {
     let root = PathBuf::from(root.to_str()?.to_string());
-    match resolve(&root, &path.as_bytes(), dotfiles) {
-        Ok((p, meta)) => {
+    let rt = super::runtime(lua)?;
+    let dir = super::root_dir(&rt, &root);
+    match resolve(&root, dir.as_deref(), &path.as_bytes(), dotfiles) {
+        Ok((p, meta, opened)) => {
             let mtime = meta.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok());
-            let p = lua.create_string(p.as_os_str().as_encoded_bytes())?;
+            let name = lua.create_string(p.as_os_str().as_encoded_bytes())?;
+            super::keep_opened(&rt, p, opened);
             // Integers, so Lua 5.4 shows them without a fraction.
             let size = meta.len() as i64;
             let mtime = mtime.map_or(0, |d| d.as_secs() as i64);
-            Ok(MultiValue::from_iter([Value::String(p), Value::Integer(size), Value::Integer(mtime)]))
+            Ok(MultiValue::from_iter([Value::String(name), Value::Integer(size), Value::Integer(mtime)]))
         }
         Err(why) => Ok(MultiValue::from_iter([Value::Nil, Value::String(lua.create_string(why)?)])),
     }
@@ -208,4 +276,36 @@ pub(crate) fn core(lua: &Lua) -> Result<Table> {
     super::body::register(lua, &core)?;
     super::multipart::register(lua, &core)?;
     Ok(core)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::resolve;
+    use std::fs;
+
+    #[test]
+    fn the_kernel_keeps_resolution_beneath_the_root() {
+        let base = std::env::temp_dir().join(format!("luna-resolve-{}", std::process::id()));
+        let root = base.join("root");
+        fs::create_dir_all(root.join("sub")).unwrap();
+        fs::write(base.join("secret"), "SECRET").unwrap();
+        fs::write(root.join("sub/index.html"), "home").unwrap();
+        std::os::unix::fs::symlink("../secret", root.join("out")).unwrap();
+        std::os::unix::fs::symlink(base.join("secret"), root.join("abs")).unwrap();
+        std::os::unix::fs::symlink("sub/index.html", root.join("in")).unwrap();
+        let root = fs::canonicalize(&root).unwrap();
+        let dir = fs::File::open(&root).unwrap();
+        for (dir, how) in [(Some(&dir), "openat2"), (None, "canonicalize")] {
+            let (path, meta, opened) = resolve(&root, dir, b"/sub/", false).unwrap();
+            assert_eq!(meta.len(), 4, "{how}: a directory's index.html");
+            assert!(path.ends_with("index.html"), "{how}: {path:?}");
+            assert_eq!(opened.is_some(), dir.is_some(), "{how}: opened in the same call");
+            assert!(resolve(&root, dir, b"/in", false).is_ok(), "{how}: a link that stays inside");
+            for attack in [&b"/out"[..], b"/abs", b"/../secret", b"/sub/%2e%2e/%2e%2e/secret"] {
+                assert!(resolve(&root, dir, attack, false).is_err(), "{how}: {attack:?}");
+            }
+            assert_eq!(resolve(&root, dir, b"/nope", false).err(), Some("not found"));
+        }
+        fs::remove_dir_all(&base).unwrap();
+    }
 }

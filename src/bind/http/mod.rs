@@ -115,6 +115,10 @@ pub(crate) struct HttpState {
     pumped: Option<(std::time::Instant, usize)>,
     /// What file pieces are read into (kept: one allocation, not one per piece).
     scratch: Vec<u8>,
+    /// Static roots, open (see `app::resolve`).
+    roots: FxHashMap<std::path::PathBuf, Rc<std::fs::File>>,
+    /// The file `core.file` last found, open, for the answer that sends it.
+    opened: Option<(std::path::PathBuf, std::fs::File)>,
 }
 
 impl HttpState {
@@ -804,8 +808,34 @@ const PUMP_BUDGET: usize = 4 << 20;
 /// Bytes read from a file at a time.
 const FILE_CHUNK: u64 = 64 << 10;
 
+/// The open directory of static root `root`, opened on first use (None when it cannot be).
+fn root_dir(rt: &Runtime, root: &std::path::Path) -> Option<Rc<std::fs::File>> {
+    let mut http = rt.http.borrow_mut();
+    if let Some(dir) = http.roots.get(root) {
+        return Some(dir.clone());
+    }
+    let dir = Rc::new(std::fs::File::open(root).ok()?);
+    http.roots.insert(root.to_owned(), dir.clone());
+    Some(dir)
+}
+
+/// Keeps the file `core.file` opened at `path` for the answer (one at a time: the previous
+/// one, never sent, is closed).
+fn keep_opened(rt: &Runtime, path: std::path::PathBuf, file: Option<std::fs::File>) {
+    rt.http.borrow_mut().opened = file.map(|f| (path, f));
+}
+
+/// The file kept open for `path`, if it is the last one found.
+fn take_opened(rt: &Runtime, path: &str) -> Option<std::fs::File> {
+    match rt.http.borrow_mut().opened.take() {
+        Some((p, f)) if p.as_os_str() == path => Some(f),
+        _ => None,
+    }
+}
+
 /// Answers with the file at `path` (from byte `offset`, `length` bytes; default: to its end),
-/// read as the client takes it, so memory does not follow the file's size.
+/// read as the client takes it, so memory does not follow the file's size; one piece or less
+/// goes at once, as a plain answer.
 fn send_file(
     rt: &Runtime,
     key: Key,
@@ -821,11 +851,27 @@ fn send_file(
         other => Err(format!("the response's {what} must be a whole number >= 0, got {}", show(other))),
     };
     let (offset, length) = (whole(&range.0, "offset")?.unwrap_or(0), whole(&range.1, "length")?);
-    let mut file = std::fs::File::open(path).map_err(|e| format!("cannot open '{path}': {e}"))?;
-    let size = file.metadata().map_err(|e| format!("cannot read '{path}': {e}"))?.len();
-    let left = length.unwrap_or(u64::MAX).min(size.saturating_sub(offset));
+    let mut file = match take_opened(rt, path) {
+        Some(file) => file,
+        None => std::fs::File::open(path).map_err(|e| format!("cannot open '{path}': {e}"))?,
+    };
+    let unreadable = |e: std::io::Error| format!("cannot read '{path}': {e}");
     if offset > 0 {
-        file.seek(SeekFrom::Start(offset)).map_err(|e| format!("cannot read '{path}': {e}"))?;
+        file.seek(SeekFrom::Start(offset)).map_err(unreadable)?;
+    }
+    // A length of at most one piece needs no size: the file's end may only make it shorter.
+    let left = match length.filter(|n| *n <= FILE_CHUNK) {
+        Some(n) => n,
+        None => {
+            length.unwrap_or(u64::MAX).min(file.metadata().map_err(unreadable)?.len().saturating_sub(offset))
+        }
+    };
+    // One piece or less: read now and sent as a plain answer.
+    if left <= FILE_CHUNK {
+        use std::io::Read;
+        let mut body = Vec::with_capacity(left as usize);
+        file.take(left).read_to_end(&mut body).map_err(unreadable)?;
+        return send(rt, key, Response { body: &body, ..response });
     }
     let streaming = answer(rt, key, |proto, now, date| {
         proto.respond_streamed(now, Response { date, ..response }, Some(left))?;
