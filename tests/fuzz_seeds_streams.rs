@@ -85,3 +85,8 @@ fn http_server_seeds() {
     replay("http_server", luna::proto::fuzzing::http_glue);
     replay("http_server", luna::proto::fuzzing::http_early_glue);
 }
+
+#[test]
+fn multipart_seeds() {
+    replay("multipart", luna::proto::fuzzing::multipart);
+}

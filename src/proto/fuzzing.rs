@@ -12,6 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::http::multipart::{Part, Reader};
 use super::http::{BodyRead, HttpLimits, HttpServerConn, Response};
 use super::raw::{RawLimits, RawStream, WriteError};
 use super::stream::{Flow, StreamProtocol};
@@ -419,4 +420,36 @@ fn drive(subject: Subject, connected: bool, now: Instant, mut script: &[u8]) {
         h.step(op, &mut script);
     }
     h.finish();
+}
+
+/// A `multipart/form-data` body (boundary `B`) pushed to [`Reader`] in pieces of the size its
+/// first byte picks: parts come well-formed (a field, its data, its end; an error last), never
+/// more data than was pushed, and nothing waits unread after a push.
+pub fn multipart(data: &[u8]) {
+    let Some((&size, body)) = data.split_first() else { return };
+    let mut reader = Reader::new("multipart/form-data; boundary=B").expect("a boundary");
+    let (mut in_field, mut ended, mut data_bytes) = (false, false, 0);
+    let pieces = body.chunks(usize::from(size % 64) + 1).map(Some).chain([None]);
+    for piece in pieces {
+        for part in reader.push(piece) {
+            assert!(!ended, "nothing after an error");
+            match part {
+                Part::Field { .. } => {
+                    assert!(!in_field, "a field starts after the last one ended");
+                    in_field = true;
+                }
+                Part::Data(d) => {
+                    assert!(in_field, "data belongs to a field");
+                    data_bytes += d.len();
+                }
+                Part::End => {
+                    assert!(in_field);
+                    in_field = false;
+                }
+                Part::Error(_) => ended = true,
+            }
+        }
+        assert_eq!(reader.waiting(), 0, "a push is read through");
+    }
+    assert!(data_bytes <= body.len());
 }
