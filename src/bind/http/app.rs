@@ -78,7 +78,9 @@ fn open_beneath(
         // Not constructible as a literal (non-exhaustive): zeroed, then the fields we set.
         // SAFETY: `open_how` is plain integers, for which zero is valid.
         let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-        how.flags = (libc::O_RDONLY | libc::O_CLOEXEC) as u64;
+        // Non-blocking: a FIFO must not hold the event loop (it is refused after the fstat);
+        // no controlling terminal from a tty.
+        how.flags = (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK | libc::O_NOCTTY) as u64;
         how.resolve = libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS;
         // SAFETY: a valid directory fd, a NUL-terminated path and `how` of the size we say.
         let fd = unsafe {
@@ -95,8 +97,12 @@ fn open_beneath(
             return Ok(Some(unsafe { fs::File::from_raw_fd(fd as i32) }));
         }
         match std::io::Error::last_os_error().raw_os_error() {
-            Some(libc::ENOSYS) => Ok(None),
-            Some(libc::EXDEV | libc::ELOOP) => Err("forbidden"),
+            // No openat2 (old kernel, or a seccomp filter that refuses it), or a path it will
+            // not follow (an absolute symlink, which may still point inside): the portable
+            // check decides.
+            Some(libc::ENOSYS | libc::EPERM | libc::EINVAL | libc::E2BIG | libc::EXDEV | libc::ELOOP) => {
+                Ok(None)
+            }
             _ => Err("not found"),
         }
     };
@@ -294,6 +300,10 @@ mod tests {
         std::os::unix::fs::symlink(base.join("secret"), root.join("abs")).unwrap();
         std::os::unix::fs::symlink("sub/index.html", root.join("in")).unwrap();
         let root = fs::canonicalize(&root).unwrap();
+        std::os::unix::fs::symlink(root.join("sub/index.html"), root.join("abs_in")).unwrap();
+        let fifo = std::ffi::CString::new(root.join("fifo").into_os_string().into_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
         let dir = fs::File::open(&root).unwrap();
         for (dir, how) in [(Some(&dir), "openat2"), (None, "canonicalize")] {
             let (path, meta, opened) = resolve(&root, dir, b"/sub/", false).unwrap();
@@ -301,6 +311,12 @@ mod tests {
             assert!(path.ends_with("index.html"), "{how}: {path:?}");
             assert_eq!(opened.is_some(), dir.is_some(), "{how}: opened in the same call");
             assert!(resolve(&root, dir, b"/in", false).is_ok(), "{how}: a link that stays inside");
+            assert!(resolve(&root, dir, b"/abs_in", false).is_ok(), "{how}: an absolute one too");
+            assert_eq!(
+                resolve(&root, dir, b"/fifo", false).err(),
+                Some("not found"),
+                "{how}: no wait on a FIFO"
+            );
             for attack in [&b"/out"[..], b"/abs", b"/../secret", b"/sub/%2e%2e/%2e%2e/secret"] {
                 assert!(resolve(&root, dir, attack, false).is_err(), "{how}: {attack:?}");
             }

@@ -690,6 +690,7 @@ fn answered(lua: &Lua, rt: &Runtime, key: Key, server: u64, result: Result<Value
             Response { status: 500, headers: PLAIN, body: b"Internal Server Error\n", date: "" },
         );
     }
+    rt.http.borrow_mut().opened = None;
     pump(rt, key);
     let streaming = rt.http.borrow().conns.get(&key).is_some_and(|c| c.file.is_some());
     if stopped {
@@ -809,10 +810,16 @@ const PUMP_BUDGET: usize = 4 << 20;
 const FILE_CHUNK: u64 = 64 << 10;
 
 /// The open directory of static root `root`, opened on first use (None when it cannot be).
+/// A directory swapped in at the same path (a deploy's `mv new public`) is opened anew.
 fn root_dir(rt: &Runtime, root: &std::path::Path) -> Option<Rc<std::fs::File>> {
+    use std::os::unix::fs::MetadataExt;
+    let now = std::fs::metadata(root).ok()?;
     let mut http = rt.http.borrow_mut();
     if let Some(dir) = http.roots.get(root) {
-        return Some(dir.clone());
+        let same = dir.metadata().is_ok_and(|m| m.dev() == now.dev() && m.ino() == now.ino());
+        if same {
+            return Some(dir.clone());
+        }
     }
     let dir = Rc::new(std::fs::File::open(root).ok()?);
     http.roots.insert(root.to_owned(), dir.clone());
@@ -820,7 +827,7 @@ fn root_dir(rt: &Runtime, root: &std::path::Path) -> Option<Rc<std::fs::File>> {
 }
 
 /// Keeps the file `core.file` opened at `path` for the answer (one at a time: the previous
-/// one, never sent, is closed).
+/// one, never sent, is closed; every answer clears it, so a later one never gets a stale file).
 fn keep_opened(rt: &Runtime, path: std::path::PathBuf, file: Option<std::fs::File>) {
     rt.http.borrow_mut().opened = file.map(|f| (path, f));
 }

@@ -384,7 +384,7 @@ impl HttpServerConn {
             }
             _ => None,
         };
-        if self.head(&response, Some(length.unwrap_or(response.body.len() as u64)))? {
+        if self.head(now, &response, Some(length.unwrap_or(response.body.len() as u64)))? {
             self.out.extend_from_slice(response.body);
         }
         self.response_sent(now);
@@ -401,7 +401,7 @@ impl HttpServerConn {
         response: Response,
         length: Option<u64>,
     ) -> Result<(), String> {
-        let body = self.head(&response, length)?;
+        let body = self.head(now, &response, length)?;
         self.news = true;
         self.sent = now;
         // A body dropped for this answer is read (and dropped) while the answer goes out.
@@ -506,7 +506,7 @@ impl HttpServerConn {
     /// Writes the head of the answer to the request taken, for a body of `length` bytes
     /// (`None`: chunked, or on HTTP/1.0 until the connection closes); returns whether a body
     /// follows (not for HEAD, 204, 304).
-    fn head(&mut self, response: &Response, length: Option<u64>) -> Result<bool, String> {
+    fn head(&mut self, now: Instant, response: &Response, length: Option<u64>) -> Result<bool, String> {
         if !self.awaits_response() {
             return Err("no request is waiting for a response".into());
         }
@@ -531,7 +531,7 @@ impl HttpServerConn {
         }
         self.upgrade = None;
         self.answered = self.number;
-        self.drop_body();
+        self.drop_body(now);
         let status = response.status;
         let body_allowed = status != 204 && status != 304;
         let until_close = body_allowed && length.is_none() && self.minor_version == 0;
@@ -567,7 +567,7 @@ impl HttpServerConn {
     /// An answer goes out before the body was read: the rest of it is read and dropped; one
     /// larger than its limit, or one the client holds back for a `100 Continue`, is not waited
     /// for (the connection closes after the answer).
-    fn drop_body(&mut self) {
+    fn drop_body(&mut self, now: Instant) {
         self.collected = Vec::new();
         let Some(body) = self.body.as_mut() else { return };
         let too_large = matches!(body.framing, Framing::Length(n) if n > body.limit - body.got);
@@ -577,7 +577,7 @@ impl HttpServerConn {
         } else {
             body.mode = Mode::Discard;
             // Timed from now: the wait before was the layer above's.
-            self.since = self.now;
+            self.since = now;
         }
     }
 
