@@ -5,7 +5,7 @@
 
 use mlua::{Lua, Result, Thread, Value};
 
-use super::{runtime, HttpServerConn};
+use super::{key_of, runtime, HttpServerConn};
 use crate::proto::http::BodyRead;
 
 /// `core.body_read(connection, request, co, limit, stream)` → the body of the connection's
@@ -18,7 +18,7 @@ fn read(
     (connection, request, co, limit, stream): (u64, u64, Thread, u64, bool),
 ) -> Result<(Value, Value)> {
     let rt = runtime(lua)?;
-    let Some(key) = rt.http.borrow().keys.get(&connection).copied() else {
+    let Some(key) = key_of(&rt, connection) else {
         return Ok((Value::Nil, Value::String(lua.create_string("client_closed")?)));
     };
     let read = {

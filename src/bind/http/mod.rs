@@ -115,8 +115,8 @@ pub(crate) struct HttpState {
     pumped: Option<(std::time::Instant, usize)>,
     /// What file pieces are read into (kept: one allocation, not one per piece).
     scratch: Vec<u8>,
-    /// Static roots, open (see `app::resolve`).
-    roots: FxHashMap<std::path::PathBuf, Rc<std::fs::File>>,
+    /// Static roots, open (see `app::resolve`), with the device and inode they were opened at.
+    roots: FxHashMap<std::path::PathBuf, (Rc<std::fs::File>, (u64, u64))>,
     /// The file `core.file` last found, open, for the answer that sends it.
     opened: Option<(std::path::PathBuf, std::fs::File)>,
 }
@@ -814,16 +814,21 @@ const FILE_CHUNK: u64 = 64 << 10;
 fn root_dir(rt: &Runtime, root: &std::path::Path) -> Option<Rc<std::fs::File>> {
     use std::os::unix::fs::MetadataExt;
     let now = std::fs::metadata(root).ok()?;
+    let id = (now.dev(), now.ino());
     let mut http = rt.http.borrow_mut();
-    if let Some(dir) = http.roots.get(root) {
-        let same = dir.metadata().is_ok_and(|m| m.dev() == now.dev() && m.ino() == now.ino());
-        if same {
-            return Some(dir.clone());
+    match http.roots.get(root) {
+        Some((dir, opened)) if *opened == id => Some(dir.clone()),
+        _ => {
+            let dir = Rc::new(std::fs::File::open(root).ok()?);
+            http.roots.insert(root.to_owned(), (dir.clone(), id));
+            Some(dir)
         }
     }
-    let dir = Rc::new(std::fs::File::open(root).ok()?);
-    http.roots.insert(root.to_owned(), dir.clone());
-    Some(dir)
+}
+
+/// The connection of request `connection` (the number requests carry).
+fn key_of(rt: &Runtime, connection: u64) -> Option<Key> {
+    rt.http.borrow().keys.get(&connection).copied()
 }
 
 /// Keeps the file `core.file` opened at `path` for the answer (one at a time: the previous

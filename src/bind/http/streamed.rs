@@ -5,13 +5,7 @@
 
 use mlua::{Lua, Result, Table, Thread, Value};
 
-use super::{borrowed, header_fields, runtime, HttpServerConn, Response, Runtime};
-use crate::driver::Key;
-
-/// The connection of request `connection` (the number requests carry).
-fn key_of(rt: &Runtime, connection: u64) -> Option<Key> {
-    rt.http.borrow().keys.get(&connection).copied()
-}
+use super::{borrowed, header_fields, key_of, runtime, HttpServerConn, Response};
 
 /// `core.stream_start(connection, status, headers, length)` → true, or nil and why.
 fn start(

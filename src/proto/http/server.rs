@@ -586,13 +586,21 @@ impl HttpServerConn {
         self.news = true;
         self.sent = now;
         if self.keep_alive {
-            self.phase = if self.body.is_some() { Phase::Discard } else { Phase::Head };
-            self.head_started = false;
-            self.since = now;
+            self.next_head(now);
+            if self.body.is_some() {
+                self.phase = Phase::Discard;
+            }
             self.advance(now);
         } else {
             self.end("response_sent");
         }
+    }
+
+    /// Waits for the next request's head (idle until its first byte).
+    fn next_head(&mut self, now: Instant) {
+        self.phase = Phase::Head;
+        self.head_started = false;
+        self.since = now;
     }
 
     /// The next response says `Connection: close` and the connection closes after it.
@@ -674,9 +682,7 @@ impl HttpServerConn {
                 Phase::Discard => match self.pump_body(now) {
                     Ok(true) => {
                         self.body = None;
-                        self.phase = Phase::Head;
-                        self.head_started = false;
-                        self.since = now;
+                        self.next_head(now);
                     }
                     Ok(false) if self.eof => return self.end("client_closed"),
                     Ok(false) => return,
@@ -839,7 +845,9 @@ impl HttpServerConn {
         match self.pump_body(now) {
             Ok(true) if body.mode == Mode::Discard => self.body = None,
             Ok(true) => {
-                self.body = Some(BodyIn { done: true, ..self.body.unwrap_or(body) });
+                if let Some(b) = self.body.as_mut() {
+                    b.done = true;
+                }
                 self.news = true;
             }
             // At the end of the input, unless reading paused with the read-ahead full.
