@@ -35,6 +35,9 @@ LUNA_HOST="${CARGO_TARGET_DIR:-target}/release/luna-host" "$python" tests/peers/
 echo "== independent peers: curl, Python http.client and hostile raw sockets against luna.serve"
 LUNA_HOST="${CARGO_TARGET_DIR:-target}/release/luna-host" "$python" tests/peers/http_peers.py 2>&1 | tee -a "$log"
 
+echo "== independent peers: the HTTP client against nginx (files, gzip, https, 50 in flight in a frame loop)"
+LUNA_HOST="${CARGO_TARGET_DIR:-target}/release/luna-host" "$python" tests/peers/http_client_peers.py 2>&1 | tee -a "$log"
+
 echo "== Autobahn|Testsuite: our WebSocket server and client (scripts/autobahn.sh; every case but the"
 echo "   heaviest permessage-deflate ones, which take the suite ~20 min: docs/conformance.md has them)"
 heavy=$(for g in 12.{1..5} 13.{1..7}; do for i in {10..18}; do printf '"%s.%d", ' "$g" "$i"; done; done)

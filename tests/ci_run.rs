@@ -100,6 +100,7 @@ fn setup(m: &Machine, python_is_debian: bool) -> (bool, String, String) {
         .env("HOME", &m.root)
         .env("CARGO_TARGET_DIR", m.root.join("target"))
         .env("LUNA_DEBIAN_PYTHON", &debian)
+        .env("LUNA_SBIN", &bin)
         .env("PY_MAIN", &python)
         .env("WS_MARKER", m.root.join("debian-websockets"))
         .output()
@@ -118,7 +119,7 @@ fn fresh_debian_gets_apt_packages_rustup_components_and_debian_websockets() {
     assert!(ok, "{out}\n{log}");
     assert!(
         log.contains(
-            "apt-get install -y -qq --no-install-recommends luajit lua5.1 love openssl util-linux chromium curl"
+            "apt-get install -y -qq --no-install-recommends luajit lua5.1 love openssl util-linux chromium curl nginx"
         ),
         "{log}"
     );
@@ -139,7 +140,11 @@ fn fresh_debian_gets_apt_packages_rustup_components_and_debian_websockets() {
 
 #[test]
 fn a_python_that_is_not_debians_gets_a_virtualenv_under_target() {
-    let m = machine("pyenv", &["luajit", "lua5.1", "love", "openssl", "prlimit", "chromium", "curl"], true);
+    let m = machine(
+        "pyenv",
+        &["luajit", "lua5.1", "love", "openssl", "prlimit", "chromium", "curl", "nginx"],
+        true,
+    );
     let (ok, log, out) = setup(&m, false);
     assert!(ok, "{out}\n{log}");
     assert_eq!(
@@ -157,8 +162,11 @@ fn a_python_that_is_not_debians_gets_a_virtualenv_under_target() {
 
 #[test]
 fn missing_components_without_rustup_are_named() {
-    let m =
-        machine("norustup", &["luajit", "lua5.1", "love", "openssl", "prlimit", "chromium", "curl"], false);
+    let m = machine(
+        "norustup",
+        &["luajit", "lua5.1", "love", "openssl", "prlimit", "chromium", "curl", "nginx"],
+        false,
+    );
     std::fs::remove_file(m.root.join("bin/rustup")).unwrap();
     let (ok, _, out) = setup(&m, true);
     assert!(!ok);

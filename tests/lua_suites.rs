@@ -69,3 +69,8 @@ fn reentry_suite() {
 fn http_suite() {
     run_suite("http_suite");
 }
+
+#[test]
+fn http_request_suite() {
+    run_suite("http_request_suite");
+}

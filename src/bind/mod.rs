@@ -47,6 +47,7 @@ pub(crate) struct Runtime {
     rpc: RefCell<rpc::RpcState>,
     net: RefCell<net::NetState>,
     http: RefCell<http::HttpState>,
+    http_client: RefCell<http::client::ClientState>,
     tls: RefCell<tls::TlsCache>,
     /// What waits for host names to resolve.
     resolving: RefCell<addr::Waiting>,
@@ -135,6 +136,7 @@ pub(crate) fn runtime(lua: &Lua) -> Result<Rc<Runtime>> {
         rpc: RefCell::new(rpc::RpcState::default()),
         net: RefCell::new(net::NetState::default()),
         http: RefCell::new(http::HttpState::default()),
+        http_client: RefCell::default(),
         tls: RefCell::new(tls::TlsCache::default()),
         resolving: RefCell::new(addr::Waiting::default()),
         service: RefCell::new(Default::default()),
@@ -291,6 +293,7 @@ fn dispatch(lua: &Lua, rt: &Runtime) -> Result<bool> {
             rpc::TAG => rpc::event(lua, rt, event)?,
             net::TAG => net::event(lua, rt, event)?,
             http::TAG => http::event(lua, rt, event)?,
+            http::client::TAG => http::client::event(lua, rt, event)?,
             _ => {}
         }
     }
@@ -312,7 +315,10 @@ pub fn host_state(lua: &Lua) -> Result<HostState> {
     let wake = wakeup(&rt);
     let sched = rt.sched.borrow();
     Ok(HostState {
-        pending: sched.pending() || rt.driver.borrow().pending() > 0 || !rt.resolving.borrow().is_empty(),
+        // Idle pooled HTTP client connections wait for a request that may never come.
+        pending: sched.pending()
+            || rt.driver.borrow().pending() > rt.http_client.borrow().idle_count()
+            || !rt.resolving.borrow().is_empty(),
         close_requested: sched.close_requested,
         wake,
     })
@@ -360,6 +366,7 @@ fn close_side(lua: &Lua, side: Side) -> Result<()> {
     let rt = runtime(lua)?;
     rt.sched.borrow_mut().close_requested = true;
     // Every kind closes even if a callback raises on the way; the first error is reported.
+    http::client::close_idle(&rt);
     let mut result = rpc::close_all(lua, &rt, side).and(ws::close_all(lua, &rt, side));
     if side == Side::Server {
         result = result.and(net::close_all(lua, &rt)).and(http::close_all(lua, &rt));
@@ -420,6 +427,7 @@ fn fill_common(lua: &Lua, module: &Table, name: &'static str) -> Result<()> {
     if side == Side::Server {
         http::register(lua, module)?;
     }
+    module.set("http", http::client::table(lua)?)?;
     module.set("spawn", lua.create_function(time::spawn)?)?;
     module.set("set_timeout", lua.create_function(time::set_timeout)?)?;
     module.set("set_interval", lua.create_function(time::set_interval)?)?;

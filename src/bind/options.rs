@@ -56,6 +56,11 @@ impl Options {
         self.table.raw_get(key)
     }
 
+    /// The value of `key` as it is (for options of several types).
+    pub fn value(&self, key: &str) -> mlua::Result<Value> {
+        self.get(key)
+    }
+
     fn wrong(&self, key: &str, expected: &str, got: &Value) -> mlua::Error {
         misuse(self.call, format!("'{key}' must be {expected}, got {}", lua_type(got)))
     }

@@ -3,7 +3,7 @@
 # luajit and lua5.1, and by LÖVE 11.4 headless. Needs: luajit lua5.1 love (see .ci/run).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-suites=${LUNA_SUITES:-runtime_suite,ws_suite,rpc_suite,reentry_suite,net_suite,http_suite,http_app_suite}
+suites=${LUNA_SUITES:-runtime_suite,ws_suite,rpc_suite,reentry_suite,net_suite,http_suite,http_app_suite,http_request_suite}
 target=${CARGO_TARGET_DIR:-target}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -14,6 +14,7 @@ use rustc_hash::FxHashMap;
 
 mod app;
 mod body;
+pub(crate) mod client;
 mod multipart;
 mod streamed;
 

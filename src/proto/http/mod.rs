@@ -7,6 +7,8 @@
 //!
 //! [`StreamProtocol`]: crate::proto::stream::StreamProtocol
 
+pub mod client;
+pub mod framing;
 pub mod multipart;
 pub mod server;
 #[cfg(test)]

@@ -23,6 +23,7 @@
 use std::io::Write;
 use std::time::{Duration, Instant};
 
+use super::framing::{self, Chunk, FrameError, Framing, TrailerLimits};
 use crate::proto::stream::{Flow, StreamProtocol};
 
 /// Limits and timeouts of a server connection.
@@ -122,22 +123,6 @@ enum Phase {
     Done,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    /// Body bytes still to come.
-    Length(u64),
-    Chunked(Chunk),
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunk {
-    Size,
-    Data(u64),
-    /// The CRLF after a chunk's data.
-    DataEnd,
-    Trailers,
-}
-
 /// The body of the request being read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct BodyIn {
@@ -191,9 +176,6 @@ const LINGER: Duration = Duration::from_secs(2);
 
 /// Header fields parsed without a heap allocation.
 const STACK_HEADERS: usize = 100;
-
-/// Longest chunk-size line (size, extensions, CRLF) we wait for.
-const MAX_CHUNK_LINE: usize = 1024;
 
 /// Body bytes read ahead of a layer above that takes them piece by piece.
 const STREAM_HOLD: usize = 64 << 10;
@@ -379,7 +361,7 @@ impl HttpServerConn {
         let given = response.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(b"content-length"));
         let length = match given {
             // The size a GET would get, for a HEAD answered without the body.
-            Some((_, v)) if self.head_request && response.body.is_empty() && is_length(v) => {
+            Some((_, v)) if self.head_request && response.body.is_empty() && framing::is_length(v) => {
                 std::str::from_utf8(v).ok().and_then(|v| v.parse().ok())
             }
             _ => None,
@@ -802,26 +784,11 @@ impl HttpServerConn {
         if (request.minor_version == 1 && hosts != 1) || hosts > 1 {
             return Err(400);
         }
-        let mut length: Option<u64> = None;
-        for (_, value) in request.headers.iter().filter(|(n, _)| n == "content-length") {
-            let v = value.trim_matches([' ', '\t']);
-            if !is_length(v.as_bytes()) {
-                return Err(400);
-            }
-            let n: u64 = v.parse().map_err(|_| 400u16)?;
-            if length.is_some_and(|l| l != n) {
-                return Err(400);
-            }
-            length = Some(n);
-        }
-        let codings: Vec<String> = request
-            .headers
-            .iter()
-            .filter(|(n, _)| n == "transfer-encoding")
-            .flat_map(|(_, v)| {
-                v.split(',').map(|c| c.trim_matches([' ', '\t']).to_ascii_lowercase()).collect::<Vec<_>>()
-            })
-            .collect();
+        let values = |name: &'static str| {
+            request.headers.iter().filter(move |(n, _)| n == name).map(|(_, v)| v.as_str())
+        };
+        let length = framing::content_length(values("content-length")).map_err(|_| 400u16)?;
+        let codings = framing::transfer_codings(values("transfer-encoding"));
         if !codings.is_empty() {
             if length.is_some()
                 || request.minor_version == 0
@@ -884,89 +851,24 @@ impl HttpServerConn {
     }
 
     fn pump_body_bytes(&mut self, body: &mut BodyIn) -> Result<bool, u16> {
-        loop {
-            let buf = &self.input[self.start..];
-            match body.framing {
-                Framing::Length(0) => return Ok(true),
-                Framing::Chunked(Chunk::Data(0)) => body.framing = Framing::Chunked(Chunk::DataEnd),
-                Framing::Length(left) | Framing::Chunked(Chunk::Data(left)) => {
-                    let room = match body.mode {
-                        Mode::Stream => STREAM_HOLD.saturating_sub(self.collected.len()),
-                        _ => usize::MAX,
-                    };
-                    if buf.is_empty() || room == 0 {
-                        return Ok(false);
-                    }
-                    let n = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len()).min(room);
-                    if body.mode != Mode::Discard {
-                        self.collected.extend_from_slice(&buf[..n]);
-                    }
-                    self.consume(n);
-                    body.got += n as u64;
-                    let left = left - n as u64;
-                    body.framing = match body.framing {
-                        Framing::Length(_) => Framing::Length(left),
-                        _ => Framing::Chunked(Chunk::Data(left)),
-                    };
-                }
-                Framing::Chunked(Chunk::Size) => {
-                    let Some(end) = buf.iter().position(|b| *b == b'\n') else {
-                        if buf.len() > MAX_CHUNK_LINE {
-                            return Err(400);
-                        }
-                        return Ok(false);
-                    };
-                    // Stricter than httparse: at least one hex digit, CRLF-terminated, no CR or LF
-                    // inside, so no other parser can read the line differently.
-                    let line = &buf[..end];
-                    if end > MAX_CHUNK_LINE
-                        || !line.first().is_some_and(u8::is_ascii_hexdigit)
-                        || line.last() != Some(&b'\r')
-                        || line[..end - 1].contains(&b'\r')
-                    {
-                        return Err(400);
-                    }
-                    let Ok(httparse::Status::Complete((n, size))) = httparse::parse_chunk_size(&buf[..=end])
-                    else {
-                        return Err(400);
-                    };
-                    // `got` is within the limit, so this cannot underflow (nor overflow).
-                    if size > body.limit - body.got {
-                        return Err(413);
-                    }
-                    self.consume(n);
-                    body.framing =
-                        Framing::Chunked(if size == 0 { Chunk::Trailers } else { Chunk::Data(size) });
-                }
-                Framing::Chunked(Chunk::DataEnd) => {
-                    if buf.len() < 2 {
-                        if buf.first().is_some_and(|b| *b != b'\r') {
-                            return Err(400);
-                        }
-                        return Ok(false);
-                    }
-                    if &buf[..2] != b"\r\n" {
-                        return Err(400);
-                    }
-                    self.consume(2);
-                    body.framing = Framing::Chunked(Chunk::Size);
-                }
-                Framing::Chunked(Chunk::Trailers) => {
-                    let mut fields = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
-                    return match httparse::parse_headers(buf, &mut fields) {
-                        Ok(httparse::Status::Complete((n, _))) => {
-                            self.consume(n);
-                            body.framing = Framing::Length(0);
-                            Ok(true)
-                        }
-                        Ok(httparse::Status::Partial) if buf.len() > self.limits.max_header_size => Err(431),
-                        Ok(httparse::Status::Partial) => Ok(false),
-                        Err(httparse::Error::TooManyHeaders) => Err(431),
-                        Err(_) => Err(400),
-                    };
-                }
-            }
-        }
+        let room = match body.mode {
+            Mode::Stream => STREAM_HOLD.saturating_sub(self.collected.len()),
+            _ => usize::MAX,
+        };
+        let out = (body.mode != Mode::Discard).then_some(&mut self.collected);
+        let trailers = TrailerLimits { fields: self.limits.max_headers, bytes: self.limits.max_header_size };
+        // `got` is within the limit, so this cannot underflow.
+        let decoded = body
+            .framing
+            .decode(&self.input[self.start..], room, body.limit - body.got, trailers, out)
+            .map_err(|e| match e {
+                FrameError::Malformed => 400u16,
+                FrameError::TooLarge => 413,
+                FrameError::TrailersTooLarge => 431,
+            })?;
+        self.consume(decoded.consumed);
+        body.got += decoded.data;
+        Ok(decoded.done)
     }
 
     fn complete(&mut self) {
@@ -1199,11 +1101,6 @@ fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     for part in [name, b": ", value, b"\r\n"] {
         out.extend_from_slice(part);
     }
-}
-
-/// Whether `v` is a Content-Length value: 1 to 18 digits.
-fn is_length(v: &[u8]) -> bool {
-    (1..=18).contains(&v.len()) && v.iter().all(u8::is_ascii_digit)
 }
 
 /// A token character of RFC 9110 §5.6.2.

@@ -1,0 +1,832 @@
+//! HTTP client exchanges for `lua/http_client.lua` (which adds redirects, callbacks and the
+//! original client's API): the request head built from a URL and header table, a keep-alive
+//! pool per origin (at most [`PER_ORIGIN`] connections; idle ones are reused, a request that
+//! finds none free waits its turn), and the exchange a coroutine waits on, taken as a head,
+//! then body pieces (or the whole body at once). The HTTP/1.1 rules live in
+//! `proto::http::client`.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mlua::{Lua, RegistryKey, Result, Table, Thread, Value};
+use rustc_hash::FxHashMap;
+
+use super::super::error::{bad_arg, lua_type, misuse};
+use super::super::options::Options;
+use super::super::sched::{park_value, Job};
+use super::super::{addr, runtime, Runtime};
+use crate::driver::{ClientTls, ConnectOptions, Event, EventKind, Key, Tag, Target};
+use crate::proto::http::client::{ClientLimits, Exchange, HttpClientConn, Upload};
+
+/// The tag of every entry this module opens.
+pub(crate) const TAG: Tag = 5;
+
+/// Connections open at once to one origin (browsers use 6).
+pub(crate) const PER_ORIGIN: usize = 6;
+
+/// A request body kept for sending again (a pooled connection the server closed while idle)
+/// up to this size.
+const RETRY_COPY: usize = 1 << 20;
+
+/// Request bytes queued before a streamed upload waits for the peer.
+const UPLOAD_QUEUE: usize = 256 << 10;
+
+const CALL: &str = "luna.http.request(config)";
+
+const SPEC_KEYS: &[&str] = &[
+    "url",
+    "method",
+    "headers",
+    "query",
+    "body",
+    "streamed",
+    "content_length",
+    "decompress",
+    "max_body_size",
+    "timeout",
+    "connect_timeout",
+    "stall_timeout",
+    "tls",
+    "whole",
+];
+
+/// Where connections go: scheme, host, port and how TLS is verified (one pool each).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Origin {
+    host: String,
+    port: u16,
+    /// CA file, verify, server name.
+    tls: Option<(Option<String>, bool, String)>,
+}
+
+enum Stage {
+    /// Waiting for the host name or a free connection.
+    Waiting,
+    Sent(Key),
+}
+
+struct Pending {
+    origin: Origin,
+    /// Until it is sent, and a copy after for sending again.
+    request: Option<Exchange>,
+    stage: Stage,
+    /// Addresses still to try if connecting fails.
+    fallback: Vec<SocketAddr>,
+    connect: ConnectOptionsSpec,
+    waiter: Option<RegistryKey>,
+    whole: bool,
+    body: Vec<u8>,
+    head_given: bool,
+    failure: Option<String>,
+    retried: bool,
+    started: Instant,
+    resolved: Option<Instant>,
+    ready: Option<Instant>,
+    reused: bool,
+}
+
+#[derive(Clone)]
+struct ConnectOptionsSpec {
+    timeout: Duration,
+    tls: Option<(Arc<rustls::ClientConfig>, String)>,
+}
+
+struct Conn {
+    origin: Origin,
+    exchange: Option<u64>,
+}
+
+#[derive(Default)]
+pub(crate) struct ClientState {
+    exchanges: FxHashMap<u64, Pending>,
+    conns: FxHashMap<Key, Conn>,
+    idle: FxHashMap<Origin, Vec<Key>>,
+    /// Connections open or opening, by origin.
+    open: FxHashMap<Origin, usize>,
+    queued: FxHashMap<Origin, VecDeque<u64>>,
+    next: u64,
+}
+
+impl ClientState {
+    /// Pooled connections waiting for a request.
+    pub fn idle_count(&self) -> usize {
+        self.idle.values().map(Vec::len).sum()
+    }
+}
+
+/// A token of RFC 9110 §5.6.2 (methods, header names).
+fn is_token(s: &str) -> bool {
+    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// The header fields of `headers` (`{name = value}` or `{name = {v1, v2}}`), checked so no
+/// value can end the head early.
+fn header_fields(headers: Option<Table>) -> Result<Vec<(String, String)>> {
+    let mut fields = Vec::new();
+    let Some(headers) = headers else { return Ok(fields) };
+    for pair in headers.pairs::<Value, Value>() {
+        let (name, value) = pair?;
+        let Value::String(name) = name else {
+            return Err(misuse(CALL, format!("header names must be strings, got {}", lua_type(&name))));
+        };
+        let name = name.to_str()?.to_owned();
+        if !is_token(&name) {
+            return Err(misuse(CALL, format!("'{name}' is not a valid header name")));
+        }
+        let values: Vec<Value> = match value {
+            Value::Table(list) => list.sequence_values().collect::<Result<_>>()?,
+            other => vec![other],
+        };
+        for value in values {
+            let text = match &value {
+                Value::String(s) => s.to_str()?.to_owned(),
+                Value::Integer(_) | Value::Number(_) => value.to_string()?,
+                other => {
+                    return Err(misuse(
+                        CALL,
+                        format!(
+                            "header '{name}' must be a string, a number or a list of them, got {}",
+                            lua_type(other)
+                        ),
+                    ))
+                }
+            };
+            if text.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+                return Err(misuse(CALL, format!("header '{name}' holds a line break or NUL")));
+            }
+            fields.push((name.clone(), text));
+        }
+    }
+    Ok(fields)
+}
+
+/// The request head: request line, `Host`, our defaults unless the caller set them, the
+/// caller's fields, the body's framing.
+fn build_head(
+    method: &str,
+    url: &url::Url,
+    fields: &[(String, String)],
+    framing: Option<Option<u64>>,
+    decompress: bool,
+) -> Vec<u8> {
+    let has = |name: &str| fields.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
+    let mut head = Vec::with_capacity(256);
+    let target = match url.query() {
+        Some(q) => format!("{}?{q}", url.path()),
+        None => url.path().to_owned(),
+    };
+    head.extend_from_slice(format!("{method} {target} HTTP/1.1\r\n").as_bytes());
+    if !has("host") {
+        let host = url.host_str().unwrap_or("");
+        match url.port() {
+            Some(port) => head.extend_from_slice(format!("host: {host}:{port}\r\n").as_bytes()),
+            None => head.extend_from_slice(format!("host: {host}\r\n").as_bytes()),
+        }
+    }
+    if !has("user-agent") {
+        head.extend_from_slice(concat!("user-agent: luna/", env!("CARGO_PKG_VERSION"), "\r\n").as_bytes());
+    }
+    if !has("accept") {
+        head.extend_from_slice(b"accept: */*\r\n");
+    }
+    if decompress && !has("accept-encoding") {
+        head.extend_from_slice(b"accept-encoding: gzip, deflate\r\n");
+    }
+    for (name, value) in fields {
+        let lower = name.to_ascii_lowercase();
+        // The body's framing is ours to say.
+        if framing.is_some() && (lower == "content-length" || lower == "transfer-encoding") {
+            continue;
+        }
+        head.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+    }
+    match framing {
+        Some(Some(n)) => head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
+        Some(None) => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        None => {}
+    }
+    head.extend_from_slice(b"\r\n");
+    head
+}
+
+/// `core.http_client_start(spec)` → request id, or `nil, err` for a URL that cannot be asked.
+fn start(lua: &Lua, spec: Value) -> Result<(Option<u64>, Option<String>)> {
+    let o = Options::new(CALL, spec, SPEC_KEYS)?;
+    let Some(text) = o.string("url")? else { return Err(misuse(CALL, "'url' is required")) };
+    let mut url = match url::Url::parse(&text) {
+        Ok(url) => url,
+        Err(e) => return Ok((None, Some(format!("invalid URL '{text}': {e}")))),
+    };
+    let tls = match url.scheme() {
+        "http" => false,
+        "https" => true,
+        other => return Ok((None, Some(format!("unsupported URL scheme '{other}' (http or https)")))),
+    };
+    let Some(host) = url.host_str().map(str::to_owned) else {
+        return Ok((None, Some(format!("the URL '{text}' has no host"))));
+    };
+    if let Some(query) = o.table("query")? {
+        let mut pairs = url.query_pairs_mut();
+        for pair in query.pairs::<String, Value>() {
+            let (name, value) = pair?;
+            pairs.append_pair(&name, &value.to_string()?);
+        }
+    }
+    let method = o.string("method")?.unwrap_or_else(|| "GET".into()).to_ascii_uppercase();
+    if !is_token(&method) {
+        return Err(misuse(CALL, format!("'{method}' is not a valid method")));
+    }
+    let fields = header_fields(o.table("headers")?)?;
+    let body = match o.value("body")? {
+        Value::Nil => Vec::new(),
+        Value::String(s) => s.as_bytes().to_vec(),
+        other => return Err(bad_arg(CALL, "body", "a string", &other)),
+    };
+    let streamed = o.boolean("streamed")?.unwrap_or(false);
+    let length = match o.number("content_length")? {
+        None => None,
+        Some(n) if n >= 0.0 && n.fract() == 0.0 && n <= 2f64.powi(53) => Some(n as u64),
+        Some(n) => {
+            return Err(misuse(CALL, format!("'content_length' must be a whole number >= 0, got {n}")))
+        }
+    };
+    let framing = if streamed {
+        Some(length)
+    } else if !body.is_empty() || !matches!(method.as_str(), "GET" | "HEAD" | "DELETE" | "OPTIONS" | "TRACE")
+    {
+        Some(Some(body.len() as u64))
+    } else {
+        None
+    };
+    let decompress = o.boolean("decompress")?.unwrap_or(true);
+    let max_body = match o.number("max_body_size")? {
+        None => None,
+        Some(n) if n >= 0.0 && n.fract() == 0.0 => Some(n as u64),
+        Some(n) => return Err(misuse(CALL, format!("'max_body_size' must be a whole number >= 0, got {n}"))),
+    };
+    let now = Instant::now();
+    let head = build_head(&method, &url, &fields, framing, decompress);
+    let exchange = Exchange {
+        head,
+        body,
+        upload: if streamed { Upload::Streamed { chunked: length.is_none() } } else { Upload::Whole },
+        head_request: method == "HEAD",
+        decompress,
+        max_body,
+        stall: o.seconds("stall_timeout")?.unwrap_or(Duration::from_secs(30)),
+        deadline: o.seconds("timeout")?.map(|t| now + t),
+    };
+    let port = url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+    let rt = runtime(lua)?;
+    let tls_spec = if tls { Some(tls_options(&rt, o.table("tls")?, &host)?) } else { None };
+    let origin = Origin {
+        host: host.clone(),
+        port,
+        tls: tls_spec.as_ref().map(|(ca, verify, name, _)| (ca.clone(), *verify, name.clone())),
+    };
+    let connect = ConnectOptionsSpec {
+        timeout: o.seconds("connect_timeout")?.unwrap_or(Duration::from_secs(10)),
+        tls: tls_spec.map(|(_, _, name, config)| (config, name)),
+    };
+    let pending = Pending {
+        origin,
+        request: Some(exchange),
+        stage: Stage::Waiting,
+        fallback: Vec::new(),
+        connect,
+        waiter: None,
+        whole: o.boolean("whole")?.unwrap_or(true),
+        body: Vec::new(),
+        head_given: false,
+        failure: None,
+        retried: false,
+        started: now,
+        resolved: None,
+        ready: None,
+        reused: false,
+    };
+    let id = {
+        let mut state = rt.http_client.borrow_mut();
+        state.next += 1;
+        let id = state.next;
+        state.exchanges.insert(id, pending);
+        id
+    };
+    assign(lua, &rt, id)?;
+    Ok((Some(id), None))
+}
+
+/// `tls = {ca, verify, server_name}`: the pool's view of it and the config.
+fn tls_options(
+    rt: &Runtime,
+    table: Option<Table>,
+    host: &str,
+) -> Result<(Option<String>, bool, String, Arc<rustls::ClientConfig>)> {
+    let (mut ca, mut verify, mut name) = (None, true, host.trim_matches(['[', ']']).to_owned());
+    if let Some(table) = table {
+        let o = Options::new(CALL, Value::Table(table), &["ca", "verify", "server_name"])?;
+        ca = o.string("ca")?;
+        verify = o.boolean("verify")?.unwrap_or(true);
+        if let Some(n) = o.string("server_name")? {
+            name = n;
+        }
+    }
+    let config = rt.tls.borrow_mut().client(CALL, ca.as_deref(), verify, &[b"http/1.1"])?;
+    Ok((ca, verify, name, config))
+}
+
+/// Gives request `id` a connection: an idle one of its origin, a new one if the origin has
+/// room, or a place in its origin's queue.
+fn assign(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
+    let origin = match rt.http_client.borrow().exchanges.get(&id) {
+        Some(p) => p.origin.clone(),
+        None => return Ok(()),
+    };
+    loop {
+        let idle = rt.http_client.borrow_mut().idle.get_mut(&origin).and_then(Vec::pop);
+        let Some(key) = idle else { break };
+        let reusable = rt.driver.borrow_mut().proto::<HttpClientConn>(key).is_some_and(|p| p.is_reusable());
+        if reusable {
+            send_on(rt, id, key, true);
+            return Ok(());
+        }
+        close_conn(rt, key);
+    }
+    let room = {
+        let mut state = rt.http_client.borrow_mut();
+        let open = state.open.entry(origin.clone()).or_default();
+        if *open < PER_ORIGIN {
+            *open += 1;
+            true
+        } else {
+            state.queued.entry(origin.clone()).or_default().push_back(id);
+            false
+        }
+    };
+    if !room {
+        return Ok(());
+    }
+    let port = origin.port;
+    let then: addr::Continuation = Box::new(move |lua, rt, ips| {
+        let now = Instant::now();
+        let mut addrs = match ips {
+            Ok(ips) if !ips.is_empty() => addr::with_port(&ips, port),
+            Ok(_) => return give_up(lua, rt, id, "cannot resolve the host: no addresses".into()),
+            Err(e) => return give_up(lua, rt, id, e),
+        };
+        let first = addrs.remove(0);
+        match rt.http_client.borrow_mut().exchanges.get_mut(&id) {
+            Some(p) => {
+                p.fallback = addrs;
+                p.resolved = Some(now);
+            }
+            None => {
+                drop_slot(lua, rt, &origin)?;
+                return Ok(());
+            }
+        }
+        connect(lua, rt, id, first)
+    });
+    addr::resolve_then(lua, rt, &origin_host(rt, id), false, then)
+}
+
+fn origin_host(rt: &Runtime, id: u64) -> String {
+    rt.http_client.borrow().exchanges.get(&id).map(|p| p.origin.host.clone()).unwrap_or_default()
+}
+
+/// Opens a connection to `addr` for request `id` (which holds a slot of its origin).
+fn connect(lua: &Lua, rt: &Runtime, id: u64, addr: SocketAddr) -> Result<()> {
+    let (spec, origin) = match rt.http_client.borrow().exchanges.get(&id) {
+        Some(p) => (p.connect.clone(), p.origin.clone()),
+        None => return Ok(()),
+    };
+    let options = ConnectOptions {
+        timeout: spec.timeout,
+        tls: spec.tls.map(|(config, server_name)| ClientTls { config, server_name }),
+        ..ConnectOptions::default()
+    };
+    let proto = Box::new(HttpClientConn::new(ClientLimits::default(), Instant::now()));
+    let opened = rt.driver.borrow_mut().connect(&Target::Tcp(addr), proto, options, TAG);
+    match opened {
+        Ok(key) => {
+            rt.http_client.borrow_mut().conns.insert(key, Conn { origin, exchange: Some(id) });
+            send_on(rt, id, key, false);
+            Ok(())
+        }
+        Err(e) => give_up(lua, rt, id, e),
+    }
+}
+
+/// Request `id` could not get a connection: it fails and its slot goes to the next in line.
+fn give_up(lua: &Lua, rt: &Runtime, id: u64, why: String) -> Result<()> {
+    let origin = {
+        let mut state = rt.http_client.borrow_mut();
+        let Some(p) = state.exchanges.get_mut(&id) else { return Ok(()) };
+        p.failure = Some(why);
+        wake(rt, p);
+        p.origin.clone()
+    };
+    drop_slot(lua, rt, &origin)
+}
+
+/// One fewer connection of `origin` is open: the next queued request may open one.
+fn drop_slot(lua: &Lua, rt: &Runtime, origin: &Origin) -> Result<()> {
+    let next = {
+        let mut state = rt.http_client.borrow_mut();
+        if let Some(open) = state.open.get_mut(origin) {
+            *open = open.saturating_sub(1);
+        }
+        state.queued.get_mut(origin).and_then(VecDeque::pop_front)
+    };
+    match next {
+        Some(next) => assign(lua, rt, next),
+        None => Ok(()),
+    }
+}
+
+/// Starts request `id` on connection `key`.
+fn send_on(rt: &Runtime, id: u64, key: Key, reused: bool) {
+    let request = {
+        let mut state = rt.http_client.borrow_mut();
+        if let Some(conn) = state.conns.get_mut(&key) {
+            conn.exchange = Some(id);
+        }
+        let Some(p) = state.exchanges.get_mut(&id) else { return };
+        p.stage = Stage::Sent(key);
+        p.reused = reused;
+        if reused {
+            p.ready = Some(Instant::now());
+        }
+        let Some(request) = p.request.take() else { return };
+        // A copy for sending again if the connection turns out dead.
+        if request.upload == Upload::Whole && request.body.len() <= RETRY_COPY && !p.retried {
+            p.request = Some(request.clone());
+        }
+        request
+    };
+    let now = rt.driver.borrow().now();
+    if let Some(proto) = rt.driver.borrow_mut().proto::<HttpClientConn>(key) {
+        proto.start(now, request);
+    }
+    rt.flush(key);
+}
+
+fn wake(rt: &Runtime, p: &mut Pending) {
+    if let Some(waiter) = p.waiter.take() {
+        rt.sched.borrow_mut().jobs.push_back(Job::Key(waiter));
+    }
+}
+
+/// Closes connection `key` and forgets it.
+fn close_conn(rt: &Runtime, key: Key) -> Option<Origin> {
+    let conn = rt.http_client.borrow_mut().conns.remove(&key)?;
+    {
+        let mut state = rt.http_client.borrow_mut();
+        if let Some(idle) = state.idle.get_mut(&conn.origin) {
+            idle.retain(|k| *k != key);
+        }
+    }
+    rt.driver.borrow_mut().close(key);
+    Some(conn.origin)
+}
+
+/// Closes the pooled connections (`luna.close()`); requests under way go on.
+pub(crate) fn close_idle(rt: &Runtime) {
+    let idle: Vec<Key> = rt.http_client.borrow().idle.values().flatten().copied().collect();
+    for key in idle {
+        if let Some(origin) = close_conn(rt, key) {
+            if let Some(open) = rt.http_client.borrow_mut().open.get_mut(&origin) {
+                *open = open.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// Driver events of client connections.
+pub(crate) fn event(lua: &Lua, rt: &Runtime, event: Event) -> Result<()> {
+    let key = event.key;
+    let Some(id) = rt.http_client.borrow().conns.get(&key).map(|c| c.exchange) else {
+        rt.driver.borrow_mut().close(key);
+        return Ok(());
+    };
+    let Some(id) = id else {
+        // Idle: a connection the server closed (or that timed out) leaves the pool.
+        let dead = !rt.driver.borrow_mut().proto::<HttpClientConn>(key).is_some_and(|p| p.is_reusable());
+        if dead {
+            if let Some(origin) = close_conn(rt, key) {
+                drop_slot(lua, rt, &origin)?;
+            }
+        }
+        return Ok(());
+    };
+    if matches!(event.kind, EventKind::News) {
+        let (ready, failed, lost_idle) = {
+            let mut driver = rt.driver.borrow_mut();
+            match driver.proto::<HttpClientConn>(key) {
+                Some(p) => (p.is_ready(), p.failure().is_some(), p.lost_idle()),
+                None => (false, true, false),
+            }
+        };
+        let retry = {
+            let mut state = rt.http_client.borrow_mut();
+            let Some(p) = state.exchanges.get_mut(&id) else { return Ok(()) };
+            if ready {
+                p.ready.get_or_insert_with(Instant::now);
+            }
+            let connect_failed = failed && !ready && !p.fallback.is_empty();
+            let can_again = p.request.is_some() && !p.retried && !p.head_given;
+            if failed && can_again && (lost_idle || connect_failed) {
+                p.retried = lost_idle;
+                Some(if connect_failed { Some(p.fallback.remove(0)) } else { None })
+            } else {
+                None
+            }
+        };
+        if let Some(next) = retry {
+            // The slot passes from the dead connection to its replacement.
+            rt.http_client.borrow_mut().conns.remove(&key);
+            rt.driver.borrow_mut().close(key);
+            return match next {
+                Some(addr) => connect(lua, rt, id, addr),
+                None => {
+                    let host = origin_host(rt, id);
+                    let port = rt.http_client.borrow().exchanges.get(&id).map_or(0, |p| p.origin.port);
+                    let then: addr::Continuation = Box::new(move |lua, rt, ips| match ips {
+                        Ok(ips) if !ips.is_empty() => connect(lua, rt, id, SocketAddr::new(ips[0], port)),
+                        Ok(_) => give_up(lua, rt, id, "cannot resolve the host: no addresses".into()),
+                        Err(e) => give_up(lua, rt, id, e),
+                    });
+                    addr::resolve_then(lua, rt, &host, false, then)
+                }
+            };
+        }
+    }
+    if let Some(p) = rt.http_client.borrow_mut().exchanges.get_mut(&id) {
+        wake(rt, p);
+    }
+    Ok(())
+}
+
+/// Request `id` is over: its connection goes back to the pool (or to the next request of its
+/// origin) if it can be kept, otherwise it closes.
+fn finish(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
+    let Some(p) = rt.http_client.borrow_mut().exchanges.remove(&id) else { return Ok(()) };
+    if let Some(waiter) = p.waiter {
+        lua.remove_registry_value(waiter)?;
+    }
+    let Stage::Sent(key) = p.stage else {
+        // Still waiting: out of its origin's queue (a lookup that finishes finds it gone).
+        if let Some(queue) = rt.http_client.borrow_mut().queued.get_mut(&p.origin) {
+            queue.retain(|q| *q != id);
+        }
+        return Ok(());
+    };
+    let now = rt.driver.borrow().now();
+    let kept = rt.driver.borrow_mut().proto::<HttpClientConn>(key).is_some_and(|proto| proto.recycle(now));
+    if !kept {
+        if close_conn(rt, key).is_some() {
+            drop_slot(lua, rt, &p.origin)?;
+        }
+        return Ok(());
+    }
+    let next = {
+        let mut state = rt.http_client.borrow_mut();
+        if let Some(conn) = state.conns.get_mut(&key) {
+            conn.exchange = None;
+        }
+        let next = state.queued.get_mut(&p.origin).and_then(VecDeque::pop_front);
+        if next.is_none() {
+            state.idle.entry(p.origin.clone()).or_default().push(key);
+        }
+        next
+    };
+    if let Some(next) = next {
+        send_on(rt, next, key, true);
+    }
+    Ok(())
+}
+
+fn seconds(from: Instant, to: Option<Instant>) -> Option<f64> {
+    to.map(|t| t.saturating_duration_since(from).as_secs_f64())
+}
+
+/// `{dns, connect, first_byte, total, reused}` in seconds from the start (nil for a step that
+/// did not happen: a reused connection has no dns or connect).
+fn timings(lua: &Lua, p: &Pending, first_byte: Option<Instant>) -> Result<Table> {
+    let t = lua.create_table()?;
+    if !p.reused {
+        t.set("dns", seconds(p.started, p.resolved))?;
+        t.set("connect", seconds(p.started, p.ready))?;
+    }
+    t.set("first_byte", seconds(p.started, first_byte))?;
+    t.set("total", p.started.elapsed().as_secs_f64())?;
+    t.set("reused", p.reused)?;
+    Ok(t)
+}
+
+/// `core.http_client_next(id, co)` → what request `id` has next:
+/// `"head", status, reason, {name, value, ...}, minor_version`; `"data", piece`;
+/// `"done", body (whole requests) or nil, timings`; `nil, err`; or `PARK` (`co` is parked
+/// until there is more).
+fn next(lua: &Lua, (id, co): (u64, Thread)) -> Result<mlua::MultiValue> {
+    use mlua::IntoLuaMulti;
+    let rt = runtime(lua)?;
+    let (key, failure) = match rt.http_client.borrow().exchanges.get(&id) {
+        None => return (Value::Nil, "the request was cancelled").into_lua_multi(lua),
+        Some(p) => (if let Stage::Sent(k) = p.stage { Some(k) } else { None }, p.failure.clone()),
+    };
+    if let Some(why) = failure {
+        finish(lua, &rt, id)?;
+        return (Value::Nil, why).into_lua_multi(lua);
+    }
+    if let Some(key) = key {
+        enum Step {
+            Head(crate::proto::http::client::ResponseHead),
+            Body(Vec<u8>, bool),
+            Failed(String),
+        }
+        let head_given = rt.http_client.borrow().exchanges.get(&id).is_some_and(|p| p.head_given);
+        let (step, first_byte) = {
+            let mut driver = rt.driver.borrow_mut();
+            match driver.proto::<HttpClientConn>(key) {
+                None => (Step::Failed("the connection closed".into()), None),
+                Some(proto) => {
+                    let first = proto.first_byte();
+                    let step = match proto.failure() {
+                        Some(why) => Step::Failed(why.to_owned()),
+                        None if !head_given => match proto.take_head() {
+                            Some(head) => Step::Head(head),
+                            None => Step::Body(Vec::new(), false),
+                        },
+                        None => {
+                            let (data, done) = proto.take_body();
+                            Step::Body(data, done)
+                        }
+                    };
+                    (step, first)
+                }
+            }
+        };
+        rt.resume_reading(key);
+        match step {
+            Step::Failed(why) => {
+                finish(lua, &rt, id)?;
+                return (Value::Nil, why).into_lua_multi(lua);
+            }
+            Step::Head(head) => {
+                if let Some(p) = rt.http_client.borrow_mut().exchanges.get_mut(&id) {
+                    p.head_given = true;
+                }
+                let fields = lua.create_table_with_capacity(head.headers.len() * 2, 0)?;
+                for (name, value) in &head.headers {
+                    fields.push(name.as_str())?;
+                    fields.push(lua.create_string(value)?)?;
+                }
+                return ("head", head.status, head.reason, fields, head.minor_version).into_lua_multi(lua);
+            }
+            Step::Body(data, done) if head_given => {
+                let mut state = rt.http_client.borrow_mut();
+                let Some(p) = state.exchanges.get_mut(&id) else { return Value::Nil.into_lua_multi(lua) };
+                if p.whole {
+                    p.body.extend_from_slice(&data);
+                } else if !data.is_empty() {
+                    return ("data", lua.create_string(&data)?).into_lua_multi(lua);
+                }
+                if done {
+                    let body = std::mem::take(&mut p.body);
+                    let whole = p.whole;
+                    let times = timings(lua, p, first_byte)?;
+                    drop(state);
+                    finish(lua, &rt, id)?;
+                    let body = if whole { Value::String(lua.create_string(&body)?) } else { Value::Nil };
+                    return ("done", body, times).into_lua_multi(lua);
+                }
+            }
+            Step::Body(..) => {}
+        }
+    }
+    let waiter = lua.create_registry_value(co)?;
+    let old = match rt.http_client.borrow_mut().exchanges.get_mut(&id) {
+        Some(p) => p.waiter.replace(waiter),
+        None => Some(waiter),
+    };
+    if let Some(old) = old {
+        lua.remove_registry_value(old)?;
+    }
+    Value::LightUserData(park_value()).into_lua_multi(lua)
+}
+
+/// `core.http_client_write(id, co, piece)` → true when `piece` (nil: the end of the body) is
+/// queued, `PARK` when `co` waits for room or for the connection, `nil, err` when the request
+/// failed.
+fn write(lua: &Lua, (id, co, piece): (u64, Thread, Option<mlua::String>)) -> Result<(Value, Option<String>)> {
+    let rt = runtime(lua)?;
+    let key = match rt.http_client.borrow().exchanges.get(&id) {
+        None => return Ok((Value::Nil, Some("the request was cancelled".into()))),
+        Some(p) if p.failure.is_some() => return Ok((Value::Nil, p.failure.clone())),
+        Some(p) => match p.stage {
+            Stage::Sent(key) => Some(key),
+            Stage::Waiting => None,
+        },
+    };
+    if let Some(key) = key {
+        let queued = {
+            let mut driver = rt.driver.borrow_mut();
+            match driver.proto::<HttpClientConn>(key) {
+                Some(proto) if proto.failure().is_none() => {
+                    let queued = proto.queued();
+                    if queued < UPLOAD_QUEUE {
+                        match &piece {
+                            Some(data) => proto.send_body(&data.as_bytes()),
+                            None => proto.end_body(),
+                        }
+                    }
+                    Some(queued)
+                }
+                Some(proto) => return Ok((Value::Nil, proto.failure().map(str::to_owned))),
+                None => return Ok((Value::Nil, Some("the connection closed".into()))),
+            }
+        };
+        if queued.is_some_and(|q| q < UPLOAD_QUEUE) {
+            rt.flush(key);
+            return Ok((Value::Boolean(true), None));
+        }
+    }
+    let waiter = lua.create_registry_value(co)?;
+    if let Some(p) = rt.http_client.borrow_mut().exchanges.get_mut(&id) {
+        if let Some(old) = p.waiter.replace(waiter) {
+            lua.remove_registry_value(old)?;
+        }
+    }
+    Ok((Value::LightUserData(park_value()), None))
+}
+
+/// `core.http_client_cancel(id)`: drops request `id` (its connection closes if the exchange
+/// was under way).
+fn cancel(lua: &Lua, id: u64) -> Result<()> {
+    let rt = runtime(lua)?;
+    let key = match rt.http_client.borrow_mut().exchanges.get_mut(&id) {
+        Some(p) => match p.stage {
+            Stage::Sent(key) => Some(key),
+            Stage::Waiting => None,
+        },
+        None => return Ok(()),
+    };
+    if let Some(key) = key {
+        // Whatever the response still sends cannot be told from the next one's.
+        if let Some(proto) = rt.driver.borrow_mut().proto::<HttpClientConn>(key) {
+            if !proto.is_done() {
+                proto.abort();
+            }
+        }
+    }
+    finish(lua, &rt, id)
+}
+
+/// `core.http_url_join(base, reference)` → the absolute URL, or `nil, err`.
+fn url_join(_: &Lua, (base, reference): (String, String)) -> Result<(Option<String>, Option<String>)> {
+    let joined = url::Url::parse(&base).and_then(|b| b.join(&reference));
+    Ok(match joined {
+        Ok(url) => (Some(url.to_string()), None),
+        Err(e) => (None, Some(format!("invalid redirect location '{reference}': {e}"))),
+    })
+}
+
+/// The `http` table of both modules (`lua/http_client.lua`), built once per state.
+pub(crate) fn table(lua: &Lua) -> Result<Table> {
+    const KEY: &str = "luna.http_client";
+    if let Value::Table(t) = lua.named_registry_value::<Value>(KEY)? {
+        return Ok(t);
+    }
+    let core = lua.create_table()?;
+    core.set("PARK", Value::LightUserData(park_value()))?;
+    core.set("http_client_start", lua.create_function(start)?)?;
+    core.set("http_client_next", lua.create_function(next)?)?;
+    core.set("http_client_write", lua.create_function(write)?)?;
+    core.set("http_client_cancel", lua.create_function(cancel)?)?;
+    core.set("http_url_join", lua.create_function(url_join)?)?;
+    core.set(
+        "http_client_close_idle",
+        lua.create_function(|lua, ()| {
+            let rt = runtime(lua)?;
+            close_idle(&rt);
+            Ok(())
+        })?,
+    )?;
+    // The original client's blocking calls outside a coroutine: one tick, sleeping in the poll.
+    core.set(
+        "pump",
+        lua.create_function(|lua, seconds: f64| {
+            super::super::tick(lua, Some(Duration::from_secs_f64(seconds)))
+        })?,
+    )?;
+    let spawn = lua.create_function(super::super::time::spawn)?;
+    let http: Table = lua
+        .load(include_str!("../../../lua/http_client.lua"))
+        .set_name("=http_client.lua")
+        .call((core, spawn))?;
+    lua.set_named_registry_value(KEY, &http)?;
+    Ok(http)
+}
