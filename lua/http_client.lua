@@ -69,18 +69,34 @@ local function guarded(id, fn, ...)
 end
 
 local function headers_of(fields)
-  local headers, list = {}, {}
+  local headers = {}
   for i = 1, #fields, 2 do
     local name, value = fields[i], fields[i + 1]
-    list[#list + 1] = { name, value }
     local before = headers[name]
     if before then
       value = before .. (name == "set-cookie" and "\n" or ", ") .. value
     end
     headers[name] = value
   end
-  return headers, list
+  return headers
 end
+
+-- `response.header_list` is built when first read (most callers never do).
+local fields_of = setmetatable({}, { __mode = "k" })
+local RESPONSE = {
+  __index = function(response, key)
+    local fields = fields_of[response]
+    if key ~= "header_list" or not fields then
+      return nil
+    end
+    local list = {}
+    for i = 1, #fields, 2 do
+      list[#list + 1] = { fields[i], fields[i + 1] }
+    end
+    rawset(response, "header_list", list)
+    return list
+  end,
+}
 
 local function origin(url)
   return (url:match("^(%a[%w+.-]*://[^/?#]*)") or url):lower()
@@ -95,16 +111,12 @@ local function exchange(config, co, follow, hop, state)
   local decompress = options.decompress ~= false
   local whole = config.on_chunk == nil and config.save_to == nil and config.on_progress == nil
   local max_body = config.max_body_size
-  if max_body == nil and whole then
+  if max_body == nil and config.on_chunk == nil and config.save_to == nil then
     max_body = 64 * 1024 * 1024
   end
-  local id, err = start({
-    url = config.url, method = config.method, headers = config.headers, query = hop == 0 and config.query or nil,
-    body = not streamed and config.body or nil, streamed = streamed, content_length = config.content_length,
-    decompress = decompress, max_body_size = max_body, timeout = config.timeout,
-    connect_timeout = config.connect_timeout, stall_timeout = config.stall_timeout, tls = config.tls,
-    whole = whole and true or false,
-  })
+  local id, err = start(config.url, config.method, config.headers, hop == 0 and config.query or nil,
+    not streamed and config.body or nil, streamed, config.content_length, decompress, max_body,
+    config.timeout, config.connect_timeout, config.stall_timeout, config.tls, whole)
   if not id then
     return nil, err
   end
@@ -137,7 +149,7 @@ local function exchange(config, co, follow, hop, state)
   end
   local response, file, received, total
   while true do
-    local kind, a, b, c, d = next_piece(id, co)
+    local kind, a, b, c, d, e, f = next_piece(id, co)
     if kind == PARK then
       yield(PARK)
     elseif kind == nil then
@@ -147,18 +159,22 @@ local function exchange(config, co, follow, hop, state)
       end
       return nil, a
     elseif kind == "head" then
-      local headers, list = headers_of(c)
-      response = {
-        ok = a >= 200 and a < 300, status_code = a, status_message = b, headers = headers,
-        header_list = list, version = "1." .. d, url = config.url, body = "",
-      }
-      if follow and REDIRECTS[a] and headers.location then
+      response = setmetatable({
+        ok = a >= 200 and a < 300, status_code = a, status_message = b, headers = headers_of(c),
+        version = "1." .. d, url = config.url, body = "",
+      }, RESPONSE)
+      fields_of[response] = c
+      if follow and REDIRECTS[a] and response.headers.location then
         cancel(id)
         return "redirect", response
       end
+      if e then
+        response.body, response.timings = e, f
+        return response
+      end
       received = 0
-      total = tonumber(headers["content-length"] or "")
-      if decompress and headers["content-encoding"] then
+      total = tonumber(response.headers["content-length"] or "")
+      if decompress and response.headers["content-encoding"] then
         total = nil
       end
       if config.save_to then
@@ -234,8 +250,8 @@ local function prepare(call, config)
 end
 
 -- Follows redirects (RFC 9110 §15.4): 303, and 301/302 after a POST, become GET without a
--- body; 307/308 keep both; credentials do not cross origins; https never goes to http unless
--- allowed.
+-- body; 307/308 keep both; credentials (and a Host set by hand) do not cross origins; https
+-- never goes to http unless allowed.
 local function request(config, co, state)
   local follow = config.follow_redirects ~= false
   local max = config.max_redirects or 5
@@ -254,7 +270,7 @@ local function request(config, co, state)
     if not target then
       return nil, jerr
     end
-    if config.url:match("^https:") and target:match("^http:") and not config.allow_insecure_redirects then
+    if config.url:lower():match("^https:") and target:lower():match("^http:") and not config.allow_insecure_redirects then
       return nil, "refused a redirect from https to http (" .. target .. "); set allow_insecure_redirects = true to follow it"
     end
     local method = (config.method or "GET"):upper()
@@ -275,7 +291,7 @@ local function request(config, co, state)
     if origin(target) ~= origin(config.url) and config.headers then
       for name in pairs(config.headers) do
         local lower = name:lower()
-        if lower == "authorization" or lower == "cookie" or lower == "proxy-authorization" then
+        if lower == "authorization" or lower == "cookie" or lower == "proxy-authorization" or lower == "host" then
           config.headers[name] = nil
         end
       end
@@ -320,13 +336,16 @@ local function await(fn)
   if co ~= nil and not is_main then
     return fn(co)
   end
-  local results, done
-  spawn(function()
+  local results
+  local thread = spawn(function()
     results = { fn(running()) }
-    done = true
   end)
-  while not done do
+  -- An error ends the coroutine without results (it went to the error policy).
+  while not results and coroutine.status(thread) ~= "dead" do
     core.pump(0.05)
+  end
+  if not results then
+    return nil, "the request failed with an error (see the error handler)"
   end
   return unpack(results)
 end
@@ -343,8 +362,17 @@ local function legacy(call, url, options)
   for k, v in pairs(options or {}) do
     if k == "redirect" then
       config.follow_redirects = v ~= false
+    elseif k == "timeout" and type(v) == "table" then
+      -- LuaSocket's {connect, send, receive}.
+      config.connect_timeout = v.connect
+      local send, receive = v.send or v.receive, v.receive or v.send
+      config.stall_timeout = send and math.max(send, receive) or nil
     elseif k == "timeout" then
       config.stall_timeout = v
+    elseif k == "step" or k == "uri" or k == "create" then
+      -- LuaSocket's plumbing: the runtime moves the bytes.
+    elseif k == "proxy" then
+      error(call .. ": 'proxy' is not supported yet", 3)
     elseif k == "source" then
       config.body = v
     elseif k == "sink" then
@@ -406,8 +434,15 @@ function http.init(config)
   if config ~= nil and type(config) ~= "table" then
     error("lunac.http.init(config): 'config' must be a table or nil, got " .. type(config), 2)
   end
-  check("lunac.http.init(config)", config or {})
-  defaults = config or {}
+  local kept = {}
+  for k, v in pairs(config or {}) do
+    -- The original's {luna = ..., lunac = ...}: modules to pump, which the runtime does anyway.
+    if k ~= "luna" and k ~= "lunac" then
+      kept[k] = v
+    end
+  end
+  check("lunac.http.init(config)", kept)
+  defaults = kept
 end
 
 function http.close()

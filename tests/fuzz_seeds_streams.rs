@@ -90,3 +90,8 @@ fn http_server_seeds() {
 fn multipart_seeds() {
     replay("multipart", luna::proto::fuzzing::multipart);
 }
+
+#[test]
+fn http_client_seeds() {
+    replay("http_client", luna::proto::fuzzing::http_client);
+}

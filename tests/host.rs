@@ -334,3 +334,39 @@ fn http_example_asks_itself_and_serves_others() {
     Command::new("kill").arg(server.id().to_string()).status().unwrap();
     assert!(server.wait().unwrap().success(), "SIGTERM stops --serve cleanly");
 }
+
+#[test]
+fn http_download_example_saves_with_progress_while_a_timer_ticks() {
+    let (out, took) = run(host().arg("examples/http_download.lua"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = stdout(&out);
+    assert!(
+        text.matches(" KiB of 8192 KiB (").count() > 10 && text.contains("8192 KiB of 8192 KiB (100%)"),
+        "{text}"
+    );
+    let last = text.lines().last().unwrap();
+    let ticks: u32 =
+        last.split("ticked ").nth(1).and_then(|t| t.split(' ').next()?.parse().ok()).unwrap_or(0);
+    assert!(last.starts_with("saved ") && last.contains("status 200"), "{text}");
+    // 32 pieces 20 ms apart: a timer every 10 ms ticks throughout (the frame never blocked).
+    assert!(ticks >= 30, "the timer ticked {ticks} times: {text}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+#[test]
+fn http_json_example_posts_and_reads_the_leaderboard() {
+    let (out, _) = run(host().arg("examples/http_json.lua"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = stdout(&out);
+    let lines: Vec<&str> = text.lines().skip(1).collect();
+    assert_eq!(
+        lines,
+        [
+            "ada is ranked 1 of the scores sent",
+            "bob is ranked 2 of the scores sent",
+            "1. bob 45",
+            "2. ada 30"
+        ],
+        "{text}"
+    );
+}

@@ -9,6 +9,21 @@ use super::time::MAX_SECONDS;
 /// peer declares that much, and more could fail the allocation outright.
 pub(crate) const MAX_SIZE: usize = 1 << 30;
 
+/// A duration in seconds (> 0, at most 1e9) given for option `key` of `call`.
+pub(crate) fn seconds_value(
+    call: &str,
+    key: &str,
+    n: Option<f64>,
+) -> mlua::Result<Option<std::time::Duration>> {
+    match n {
+        None => Ok(None),
+        Some(s) if s > 0.0 && s <= MAX_SECONDS => Ok(Some(std::time::Duration::from_secs_f64(s))),
+        Some(s) => {
+            Err(misuse(call, format!("'{key}' must be a number of seconds > 0 and <= 1e9, got {s:?}")))
+        }
+    }
+}
+
 pub(crate) struct Options {
     call: &'static str,
     table: Table,
@@ -54,11 +69,6 @@ impl Options {
 
     fn get(&self, key: &str) -> mlua::Result<Value> {
         self.table.raw_get(key)
-    }
-
-    /// The value of `key` as it is (for options of several types).
-    pub fn value(&self, key: &str) -> mlua::Result<Value> {
-        self.get(key)
     }
 
     fn wrong(&self, key: &str, expected: &str, got: &Value) -> mlua::Error {
@@ -139,14 +149,7 @@ impl Options {
 
     /// A duration in seconds (> 0).
     pub fn seconds(&self, key: &str) -> mlua::Result<Option<std::time::Duration>> {
-        match self.number(key)? {
-            None => Ok(None),
-            Some(s) if s > 0.0 && s <= MAX_SECONDS => Ok(Some(std::time::Duration::from_secs_f64(s))),
-            Some(s) => Err(misuse(
-                self.call,
-                format!("'{key}' must be a number of seconds > 0 and <= 1e9, got {s:?}"),
-            )),
-        }
+        seconds_value(self.call, key, self.number(key)?)
     }
 
     /// A size in bytes, from 1 to [`MAX_SIZE`].

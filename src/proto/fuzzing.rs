@@ -453,3 +453,67 @@ pub fn multipart(data: &[u8]) {
     }
     assert!(data_bytes <= body.len());
 }
+
+/// An HTTP/1.1 client connection fed a server's bytes in pieces of the size the first byte
+/// picks (its top bits choose HEAD, decompression and a body limit): heads come before bodies,
+/// no take holds more than the read-ahead plus one decoding step, a body limit holds on what
+/// was decoded, a complete response on a kept connection lets the next request start, and
+/// after the end of the stream and a long wait every exchange is over.
+pub fn http_client(data: &[u8]) {
+    use super::http::client::{ClientLimits, Exchange, HttpClientConn, Upload, MAX_TAKE};
+    let Some((&ctl, body)) = data.split_first() else { return };
+    let mut now = Instant::now();
+    let exchange = |now| Exchange {
+        head: b"GET / HTTP/1.1\r\nhost: x\r\n\r\n".to_vec(),
+        body: Vec::new(),
+        upload: Upload::Whole,
+        head_request: ctl & 0x40 != 0,
+        decompress: ctl & 0x80 != 0,
+        max_body: (ctl & 0x20 != 0).then_some(1000),
+        stall: Duration::from_secs(5),
+        deadline: Some(now + Duration::from_secs(60)),
+    };
+    let limits =
+        ClientLimits { max_header_size: 1024, max_headers: 16, idle_timeout: Duration::from_secs(10) };
+    let mut conn = HttpClientConn::new(limits, now);
+    conn.handle_ready(now);
+    conn.start(now, exchange(now));
+    let (mut got, mut head) = (0u64, false);
+    let mut pump = |conn: &mut HttpClientConn, now: Instant| {
+        let _ = conn.take_news();
+        let n = conn.outgoing().len();
+        conn.consume_outgoing(now, n);
+        if conn.take_head().is_some() {
+            head = true;
+        }
+        let (data, done) = conn.take_body();
+        assert!(data.is_empty() || head, "body bytes come after a head");
+        assert!(data.len() <= MAX_TAKE, "a take holds {} bytes", data.len());
+        got += data.len() as u64;
+        if ctl & 0x20 != 0 {
+            assert!(got <= 1000, "the body limit holds ({got} bytes)");
+        }
+        if done && conn.recycle(now) {
+            assert!(conn.is_reusable());
+            conn.start(now, exchange(now));
+            (got, head) = (0, false);
+        }
+    };
+    for piece in body.chunks(usize::from(ctl & 0x1f) + 1) {
+        if !conn.wants_input() && conn.failure().is_none() {
+            pump(&mut conn, now);
+        }
+        conn.handle_bytes(now, piece);
+        pump(&mut conn, now);
+        now += Duration::from_millis(10);
+    }
+    conn.handle_eof(now);
+    pump(&mut conn, now);
+    now += Duration::from_secs(120);
+    if let Some(at) = conn.poll_timeout() {
+        assert!(at <= now, "a deadline within the exchange's limits");
+        conn.handle_timeout(now);
+    }
+    pump(&mut conn, now);
+    assert!(conn.is_done() || conn.is_reusable() || conn.flow() != Flow::Open, "the exchange is over");
+}

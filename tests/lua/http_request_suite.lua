@@ -211,6 +211,66 @@ return function(T, luna, lunac)
     raw.server:close()
   end, 10)
 
+  T.test("request: zlib and raw deflate in chunks, a flood of 1xx heads cut", function()
+    local raw = scripted(function(s, head)
+      local path = head:match("^%u+ (%S+)")
+      if path == "/zlib" then
+        -- zlib.compress(b"hello hello hello"), sent chunked in two pieces.
+        local z = "\120\156\203\72\205\201\201\87\200\64\144\0\58\46\6\125"
+        s:write("HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\nTransfer-Encoding: chunked\r\n\r\n"
+          .. ("%x\r\n"):format(3) .. z:sub(1, 3) .. "\r\n" .. ("%x\r\n"):format(#z - 3) .. z:sub(4) .. "\r\n0\r\n\r\n")
+      elseif path == "/raw" then
+        -- The same without the zlib wrapper (what some servers send as "deflate").
+        local d = "\203\72\205\201\201\87\200\64\144\0"
+        s:write("HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\nContent-Length: " .. #d .. "\r\n\r\n" .. d)
+      else
+        for _ = 1, 100 do s:write("HTTP/1.1 102 Processing\r\n\r\n") end
+      end
+    end)
+    local r, err = http.request(raw.url .. "/zlib")
+    T.eq(r and r.body, "hello hello hello", tostring(err))
+    r, err = http.request(raw.url .. "/raw")
+    T.eq(r and r.body, "hello hello hello", tostring(err))
+    local _, ferr = http.request(raw.url .. "/flood")
+    T.ok(ferr and ferr:find("too many 1xx"), tostring(ferr))
+    raw.server:close()
+  end)
+
+  T.test("request: cancelled and failed requests give their connection slots back", function()
+    local raw = scripted(function(s, head)
+      if head:find("^GET /slow") then luna.sleep(0.3) end
+      s:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    end)
+    for _ = 1, 12 do
+      http.request_async(raw.url .. "/slow", function() end).cancel()
+    end
+    for _ = 1, 12 do
+      local _, err = http.request({ url = raw.url .. "/slow", timeout = 0.05 })
+      T.ok(err and err:find("timeout"), tostring(err))
+    end
+    local r, err = http.request({ url = raw.url .. "/fast", timeout = 2 })
+    T.eq(r and r.body, "ok", tostring(err))
+    raw.server:close()
+  end, 10)
+
+  T.test("request: a streamed upload queued behind busy connections goes when one frees", function()
+    local server, base = app(function(req)
+      if req.path == "/slow" then luna.sleep(0.1) end
+      return "got " .. #req.body
+    end)
+    local done = 0
+    for _ = 1, 6 do
+      luna.spawn(function() assert(http.request(base .. "/slow")); done = done + 1 end)
+    end
+    local parts = { "ab", "cd" }
+    local r, err = http.request({ url = base .. "/up", method = "POST", body = function() return table.remove(parts, 1) end,
+      stall_timeout = 2 })
+    T.eq(r and r.body, "got 4", tostring(err))
+    T.ok(r.timings.total < 1, "without waiting for a stall: " .. r.timings.total)
+    T.wait_until(function() return done == 6 end, 2, "the slow ones")
+    server:stop()
+  end)
+
   T.test("request: a pooled connection the server closed is replaced without an error", function()
     local raw = scripted(function(s, head, n)
       s:write("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -320,6 +380,10 @@ return function(T, luna, lunac)
     lunac.http.noawait_fetch(base .. "/y", nil, function(b, c) got = { b, c } end)
     T.wait_until(function() return got end, 2, "noawait")
     T.eq(got[1], "made GET", "noawait body")
+    lunac.http.init({ luna = luna, lunac = lunac, headers = { ["X-Default"] = "yes" } })
+    local echoed = lunac.http.fetch(base .. "/x", { timeout = { connect = 2, receive = 5 }, step = function() end })
+    T.eq(echoed, "made GET", "LuaSocket's timeout table and step are taken")
+    lunac.http.init()
     local nb, nerr = lunac.http.fetch("http://127.0.0.1:1/")
     T.eq(nb, nil, "error")
     T.ok(nerr:find("refused"), nerr)

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use mlua::{Lua, RegistryKey, Result, Table, Thread, Value};
 use rustc_hash::FxHashMap;
 
-use super::super::error::{bad_arg, lua_type, misuse};
-use super::super::options::Options;
+use super::super::error::{lua_type, misuse};
+use super::super::options::{seconds_value, Options};
 use super::super::sched::{park_value, Job};
 use super::super::{addr, runtime, Runtime};
 use crate::driver::{ClientTls, ConnectOptions, Event, EventKind, Key, Tag, Target};
@@ -34,23 +34,6 @@ const RETRY_COPY: usize = 1 << 20;
 const UPLOAD_QUEUE: usize = 256 << 10;
 
 const CALL: &str = "luna.http.request(config)";
-
-const SPEC_KEYS: &[&str] = &[
-    "url",
-    "method",
-    "headers",
-    "query",
-    "body",
-    "streamed",
-    "content_length",
-    "decompress",
-    "max_body_size",
-    "timeout",
-    "connect_timeout",
-    "stall_timeout",
-    "tls",
-    "whole",
-];
 
 /// Where connections go: scheme, host, port and how TLS is verified (one pool each).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -85,6 +68,13 @@ struct Pending {
     resolved: Option<Instant>,
     ready: Option<Instant>,
     reused: bool,
+    /// Holds a slot of its origin while its connection is being resolved (the other slots are
+    /// the connections in `conns`).
+    opening: bool,
+    /// A failed request may be sent again on a new connection (GET, HEAD, PUT, DELETE...).
+    idempotent: bool,
+    /// The whole exchange's deadline (`timeout`), also while it waits for a connection.
+    deadline: Option<Instant>,
 }
 
 #[derive(Clone)]
@@ -103,13 +93,17 @@ pub(crate) struct ClientState {
     exchanges: FxHashMap<u64, Pending>,
     conns: FxHashMap<Key, Conn>,
     idle: FxHashMap<Origin, Vec<Key>>,
-    /// Connections open or opening, by origin.
-    open: FxHashMap<Origin, usize>,
     queued: FxHashMap<Origin, VecDeque<u64>>,
     next: u64,
 }
 
 impl ClientState {
+    /// Slots of `origin` in use: its connections and the requests resolving for a new one.
+    fn slots_taken(&self, origin: &Origin) -> usize {
+        self.conns.values().filter(|c| c.origin == *origin).count()
+            + self.exchanges.values().filter(|p| p.opening && p.origin == *origin).count()
+    }
+
     /// Pooled connections waiting for a request.
     pub fn idle_count(&self) -> usize {
         self.idle.values().map(Vec::len).sum()
@@ -211,10 +205,55 @@ fn build_head(
     head
 }
 
-/// `core.http_client_start(spec)` → request id, or `nil, err` for a URL that cannot be asked.
-fn start(lua: &Lua, spec: Value) -> Result<(Option<u64>, Option<String>)> {
-    let o = Options::new(CALL, spec, SPEC_KEYS)?;
-    let Some(text) = o.string("url")? else { return Err(misuse(CALL, "'url' is required")) };
+/// What `lua/http_client.lua` passes to `core.http_client_start`, in order (positional: a
+/// table per request would cost a table and a string per key).
+type Spec = (
+    mlua::String,
+    Option<mlua::String>,
+    Option<Table>,
+    Option<Table>,
+    Option<mlua::String>,
+    bool,
+    Option<f64>,
+    bool,
+    Option<f64>,
+    Option<f64>,
+    Option<f64>,
+    Option<f64>,
+    Option<Table>,
+    bool,
+);
+
+/// A whole number of bytes >= 0 (at most 2^53, what a Lua number holds exactly).
+fn bytes(key: &str, n: Option<f64>) -> Result<Option<u64>> {
+    match n {
+        None => Ok(None),
+        Some(n) if n >= 0.0 && n.fract() == 0.0 && n <= 2f64.powi(53) => Ok(Some(n as u64)),
+        Some(n) => Err(misuse(CALL, format!("'{key}' must be a whole number >= 0, got {n}"))),
+    }
+}
+
+/// `core.http_client_start(url, method, headers, query, body, streamed, content_length,
+/// decompress, max_body_size, timeout, connect_timeout, stall_timeout, tls, whole)` → request
+/// id, or `nil, err` for a URL that cannot be asked.
+fn start(lua: &Lua, spec: Spec) -> Result<(Option<u64>, Option<String>)> {
+    let (
+        text,
+        method,
+        headers,
+        query,
+        body,
+        streamed,
+        length,
+        decompress,
+        max_body,
+        timeout,
+        connect_timeout,
+        stall_timeout,
+        tls_table,
+        whole,
+    ) = spec;
+    let text = text.to_str()?;
     let mut url = match url::Url::parse(&text) {
         Ok(url) => url,
         Err(e) => return Ok((None, Some(format!("invalid URL '{text}': {e}")))),
@@ -227,31 +266,23 @@ fn start(lua: &Lua, spec: Value) -> Result<(Option<u64>, Option<String>)> {
     let Some(host) = url.host_str().map(str::to_owned) else {
         return Ok((None, Some(format!("the URL '{text}' has no host"))));
     };
-    if let Some(query) = o.table("query")? {
+    if let Some(query) = query {
         let mut pairs = url.query_pairs_mut();
         for pair in query.pairs::<String, Value>() {
             let (name, value) = pair?;
             pairs.append_pair(&name, &value.to_string()?);
         }
     }
-    let method = o.string("method")?.unwrap_or_else(|| "GET".into()).to_ascii_uppercase();
+    let method = match method {
+        Some(m) => m.to_str()?.to_ascii_uppercase(),
+        None => "GET".to_owned(),
+    };
     if !is_token(&method) {
         return Err(misuse(CALL, format!("'{method}' is not a valid method")));
     }
-    let fields = header_fields(o.table("headers")?)?;
-    let body = match o.value("body")? {
-        Value::Nil => Vec::new(),
-        Value::String(s) => s.as_bytes().to_vec(),
-        other => return Err(bad_arg(CALL, "body", "a string", &other)),
-    };
-    let streamed = o.boolean("streamed")?.unwrap_or(false);
-    let length = match o.number("content_length")? {
-        None => None,
-        Some(n) if n >= 0.0 && n.fract() == 0.0 && n <= 2f64.powi(53) => Some(n as u64),
-        Some(n) => {
-            return Err(misuse(CALL, format!("'content_length' must be a whole number >= 0, got {n}")))
-        }
-    };
+    let fields = header_fields(headers)?;
+    let body = body.map(|b| b.as_bytes().to_vec()).unwrap_or_default();
+    let length = bytes("content_length", length)?;
     let framing = if streamed {
         Some(length)
     } else if !body.is_empty() || !matches!(method.as_str(), "GET" | "HEAD" | "DELETE" | "OPTIONS" | "TRACE")
@@ -260,12 +291,10 @@ fn start(lua: &Lua, spec: Value) -> Result<(Option<u64>, Option<String>)> {
     } else {
         None
     };
-    let decompress = o.boolean("decompress")?.unwrap_or(true);
-    let max_body = match o.number("max_body_size")? {
-        None => None,
-        Some(n) if n >= 0.0 && n.fract() == 0.0 => Some(n as u64),
-        Some(n) => return Err(misuse(CALL, format!("'max_body_size' must be a whole number >= 0, got {n}"))),
-    };
+    let max_body = bytes("max_body_size", max_body)?;
+    let timeout = seconds_value(CALL, "timeout", timeout)?;
+    let connect_timeout = seconds_value(CALL, "connect_timeout", connect_timeout)?;
+    let stall_timeout = seconds_value(CALL, "stall_timeout", stall_timeout)?;
     let now = Instant::now();
     let head = build_head(&method, &url, &fields, framing, decompress);
     let exchange = Exchange {
@@ -275,19 +304,19 @@ fn start(lua: &Lua, spec: Value) -> Result<(Option<u64>, Option<String>)> {
         head_request: method == "HEAD",
         decompress,
         max_body,
-        stall: o.seconds("stall_timeout")?.unwrap_or(Duration::from_secs(30)),
-        deadline: o.seconds("timeout")?.map(|t| now + t),
+        stall: stall_timeout.unwrap_or(Duration::from_secs(30)),
+        deadline: timeout.map(|t| now + t),
     };
     let port = url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
     let rt = runtime(lua)?;
-    let tls_spec = if tls { Some(tls_options(&rt, o.table("tls")?, &host)?) } else { None };
+    let tls_spec = if tls { Some(tls_options(&rt, tls_table, &host)?) } else { None };
     let origin = Origin {
         host: host.clone(),
         port,
         tls: tls_spec.as_ref().map(|(ca, verify, name, _)| (ca.clone(), *verify, name.clone())),
     };
     let connect = ConnectOptionsSpec {
-        timeout: o.seconds("connect_timeout")?.unwrap_or(Duration::from_secs(10)),
+        timeout: connect_timeout.unwrap_or(Duration::from_secs(10)),
         tls: tls_spec.map(|(_, _, name, config)| (config, name)),
     };
     let pending = Pending {
@@ -297,7 +326,7 @@ fn start(lua: &Lua, spec: Value) -> Result<(Option<u64>, Option<String>)> {
         fallback: Vec::new(),
         connect,
         waiter: None,
-        whole: o.boolean("whole")?.unwrap_or(true),
+        whole,
         body: Vec::new(),
         head_given: false,
         failure: None,
@@ -306,6 +335,9 @@ fn start(lua: &Lua, spec: Value) -> Result<(Option<u64>, Option<String>)> {
         resolved: None,
         ready: None,
         reused: false,
+        opening: false,
+        idempotent: matches!(method.as_str(), "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS" | "TRACE"),
+        deadline: timeout.map(|t| now + t),
     };
     let id = {
         let mut state = rt.http_client.borrow_mut();
@@ -352,18 +384,20 @@ fn assign(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
             send_on(rt, id, key, true);
             return Ok(());
         }
+        // Its slot is free now: this request may take it below.
         close_conn(rt, key);
     }
     let room = {
         let mut state = rt.http_client.borrow_mut();
-        let open = state.open.entry(origin.clone()).or_default();
-        if *open < PER_ORIGIN {
-            *open += 1;
-            true
+        let room = state.slots_taken(&origin) < PER_ORIGIN;
+        if room {
+            if let Some(p) = state.exchanges.get_mut(&id) {
+                p.opening = true;
+            }
         } else {
             state.queued.entry(origin.clone()).or_default().push_back(id);
-            false
         }
+        room
     };
     if !room {
         return Ok(());
@@ -382,10 +416,8 @@ fn assign(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
                 p.fallback = addrs;
                 p.resolved = Some(now);
             }
-            None => {
-                drop_slot(lua, rt, &origin)?;
-                return Ok(());
-            }
+            // Cancelled meanwhile: its slot went with it.
+            None => return Ok(()),
         }
         connect(lua, rt, id, first)
     });
@@ -411,7 +443,12 @@ fn connect(lua: &Lua, rt: &Runtime, id: u64, addr: SocketAddr) -> Result<()> {
     let opened = rt.driver.borrow_mut().connect(&Target::Tcp(addr), proto, options, TAG);
     match opened {
         Ok(key) => {
-            rt.http_client.borrow_mut().conns.insert(key, Conn { origin, exchange: Some(id) });
+            let mut state = rt.http_client.borrow_mut();
+            state.conns.insert(key, Conn { origin, exchange: Some(id) });
+            if let Some(p) = state.exchanges.get_mut(&id) {
+                p.opening = false;
+            }
+            drop(state);
             send_on(rt, id, key, false);
             Ok(())
         }
@@ -425,18 +462,19 @@ fn give_up(lua: &Lua, rt: &Runtime, id: u64, why: String) -> Result<()> {
         let mut state = rt.http_client.borrow_mut();
         let Some(p) = state.exchanges.get_mut(&id) else { return Ok(()) };
         p.failure = Some(why);
+        p.opening = false;
         wake(rt, p);
         p.origin.clone()
     };
-    drop_slot(lua, rt, &origin)
+    serve_queue(lua, rt, &origin)
 }
 
-/// One fewer connection of `origin` is open: the next queued request may open one.
-fn drop_slot(lua: &Lua, rt: &Runtime, origin: &Origin) -> Result<()> {
+/// A slot of `origin` may be free: the next queued request tries to take it.
+fn serve_queue(lua: &Lua, rt: &Runtime, origin: &Origin) -> Result<()> {
     let next = {
         let mut state = rt.http_client.borrow_mut();
-        if let Some(open) = state.open.get_mut(origin) {
-            *open = open.saturating_sub(1);
+        if state.slots_taken(origin) >= PER_ORIGIN {
+            return Ok(());
         }
         state.queued.get_mut(origin).and_then(VecDeque::pop_front)
     };
@@ -460,8 +498,14 @@ fn send_on(rt: &Runtime, id: u64, key: Key, reused: bool) {
             p.ready = Some(Instant::now());
         }
         let Some(request) = p.request.take() else { return };
-        // A copy for sending again if the connection turns out dead.
-        if request.upload == Upload::Whole && request.body.len() <= RETRY_COPY && !p.retried {
+        // A copy for sending again on a new connection: after a failed connect (a streamed body
+        // is not written before the connection is up, so its head is all there is), or when a
+        // pooled connection turns out dead (whole bodies up to RETRY_COPY).
+        let copy = match request.upload {
+            Upload::Whole => !reused || request.body.len() <= RETRY_COPY,
+            Upload::Streamed { .. } => !reused,
+        };
+        if copy && !p.retried {
             p.request = Some(request.clone());
         }
         request
@@ -471,6 +515,10 @@ fn send_on(rt: &Runtime, id: u64, key: Key, reused: bool) {
         proto.start(now, request);
     }
     rt.flush(key);
+    // A streamed upload waits for its connection.
+    if let Some(p) = rt.http_client.borrow_mut().exchanges.get_mut(&id) {
+        wake(rt, p);
+    }
 }
 
 fn wake(rt: &Runtime, p: &mut Pending) {
@@ -496,11 +544,7 @@ fn close_conn(rt: &Runtime, key: Key) -> Option<Origin> {
 pub(crate) fn close_idle(rt: &Runtime) {
     let idle: Vec<Key> = rt.http_client.borrow().idle.values().flatten().copied().collect();
     for key in idle {
-        if let Some(origin) = close_conn(rt, key) {
-            if let Some(open) = rt.http_client.borrow_mut().open.get_mut(&origin) {
-                *open = open.saturating_sub(1);
-            }
-        }
+        close_conn(rt, key);
     }
 }
 
@@ -516,7 +560,7 @@ pub(crate) fn event(lua: &Lua, rt: &Runtime, event: Event) -> Result<()> {
         let dead = !rt.driver.borrow_mut().proto::<HttpClientConn>(key).is_some_and(|p| p.is_reusable());
         if dead {
             if let Some(origin) = close_conn(rt, key) {
-                drop_slot(lua, rt, &origin)?;
+                serve_queue(lua, rt, &origin)?;
             }
         }
         return Ok(());
@@ -532,20 +576,26 @@ pub(crate) fn event(lua: &Lua, rt: &Runtime, event: Event) -> Result<()> {
         let retry = {
             let mut state = rt.http_client.borrow_mut();
             let Some(p) = state.exchanges.get_mut(&id) else { return Ok(()) };
-            if ready {
-                p.ready.get_or_insert_with(Instant::now);
+            if ready && p.ready.is_none() {
+                p.ready = Some(Instant::now());
+                // Connected: only a reused connection's request is ever sent again.
+                if !p.reused {
+                    p.request = None;
+                }
             }
             let connect_failed = failed && !ready && !p.fallback.is_empty();
             let can_again = p.request.is_some() && !p.retried && !p.head_given;
-            if failed && can_again && (lost_idle || connect_failed) {
+            if failed && can_again && ((lost_idle && p.idempotent) || connect_failed) {
                 p.retried = lost_idle;
+                // The slot passes from the dead connection to its replacement.
+                p.opening = true;
+                p.stage = Stage::Waiting;
                 Some(if connect_failed { Some(p.fallback.remove(0)) } else { None })
             } else {
                 None
             }
         };
         if let Some(next) = retry {
-            // The slot passes from the dead connection to its replacement.
             rt.http_client.borrow_mut().conns.remove(&key);
             rt.driver.borrow_mut().close(key);
             return match next {
@@ -577,19 +627,18 @@ fn finish(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
         lua.remove_registry_value(waiter)?;
     }
     let Stage::Sent(key) = p.stage else {
-        // Still waiting: out of its origin's queue (a lookup that finishes finds it gone).
+        // Still waiting: out of its origin's queue (a lookup that finishes finds it gone, and
+        // the slot it held is free).
         if let Some(queue) = rt.http_client.borrow_mut().queued.get_mut(&p.origin) {
             queue.retain(|q| *q != id);
         }
-        return Ok(());
+        return serve_queue(lua, rt, &p.origin);
     };
     let now = rt.driver.borrow().now();
     let kept = rt.driver.borrow_mut().proto::<HttpClientConn>(key).is_some_and(|proto| proto.recycle(now));
     if !kept {
-        if close_conn(rt, key).is_some() {
-            drop_slot(lua, rt, &p.origin)?;
-        }
-        return Ok(());
+        close_conn(rt, key);
+        return serve_queue(lua, rt, &p.origin);
     }
     let next = {
         let mut state = rt.http_client.borrow_mut();
@@ -626,16 +675,57 @@ fn timings(lua: &Lua, p: &Pending, first_byte: Option<Instant>) -> Result<Table>
     Ok(t)
 }
 
+/// The whole body of request `id` and its timings if it is all there (the request is then
+/// over); what came of it so far is kept otherwise.
+fn whole_now(
+    lua: &Lua,
+    rt: &Runtime,
+    id: u64,
+    key: Key,
+    first_byte: Option<Instant>,
+) -> Result<Option<(mlua::String, Table)>> {
+    if !rt.http_client.borrow().exchanges.get(&id).is_some_and(|p| p.whole) {
+        return Ok(None);
+    }
+    let taken = rt.driver.borrow_mut().proto::<HttpClientConn>(key).and_then(|proto| {
+        let taken = proto.take_body();
+        // A failure is the next call's to report.
+        proto.failure().is_none().then_some(taken)
+    });
+    let Some((data, done)) = taken else { return Ok(None) };
+    rt.resume_reading(key);
+    let times = {
+        let mut state = rt.http_client.borrow_mut();
+        let Some(p) = state.exchanges.get_mut(&id) else { return Ok(None) };
+        if !done {
+            p.body.extend_from_slice(&data);
+            return Ok(None);
+        }
+        timings(lua, p, first_byte)?
+    };
+    let body = lua.create_string(&data)?;
+    finish(lua, rt, id)?;
+    Ok(Some((body, times)))
+}
+
 /// `core.http_client_next(id, co)` → what request `id` has next:
-/// `"head", status, reason, {name, value, ...}, minor_version`; `"data", piece`;
+/// `"head", status, reason, {name, value, ...}, minor_version[, body, timings]` (a whole body
+/// that came with the head); `"data", piece`;
 /// `"done", body (whole requests) or nil, timings`; `nil, err`; or `PARK` (`co` is parked
 /// until there is more).
 fn next(lua: &Lua, (id, co): (u64, Thread)) -> Result<mlua::MultiValue> {
     use mlua::IntoLuaMulti;
     let rt = runtime(lua)?;
-    let (key, failure) = match rt.http_client.borrow().exchanges.get(&id) {
+    let (key, failure, deadline) = match rt.http_client.borrow_mut().exchanges.get_mut(&id) {
         None => return (Value::Nil, "the request was cancelled").into_lua_multi(lua),
-        Some(p) => (if let Stage::Sent(k) = p.stage { Some(k) } else { None }, p.failure.clone()),
+        Some(p) => {
+            let key = if let Stage::Sent(k) = p.stage { Some(k) } else { None };
+            if key.is_none() && p.deadline.is_some_and(|d| Instant::now() >= d) {
+                p.failure
+                    .get_or_insert_with(|| "timeout (the request took longer than its 'timeout')".into());
+            }
+            (key, p.failure.clone(), p.deadline)
+        }
     };
     if let Some(why) = failure {
         finish(lua, &rt, id)?;
@@ -662,7 +752,11 @@ fn next(lua: &Lua, (id, co): (u64, Thread)) -> Result<mlua::MultiValue> {
                         },
                         None => {
                             let (data, done) = proto.take_body();
-                            Step::Body(data, done)
+                            // Reading ahead may have failed it (a limit, bad framing).
+                            match proto.failure() {
+                                Some(why) => Step::Failed(why.to_owned()),
+                                None => Step::Body(data, done),
+                            }
                         }
                     };
                     (step, first)
@@ -684,18 +778,30 @@ fn next(lua: &Lua, (id, co): (u64, Thread)) -> Result<mlua::MultiValue> {
                     fields.push(name.as_str())?;
                     fields.push(lua.create_string(value)?)?;
                 }
-                return ("head", head.status, head.reason, fields, head.minor_version).into_lua_multi(lua);
+                let head = ("head", head.status, head.reason, fields, head.minor_version);
+                // A whole body that came with its head goes along (one call fewer).
+                if let Some((body, times)) = whole_now(lua, &rt, id, key, first_byte)? {
+                    let (kind, status, reason, fields, minor) = head;
+                    return (kind, status, reason, fields, minor, body, times).into_lua_multi(lua);
+                }
+                return head.into_lua_multi(lua);
             }
             Step::Body(data, done) if head_given => {
                 let mut state = rt.http_client.borrow_mut();
                 let Some(p) = state.exchanges.get_mut(&id) else { return Value::Nil.into_lua_multi(lua) };
-                if p.whole {
+                let mut data = data;
+                if p.whole && !(done && p.body.is_empty()) {
                     p.body.extend_from_slice(&data);
-                } else if !data.is_empty() {
+                } else if !data.is_empty() && !p.whole {
                     return ("data", lua.create_string(&data)?).into_lua_multi(lua);
                 }
                 if done {
-                    let body = std::mem::take(&mut p.body);
+                    // A body that came in one take is used as it is.
+                    let body = if p.body.is_empty() {
+                        std::mem::take(&mut data)
+                    } else {
+                        std::mem::take(&mut p.body)
+                    };
                     let whole = p.whole;
                     let times = timings(lua, p, first_byte)?;
                     drop(state);
@@ -706,6 +812,12 @@ fn next(lua: &Lua, (id, co): (u64, Thread)) -> Result<mlua::MultiValue> {
             }
             Step::Body(..) => {}
         }
+    }
+    if let (None, Some(at)) = (key, deadline) {
+        // Waiting for a connection or a name: woken at the deadline too (a spurious wake later
+        // is harmless, every wait checks again).
+        let timer = lua.create_registry_value(&co)?;
+        rt.sched.borrow_mut().timers.insert(at, super::super::sched::TimerAction::Wake(timer));
     }
     let waiter = lua.create_registry_value(co)?;
     let old = match rt.http_client.borrow_mut().exchanges.get_mut(&id) {
@@ -735,6 +847,9 @@ fn write(lua: &Lua, (id, co, piece): (u64, Thread, Option<mlua::String>)) -> Res
         let queued = {
             let mut driver = rt.driver.borrow_mut();
             match driver.proto::<HttpClientConn>(key) {
+                // Not before the connection is up: a failed connect can then go to the next
+                // address with nothing of the body sent.
+                Some(proto) if proto.failure().is_none() && !proto.is_ready() => None,
                 Some(proto) if proto.failure().is_none() => {
                     let queued = proto.queued();
                     if queued < UPLOAD_QUEUE {

@@ -20,6 +20,13 @@ pub const HOLD: usize = 256 << 10;
 /// most about 512 KiB however the body was made (a "zip bomb" cannot run past the limit).
 const INFLATE_STEP: usize = 512;
 
+/// The most bytes one [`HttpClientConn::take_body`] hands over: the read-ahead and one decoding
+/// step past it, twice (what was held, then what the input read ahead gives).
+pub const MAX_TAKE: usize = 2 * (HOLD + INFLATE_STEP * 1032);
+
+/// 1xx heads accepted before the final one (a server sending them forever is cut).
+const MAX_INFORMATIONAL: u32 = 16;
+
 /// Limits on what a server may send.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientLimits {
@@ -94,14 +101,27 @@ enum Phase {
 }
 
 enum Inflate {
+    /// `deflate`, before its first byte says zlib or raw.
+    Deflate,
     Gzip(GzDecoder<Vec<u8>>),
     Zlib(ZlibDecoder<Vec<u8>>),
     Raw(DeflateDecoder<Vec<u8>>),
 }
 
 impl Inflate {
+    /// RFC 9110 says zlib; some servers send raw deflate (a zlib stream starts 0x78).
+    fn choose(&mut self, first: u8) {
+        if matches!(self, Inflate::Deflate) {
+            *self = match first {
+                0x78 => Inflate::Zlib(ZlibDecoder::new(Vec::new())),
+                _ => Inflate::Raw(DeflateDecoder::new(Vec::new())),
+            };
+        }
+    }
+
     fn output(&mut self) -> &mut Vec<u8> {
         match self {
+            Inflate::Deflate => unreachable!("chosen before any output"),
             Inflate::Gzip(d) => d.get_mut(),
             Inflate::Zlib(d) => d.get_mut(),
             Inflate::Raw(d) => d.get_mut(),
@@ -109,7 +129,11 @@ impl Inflate {
     }
 
     fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
+        if let Some(first) = data.first() {
+            self.choose(*first);
+        }
         match self {
+            Inflate::Deflate => Ok(()),
             Inflate::Gzip(d) => d.write_all(data),
             Inflate::Zlib(d) => d.write_all(data),
             Inflate::Raw(d) => d.write_all(data),
@@ -118,6 +142,8 @@ impl Inflate {
 
     fn finish(&mut self) -> std::io::Result<()> {
         match self {
+            // An empty body.
+            Inflate::Deflate => Ok(()),
             Inflate::Gzip(d) => d.try_finish(),
             Inflate::Zlib(d) => d.try_finish(),
             Inflate::Raw(d) => d.try_finish(),
@@ -138,6 +164,8 @@ pub struct HttpClientConn {
     head_taken: bool,
     framing: Framing,
     inflate: Option<Inflate>,
+    /// Compressed bytes framed but not decoded yet (decoding pauses with the read-ahead full).
+    compressed: Vec<u8>,
     /// Decoded body bytes not taken yet, and how many there were in all.
     body: Vec<u8>,
     received: u64,
@@ -150,6 +178,10 @@ pub struct HttpClientConn {
     /// one the server dropped while idle: the request can go again on a new one).
     response_bytes: usize,
     exchanges: u32,
+    /// The peer closed or reset the connection (not a timeout of ours).
+    dropped: bool,
+    /// 1xx heads skipped in this exchange.
+    informational: u32,
     ready: bool,
     closed: bool,
     idle_expired: bool,
@@ -169,6 +201,7 @@ impl HttpClientConn {
             head_taken: false,
             framing: Framing::Length(0),
             inflate: None,
+            compressed: Vec::new(),
             body: Vec::new(),
             received: 0,
             keep_alive: false,
@@ -177,6 +210,8 @@ impl HttpClientConn {
             first_byte: None,
             response_bytes: 0,
             exchanges: 0,
+            dropped: false,
+            informational: 0,
             ready: false,
             closed: false,
             idle_expired: false,
@@ -209,6 +244,7 @@ impl HttpClientConn {
         self.received = 0;
         self.first_byte = None;
         self.response_bytes = 0;
+        self.informational = 0;
         self.exchanges += 1;
         self.since = now;
         // Bytes that came while idle were not an answer to this request.
@@ -259,7 +295,7 @@ impl HttpClientConn {
     pub fn take_body(&mut self) -> (Vec<u8>, bool) {
         let mut data = std::mem::take(&mut self.body);
         // Input read ahead while the body was full goes along.
-        if self.phase == Phase::Body && !self.input.is_empty() {
+        if self.phase == Phase::Body && !(self.input.is_empty() && self.compressed.is_empty()) {
             self.received += data.len() as u64;
             self.process();
             let more = std::mem::take(&mut self.body);
@@ -279,7 +315,7 @@ impl HttpClientConn {
     /// The connection was reused and closed before a byte of the response: the server dropped
     /// it while idle, so the request can be sent again on a new connection.
     pub fn lost_idle(&self) -> bool {
-        self.failure.is_some() && self.exchanges > 1 && self.response_bytes == 0 && self.head.is_none()
+        self.dropped && self.exchanges > 1 && self.response_bytes == 0 && self.head.is_none()
     }
 
     pub fn first_byte(&self) -> Option<Instant> {
@@ -300,6 +336,7 @@ impl HttpClientConn {
         }
         self.exchange = None;
         self.inflate = None;
+        self.compressed.clear();
         self.head = None;
         if self.keep_alive && self.sent && self.out.is_empty() && !self.closed {
             self.phase = Phase::Idle;
@@ -322,6 +359,8 @@ impl HttpClientConn {
         if self.phase != Phase::Done {
             self.failure.get_or_insert_with(|| why.into());
             self.phase = Phase::Failed;
+            // A failed body is not handed over (past its limit, or cut).
+            self.body = Vec::new();
         }
         self.news = true;
     }
@@ -382,6 +421,11 @@ impl HttpClientConn {
             return false;
         }
         if (100..200).contains(&status) {
+            self.informational += 1;
+            if self.informational > MAX_INFORMATIONAL {
+                self.fail("the server sent too many 1xx responses");
+                return false;
+            }
             return true;
         }
         let Some(exchange) = self.exchange.as_ref() else { return false };
@@ -414,7 +458,10 @@ impl HttpClientConn {
         let connection: Vec<String> = framing::transfer_codings(head.values("connection"));
         let says = |token: &str| connection.iter().any(|t| t == token);
         self.keep_alive = if head.minor_version == 0 { says("keep-alive") } else { !says("close") };
-        if self.framing == Framing::UntilClose {
+        // Framing another parser could read differently (RFC 9112 §6.1, §6.3): not reused.
+        let doubtful = !codings.is_empty()
+            && (length.is_err() || matches!(length, Ok(Some(_))) || head.minor_version == 0);
+        if self.framing == Framing::UntilClose || doubtful {
             self.keep_alive = false;
         }
         self.inflate = None;
@@ -422,11 +469,7 @@ impl HttpClientConn {
             let encodings = framing::transfer_codings(head.values("content-encoding"));
             self.inflate = match encodings.as_slice() {
                 [e] if e == "gzip" || e == "x-gzip" => Some(Inflate::Gzip(GzDecoder::new(Vec::new()))),
-                // RFC 9110 says zlib; some servers send raw deflate (a zlib stream starts 0x78).
-                [e] if e == "deflate" => match self.input.first() {
-                    Some(0x78) | None => Some(Inflate::Zlib(ZlibDecoder::new(Vec::new()))),
-                    Some(_) => Some(Inflate::Raw(DeflateDecoder::new(Vec::new()))),
-                },
+                [e] if e == "deflate" => Some(Inflate::Deflate),
                 _ => None,
             };
         }
@@ -437,37 +480,58 @@ impl HttpClientConn {
     }
 
     fn read_body(&mut self) {
+        let input = std::mem::take(&mut self.input);
+        let used = self.read_body_from(&input);
+        self.input = input;
+        self.input.drain(..used);
+    }
+
+    /// Decodes body bytes from `input`: how many of them were used.
+    fn read_body_from(&mut self, input: &[u8]) -> usize {
+        if self.inflate.is_some() && !self.inflate_some() {
+            return 0;
+        }
         let room = HOLD.saturating_sub(self.body.len());
         if room == 0 && !self.framing.is_done() {
-            return;
+            return 0;
         }
         let trailers = TrailerLimits { fields: self.limits.max_headers, bytes: self.limits.max_header_size };
-        let mut raw = Vec::new();
-        let sink = if self.inflate.is_some() { &mut raw } else { &mut self.body };
-        let decoded = match self.framing.decode(&self.input, room, u64::MAX, trailers, Some(sink)) {
+        let sink = if self.inflate.is_some() { &mut self.compressed } else { &mut self.body };
+        let decoded = match self.framing.decode(input, room, u64::MAX, trailers, Some(sink)) {
             Ok(d) => d,
-            Err(_) => return self.fail("malformed chunked body in the response"),
-        };
-        self.input.drain(..decoded.consumed);
-        if let Some(inflate) = self.inflate.as_mut() {
-            let max = self.exchange.as_ref().and_then(|e| e.max_body).unwrap_or(u64::MAX);
-            for piece in raw.chunks(INFLATE_STEP) {
-                if inflate.write(piece).is_err() {
-                    return self.fail("the response body does not decompress");
-                }
-                self.body.append(inflate.output());
-                if self.received + self.body.len() as u64 > max {
-                    break;
-                }
+            Err(_) => {
+                self.fail("malformed chunked body in the response");
+                return input.len();
             }
-        }
+        };
+        let all_decoded = self.inflate.is_none() || self.inflate_some();
         self.news |= !self.body.is_empty();
-        if self.over_limit() {
-            return;
-        }
-        if decoded.done {
+        if !self.over_limit() && decoded.done && all_decoded && self.phase == Phase::Body {
             self.complete();
         }
+        decoded.consumed
+    }
+
+    /// Decodes pending compressed bytes in small steps until the read-ahead is full: true when
+    /// none are left.
+    fn inflate_some(&mut self) -> bool {
+        let Some(inflate) = self.inflate.as_mut() else { return true };
+        let max = self.exchange.as_ref().and_then(|e| e.max_body).unwrap_or(u64::MAX);
+        let mut at = 0;
+        while at < self.compressed.len() && self.body.len() < HOLD {
+            let end = (at + INFLATE_STEP).min(self.compressed.len());
+            if inflate.write(&self.compressed[at..end]).is_err() {
+                self.fail("the response body does not decompress");
+                return false;
+            }
+            at = end;
+            self.body.append(inflate.output());
+            if self.received + self.body.len() as u64 > max {
+                break;
+            }
+        }
+        self.compressed.drain(..at);
+        !self.over_limit() && self.compressed.is_empty()
     }
 
     /// Body bytes past `max_body` fail the exchange.
@@ -511,18 +575,28 @@ impl StreamProtocol for HttpClientConn {
             self.response_bytes += data.len();
             self.first_byte.get_or_insert(now);
         }
-        self.input.extend_from_slice(data);
+        if self.phase == Phase::Body && self.input.is_empty() {
+            // Body bytes go straight from the read buffer (the usual case: one copy fewer).
+            let used = self.read_body_from(data);
+            if self.phase == Phase::Body || self.phase == Phase::Done {
+                self.input.extend_from_slice(&data[used..]);
+            }
+        } else {
+            self.input.extend_from_slice(data);
+        }
         self.process();
     }
 
     fn handle_eof(&mut self, _now: Instant) {
         self.closed = true;
+        self.dropped = true;
         match self.phase {
             Phase::Body if self.framing == Framing::UntilClose => {
-                self.process();
-                if self.phase == Phase::Body {
-                    self.complete();
+                // What came is all of it (what the read-ahead holds back completes later).
+                if self.input.is_empty() {
+                    self.framing = Framing::Length(0);
                 }
+                self.process();
             }
             Phase::Head | Phase::Body => {
                 self.process();
@@ -541,6 +615,7 @@ impl StreamProtocol for HttpClientConn {
 
     fn handle_error(&mut self, _now: Instant, error: &str) {
         self.closed = true;
+        self.dropped = true;
         self.fail(error);
     }
 
@@ -701,9 +776,31 @@ mod tests {
             format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\nContent-Encoding: gzip\r\n\r\n", zipped.len());
         c.handle_bytes(now, head.as_bytes());
         c.handle_bytes(now, &zipped);
+        let mut taken = 0;
+        while c.failure().is_none() {
+            let (piece, done) = c.take_body();
+            assert!(piece.len() <= MAX_TAKE, "a take of {}", piece.len());
+            assert!(!done);
+            taken += piece.len();
+        }
         assert!(c.failure().unwrap().contains("too large"), "{:?}", c.failure());
-        assert!(c.body.len() < 3 << 20, "held {}", c.body.len());
+        assert!(taken <= 1 << 20, "{taken} bytes handed over");
         assert_eq!(c.flow(), Flow::Abort);
+        // Without a limit (a streamed download), each take stays bounded however it expands.
+        let mut c = conn(now);
+        c.exchange.as_mut().unwrap().max_body = None;
+        c.handle_bytes(now, head.as_bytes());
+        c.handle_bytes(now, &zipped);
+        let mut total = 0;
+        loop {
+            let (piece, done) = c.take_body();
+            assert!(piece.len() <= MAX_TAKE, "a take of {}", piece.len());
+            total += piece.len();
+            if done {
+                break;
+            }
+        }
+        assert_eq!(total, 16 << 20);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 -- the first state must be gone (no more descriptors than in the first run at the same point),
 -- then the full suites run.
 local marker = assert(os.getenv("LUNA_LOVE_MARKER"), "set LUNA_LOVE_MARKER")
-local suites = os.getenv("LUNA_SUITES") or "runtime_suite,ws_suite,rpc_suite,reentry_suite,net_suite,http_suite,http_app_suite"
+local suites = os.getenv("LUNA_SUITES") or "runtime_suite,ws_suite,rpc_suite,reentry_suite,net_suite,http_suite,http_app_suite,http_request_suite"
 local ffi = require("ffi")
 ffi.cdef("int getpid(void);")
 
