@@ -17,7 +17,7 @@ local KNOWN = {
   content_length = "number", options = "table", timeout = "number", connect_timeout = "number",
   stall_timeout = "number", follow_redirects = "boolean", max_redirects = "number",
   allow_insecure_redirects = "boolean", tls = "table", max_body_size = "number",
-  on_progress = "function", on_chunk = "function", save_to = "string",
+  on_progress = "function", on_chunk = "function", save_to = "string", proxy = true,
 }
 
 -- Defaults every request starts from (`lunac.http.init` sets them).
@@ -41,6 +41,9 @@ local function check(call, config)
     if want ~= true and type(value) ~= want then
       error(call .. ": '" .. key .. "' must be a " .. want .. ", got " .. type(value), 4)
     end
+  end
+  if config.proxy ~= nil and config.proxy ~= false and type(config.proxy) ~= "string" then
+    error(call .. ": 'proxy' must be a proxy URL (\"http://host:port\") or false, got " .. type(config.proxy), 4)
   end
   local body = config.body
   if body ~= nil and type(body) ~= "string" and type(body) ~= "function" then
@@ -102,6 +105,34 @@ local function origin(url)
   return (url:match("^(%a[%w+.-]*://[^/?#]*)") or url):lower()
 end
 
+-- The proxy for `url`: the config's (false: none), else HTTP_PROXY / HTTPS_PROXY from the
+-- environment unless NO_PROXY names the host (a suffix match; "*" for every host).
+local function proxy_for(config, url)
+  if config.proxy ~= nil then
+    return config.proxy or nil
+  end
+  local scheme, host = url:lower():match("^(%a+)://([^/?#]*)")
+  if not scheme then
+    return nil
+  end
+  host = host:gsub("^.*@", ""):gsub(":%d+$", ""):gsub("^%[(.*)%]$", "%1")
+  local env = os.getenv(scheme .. "_proxy") or os.getenv(scheme:upper() .. "_PROXY")
+  if not env or env == "" then
+    return nil
+  end
+  local no = os.getenv("no_proxy") or os.getenv("NO_PROXY") or ""
+  for entry in no:gmatch("[^,%s]+") do
+    entry = entry:lower():gsub(":%d+$", ""):gsub("^%.", "")
+    if entry == "*" or host == entry or host:sub(-#entry - 1) == "." .. entry then
+      return nil
+    end
+  end
+  if not env:find("://", 1, true) then
+    env = "http://" .. env
+  end
+  return env
+end
+
 local REDIRECTS = { [301] = true, [302] = true, [303] = true, [307] = true, [308] = true }
 
 -- One exchange of `config` (a prepared copy): the response, `"redirect", response`, or nil, err.
@@ -116,7 +147,8 @@ local function exchange(config, co, follow, hop, state)
   end
   local id, err = start(config.url, config.method, config.headers, hop == 0 and config.query or nil,
     not streamed and config.body or nil, streamed, config.content_length, decompress, max_body,
-    config.timeout, config.connect_timeout, config.stall_timeout, config.tls, whole)
+    config.timeout, config.connect_timeout, config.stall_timeout, config.tls, whole,
+    proxy_for(config, config.url))
   if not id then
     return nil, err
   end
@@ -371,8 +403,6 @@ local function legacy(call, url, options)
       config.stall_timeout = v
     elseif k == "step" or k == "uri" or k == "create" then
       -- LuaSocket's plumbing: the runtime moves the bytes.
-    elseif k == "proxy" then
-      error(call .. ": 'proxy' is not supported yet", 3)
     elseif k == "source" then
       config.body = v
     elseif k == "sink" then

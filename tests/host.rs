@@ -370,3 +370,31 @@ fn http_json_example_posts_and_reads_the_leaderboard() {
         "{text}"
     );
 }
+
+#[test]
+fn http_proxy_comes_from_the_environment_unless_no_proxy_names_the_host() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let s = script(&format!(
+        r#"local luna = require("luna")
+        local proxy = luna.tcp.listen{{ host = "127.0.0.1", port = {port}, on_connection = function(s)
+          local head = s:read_until("\r\n\r\n")
+          local line = head:match("^[^\r]+")
+          s:write("HTTP/1.1 200 OK\r\nContent-Length: " .. #line .. "\r\n\r\n" .. line)
+        end }}
+        local origin = luna.serve({{ port = 0, host = "127.0.0.1", handleRequest = function() return "direct" end }})
+        luna.spawn(function()
+          print(luna.http.request("http://example.invalid/via").body)
+          print(luna.http.request(origin.address .. "/skip").body)
+          print(luna.http.request({{ url = "http://example.invalid/x", proxy = false }}) == nil)
+          proxy:close(); origin:stop(); luna.close()
+        end)"#
+    ));
+    let (out, _) = run(host()
+        .arg(&s.0)
+        .env("HTTP_PROXY", format!("127.0.0.1:{port}"))
+        .env("NO_PROXY", "localhost, .skip.test,127.0.0.1")
+        .env_remove("http_proxy")
+        .env_remove("no_proxy"));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout(&out), "GET http://example.invalid/via HTTP/1.1\ndirect\ntrue\n");
+}

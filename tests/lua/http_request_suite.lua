@@ -366,6 +366,63 @@ return function(T, luna, lunac)
     old:stop()
   end)
 
+  T.test("proxy: http forwarded in absolute form, https through a CONNECT tunnel, refusals", function()
+    local forward = scripted(function(s, head)
+      s:write("HTTP/1.1 200 OK\r\nContent-Length: " .. #head .. "\r\n\r\n" .. head)
+    end)
+    local r, err = http.request({ url = "http://example.invalid:8080/a?b=1#frag", proxy = "http://ann:s%20cret@127.0.0.1:" .. forward.server.port })
+    T.ok(r, tostring(err))
+    T.ok(r.body:find("^GET http://example.invalid:8080/a%?b=1 HTTP/1.1\r\n"), r.body)
+    T.ok(r.body:find("proxy-authorization: Basic YW5uOnMgY3JldA==", 1, true), "credentials from the proxy URL")
+    T.ok(r.body:find("host: example.invalid:8080", 1, true), "Host is the origin")
+    forward.server:close()
+
+    local target = luna.serve({ port = 0, host = "127.0.0.1", tls = { cert = data .. "server.pem", key = data .. "server.key" },
+      handleRequest = function(req) return "tunnelled " .. req.path end })
+    local seen = {}
+    local tunnel = luna.tcp.listen{ host = "127.0.0.1", port = 0, on_connection = function(s)
+      local head = s:read_until("\r\n\r\n", 8192)
+      seen[#seen + 1] = head
+      local host, port = head:match("^CONNECT ([^%s:]+):(%d+) HTTP/1.1")
+      -- "refuse:" in base64: the credentials of the refused case.
+      if head:find("cmVmdXNlOg==", 1, true) or not host then
+        s:write("HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+        return
+      end
+      local up = assert(luna.tcp.connect(host, tonumber(port)))
+      s:write("HTTP/1.1 200 Connection established\r\n\r\n")
+      luna.spawn(function()
+        while true do
+          local data = up:read()
+          if not data then s:close(); return end
+          s:write(data)
+        end
+      end)
+      while true do
+        local data = s:read()
+        if not data then up:close(); return end
+        up:write(data)
+      end
+    end }
+    local proxy = "http://127.0.0.1:" .. tunnel.port
+    local url = "https://127.0.0.1:" .. target.port
+    r, err = http.request({ url = url .. "/one", proxy = proxy, tls = { ca = data .. "ca.pem" } })
+    T.eq(r and r.body, "tunnelled /one", tostring(err))
+    T.ok(seen[1]:find("^CONNECT 127.0.0.1:" .. target.port .. " HTTP/1.1"), seen[1])
+    r = assert(http.request({ url = url .. "/two", proxy = proxy, tls = { ca = data .. "ca.pem" } }))
+    T.eq(r.timings.reused, true, "the tunnel is pooled")
+    T.eq(#seen, 1, "one CONNECT for both")
+    local _, terr = http.request({ url = url .. "/", proxy = proxy })
+    T.ok(terr and terr:find("UnknownIssuer", 1, true), "verified end to end: " .. tostring(terr))
+    _, terr = http.request({ url = url .. "/", proxy = "http://refuse@127.0.0.1:" .. tunnel.port, tls = { ca = data .. "ca.pem" } })
+    T.ok(terr and terr:find("the proxy refused the tunnel: 407", 1, true), tostring(terr))
+    T.raises({ "'proxy' must be a proxy URL" }, http.request, { url = url, proxy = 3 })
+    _, terr = http.request({ url = url, proxy = "socks5://127.0.0.1:1" })
+    T.ok(terr and terr:find("http:// proxies only", 1, true), tostring(terr))
+    target:stop()
+    tunnel:close()
+  end)
+
   T.test("lunac.http: the original client's fetch and noawait_fetch", function()
     local server, base = app(function(req) return { status = 201, body = "made " .. req.method } end)
     local body, code, headers, status = lunac.http.fetch(base .. "/x", { method = "POST", body = "1" })

@@ -42,6 +42,30 @@ struct Origin {
     port: u16,
     /// CA file, verify, server name.
     tls: Option<(Option<String>, bool, String)>,
+    /// The proxy connections go through (host, port, credentials): plain http is forwarded,
+    /// https tunnels.
+    proxy: Option<(String, u16, Option<String>)>,
+}
+
+impl Origin {
+    /// Where connections are opened: the proxy if there is one.
+    fn dial(&self) -> (String, u16) {
+        match &self.proxy {
+            Some((host, port, _)) => (host.clone(), *port),
+            None => (self.host.clone(), self.port),
+        }
+    }
+}
+
+/// Where a tunnel through a proxy stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tunnel {
+    /// No tunnel (no proxy, or http forwarded).
+    No,
+    /// `CONNECT` sent, the proxy's answer awaited.
+    Asked,
+    /// The proxy agreed; TLS with the origin is being set up.
+    Securing,
 }
 
 enum Stage {
@@ -75,6 +99,9 @@ struct Pending {
     idempotent: bool,
     /// The whole exchange's deadline (`timeout`), also while it waits for a connection.
     deadline: Option<Instant>,
+    tunnel: Tunnel,
+    /// The `CONNECT` head for an https request through a proxy.
+    connect_head: Option<Vec<u8>>,
 }
 
 #[derive(Clone)]
@@ -164,14 +191,24 @@ fn build_head(
     fields: &[(String, String)],
     framing: Option<Option<u64>>,
     decompress: bool,
+    forward: Option<&Option<String>>,
 ) -> Vec<u8> {
     let has = |name: &str| fields.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
     let mut head = Vec::with_capacity(256);
-    let target = match url.query() {
-        Some(q) => format!("{}?{q}", url.path()),
-        None => url.path().to_owned(),
+    let target = match (forward, url.query()) {
+        // A proxy is asked for the absolute URL (RFC 9112 §3.2.2), without its fragment.
+        (Some(_), _) => url[..url::Position::AfterQuery].to_owned(),
+        (None, Some(q)) => format!("{}?{q}", url.path()),
+        (None, None) => url.path().to_owned(),
     };
+    if let Some(Some(auth)) = forward {
+        if !has("proxy-authorization") {
+            head.extend_from_slice(format!("proxy-authorization: {auth}\r\n").as_bytes());
+        }
+    }
+    let auth_line = std::mem::take(&mut head);
     head.extend_from_slice(format!("{method} {target} HTTP/1.1\r\n").as_bytes());
+    head.extend_from_slice(&auth_line);
     if !has("host") {
         let host = url.host_str().unwrap_or("");
         match url.port() {
@@ -222,7 +259,23 @@ type Spec = (
     Option<f64>,
     Option<Table>,
     bool,
+    Option<mlua::String>,
 );
+
+/// A proxy URL: where it is and the `Proxy-Authorization` its user name and password give.
+fn proxy_of(text: &str) -> std::result::Result<(String, u16, Option<String>), String> {
+    let url = url::Url::parse(text).map_err(|e| format!("invalid proxy URL '{text}': {e}"))?;
+    if url.scheme() != "http" {
+        return Err(format!("unsupported proxy scheme '{}' (http:// proxies only)", url.scheme()));
+    }
+    let host = url.host_str().ok_or_else(|| format!("the proxy URL '{text}' has no host"))?.to_owned();
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
+    let auth = (!url.username().is_empty()).then(|| {
+        let pair = format!("{}:{}", decode(url.username()), decode(url.password().unwrap_or("")));
+        format!("Basic {}", data_encoding::BASE64.encode(pair.as_bytes()))
+    });
+    Ok((host, url.port_or_known_default().unwrap_or(80), auth))
+}
 
 /// A whole number of bytes >= 0 (at most 2^53, what a Lua number holds exactly).
 fn bytes(key: &str, n: Option<f64>) -> Result<Option<u64>> {
@@ -234,7 +287,7 @@ fn bytes(key: &str, n: Option<f64>) -> Result<Option<u64>> {
 }
 
 /// `core.http_client_start(url, method, headers, query, body, streamed, content_length,
-/// decompress, max_body_size, timeout, connect_timeout, stall_timeout, tls, whole)` → request
+/// decompress, max_body_size, timeout, connect_timeout, stall_timeout, tls, whole, proxy)` → request
 /// id, or `nil, err` for a URL that cannot be asked.
 fn start(lua: &Lua, spec: Spec) -> Result<(Option<u64>, Option<String>)> {
     let (
@@ -252,6 +305,7 @@ fn start(lua: &Lua, spec: Spec) -> Result<(Option<u64>, Option<String>)> {
         stall_timeout,
         tls_table,
         whole,
+        proxy,
     ) = spec;
     let text = text.to_str()?;
     let mut url = match url::Url::parse(&text) {
@@ -295,8 +349,14 @@ fn start(lua: &Lua, spec: Spec) -> Result<(Option<u64>, Option<String>)> {
     let timeout = seconds_value(CALL, "timeout", timeout)?;
     let connect_timeout = seconds_value(CALL, "connect_timeout", connect_timeout)?;
     let stall_timeout = seconds_value(CALL, "stall_timeout", stall_timeout)?;
+    let proxy = match proxy.map(|p| p.to_str().map(|p| proxy_of(&p))).transpose()? {
+        None => None,
+        Some(Ok(proxy)) => Some(proxy),
+        Some(Err(e)) => return Ok((None, Some(e))),
+    };
     let now = Instant::now();
-    let head = build_head(&method, &url, &fields, framing, decompress);
+    let forward = proxy.as_ref().filter(|_| !tls).map(|(_, _, auth)| auth.clone());
+    let head = build_head(&method, &url, &fields, framing, decompress, forward.as_ref());
     let exchange = Exchange {
         head,
         body,
@@ -314,7 +374,15 @@ fn start(lua: &Lua, spec: Spec) -> Result<(Option<u64>, Option<String>)> {
         host: host.clone(),
         port,
         tls: tls_spec.as_ref().map(|(ca, verify, name, _)| (ca.clone(), *verify, name.clone())),
+        proxy: proxy.clone(),
     };
+    // https through a proxy: a tunnel to the origin first (RFC 9110 §9.3.6).
+    let connect_head = proxy.as_ref().filter(|_| tls).map(|(_, _, auth)| {
+        let authority =
+            if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        let auth = auth.as_ref().map(|a| format!("proxy-authorization: {a}\r\n")).unwrap_or_default();
+        format!("CONNECT {authority} HTTP/1.1\r\nhost: {authority}\r\n{auth}\r\n").into_bytes()
+    });
     let connect = ConnectOptionsSpec {
         timeout: connect_timeout.unwrap_or(Duration::from_secs(10)),
         tls: tls_spec.map(|(_, _, name, config)| (config, name)),
@@ -338,6 +406,8 @@ fn start(lua: &Lua, spec: Spec) -> Result<(Option<u64>, Option<String>)> {
         opening: false,
         idempotent: matches!(method.as_str(), "GET" | "HEAD" | "PUT" | "DELETE" | "OPTIONS" | "TRACE"),
         deadline: timeout.map(|t| now + t),
+        tunnel: Tunnel::No,
+        connect_head,
     };
     let id = {
         let mut state = rt.http_client.borrow_mut();
@@ -402,7 +472,7 @@ fn assign(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
     if !room {
         return Ok(());
     }
-    let port = origin.port;
+    let (dial_host, port) = origin.dial();
     let then: addr::Continuation = Box::new(move |lua, rt, ips| {
         let now = Instant::now();
         let mut addrs = match ips {
@@ -421,22 +491,22 @@ fn assign(lua: &Lua, rt: &Runtime, id: u64) -> Result<()> {
         }
         connect(lua, rt, id, first)
     });
-    addr::resolve_then(lua, rt, &origin_host(rt, id), false, then)
-}
-
-fn origin_host(rt: &Runtime, id: u64) -> String {
-    rt.http_client.borrow().exchanges.get(&id).map(|p| p.origin.host.clone()).unwrap_or_default()
+    addr::resolve_then(lua, rt, &dial_host, false, then)
 }
 
 /// Opens a connection to `addr` for request `id` (which holds a slot of its origin).
 fn connect(lua: &Lua, rt: &Runtime, id: u64, addr: SocketAddr) -> Result<()> {
-    let (spec, origin) = match rt.http_client.borrow().exchanges.get(&id) {
-        Some(p) => (p.connect.clone(), p.origin.clone()),
+    let (spec, origin, connect_head) = match rt.http_client.borrow().exchanges.get(&id) {
+        Some(p) => (p.connect.clone(), p.origin.clone(), p.connect_head.clone()),
         None => return Ok(()),
     };
     let options = ConnectOptions {
         timeout: spec.timeout,
-        tls: spec.tls.map(|(config, server_name)| ClientTls { config, server_name }),
+        // Through a tunnel, TLS starts once the proxy agreed.
+        tls: spec
+            .tls
+            .filter(|_| connect_head.is_none())
+            .map(|(config, server_name)| ClientTls { config, server_name }),
         ..ConnectOptions::default()
     };
     let proto = Box::new(HttpClientConn::new(ClientLimits::default(), Instant::now()));
@@ -447,9 +517,22 @@ fn connect(lua: &Lua, rt: &Runtime, id: u64, addr: SocketAddr) -> Result<()> {
             state.conns.insert(key, Conn { origin, exchange: Some(id) });
             if let Some(p) = state.exchanges.get_mut(&id) {
                 p.opening = false;
+                if connect_head.is_some() {
+                    p.tunnel = Tunnel::Asked;
+                    p.stage = Stage::Sent(key);
+                }
             }
             drop(state);
-            send_on(rt, id, key, false);
+            match connect_head {
+                Some(head) => {
+                    let now = rt.driver.borrow().now();
+                    if let Some(proto) = rt.driver.borrow_mut().proto::<HttpClientConn>(key) {
+                        proto.tunnel(now, &head);
+                    }
+                    rt.flush(key);
+                }
+                None => send_on(rt, id, key, false),
+            }
             Ok(())
         }
         Err(e) => give_up(lua, rt, id, e),
@@ -565,6 +648,9 @@ pub(crate) fn event(lua: &Lua, rt: &Runtime, event: Event) -> Result<()> {
         }
         return Ok(());
     };
+    if matches!(event.kind, EventKind::News) && advance_tunnel(lua, rt, id, key)? {
+        return Ok(());
+    }
     if matches!(event.kind, EventKind::News) {
         let (ready, failed, lost_idle) = {
             let mut driver = rt.driver.borrow_mut();
@@ -601,8 +687,11 @@ pub(crate) fn event(lua: &Lua, rt: &Runtime, event: Event) -> Result<()> {
             return match next {
                 Some(addr) => connect(lua, rt, id, addr),
                 None => {
-                    let host = origin_host(rt, id);
-                    let port = rt.http_client.borrow().exchanges.get(&id).map_or(0, |p| p.origin.port);
+                    let Some((host, port)) =
+                        rt.http_client.borrow().exchanges.get(&id).map(|p| p.origin.dial())
+                    else {
+                        return Ok(());
+                    };
                     let then: addr::Continuation = Box::new(move |lua, rt, ips| match ips {
                         Ok(ips) if !ips.is_empty() => connect(lua, rt, id, SocketAddr::new(ips[0], port)),
                         Ok(_) => give_up(lua, rt, id, "cannot resolve the host: no addresses".into()),
@@ -617,6 +706,47 @@ pub(crate) fn event(lua: &Lua, rt: &Runtime, event: Event) -> Result<()> {
         wake(rt, p);
     }
     Ok(())
+}
+
+/// A tunnel through a proxy: TLS once the proxy agreed, the request once TLS is up. True when
+/// the event was the tunnel's.
+fn advance_tunnel(lua: &Lua, rt: &Runtime, id: u64, key: Key) -> Result<bool> {
+    let (tunnel, tls) = match rt.http_client.borrow().exchanges.get(&id) {
+        Some(p) if p.tunnel != Tunnel::No => (p.tunnel, p.connect.tls.clone()),
+        _ => return Ok(false),
+    };
+    let (opened, ready, failed) = {
+        let mut driver = rt.driver.borrow_mut();
+        let Some(proto) = driver.proto::<HttpClientConn>(key) else { return Ok(false) };
+        let opened = if tunnel == Tunnel::Asked { proto.tunnel_opened() } else { None };
+        (opened, proto.is_ready(), proto.failure().is_some())
+    };
+    if failed {
+        return Ok(false);
+    }
+    if let Some(leftover) = opened {
+        let Some((config, name)) = tls else { return Ok(false) };
+        let started = crate::proto::tls::Tls::client(config, &name)
+            .map_err(|e| e.to_string())
+            .and_then(|tls| rt.driver.borrow_mut().start_tls(key, tls, &leftover));
+        if let Err(e) = started {
+            close_conn(rt, key);
+            give_up(lua, rt, id, format!("cannot start TLS through the proxy: {e}"))?;
+            return Ok(true);
+        }
+        if let Some(p) = rt.http_client.borrow_mut().exchanges.get_mut(&id) {
+            p.tunnel = Tunnel::Securing;
+        }
+        return Ok(true);
+    }
+    if tunnel == Tunnel::Securing && ready {
+        if let Some(p) = rt.http_client.borrow_mut().exchanges.get_mut(&id) {
+            p.tunnel = Tunnel::No;
+        }
+        send_on(rt, id, key, false);
+        return Ok(true);
+    }
+    Ok(tunnel == Tunnel::Asked || tunnel == Tunnel::Securing)
 }
 
 /// Request `id` is over: its connection goes back to the pool (or to the next request of its

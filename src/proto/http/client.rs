@@ -24,6 +24,9 @@ const INFLATE_STEP: usize = 512;
 /// step past it, twice (what was held, then what the input read ahead gives).
 pub const MAX_TAKE: usize = 2 * (HOLD + INFLATE_STEP * 1032);
 
+/// How long a proxy may take to answer `CONNECT`.
+const TUNNEL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// 1xx heads accepted before the final one (a server sending them forever is cut).
 const MAX_INFORMATIONAL: u32 = 16;
 
@@ -89,6 +92,8 @@ impl ResponseHead {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
+    /// A `CONNECT` went to a proxy; its answer is awaited.
+    Tunnel,
     /// No exchange: the connection waits for the next request.
     Idle,
     /// Waiting for the response head.
@@ -182,6 +187,8 @@ pub struct HttpClientConn {
     dropped: bool,
     /// 1xx heads skipped in this exchange.
     informational: u32,
+    /// The proxy answered the `CONNECT` with 2xx.
+    tunnel_up: bool,
     ready: bool,
     closed: bool,
     idle_expired: bool,
@@ -212,6 +219,7 @@ impl HttpClientConn {
             exchanges: 0,
             dropped: false,
             informational: 0,
+            tunnel_up: false,
             ready: false,
             closed: false,
             idle_expired: false,
@@ -222,6 +230,26 @@ impl HttpClientConn {
     /// Connected (and past the TLS handshake).
     pub fn is_ready(&self) -> bool {
         self.ready
+    }
+
+    /// Asks the proxy this connection goes to for a tunnel (`CONNECT` head): once it agreed
+    /// ([`tunnel_opened`](Self::tunnel_opened)), the layer above starts TLS on the stream and the
+    /// connection is ready again when that is done.
+    pub fn tunnel(&mut self, now: Instant, connect_head: &[u8]) {
+        self.out.extend_from_slice(connect_head);
+        self.phase = Phase::Tunnel;
+        self.since = now;
+    }
+
+    /// The proxy agreed to the tunnel (once): what it sent after its answer is returned, for
+    /// the TLS layer.
+    pub fn tunnel_opened(&mut self) -> Option<Vec<u8>> {
+        if self.phase != Phase::Tunnel || !self.tunnel_up {
+            return None;
+        }
+        self.phase = Phase::Idle;
+        self.ready = false;
+        Some(std::mem::take(&mut self.input))
     }
 
     /// Idle, open, and able to take a request.
@@ -368,6 +396,12 @@ impl HttpClientConn {
     fn process(&mut self) {
         loop {
             match self.phase {
+                Phase::Tunnel => {
+                    if !self.tunnel_up && !self.input.is_empty() {
+                        self.parse_tunnel();
+                    }
+                    return;
+                }
                 Phase::Idle => {
                     if !self.input.is_empty() {
                         self.fail("the server sent data without a request");
@@ -385,6 +419,27 @@ impl HttpClientConn {
                 }
                 Phase::Done | Phase::Failed => return,
             }
+        }
+    }
+
+    /// The proxy's answer to `CONNECT`.
+    fn parse_tunnel(&mut self) {
+        let mut fields = vec![httparse::EMPTY_HEADER; self.limits.max_headers];
+        let mut response = httparse::Response::new(&mut fields);
+        match response.parse(&self.input) {
+            Ok(httparse::Status::Complete(n)) => {
+                let status = response.code.unwrap_or(0);
+                if (200..300).contains(&status) {
+                    self.input.drain(..n);
+                    self.tunnel_up = true;
+                    self.news = true;
+                } else {
+                    let reason = response.reason.unwrap_or("").to_owned();
+                    self.fail(format!("the proxy refused the tunnel: {status} {reason}"));
+                }
+            }
+            Ok(httparse::Status::Partial) if self.input.len() <= self.limits.max_header_size => {}
+            _ => self.fail("malformed answer from the proxy to CONNECT"),
         }
     }
 
@@ -598,6 +653,7 @@ impl StreamProtocol for HttpClientConn {
                 }
                 self.process();
             }
+            Phase::Tunnel => self.fail("the proxy closed the connection before the tunnel opened"),
             Phase::Head | Phase::Body => {
                 self.process();
                 if !self.is_done() {
@@ -629,6 +685,9 @@ impl StreamProtocol for HttpClientConn {
 
     fn handle_timeout(&mut self, now: Instant) {
         match self.phase {
+            Phase::Tunnel if !self.tunnel_up && now >= self.since + TUNNEL_TIMEOUT => {
+                self.fail("timeout (the proxy did not answer CONNECT)");
+            }
             Phase::Idle if now >= self.since + self.limits.idle_timeout => {
                 self.idle_expired = true;
                 self.news = true;
@@ -651,6 +710,7 @@ impl StreamProtocol for HttpClientConn {
 
     fn poll_timeout(&self) -> Option<Instant> {
         match self.phase {
+            Phase::Tunnel if !self.tunnel_up => Some(self.since + TUNNEL_TIMEOUT),
             Phase::Idle if self.ready && !self.idle_expired => Some(self.since + self.limits.idle_timeout),
             Phase::Head | Phase::Body => {
                 let exchange = self.exchange.as_ref()?;
@@ -669,6 +729,7 @@ impl StreamProtocol for HttpClientConn {
         match self.phase {
             Phase::Body => self.body.len() < HOLD,
             Phase::Idle | Phase::Head => self.input.len() <= self.limits.max_header_size,
+            Phase::Tunnel => !self.tunnel_up && self.input.len() <= self.limits.max_header_size,
             _ => false,
         }
     }
