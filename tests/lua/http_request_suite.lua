@@ -50,7 +50,7 @@ return function(T, luna, lunac)
     T.eq(r.url, base .. "/one", "url")
     T.ok(r.timings.total >= 0 and r.timings.connect and not r.timings.reused, "first request connects")
     T.eq(seen[1].headers["user-agent"]:match("^luna/") ~= nil, true, "a user agent")
-    T.eq(seen[1].headers["accept-encoding"], "gzip, deflate", "compressed answers accepted")
+    T.eq(seen[1].headers["accept-encoding"], "gzip, deflate, br", "compressed answers accepted")
     r = assert(http.request({ url = base .. "/two", method = "post", body = "payload",
       headers = { ["Content-Type"] = "text/plain", ["X-List"] = { "a", "b" } }, query = { q = "a b&c" } }))
     T.eq(r.body, "POST /two payload", "POST with a body")
@@ -211,7 +211,7 @@ return function(T, luna, lunac)
     raw.server:close()
   end, 10)
 
-  T.test("request: zlib and raw deflate in chunks, a flood of 1xx heads cut", function()
+  T.test("request: zlib and raw deflate in chunks, brotli, a flood of 1xx heads cut", function()
     local raw = scripted(function(s, head)
       local path = head:match("^%u+ (%S+)")
       if path == "/zlib" then
@@ -219,6 +219,13 @@ return function(T, luna, lunac)
         local z = "\120\156\203\72\205\201\201\87\200\64\144\0\58\46\6\125"
         s:write("HTTP/1.1 200 OK\r\nContent-Encoding: deflate\r\nTransfer-Encoding: chunked\r\n\r\n"
           .. ("%x\r\n"):format(3) .. z:sub(1, 3) .. "\r\n" .. ("%x\r\n"):format(#z - 3) .. z:sub(4) .. "\r\n0\r\n\r\n")
+      elseif path == "/br" then
+        -- brotli for "hello", and the same stream cut short.
+        local b = "\11\2\128\104\101\108\108\111\3"
+        s:write("HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: " .. #b .. "\r\n\r\n" .. b)
+      elseif path == "/brcut" then
+        local b = "\11\2\128\104\101"
+        s:write("HTTP/1.1 200 OK\r\nContent-Encoding: br\r\nContent-Length: " .. #b .. "\r\n\r\n" .. b)
       elseif path == "/raw" then
         -- The same without the zlib wrapper (what some servers send as "deflate").
         local d = "\203\72\205\201\201\87\200\64\144\0"
@@ -231,6 +238,10 @@ return function(T, luna, lunac)
     T.eq(r and r.body, "hello hello hello", tostring(err))
     r, err = http.request(raw.url .. "/raw")
     T.eq(r and r.body, "hello hello hello", tostring(err))
+    r, err = http.request(raw.url .. "/br")
+    T.eq(r and r.body, "hello", tostring(err))
+    _, err = http.request(raw.url .. "/brcut")
+    T.ok(err and err:find("does not decompress"), tostring(err))
     local _, ferr = http.request(raw.url .. "/flood")
     T.ok(ferr and ferr:find("too many 1xx"), tostring(ferr))
     raw.server:close()

@@ -223,7 +223,7 @@ fn build_head(
         head.extend_from_slice(b"accept: */*\r\n");
     }
     if decompress && !has("accept-encoding") {
-        head.extend_from_slice(b"accept-encoding: gzip, deflate\r\n");
+        head.extend_from_slice(b"accept-encoding: gzip, deflate, br\r\n");
     }
     for (name, value) in fields {
         let lower = name.to_ascii_lowercase();

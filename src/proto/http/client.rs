@@ -21,8 +21,9 @@ pub const HOLD: usize = 256 << 10;
 const INFLATE_STEP: usize = 512;
 
 /// The most bytes one [`HttpClientConn::take_body`] hands over: the read-ahead and one decoding
-/// step past it, twice (what was held, then what the input read ahead gives).
-pub const MAX_TAKE: usize = 2 * (HOLD + INFLATE_STEP * 1032);
+/// step past it (deflate: at most 1032× its input; brotli: capped), twice (what was held, then
+/// what the input read ahead gives).
+pub const MAX_TAKE: usize = 2 * (HOLD + BROTLI_STEP_OUTPUT);
 
 /// How long a proxy may take to answer `CONNECT`.
 const TUNNEL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -111,6 +112,33 @@ enum Inflate {
     Gzip(GzDecoder<Vec<u8>>),
     Zlib(ZlibDecoder<Vec<u8>>),
     Raw(DeflateDecoder<Vec<u8>>),
+    /// `None` once finished.
+    Brotli(Option<Box<brotli_decompressor::DecompressorWriter<Capped>>>),
+}
+
+/// Brotli's output, capped per step: a few bytes of brotli can stand for megabytes (a copy of
+/// 16 MiB), so unlike deflate's no step size bounds what one write gives.
+struct Capped {
+    out: Vec<u8>,
+    room: usize,
+}
+
+/// The most one step of brotli may expand to.
+const BROTLI_STEP_OUTPUT: usize = 8 << 20;
+
+impl Write for Capped {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if data.len() > self.room {
+            return Err(std::io::Error::other("brotli expands too far in one step"));
+        }
+        self.room -= data.len();
+        self.out.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Inflate {
@@ -130,6 +158,8 @@ impl Inflate {
             Inflate::Gzip(d) => d.get_mut(),
             Inflate::Zlib(d) => d.get_mut(),
             Inflate::Raw(d) => d.get_mut(),
+            Inflate::Brotli(Some(d)) => &mut d.get_mut().out,
+            Inflate::Brotli(None) => unreachable!("no output after the end"),
         }
     }
 
@@ -142,16 +172,28 @@ impl Inflate {
             Inflate::Gzip(d) => d.write_all(data),
             Inflate::Zlib(d) => d.write_all(data),
             Inflate::Raw(d) => d.write_all(data),
+            Inflate::Brotli(Some(d)) => {
+                d.get_mut().room = BROTLI_STEP_OUTPUT;
+                d.write_all(data).and_then(|()| d.flush())
+            }
+            Inflate::Brotli(None) => Err(std::io::ErrorKind::InvalidData.into()),
         }
     }
 
-    fn finish(&mut self) -> std::io::Result<()> {
+    /// Ends the stream: what it still had to give, or an error for a cut or broken one.
+    fn finish(&mut self) -> std::io::Result<Vec<u8>> {
         match self {
             // An empty body.
-            Inflate::Deflate => Ok(()),
-            Inflate::Gzip(d) => d.try_finish(),
-            Inflate::Zlib(d) => d.try_finish(),
-            Inflate::Raw(d) => d.try_finish(),
+            Inflate::Deflate => Ok(Vec::new()),
+            Inflate::Gzip(d) => d.try_finish().map(|()| std::mem::take(d.get_mut())),
+            Inflate::Zlib(d) => d.try_finish().map(|()| std::mem::take(d.get_mut())),
+            Inflate::Raw(d) => d.try_finish().map(|()| std::mem::take(d.get_mut())),
+            // `into_inner` refuses a stream that did not reach its end.
+            Inflate::Brotli(d) => match d.take().map(|d| d.into_inner()) {
+                Some(Ok(rest)) => Ok(rest.out),
+                None => Ok(Vec::new()),
+                Some(Err(_)) => Err(std::io::ErrorKind::UnexpectedEof.into()),
+            },
         }
     }
 }
@@ -525,6 +567,9 @@ impl HttpClientConn {
             self.inflate = match encodings.as_slice() {
                 [e] if e == "gzip" || e == "x-gzip" => Some(Inflate::Gzip(GzDecoder::new(Vec::new()))),
                 [e] if e == "deflate" => Some(Inflate::Deflate),
+                [e] if e == "br" => Some(Inflate::Brotli(Some(Box::new(
+                    brotli_decompressor::DecompressorWriter::new(Capped { out: Vec::new(), room: 0 }, 4096),
+                )))),
                 _ => None,
             };
         }
@@ -604,10 +649,10 @@ impl HttpClientConn {
 
     fn complete(&mut self) {
         if let Some(inflate) = self.inflate.as_mut() {
-            if inflate.finish().is_err() {
-                return self.fail("the response body does not decompress");
+            match inflate.finish() {
+                Ok(mut rest) => self.body.append(&mut rest),
+                Err(_) => return self.fail("the response body does not decompress"),
             }
-            self.body.append(inflate.output());
             if self.over_limit() {
                 return;
             }
