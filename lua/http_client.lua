@@ -107,6 +107,20 @@ end
 
 -- The proxy for `url`: the config's (false: none), else HTTP_PROXY / HTTPS_PROXY from the
 -- environment unless NO_PROXY names the host (a suffix match; "*" for every host).
+local function getenv(name)
+  local value = os.getenv(name)
+  return value ~= "" and value or nil
+end
+
+-- A host or NO_PROXY entry without its port and IPv6 brackets, lower-case.
+local function bare_host(h)
+  h = h:lower()
+  return h:match("^%[(.-)%]") or (h:find(":", 1, true) == h:find(":[^:]*$") and h:gsub(":%d*$", "")) or h
+end
+
+-- The proxy for `url`: the config's (false: none), else the environment as curl reads it
+-- (`http_proxy` lower-case only, so a CGI-style `Proxy:` header cannot choose it; `HTTPS_PROXY`
+-- either case) unless NO_PROXY / no_proxy names the host (a suffix match; "*" for every host).
 local function proxy_for(config, url)
   if config.proxy ~= nil then
     return config.proxy or nil
@@ -115,14 +129,13 @@ local function proxy_for(config, url)
   if not scheme then
     return nil
   end
-  host = host:gsub("^.*@", ""):gsub(":%d+$", ""):gsub("^%[(.*)%]$", "%1")
-  local env = os.getenv(scheme .. "_proxy") or os.getenv(scheme:upper() .. "_PROXY")
-  if not env or env == "" then
+  host = bare_host(host:gsub("^.*@", ""))
+  local env = getenv(scheme .. "_proxy") or (scheme ~= "http" and getenv(scheme:upper() .. "_PROXY"))
+  if not env then
     return nil
   end
-  local no = os.getenv("no_proxy") or os.getenv("NO_PROXY") or ""
-  for entry in no:gmatch("[^,%s]+") do
-    entry = entry:lower():gsub(":%d+$", ""):gsub("^%.", "")
+  for entry in (getenv("no_proxy") or getenv("NO_PROXY") or ""):gmatch("[^,%s]+") do
+    entry = bare_host(entry):gsub("^%*?%.", "")
     if entry == "*" or host == entry or host:sub(-#entry - 1) == "." .. entry then
       return nil
     end

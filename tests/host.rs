@@ -373,6 +373,7 @@ fn http_json_example_posts_and_reads_the_leaderboard() {
 
 #[test]
 fn http_proxy_comes_from_the_environment_unless_no_proxy_names_the_host() {
+    // (lower-case http_proxy, as curl reads it; an empty no_proxy does not hide NO_PROXY)
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let s = script(&format!(
         r#"local luna = require("luna")
@@ -391,10 +392,10 @@ fn http_proxy_comes_from_the_environment_unless_no_proxy_names_the_host() {
     ));
     let (out, _) = run(host()
         .arg(&s.0)
-        .env("HTTP_PROXY", format!("127.0.0.1:{port}"))
-        .env("NO_PROXY", "localhost, .skip.test,127.0.0.1")
-        .env_remove("http_proxy")
-        .env_remove("no_proxy"));
+        .env("http_proxy", format!("127.0.0.1:{port}"))
+        .env("no_proxy", "")
+        .env("NO_PROXY", "localhost, .skip.test,127.0.0.1:80,[::1]")
+        .env_remove("HTTP_PROXY"));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(stdout(&out), "GET http://example.invalid/via HTTP/1.1\ndirect\ntrue\n");
 }

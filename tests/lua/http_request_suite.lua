@@ -141,6 +141,23 @@ return function(T, luna, lunac)
     T.eq(r.headers["content-encoding"], nil, "not asked for compression")
     local _, err = http.request({ url = url, max_body_size = 1000 })
     T.ok(err and err:find("too large"), tostring(err))
+    -- Bodies that decode to many times the read-ahead, whole and in pieces, kept alive or
+    -- closed right after (the end comes while compressed bytes still wait to be decoded).
+    local big = ("a line of text that compresses well\n"):rep(120000)
+    a:get("/big", function(req, res) res:setHeader("Content-Type", "text/plain"); res:send(big) end)
+    a:get("/bigclose", function(req, res)
+      res:setHeader("Content-Type", "text/plain")
+      res:setHeader("Connection", "close")
+      res:send(big)
+    end)
+    for _, path in ipairs({ "big", "bigclose" }) do
+      r, err = http.request({ url = url .. path, timeout = 5 })
+      T.eq(r and r.headers["content-encoding"], "gzip", path .. ": compressed " .. tostring(err))
+      T.eq(r and #r.body, #big, path .. ": whole")
+      local got = 0
+      r, err = http.request({ url = url .. path, timeout = 5, on_chunk = function(piece) got = got + #piece end })
+      T.eq(got, #big, path .. ": in pieces " .. tostring(err))
+    end
     a:stop()
   end)
 

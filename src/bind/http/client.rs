@@ -102,6 +102,20 @@ struct Pending {
     tunnel: Tunnel,
     /// The `CONNECT` head for an https request through a proxy.
     connect_head: Option<Vec<u8>>,
+    /// A timer wakes the waiting coroutine at the deadline.
+    deadline_armed: bool,
+}
+
+impl Pending {
+    /// The deadline to arm a timer for, once, when the request waits `outside` its
+    /// connection's protocol.
+    fn deadline_timer(&mut self, outside: bool) -> Option<Instant> {
+        if !outside || self.deadline_armed {
+            return None;
+        }
+        self.deadline_armed = self.deadline.is_some();
+        self.deadline
+    }
 }
 
 #[derive(Clone)]
@@ -122,6 +136,8 @@ pub(crate) struct ClientState {
     idle: FxHashMap<Origin, Vec<Key>>,
     queued: FxHashMap<Origin, VecDeque<u64>>,
     next: u64,
+    /// Origins whose `serve_queue` is running (a nested call leaves the work to it).
+    serving: Vec<Origin>,
 }
 
 impl ClientState {
@@ -378,8 +394,8 @@ fn start(lua: &Lua, spec: Spec) -> Result<(Option<u64>, Option<String>)> {
     };
     // https through a proxy: a tunnel to the origin first (RFC 9110 §9.3.6).
     let connect_head = proxy.as_ref().filter(|_| tls).map(|(_, _, auth)| {
-        let authority =
-            if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        // (`host_str` keeps an IPv6 literal's brackets.)
+        let authority = format!("{host}:{port}");
         let auth = auth.as_ref().map(|a| format!("proxy-authorization: {a}\r\n")).unwrap_or_default();
         format!("CONNECT {authority} HTTP/1.1\r\nhost: {authority}\r\n{auth}\r\n").into_bytes()
     });
@@ -408,6 +424,7 @@ fn start(lua: &Lua, spec: Spec) -> Result<(Option<u64>, Option<String>)> {
         deadline: timeout.map(|t| now + t),
         tunnel: Tunnel::No,
         connect_head,
+        deadline_armed: false,
     };
     let id = {
         let mut state = rt.http_client.borrow_mut();
@@ -552,19 +569,32 @@ fn give_up(lua: &Lua, rt: &Runtime, id: u64, why: String) -> Result<()> {
     serve_queue(lua, rt, &origin)
 }
 
-/// A slot of `origin` may be free: the next queued request tries to take it.
+/// A slot of `origin` may be free: queued requests take free slots in order. A loop, not a
+/// recursion (a request that fails at once frees its slot again); a nested call returns and
+/// the outer loop goes on.
 fn serve_queue(lua: &Lua, rt: &Runtime, origin: &Origin) -> Result<()> {
-    let next = {
+    {
         let mut state = rt.http_client.borrow_mut();
-        if state.slots_taken(origin) >= PER_ORIGIN {
+        if state.serving.contains(origin) {
             return Ok(());
         }
-        state.queued.get_mut(origin).and_then(VecDeque::pop_front)
-    };
-    match next {
-        Some(next) => assign(lua, rt, next),
-        None => Ok(()),
+        state.serving.push(origin.clone());
     }
+    let result = (|| loop {
+        let next = {
+            let mut state = rt.http_client.borrow_mut();
+            if state.slots_taken(origin) >= PER_ORIGIN {
+                return Ok(());
+            }
+            state.queued.get_mut(origin).and_then(VecDeque::pop_front)
+        };
+        match next {
+            Some(next) => assign(lua, rt, next)?,
+            None => return Ok(()),
+        }
+    })();
+    rt.http_client.borrow_mut().serving.retain(|o| o != origin);
+    result
 }
 
 /// Starts request `id` on connection `key`.
@@ -742,6 +772,7 @@ fn advance_tunnel(lua: &Lua, rt: &Runtime, id: u64, key: Key) -> Result<bool> {
     if tunnel == Tunnel::Securing && ready {
         if let Some(p) = rt.http_client.borrow_mut().exchanges.get_mut(&id) {
             p.tunnel = Tunnel::No;
+            p.ready = Some(Instant::now());
         }
         send_on(rt, id, key, false);
         return Ok(true);
@@ -805,6 +836,21 @@ fn timings(lua: &Lua, p: &Pending, first_byte: Option<Instant>) -> Result<Table>
     Ok(t)
 }
 
+/// What the connection has of the body: for a whole body, everything it can give now (a take
+/// decodes only so much of a compressed one, and nothing else would ask again).
+fn take_all(proto: &mut HttpClientConn, whole: bool) -> (Vec<u8>, bool) {
+    let (mut data, mut done) = proto.take_body();
+    while whole && !done && proto.failure().is_none() {
+        let (more, end) = proto.take_body();
+        if more.is_empty() {
+            break;
+        }
+        data.extend_from_slice(&more);
+        done = end;
+    }
+    (data, done)
+}
+
 /// The whole body of request `id` and its timings if it is all there (the request is then
 /// over); what came of it so far is kept otherwise.
 fn whole_now(
@@ -818,7 +864,7 @@ fn whole_now(
         return Ok(None);
     }
     let taken = rt.driver.borrow_mut().proto::<HttpClientConn>(key).and_then(|proto| {
-        let taken = proto.take_body();
+        let taken = take_all(proto, true);
         // A failure is the next call's to report.
         proto.failure().is_none().then_some(taken)
     });
@@ -838,6 +884,19 @@ fn whole_now(
     Ok(Some((body, times)))
 }
 
+const TIMEOUT: &str = "timeout (the request took longer than its 'timeout')";
+
+/// Wakes `co` at `at` too: a request waiting outside its connection's protocol (for a name, a
+/// connection, a tunnel) has no other clock. A wake after the wait ended is harmless (every
+/// wait checks again).
+fn arm_deadline(lua: &Lua, rt: &Runtime, co: &Thread, at: Option<Instant>) -> Result<()> {
+    if let Some(at) = at {
+        let timer = lua.create_registry_value(co)?;
+        rt.sched.borrow_mut().timers.insert(at, super::super::sched::TimerAction::Wake(timer));
+    }
+    Ok(())
+}
+
 /// `core.http_client_next(id, co)` → what request `id` has next:
 /// `"head", status, reason, {name, value, ...}, minor_version[, body, timings]` (a whole body
 /// that came with the head); `"data", piece`;
@@ -850,11 +909,12 @@ fn next(lua: &Lua, (id, co): (u64, Thread)) -> Result<mlua::MultiValue> {
         None => return (Value::Nil, "the request was cancelled").into_lua_multi(lua),
         Some(p) => {
             let key = if let Stage::Sent(k) = p.stage { Some(k) } else { None };
-            if key.is_none() && p.deadline.is_some_and(|d| Instant::now() >= d) {
-                p.failure
-                    .get_or_insert_with(|| "timeout (the request took longer than its 'timeout')".into());
+            // The connection's protocol keeps the deadline once the request is on it.
+            let outside = key.is_none() || p.tunnel != Tunnel::No;
+            if outside && p.deadline.is_some_and(|d| Instant::now() >= d) {
+                p.failure.get_or_insert_with(|| TIMEOUT.into());
             }
-            (key, p.failure.clone(), p.deadline)
+            (key, p.failure.clone(), p.deadline_timer(outside))
         }
     };
     if let Some(why) = failure {
@@ -867,7 +927,8 @@ fn next(lua: &Lua, (id, co): (u64, Thread)) -> Result<mlua::MultiValue> {
             Body(Vec<u8>, bool),
             Failed(String),
         }
-        let head_given = rt.http_client.borrow().exchanges.get(&id).is_some_and(|p| p.head_given);
+        let (head_given, whole) =
+            rt.http_client.borrow().exchanges.get(&id).map_or((false, false), |p| (p.head_given, p.whole));
         let (step, first_byte) = {
             let mut driver = rt.driver.borrow_mut();
             match driver.proto::<HttpClientConn>(key) {
@@ -881,7 +942,7 @@ fn next(lua: &Lua, (id, co): (u64, Thread)) -> Result<mlua::MultiValue> {
                             None => Step::Body(Vec::new(), false),
                         },
                         None => {
-                            let (data, done) = proto.take_body();
+                            let (data, done) = take_all(proto, whole);
                             // Reading ahead may have failed it (a limit, bad framing).
                             match proto.failure() {
                                 Some(why) => Step::Failed(why.to_owned()),
@@ -943,12 +1004,7 @@ fn next(lua: &Lua, (id, co): (u64, Thread)) -> Result<mlua::MultiValue> {
             Step::Body(..) => {}
         }
     }
-    if let (None, Some(at)) = (key, deadline) {
-        // Waiting for a connection or a name: woken at the deadline too (a spurious wake later
-        // is harmless, every wait checks again).
-        let timer = lua.create_registry_value(&co)?;
-        rt.sched.borrow_mut().timers.insert(at, super::super::sched::TimerAction::Wake(timer));
-    }
+    arm_deadline(lua, &rt, &co, deadline)?;
     let waiter = lua.create_registry_value(co)?;
     let old = match rt.http_client.borrow_mut().exchanges.get_mut(&id) {
         Some(p) => p.waiter.replace(waiter),
@@ -965,13 +1021,20 @@ fn next(lua: &Lua, (id, co): (u64, Thread)) -> Result<mlua::MultiValue> {
 /// failed.
 fn write(lua: &Lua, (id, co, piece): (u64, Thread, Option<mlua::String>)) -> Result<(Value, Option<String>)> {
     let rt = runtime(lua)?;
-    let key = match rt.http_client.borrow().exchanges.get(&id) {
+    let (key, deadline) = match rt.http_client.borrow_mut().exchanges.get_mut(&id) {
         None => return Ok((Value::Nil, Some("the request was cancelled".into()))),
         Some(p) if p.failure.is_some() => return Ok((Value::Nil, p.failure.clone())),
-        Some(p) => match p.stage {
-            Stage::Sent(key) => Some(key),
-            Stage::Waiting => None,
-        },
+        Some(p) => {
+            let key = match p.stage {
+                // Not through a tunnel being set up (the body would go to the proxy in clear).
+                Stage::Sent(key) if p.tunnel == Tunnel::No => Some(key),
+                _ => None,
+            };
+            if key.is_none() && p.deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok((Value::Nil, Some(TIMEOUT.into())));
+            }
+            (key, p.deadline_timer(key.is_none()))
+        }
     };
     if let Some(key) = key {
         let queued = {
@@ -999,6 +1062,7 @@ fn write(lua: &Lua, (id, co, piece): (u64, Thread, Option<mlua::String>)) -> Res
             return Ok((Value::Boolean(true), None));
         }
     }
+    arm_deadline(lua, &rt, &co, deadline)?;
     let waiter = lua.create_registry_value(co)?;
     if let Some(p) = rt.http_client.borrow_mut().exchanges.get_mut(&id) {
         if let Some(old) = p.waiter.replace(waiter) {

@@ -271,7 +271,7 @@ impl HttpClientConn {
 
     /// Connected (and past the TLS handshake).
     pub fn is_ready(&self) -> bool {
-        self.ready
+        self.ready && self.phase != Phase::Tunnel
     }
 
     /// Asks the proxy this connection goes to for a tunnel (`CONNECT` head): once it agreed
@@ -323,7 +323,7 @@ impl HttpClientConn {
 
     /// The next piece of a streamed request body.
     pub fn send_body(&mut self, data: &[u8]) {
-        if self.sent || data.is_empty() || self.phase == Phase::Failed {
+        if self.sent || data.is_empty() || self.exchange.is_none() || self.phase == Phase::Failed {
             return;
         }
         if let Some(Exchange { upload: Upload::Streamed { chunked: true }, .. }) = &self.exchange {
@@ -337,7 +337,7 @@ impl HttpClientConn {
 
     /// The streamed request body is complete.
     pub fn end_body(&mut self) {
-        if self.sent {
+        if self.sent || self.exchange.is_none() {
             return;
         }
         if let Some(Exchange { upload: Upload::Streamed { chunked: true }, .. }) = &self.exchange {
@@ -452,11 +452,15 @@ impl HttpClientConn {
                 }
                 Phase::Head => {
                     if self.input.is_empty() || !self.parse_head() {
+                        if self.closed && self.phase == Phase::Head {
+                            self.fail("the server closed the connection before the response head");
+                        }
                         return;
                     }
                 }
                 Phase::Body => {
                     self.read_body();
+                    self.settle_eof();
                     return;
                 }
                 Phase::Done | Phase::Failed => return,
@@ -586,6 +590,22 @@ impl HttpClientConn {
         self.input.drain(..used);
     }
 
+    /// After the peer's end, once nothing read ahead is left: a body framed by the close is
+    /// complete, any other is cut.
+    fn settle_eof(&mut self) {
+        if !self.closed || self.phase != Phase::Body || !self.input.is_empty() || !self.compressed.is_empty()
+        {
+            return;
+        }
+        if self.framing == Framing::UntilClose {
+            self.framing = Framing::Length(0);
+            self.read_body();
+        }
+        if self.phase == Phase::Body {
+            self.fail("the server closed the connection before the body ended");
+        }
+    }
+
     /// Decodes body bytes from `input`: how many of them were used.
     fn read_body_from(&mut self, input: &[u8]) -> usize {
         if self.inflate.is_some() && !self.inflate_some() {
@@ -691,24 +711,11 @@ impl StreamProtocol for HttpClientConn {
         self.closed = true;
         self.dropped = true;
         match self.phase {
-            Phase::Body if self.framing == Framing::UntilClose => {
-                // What came is all of it (what the read-ahead holds back completes later).
-                if self.input.is_empty() {
-                    self.framing = Framing::Length(0);
-                }
-                self.process();
-            }
             Phase::Tunnel => self.fail("the proxy closed the connection before the tunnel opened"),
+            // The end is judged once what was read ahead is used up (`settle_eof`).
             Phase::Head | Phase::Body => {
                 self.process();
-                if !self.is_done() {
-                    let when = if self.head.is_some() {
-                        "before the body ended"
-                    } else {
-                        "before the response head"
-                    };
-                    self.fail(format!("the server closed the connection {when}"));
-                }
+                self.news = true;
             }
             _ => self.news = true,
         }
@@ -772,7 +779,7 @@ impl StreamProtocol for HttpClientConn {
 
     fn wants_input(&self) -> bool {
         match self.phase {
-            Phase::Body => self.body.len() < HOLD,
+            Phase::Body => self.body.len() < HOLD && self.input.len() < HOLD && self.compressed.len() < HOLD,
             Phase::Idle | Phase::Head => self.input.len() <= self.limits.max_header_size,
             Phase::Tunnel => !self.tunnel_up && self.input.len() <= self.limits.max_header_size,
             _ => false,
