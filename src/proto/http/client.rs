@@ -1,29 +1,22 @@
 //! One HTTP/1.1 client connection as a [`StreamProtocol`]: it sends a request the layer above
 //! built (head, then the body whole or piece by piece), reads the response head with
-//! `httparse` (1xx skipped), frames the body ([`super::framing`]), decodes gzip or deflate
-//! when asked, and says whether the connection can carry the next request. Bodies are taken
+//! `httparse` (1xx skipped), frames the body ([`super::framing`]), decodes gzip, deflate or
+//! brotli when asked ([`super::decode`]), and says whether the connection can carry the next request. Bodies are taken
 //! piece by piece; reading pauses while [`HOLD`] bytes wait to be taken. Timeouts: a stall
 //! (no byte either way), a deadline for the whole exchange, and an idle connection's life.
 
-use std::io::Write;
 use std::time::{Duration, Instant};
 
-use flate2::write::{DeflateDecoder, GzDecoder, ZlibDecoder};
-
+use super::decode::{Decoder, OVERSHOOT};
 use super::framing::{self, Framing, TrailerLimits};
 use crate::proto::stream::{Flow, StreamProtocol};
 
 /// Decoded body bytes read ahead of the layer above.
 pub const HOLD: usize = 256 << 10;
 
-/// Compressed bytes decoded in one step: deflate expands at most ~1032×, so a step adds at
-/// most about 512 KiB however the body was made (a "zip bomb" cannot run past the limit).
-const INFLATE_STEP: usize = 512;
-
 /// The most bytes one [`HttpClientConn::take_body`] hands over: the read-ahead and one decoding
-/// step past it (deflate: at most 1032× its input; brotli: capped), twice (what was held, then
-/// what the input read ahead gives).
-pub const MAX_TAKE: usize = 2 * (HOLD + BROTLI_STEP_OUTPUT);
+/// step past it, twice (what was held, then what the input read ahead gives).
+pub const MAX_TAKE: usize = 2 * (HOLD + OVERSHOOT);
 
 /// How long a proxy may take to answer `CONNECT`.
 const TUNNEL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -106,98 +99,6 @@ enum Phase {
     Failed,
 }
 
-enum Inflate {
-    /// `deflate`, before its first byte says zlib or raw.
-    Deflate,
-    Gzip(GzDecoder<Vec<u8>>),
-    Zlib(ZlibDecoder<Vec<u8>>),
-    Raw(DeflateDecoder<Vec<u8>>),
-    /// `None` once finished.
-    Brotli(Option<Box<brotli_decompressor::DecompressorWriter<Capped>>>),
-}
-
-/// Brotli's output, capped per step: a few bytes of brotli can stand for megabytes (a copy of
-/// 16 MiB), so unlike deflate's no step size bounds what one write gives.
-struct Capped {
-    out: Vec<u8>,
-    room: usize,
-}
-
-/// The most one step of brotli may expand to.
-const BROTLI_STEP_OUTPUT: usize = 8 << 20;
-
-impl Write for Capped {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        if data.len() > self.room {
-            return Err(std::io::Error::other("brotli expands too far in one step"));
-        }
-        self.room -= data.len();
-        self.out.extend_from_slice(data);
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Inflate {
-    /// RFC 9110 says zlib; some servers send raw deflate (a zlib stream starts 0x78).
-    fn choose(&mut self, first: u8) {
-        if matches!(self, Inflate::Deflate) {
-            *self = match first {
-                0x78 => Inflate::Zlib(ZlibDecoder::new(Vec::new())),
-                _ => Inflate::Raw(DeflateDecoder::new(Vec::new())),
-            };
-        }
-    }
-
-    fn output(&mut self) -> &mut Vec<u8> {
-        match self {
-            Inflate::Deflate => unreachable!("chosen before any output"),
-            Inflate::Gzip(d) => d.get_mut(),
-            Inflate::Zlib(d) => d.get_mut(),
-            Inflate::Raw(d) => d.get_mut(),
-            Inflate::Brotli(Some(d)) => &mut d.get_mut().out,
-            Inflate::Brotli(None) => unreachable!("no output after the end"),
-        }
-    }
-
-    fn write(&mut self, data: &[u8]) -> std::io::Result<()> {
-        if let Some(first) = data.first() {
-            self.choose(*first);
-        }
-        match self {
-            Inflate::Deflate => Ok(()),
-            Inflate::Gzip(d) => d.write_all(data),
-            Inflate::Zlib(d) => d.write_all(data),
-            Inflate::Raw(d) => d.write_all(data),
-            Inflate::Brotli(Some(d)) => {
-                d.get_mut().room = BROTLI_STEP_OUTPUT;
-                d.write_all(data).and_then(|()| d.flush())
-            }
-            Inflate::Brotli(None) => Err(std::io::ErrorKind::InvalidData.into()),
-        }
-    }
-
-    /// Ends the stream: what it still had to give, or an error for a cut or broken one.
-    fn finish(&mut self) -> std::io::Result<Vec<u8>> {
-        match self {
-            // An empty body.
-            Inflate::Deflate => Ok(Vec::new()),
-            Inflate::Gzip(d) => d.try_finish().map(|()| std::mem::take(d.get_mut())),
-            Inflate::Zlib(d) => d.try_finish().map(|()| std::mem::take(d.get_mut())),
-            Inflate::Raw(d) => d.try_finish().map(|()| std::mem::take(d.get_mut())),
-            // `into_inner` refuses a stream that did not reach its end.
-            Inflate::Brotli(d) => match d.take().map(|d| d.into_inner()) {
-                Some(Ok(rest)) => Ok(rest.out),
-                None => Ok(Vec::new()),
-                Some(Err(_)) => Err(std::io::ErrorKind::UnexpectedEof.into()),
-            },
-        }
-    }
-}
-
 pub struct HttpClientConn {
     limits: ClientLimits,
     phase: Phase,
@@ -210,7 +111,7 @@ pub struct HttpClientConn {
     /// `head` was taken by the layer above.
     head_taken: bool,
     framing: Framing,
-    inflate: Option<Inflate>,
+    inflate: Option<Decoder>,
     /// Compressed bytes framed but not decoded yet (decoding pauses with the read-ahead full).
     compressed: Vec<u8>,
     /// Decoded body bytes not taken yet, and how many there were in all.
@@ -365,7 +266,7 @@ impl HttpClientConn {
     pub fn take_body(&mut self) -> (Vec<u8>, bool) {
         let mut data = std::mem::take(&mut self.body);
         // Input read ahead while the body was full goes along.
-        if self.phase == Phase::Body && !(self.input.is_empty() && self.compressed.is_empty()) {
+        if self.phase == Phase::Body && (!self.input.is_empty() || self.decoding()) {
             self.received += data.len() as u64;
             self.process();
             let more = std::mem::take(&mut self.body);
@@ -569,11 +470,7 @@ impl HttpClientConn {
         if exchange.decompress && self.framing != Framing::Length(0) {
             let encodings = framing::transfer_codings(head.values("content-encoding"));
             self.inflate = match encodings.as_slice() {
-                [e] if e == "gzip" || e == "x-gzip" => Some(Inflate::Gzip(GzDecoder::new(Vec::new()))),
-                [e] if e == "deflate" => Some(Inflate::Deflate),
-                [e] if e == "br" => Some(Inflate::Brotli(Some(Box::new(
-                    brotli_decompressor::DecompressorWriter::new(Capped { out: Vec::new(), room: 0 }, 4096),
-                )))),
+                [e] => Decoder::for_encoding(e),
                 _ => None,
             };
         }
@@ -632,26 +529,29 @@ impl HttpClientConn {
         decoded.consumed
     }
 
-    /// Decodes pending compressed bytes in small steps until the read-ahead is full: true when
-    /// none are left.
+    /// Decodes pending compressed bytes until the read-ahead is full: true when none are left
+    /// (in the input or inside the decoder).
     fn inflate_some(&mut self) -> bool {
-        let Some(inflate) = self.inflate.as_mut() else { return true };
-        let max = self.exchange.as_ref().and_then(|e| e.max_body).unwrap_or(u64::MAX);
-        let mut at = 0;
-        while at < self.compressed.len() && self.body.len() < HOLD {
-            let end = (at + INFLATE_STEP).min(self.compressed.len());
-            if inflate.write(&self.compressed[at..end]).is_err() {
-                self.fail("the response body does not decompress");
-                return false;
-            }
-            at = end;
-            self.body.append(inflate.output());
-            if self.received + self.body.len() as u64 > max {
-                break;
+        let Some(decoder) = self.inflate.as_mut() else { return true };
+        let room = HOLD.saturating_sub(self.body.len());
+        if room > 0 && (!self.compressed.is_empty() || decoder.has_output()) {
+            match decoder.feed(&self.compressed, &mut self.body, room) {
+                Ok(used) => {
+                    self.compressed.drain(..used);
+                }
+                Err(_) => {
+                    self.fail("the response body does not decompress");
+                    return false;
+                }
             }
         }
-        self.compressed.drain(..at);
-        !self.over_limit() && self.compressed.is_empty()
+        let left = !self.compressed.is_empty() || self.inflate.as_ref().is_some_and(Decoder::has_output);
+        !self.over_limit() && !left
+    }
+
+    /// Compressed bytes wait to be decoded.
+    fn decoding(&self) -> bool {
+        !self.compressed.is_empty() || self.inflate.as_ref().is_some_and(Decoder::has_output)
     }
 
     /// Body bytes past `max_body` fail the exchange.
@@ -669,9 +569,8 @@ impl HttpClientConn {
 
     fn complete(&mut self) {
         if let Some(inflate) = self.inflate.as_mut() {
-            match inflate.finish() {
-                Ok(mut rest) => self.body.append(&mut rest),
-                Err(_) => return self.fail("the response body does not decompress"),
+            if inflate.finish(&mut self.body).is_err() {
+                return self.fail("the response body does not decompress");
             }
             if self.over_limit() {
                 return;
@@ -811,6 +710,7 @@ impl StreamProtocol for HttpClientConn {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn exchange(head_request: bool) -> Exchange {
         Exchange {

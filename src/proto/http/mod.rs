@@ -2,12 +2,14 @@
 //! by `httparse`, bodies framed by Content-Length or chunked coding, keep-alive and pipelining
 //! (one request at a time, answered in order), the limits and timeouts of RFC 9112 and nginx,
 //! and the request-smuggling shapes refused. The layer above takes complete requests and hands
-//! back responses; it never sees bytes. [`multipart`] reads `multipart/form-data` bodies as
+//! back responses; it never sees bytes. [`client`] is the other direction, with [`decode`] for
+//! compressed bodies; [`framing`] frames bodies for both. [`multipart`] reads `multipart/form-data` bodies as
 //! they arrive.
 //!
 //! [`StreamProtocol`]: crate::proto::stream::StreamProtocol
 
 pub mod client;
+pub mod decode;
 pub mod framing;
 pub mod multipart;
 pub mod server;
