@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The HTTP client against nginx on 127.0.0.1 (see ../shared/BENCHMARKING.md): sequential
 # keep-alive GETs of a 13-byte and a 64 KiB body against the Rust `ureq` client, 50 concurrent
-# coroutines against `wrk -c50 -t1`, a new connection per request (no pool), and https. nginx is
+# coroutines against `wrk -c50 -t1`, a new connection per request (no pool), and https (against
+# ureq too, both verifying the test CA). nginx is
 # pinned to CPU 0, every client to CPU 1; runs alternate. Installs nginx and wrk if missing.
 #   RUNS=3 N=20000 benches/http_client.sh
 set -euo pipefail
@@ -82,10 +83,12 @@ row "sequential 13 B keep-alive" "luna_get $http/ $N" "taskset -c 1 $ureq $http/
 row "sequential 64 KiB keep-alive" "luna_get $http/64k.bin $((N / 4))" "taskset -c 1 $ureq $http/64k.bin $((N / 4)) | rate"
 row "50 concurrent 13 B" "luna_get $http/ $((N * 2)) 50" "taskset -c 1 wrk -t1 -c50 -d${DURATION}s $http/ | wrk_rate"
 row "sequential 13 B, pool vs close" "luna_get $http/ $((N / 4))" "luna_get $http/ $((N / 4)) 1 close"
+row "https sequential 13 B keep-alive" "luna_get $https/ $((N / 2)) 1 keep $ca" "taskset -c 1 $ureq $https/ $((N / 2)) $ca | rate"
 row "https sequential 13 B, pool vs close" "luna_get $https/ $((N / 4)) 1 keep $ca" "luna_get $https/ $((N / 20)) 1 close $ca"
 echo "medians of $RUNS runs (range); ratio = first / second"
 report "sequential 13 B keep-alive" luna ureq
 report "sequential 64 KiB keep-alive" luna ureq
 report "50 concurrent 13 B" luna wrk
 report "sequential 13 B, pool vs close" pool close
+report "https sequential 13 B keep-alive" luna ureq
 report "https sequential 13 B, pool vs close" pool close
