@@ -118,24 +118,30 @@ local function bare_host(h)
   return h:match("^%[(.-)%]") or (h:find(":", 1, true) == h:find(":[^:]*$") and h:gsub(":%d*$", "")) or h
 end
 
--- The proxy for `url`: the config's (false: none), else the environment as curl reads it
--- (`http_proxy` lower-case only, so a CGI-style `Proxy:` header cannot choose it; `HTTPS_PROXY`
--- either case) unless NO_PROXY / no_proxy names the host (a suffix match; "*" for every host).
+-- The environment's proxies, read once (as curl reads them: `http_proxy` lower-case only, so a
+-- CGI-style `Proxy:` header cannot choose it; `HTTPS_PROXY` either case) and NO_PROXY's hosts.
+local env_proxy = { http = getenv("http_proxy"), https = getenv("https_proxy") or getenv("HTTPS_PROXY") }
+local no_proxy = {}
+for entry in (getenv("no_proxy") or getenv("NO_PROXY") or ""):gmatch("[^,%s]+") do
+  no_proxy[#no_proxy + 1] = (bare_host(entry):gsub("^%*?%.", ""))
+end
+
+-- The proxy for `url`: the config's (false: none), else the environment's unless NO_PROXY names
+-- the host (a suffix match; "*" for every host).
 local function proxy_for(config, url)
   if config.proxy ~= nil then
     return config.proxy or nil
   end
-  local scheme, host = url:lower():match("^(%a+)://([^/?#]*)")
-  if not scheme then
+  if not env_proxy.http and not env_proxy.https then
     return nil
   end
-  host = bare_host(host:gsub("^.*@", ""))
-  local env = getenv(scheme .. "_proxy") or (scheme ~= "http" and getenv(scheme:upper() .. "_PROXY"))
+  local scheme, host = url:lower():match("^(%a+)://([^/?#]*)")
+  local env = scheme and env_proxy[scheme]
   if not env then
     return nil
   end
-  for entry in (getenv("no_proxy") or getenv("NO_PROXY") or ""):gmatch("[^,%s]+") do
-    entry = bare_host(entry):gsub("^%*?%.", "")
+  host = bare_host(host:gsub("^.*@", ""))
+  for _, entry in ipairs(no_proxy) do
     if entry == "*" or host == entry or host:sub(-#entry - 1) == "." .. entry then
       return nil
     end
@@ -268,6 +274,10 @@ end
 
 local function prepare(call, config)
   if type(config) == "string" then
+    -- The common case: nothing to merge or check.
+    if next(defaults) == nil then
+      return { url = config }
+    end
     config = { url = config }
   elseif type(config) ~= "table" then
     error(call .. ": pass a URL string or a config table {url = ..., method, headers, body, ...}, got "

@@ -209,28 +209,27 @@ fn build_head(
     decompress: bool,
     forward: Option<&Option<String>>,
 ) -> Vec<u8> {
+    use std::io::Write as _;
     let has = |name: &str| fields.iter().any(|(n, _)| n.eq_ignore_ascii_case(name));
     let mut head = Vec::with_capacity(256);
-    let target = match (forward, url.query()) {
+    // Writes into a Vec cannot fail.
+    let _ = match (forward, url.query()) {
         // A proxy is asked for the absolute URL (RFC 9112 §3.2.2), without its fragment.
-        (Some(_), _) => url[..url::Position::AfterQuery].to_owned(),
-        (None, Some(q)) => format!("{}?{q}", url.path()),
-        (None, None) => url.path().to_owned(),
+        (Some(_), _) => write!(head, "{method} {} HTTP/1.1\r\n", &url[..url::Position::AfterQuery]),
+        (None, Some(q)) => write!(head, "{method} {}?{q} HTTP/1.1\r\n", url.path()),
+        (None, None) => write!(head, "{method} {} HTTP/1.1\r\n", url.path()),
     };
     if let Some(Some(auth)) = forward {
         if !has("proxy-authorization") {
-            head.extend_from_slice(format!("proxy-authorization: {auth}\r\n").as_bytes());
+            let _ = write!(head, "proxy-authorization: {auth}\r\n");
         }
     }
-    let auth_line = std::mem::take(&mut head);
-    head.extend_from_slice(format!("{method} {target} HTTP/1.1\r\n").as_bytes());
-    head.extend_from_slice(&auth_line);
     if !has("host") {
         let host = url.host_str().unwrap_or("");
-        match url.port() {
-            Some(port) => head.extend_from_slice(format!("host: {host}:{port}\r\n").as_bytes()),
-            None => head.extend_from_slice(format!("host: {host}\r\n").as_bytes()),
-        }
+        let _ = match url.port() {
+            Some(port) => write!(head, "host: {host}:{port}\r\n"),
+            None => write!(head, "host: {host}\r\n"),
+        };
     }
     if !has("user-agent") {
         head.extend_from_slice(concat!("user-agent: luna/", env!("CARGO_PKG_VERSION"), "\r\n").as_bytes());
@@ -242,18 +241,19 @@ fn build_head(
         head.extend_from_slice(b"accept-encoding: gzip, deflate, br\r\n");
     }
     for (name, value) in fields {
-        let lower = name.to_ascii_lowercase();
         // The body's framing is ours to say.
-        if framing.is_some() && (lower == "content-length" || lower == "transfer-encoding") {
+        if framing.is_some()
+            && (name.eq_ignore_ascii_case("content-length") || name.eq_ignore_ascii_case("transfer-encoding"))
+        {
             continue;
         }
-        head.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        let _ = write!(head, "{name}: {value}\r\n");
     }
-    match framing {
-        Some(Some(n)) => head.extend_from_slice(format!("content-length: {n}\r\n").as_bytes()),
-        Some(None) => head.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        None => {}
-    }
+    let _ = match framing {
+        Some(Some(n)) => write!(head, "content-length: {n}\r\n"),
+        Some(None) => write!(head, "transfer-encoding: chunked\r\n"),
+        None => Ok(()),
+    };
     head.extend_from_slice(b"\r\n");
     head
 }

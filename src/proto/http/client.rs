@@ -254,12 +254,14 @@ impl HttpClientConn {
 
     /// The response head, once (when it came).
     pub fn take_head(&mut self) -> Option<ResponseHead> {
-        if self.head_taken {
-            return None;
-        }
-        let head = self.head.clone()?;
+        let head = self.head.take()?;
         self.head_taken = true;
         Some(head)
+    }
+
+    /// The response head came (taken or not).
+    fn has_head(&self) -> bool {
+        self.head.is_some() || self.head_taken
     }
 
     /// Decoded body bytes that came, and whether the body is complete.
@@ -286,7 +288,7 @@ impl HttpClientConn {
     /// The connection was reused and closed before a byte of the response: the server dropped
     /// it while idle, so the request can be sent again on a new connection.
     pub fn lost_idle(&self) -> bool {
-        self.dropped && self.exchanges > 1 && self.response_bytes == 0 && self.head.is_none()
+        self.dropped && self.exchanges > 1 && self.response_bytes == 0 && !self.has_head()
     }
 
     pub fn first_byte(&self) -> Option<Instant> {
@@ -648,7 +650,7 @@ impl StreamProtocol for HttpClientConn {
                 if exchange.deadline.is_some_and(|d| now >= d) {
                     self.fail("timeout (the request took longer than its 'timeout')");
                 } else if now >= self.since + exchange.stall {
-                    let what = if self.head.is_some() { "the body" } else { "the response" };
+                    let what = if self.has_head() { "the body" } else { "the response" };
                     self.fail(format!(
                         "timeout (no data for {} s while waiting for {what})",
                         exchange.stall.as_secs_f64()
