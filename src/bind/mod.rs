@@ -3,7 +3,8 @@
 //! with the state at `lua_close` (LÖVE's restart included).
 //!
 //! One module per protocol, each owning the driver entries it opens (their `Tag`):
-//! `ws` (WebSocket apps), `rpc` (RPC apps), `net` (raw TCP/TLS/Unix/UDP sockets). `tick`
+//! `ws` (WebSocket apps), `rpc` (RPC apps), `net` (raw TCP/TLS/Unix/UDP sockets), `http`
+//! (HTTP servers and apps; `http::client`, the HTTP client, has a tag of its own). `tick`
 //! polls the driver, services ready entries and hands each event to its module. Shared by all:
 //! `addr` (addresses and waiting for name resolution), `tls` (configs from PEM files and the
 //! system store), `options` and `policy` (config tables, error policy), `sched` and `time`
