@@ -1,7 +1,7 @@
 -- The HTTP client's Lua half: config tables, redirects, streaming callbacks, downloads to a
 -- file, callback-style requests and the original Luna client's API. One exchange (head, body
 -- pieces, pooled connection) is Rust's (`src/bind/http/client.rs`); this file waits on it.
-local core, spawn = ...
+local core, spawn, join_fields = ...
 local PARK = core.PARK
 local yield, running = coroutine.yield, coroutine.running
 local unpack = unpack or table.unpack
@@ -71,19 +71,6 @@ local function guarded(id, fn, ...)
   return err
 end
 
-local function headers_of(fields)
-  local headers = {}
-  for i = 1, #fields, 2 do
-    local name, value = fields[i], fields[i + 1]
-    local before = headers[name]
-    if before then
-      value = before .. (name == "set-cookie" and "\n" or ", ") .. value
-    end
-    headers[name] = value
-  end
-  return headers
-end
-
 -- `response.header_list` is built when first read (most callers never do).
 local fields_of = setmetatable({}, { __mode = "k" })
 local RESPONSE = {
@@ -105,8 +92,7 @@ local function origin(url)
   return (url:match("^(%a[%w+.-]*://[^/?#]*)") or url):lower()
 end
 
--- The proxy for `url`: the config's (false: none), else HTTP_PROXY / HTTPS_PROXY from the
--- environment unless NO_PROXY names the host (a suffix match; "*" for every host).
+-- An environment variable, nil when unset or empty.
 local function getenv(name)
   local value = os.getenv(name)
   return value ~= "" and value or nil
@@ -211,7 +197,7 @@ local function exchange(config, co, follow, hop, state)
       return nil, a
     elseif kind == "head" then
       response = setmetatable({
-        ok = a >= 200 and a < 300, status_code = a, status_message = b, headers = headers_of(c),
+        ok = a >= 200 and a < 300, status_code = a, status_message = b, headers = join_fields(c, "set-cookie", "\n"),
         version = "1." .. d, url = config.url, body = "",
       }, RESPONSE)
       fields_of[response] = c

@@ -134,21 +134,30 @@ end
 internal.ws_client_receive = client_wait("app:receive()", core.ws_client_take)
 internal.ws_client_wait = client_wait("app:wait_connected()", core.ws_client_wait)
 
+-- Header fields {name, value, name, value, ...} as a table by name: repeated fields joined with
+-- ", ", except `special`, joined with `special_sep` (cookies do not take commas). The HTTP
+-- server's requests and the client's responses both use it.
+local function join_fields(fields, special, special_sep)
+  local headers = {}
+  for i = 1, #fields, 2 do
+    local name, value = fields[i], fields[i + 1]
+    local before = headers[name]
+    if before then
+      value = before .. (name == special and special_sep or ", ") .. value
+    end
+    headers[name] = value
+  end
+  return headers
+end
+internal.join_fields = join_fields
+
 -- Runs an HTTP handler (luna.serve) on a request whose fields Rust hands over as arguments:
 -- one resume builds the table here, instead of a C API call per field. `...` is the header
 -- names and values (repeated names in order, at most the header limit); `query` is the decoded
 -- query (nil for none: a query may hold thousands of pairs, too many for arguments);
 -- `connection` numbers the connection, `peer` is the client's "ip:port".
 function internal.http_request(handler, body, query, connection, peer, number, method, path, target, raw_query, ...)
-  local fields, headers = { ... }, {}
-  for i = 1, #fields, 2 do
-    local name, value = fields[i], fields[i + 1]
-    local before = headers[name]
-    if before then
-      value = before .. (name == "cookie" and "; " or ", ") .. value
-    end
-    headers[name] = value
-  end
+  local headers = join_fields({ ... }, "cookie", "; ")
   return handler({ method = method, path = path, target = target, raw_query = raw_query,
     body = body, headers = headers, query = query or {}, connection = connection, peer_address = peer,
     number = number })

@@ -484,6 +484,7 @@ fn lua_half(lua: &Lua) -> Result<Table> {
         ("luna.net.server", "net_server"),
         ("luna.net.udp", "net_udp"),
         ("luna.http.request", "http_request"),
+        ("luna.join_fields", "join_fields"),
     ] {
         lua.set_named_registry_value(name, internal.get::<Function>(constructor)?)?;
     }

@@ -1132,10 +1132,13 @@ pub(crate) fn table(lua: &Lua) -> Result<Table> {
         })?,
     )?;
     let spawn = lua.create_function(super::super::time::spawn)?;
+    // `lua/luna.lua`'s header joining, shared with the server's requests.
+    super::super::lua_half(lua)?;
+    let join_fields: mlua::Function = lua.named_registry_value("luna.join_fields")?;
     let http: Table = lua
         .load(include_str!("../../../lua/http_client.lua"))
         .set_name("=http_client.lua")
-        .call((core, spawn))?;
+        .call((core, spawn, join_fields))?;
     lua.set_named_registry_value(KEY, &http)?;
     Ok(http)
 }
