@@ -859,7 +859,7 @@ fn whole_now(
     id: u64,
     key: Key,
     first_byte: Option<Instant>,
-) -> Result<Option<(mlua::String, Table)>> {
+) -> Result<Option<(Value, Table)>> {
     if !rt.http_client.borrow().exchanges.get(&id).is_some_and(|p| p.whole) {
         return Ok(None);
     }
@@ -870,18 +870,40 @@ fn whole_now(
     });
     let Some((data, done)) = taken else { return Ok(None) };
     rt.resume_reading(key);
-    let times = {
+    settle_body(lua, rt, id, data, done, first_byte)
+}
+
+/// Adds `data` to what request `id` keeps of its body (a whole one); once `done`, the request
+/// is over: its body (nil when it was streamed) and timings.
+fn settle_body(
+    lua: &Lua,
+    rt: &Runtime,
+    id: u64,
+    data: Vec<u8>,
+    done: bool,
+    first_byte: Option<Instant>,
+) -> Result<Option<(Value, Table)>> {
+    let settled = {
         let mut state = rt.http_client.borrow_mut();
         let Some(p) = state.exchanges.get_mut(&id) else { return Ok(None) };
         if !done {
-            p.body.extend_from_slice(&data);
+            if p.whole {
+                p.body.extend_from_slice(&data);
+            }
             return Ok(None);
         }
-        timings(lua, p, first_byte)?
+        // A body that came in one take is used as it is.
+        let body = if p.body.is_empty() {
+            data
+        } else {
+            p.body.extend_from_slice(&data);
+            std::mem::take(&mut p.body)
+        };
+        let body = if p.whole { Value::String(lua.create_string(&body)?) } else { Value::Nil };
+        (body, timings(lua, p, first_byte)?)
     };
-    let body = lua.create_string(&data)?;
     finish(lua, rt, id)?;
-    Ok(Some((body, times)))
+    Ok(Some(settled))
 }
 
 const TIMEOUT: &str = "timeout (the request took longer than its 'timeout')";
@@ -978,26 +1000,10 @@ fn next(lua: &Lua, (id, co): (u64, Thread)) -> Result<mlua::MultiValue> {
                 return head.into_lua_multi(lua);
             }
             Step::Body(data, done) if head_given => {
-                let mut state = rt.http_client.borrow_mut();
-                let Some(p) = state.exchanges.get_mut(&id) else { return Value::Nil.into_lua_multi(lua) };
-                let mut data = data;
-                if p.whole && !(done && p.body.is_empty()) {
-                    p.body.extend_from_slice(&data);
-                } else if !data.is_empty() && !p.whole {
+                if !whole && !data.is_empty() {
                     return ("data", lua.create_string(&data)?).into_lua_multi(lua);
                 }
-                if done {
-                    // A body that came in one take is used as it is.
-                    let body = if p.body.is_empty() {
-                        std::mem::take(&mut data)
-                    } else {
-                        std::mem::take(&mut p.body)
-                    };
-                    let whole = p.whole;
-                    let times = timings(lua, p, first_byte)?;
-                    drop(state);
-                    finish(lua, &rt, id)?;
-                    let body = if whole { Value::String(lua.create_string(&body)?) } else { Value::Nil };
+                if let Some((body, times)) = settle_body(lua, &rt, id, data, done, first_byte)? {
                     return ("done", body, times).into_lua_multi(lua);
                 }
             }
